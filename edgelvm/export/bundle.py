@@ -1,0 +1,148 @@
+"""``export(model, out_dir, ExportConfig(...)) -> ExportReport``: checkpoint → self-describing bundle.
+
+The bundle is assembled in a temporary sibling directory and renamed into place only when every graph has passed
+its parity check and the manifest (with the sha256 of every file) is written: a failed export leaves no
+half-written bundle and, with ``force``, the previous bundle stays until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgelvm import __version__
+from edgelvm.errors import ConfigError, ExportError
+from edgelvm.manifest import MANIFEST_NAME, Manifest, hash_bundle_files, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16"]
+
+
+@dataclass
+class ExportConfig:
+    """What to export and how.
+
+    ``max_length``: context the runtime preallocates its KV cache for (prompt incl. image tokens + new tokens);
+    default: the model's ``max_position_embeddings`` capped at 4096.
+    """
+
+    dtype: Precision = "fp32"
+    max_length: int | None = None
+    force: bool = False
+
+
+@dataclass
+class ExportReport:
+    bundle_dir: Path
+    manifest: Manifest
+    seconds: float
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def summary_rows(self) -> list[tuple[str, str, str, str]]:
+        rows = []
+        for name, graph in self.manifest.graphs.items():
+            parity = graph.parity
+            err = f"{parity['max_rel']:.1e} rel / {parity['max_abs']:.1e} abs" if parity else "exact copy"
+            rows.append((name, graph.file, f"{self.sizes.get(graph.file, 0) / 1e6:.1f} MB", err))
+        return rows
+
+
+def _prepare_output(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError("output path exists and is not a directory", where=out_dir, fix="choose another -o path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ExportError(
+            "output directory is not empty",
+            where=out_dir,
+            fix="choose an empty or new directory, or pass --force to replace it (the old bundle is kept until the "
+            "new one is complete)",
+        )
+
+
+def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) -> ExportReport:
+    """Export ``model`` (a checkpoint path / hub id, or a loaded :class:`~edgelvm.models.base.VLMAdapter`)."""
+    from edgelvm.export.onnx_graphs import export_decoder, export_embedding_table, export_vision
+    from edgelvm.models import load_model
+
+    config = config or ExportConfig()
+    if config.dtype not in ("fp32", "fp16"):
+        raise ConfigError(f"unsupported dtype {config.dtype!r}", where="--dtype", fix="use fp32 or fp16")
+    out_dir = Path(out_dir)
+    _prepare_output(out_dir, config.force)
+    started = time.perf_counter()
+
+    adapter = load_model(model, dtype="float16" if config.dtype == "fp16" else "float32") if isinstance(
+        model, (str, Path)
+    ) else model
+    max_length = config.max_length or min(adapter.max_positions(), 4096)
+    if max_length < 2 or max_length > adapter.max_positions():
+        raise ConfigError(
+            f"max_length {max_length} is outside [2, {adapter.max_positions()}] (the model's max_position_embeddings)",
+            where="--max-length",
+            fix=f"pick a value up to {adapter.max_positions()}",
+        )
+    kv_dtype = "float16" if config.dtype == "fp16" else "float32"
+    kv = adapter.kv_cache_spec(max_length=max_length, dtype=kv_dtype)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        graphs = {}
+        log.info("exporting vision encoder")
+        graphs["vision"] = export_vision(adapter, staging / "vision.onnx", config.dtype)
+        log.info("writing token embedding table")
+        graphs["embed"] = export_embedding_table(adapter, staging / "embed.npy", config.dtype)
+        log.info("exporting decoder")
+        graphs["decoder"] = export_decoder(adapter, staging / "decoder.onnx", config.dtype, kv)
+        adapter.processor.tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
+
+        manifest = Manifest(
+            family=adapter.family,
+            graphs=graphs,
+            preprocess=adapter.preprocess_spec(),
+            tokenizer=adapter.tokenizer_spec("tokenizer.json"),
+            kv_cache=kv,
+            positions=adapter.positions_spec(),
+            generation=adapter.generation_spec(),
+            created_from={
+                "source": str(adapter.source),
+                "model_type": adapter.config.model_type,
+                "text_model_type": adapter.text_config.model_type,
+                "vision_model_type": getattr(getattr(adapter.config, "vision_config", None), "model_type", None),
+                "recipe": [{"stage": "export", "dtype": config.dtype, "max_length": max_length, "opset": 20}],
+                "calibration_sha256": None,
+            },
+            edgelvm_version=__version__,
+        )
+        manifest.files = hash_bundle_files(staging)
+        write_text_atomic(staging / MANIFEST_NAME, manifest.to_json())
+        sizes = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportReport(bundle_dir=out_dir, manifest=manifest, seconds=time.perf_counter() - started, sizes=sizes)
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished bundle into ``out_dir``; an old bundle there is removed only after the rename."""
+    os.chmod(staging, 0o755)  # mkdtemp creates 0700
+    backup = None
+    if out_dir.exists():
+        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, backup)
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, out_dir)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

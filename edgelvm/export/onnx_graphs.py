@@ -1,0 +1,209 @@
+"""Trace the vision encoder and the KV-cache decoder to ONNX (torch.export / dynamo) and check them against PyTorch.
+
+The legacy TorchScript exporter is deprecated and produced invalid graphs for some towers (DESIGN.md §9), so only
+the dynamo path is used. Every graph is run once in ONNX Runtime on fresh random inputs right after export and
+compared with the PyTorch module; the errors go into the manifest and the export fails if they exceed tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgelvm.errors import ExportError
+from edgelvm.export.wrappers import DecoderForExport
+from edgelvm.manifest import GraphSpec, KVCacheSpec, TensorSpec
+from edgelvm.models.base import VLMAdapter
+
+log = logging.getLogger(__name__)
+
+OPSET = 20
+#: Max relative error (max |onnx - torch| / max |torch|) accepted at export, per precision.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+_EXTERNAL_DATA_BYTES = 1 << 30  # above this, weights go to a side file (ONNX protobufs are capped at 2 GB)
+
+
+@dataclass
+class ParityResult:
+    max_abs: float
+    max_rel: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel}
+
+
+def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, names_in: list[str], names_out: list[str],
+            path: Path, weight_bytes: int) -> None:
+    """Run the dynamo exporter quietly (it prints progress to stdout) and save, with external data if large."""
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamic_shapes=dynamic_shapes,
+                input_names=names_in,
+                output_names=names_out,
+                dynamo=True,
+                opset_version=OPSET,
+                verbose=False,
+            )
+        except Exception as err:  # torch.export failures are long; keep the first line and the log
+            log.debug("exporter output:\n%s", sink.getvalue())
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(
+                f"torch.export could not trace {type(module).__name__}: {first}",
+                where=str(path.name),
+                fix="run with --verbose for the full exporter log; report the model config if it is a supported family",
+            ) from err
+        program.save(str(path), external_data=weight_bytes > _EXTERNAL_DATA_BYTES)
+    log.debug("exporter output:\n%s", sink.getvalue())
+
+
+def _ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _compare(onnx_outputs: list[np.ndarray], torch_outputs: list[torch.Tensor]) -> ParityResult:
+    max_abs, scale = 0.0, 0.0
+    for got, ref in zip(onnx_outputs, torch_outputs):
+        ref_np = ref.detach().float().numpy()
+        max_abs = max(max_abs, float(np.abs(got.astype(np.float32) - ref_np).max(initial=0.0)))
+        scale = max(scale, float(np.abs(ref_np).max(initial=0.0)))
+    return ParityResult(max_abs=max_abs, max_rel=max_abs / max(scale, 1e-12))
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16", "tensor(uint8)": "uint8"}
+
+
+def _specs(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    def convert(args: Any) -> list[TensorSpec]:
+        return [
+            TensorSpec(
+                name=a.name,
+                dtype=_ORT_TYPES.get(a.type, a.type),
+                shape=[d if isinstance(d, (int, str)) else "?" for d in a.shape],
+            )
+            for a in args
+        ]
+
+    return convert(session.get_inputs()), convert(session.get_outputs())
+
+
+def _check(name: str, parity: ParityResult, precision: str) -> None:
+    limit = TOLERANCE[precision]
+    if not np.isfinite(parity.max_rel) or parity.max_rel > limit:
+        raise ExportError(
+            f"the exported {name} graph disagrees with PyTorch: max relative error {parity.max_rel:.2e} > {limit:.0e}",
+            where=name,
+            fix="this is a bug in the exporter path for this model; please report it with the model config",
+        )
+
+
+def export_vision(adapter: VLMAdapter, path: Path, precision: str) -> GraphSpec:
+    """``pixel_values [batch, C, H, W] -> image_features [batch, tokens, hidden]`` with a dynamic batch."""
+    module = adapter.vision_encoder()
+    example = adapter.example_pixel_values(2)
+    batch = torch.export.Dim("batch", min=1, max=256)
+    _export(module, (example,), ({0: batch},), ["pixel_values"], ["image_features"], path, _weight_bytes(module))
+
+    session = _ort_session(path)
+    fresh = adapter.example_pixel_values(3)
+    with torch.no_grad():
+        reference = module(fresh)
+    got = session.run(None, {"pixel_values": fresh.numpy()})
+    parity = _compare(got, [reference])
+    _check("vision", parity, precision)
+    inputs, outputs = _specs(session)
+    return GraphSpec(file=path.name, precision=precision, inputs=inputs, outputs=outputs, parity=parity.as_dict())
+
+
+def _decoder_example(adapter: VLMAdapter, kv: KVCacheSpec, batch: int, seq: int, past: int, dtype: torch.dtype,
+                     pad_rows: int = 0) -> tuple[torch.Tensor, ...]:
+    hidden = adapter.text_config.hidden_size
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    for row in range(min(pad_rows, batch)):
+        mask[row, : row + 1] = 0  # left padding of different lengths
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    tensors = [torch.randn(batch, kv.num_kv_heads, past, kv.head_dim, dtype=dtype) for _ in range(2 * kv.num_layers)]
+    return (torch.randn(batch, seq, hidden, dtype=dtype), mask, positions, *tensors)
+
+
+def decoder_io_names(kv: KVCacheSpec) -> tuple[list[str], list[str]]:
+    past = [kv.past_name.format(layer=i, kind=k) for i in range(kv.num_layers) for k in ("key", "value")]
+    present = [kv.present_name.format(layer=i, kind=k) for i in range(kv.num_layers) for k in ("key", "value")]
+    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_decoder(adapter: VLMAdapter, path: Path, precision: str, kv: KVCacheSpec) -> GraphSpec:
+    """The KV-cache decoder; one graph serves prefill (past_len 0) and decode (seq 1)."""
+    module = DecoderForExport(adapter.language_model(), adapter.lm_head(), adapter.text_config).eval()
+    dtype = next(module.parameters()).dtype
+    names_in, names_out = decoder_io_names(kv)
+
+    batch = torch.export.Dim("batch", min=1, max=256)
+    seq = torch.export.Dim("seq", min=1, max=kv.max_length)
+    past = torch.export.Dim("past", min=1, max=kv.max_length)
+    total = torch.export.Dim("total", min=2, max=2 * kv.max_length)
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in
+                                                                                 range(2 * kv.num_layers)))
+    example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype)
+    _export(module, example, shapes, names_in, names_out, path, _weight_bytes(module))
+
+    session = _ort_session(path)
+    worst = ParityResult(0.0, 0.0)
+    # Decode step with padding, and a prefill with an empty cache (the runtime's two uses of the graph).
+    for args in (
+        _decoder_example(adapter, kv, batch=3, seq=1, past=6, dtype=dtype, pad_rows=2),
+        _decoder_example(adapter, kv, batch=1, seq=7, past=0, dtype=dtype),
+    ):
+        with torch.no_grad():
+            reference = module(*args)
+        got = session.run(None, {n: a.numpy() for n, a in zip(names_in, args)})
+        # Compare logits and the cache rows of real tokens; fully padded query rows are undefined in both.
+        parity = _compare(got[:1], reference[:1])
+        for g, r in zip(got[1:], reference[1:]):
+            valid = args[1].bool()[:, None, :, None].expand_as(r)
+            parity = _merge(parity, _compare([np.where(valid.numpy(), g, 0)], [torch.where(valid, r, 0)]))
+        worst = _merge(worst, parity)
+    _check("decoder", worst, precision)
+    inputs, outputs = _specs(session)
+    return GraphSpec(file=path.name, precision=precision, inputs=inputs, outputs=outputs, parity=worst.as_dict())
+
+
+def _merge(a: ParityResult, b: ParityResult) -> ParityResult:
+    return ParityResult(max(a.max_abs, b.max_abs), max(a.max_rel, b.max_rel))
+
+
+def export_embedding_table(adapter: VLMAdapter, path: Path, precision: str) -> GraphSpec:
+    """The token embedding as a plain ``.npy`` table: the runtime memory-maps it and gathers rows."""
+    weight = adapter.input_embeddings().weight.detach()
+    array = weight.float().numpy().astype(np.float16 if precision == "fp16" else np.float32)
+    np.save(path, array)
+    dtype = "float16" if precision == "fp16" else "float32"
+    return GraphSpec(
+        file=path.name,
+        kind="table",
+        precision=precision,
+        inputs=[TensorSpec("input_ids", "int64", ["batch", "seq"])],
+        outputs=[TensorSpec("inputs_embeds", dtype, ["batch", "seq", int(array.shape[1])])],
+    )
+

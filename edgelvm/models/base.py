@@ -1,0 +1,220 @@
+"""The adapter seam (torch side): what a model family must tell the rest of edgelvm.
+
+An adapter wraps a loaded Hugging Face model and its processor and answers, for its family: where the vision
+tower / projector / language model / embedding / LM head are, how images become pixel inputs and image tokens,
+how positions are computed, and the KV-cache geometry. Export, prune, quantize and eval use only this interface.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from edgelvm.errors import ExportError, UnsupportedModelError
+from edgelvm.manifest import KVCacheSpec, PreprocessSpec, TokenizerSpec
+
+log = logging.getLogger(__name__)
+
+#: PIL resampling filter ids (``PIL.Image.Resampling``) to names; the runtime maps names back.
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+class VLMAdapter(ABC):
+    """One family's knowledge. Subclasses set ``family`` and ``model_types`` and implement the abstract methods."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    #: Text-model ``model_type``s whose decoder layers, cache and masking have been parity-tested.
+    supported_text_models: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: Any, processor: Any, source: str = "") -> None:
+        self.model = model
+        self.processor = processor
+        self.source = source
+        self._check_text_model()
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source: str, *, dtype: str = "float32") -> VLMAdapter:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        _require_processor_files(source)
+        torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype).eval()
+        processor = AutoProcessor.from_pretrained(source)
+        return cls(model, processor, source=source)
+
+    def _check_text_model(self) -> None:
+        text_type = self.text_config.model_type
+        if self.supported_text_models and text_type not in self.supported_text_models:
+            raise UnsupportedModelError(
+                f"{self.family} with a {text_type!r} language model is not supported; supported text models: "
+                f"{', '.join(self.supported_text_models)}",
+                where=self.source or None,
+                fix="use a checkpoint whose text_config.model_type is one of those",
+            )
+
+    # ---- structure ----------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config(decoder=True)
+
+    @abstractmethod
+    def vision_encoder(self) -> Any:
+        """A module ``pixel_values [N, 3, H, W] -> image features [N, T, E]`` already in the LLM's embedding space."""
+
+    @abstractmethod
+    def language_model(self) -> Any:
+        """The base decoder: accepts ``inputs_embeds, attention_mask, position_ids, cache`` and returns hidden states."""
+
+    @abstractmethod
+    def lm_head(self) -> Any:
+        """Hidden state -> vocabulary logits."""
+
+    @abstractmethod
+    def input_embeddings(self) -> Any:
+        """The token embedding (``nn.Embedding``)."""
+
+    @abstractmethod
+    def tokens_per_image(self) -> int:
+        """How many placeholder tokens (and feature vectors) one image occupies."""
+
+    @abstractmethod
+    def example_pixel_values(self, batch: int) -> Any:
+        """Random pixel inputs of the right shape, for tracing and parity checks."""
+
+    # ---- plain-data descriptions for the bundle ----------------------------------------------------------------
+    def kv_cache_spec(self, max_length: int, dtype: str) -> KVCacheSpec:
+        cfg = self.text_config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return KVCacheSpec(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            max_length=max_length,
+        )
+
+    def max_positions(self) -> int:
+        return int(getattr(self.text_config, "max_position_embeddings", 4096))
+
+    def positions_spec(self) -> dict[str, Any]:
+        """Plain 1-D positions (``cumsum(attention_mask) - 1``); M-RoPE families override."""
+        return {"kind": "1d"}
+
+    def image_token(self) -> tuple[str, int]:
+        tokenizer = self.processor.tokenizer
+        token = getattr(self.processor, "image_token", None) or "<image>"
+        return token, int(tokenizer.convert_tokens_to_ids(token))
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        token, token_id = self.image_token()
+        return preprocess_spec_from_image_processor(
+            self.processor.image_processor, image_token=token, image_token_id=token_id, tokens=self.tokens_per_image()
+        )
+
+    def tokenizer_spec(self, file: str) -> TokenizerSpec:
+        tokenizer = self.processor.tokenizer
+        template = getattr(self.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the runtime renders the default one
+            template = template.get("default") or next(iter(template.values()))
+        specials = {
+            name: str(value)
+            for name, value in tokenizer.special_tokens_map.items()
+            if isinstance(value, str)
+        }
+        return TokenizerSpec(
+            file=file,
+            chat_template=template,
+            bos_token=tokenizer.bos_token,
+            eos_token=tokenizer.eos_token,
+            pad_token=tokenizer.pad_token,
+            special_tokens=specials,
+            add_special_tokens=True,
+        )
+
+    def generation_spec(self) -> dict[str, Any]:
+        """EOS ids (a list: chat models often stop on several), pad id, and the checkpoint's default sampling."""
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        if eos is None:
+            eos = self.text_config.eos_token_id
+        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        tokenizer = self.processor.tokenizer
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(int(tokenizer.eos_token_id))
+        pad = getattr(gen, "pad_token_id", None)
+        if pad is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        return {"eos_token_ids": eos_ids, "pad_token_id": int(pad)}
+
+
+def preprocess_spec_from_image_processor(
+    image_processor: Any, *, image_token: str, image_token_id: int, tokens: int
+) -> PreprocessSpec:
+    """Describe a resize → center-crop → rescale → normalize image processor (CLIP, SigLIP and kin) as data."""
+    size = dict(getattr(image_processor, "size", None) or {})
+    size = {k: int(v) for k, v in size.items() if v is not None}
+    if not getattr(image_processor, "do_resize", True):
+        mode = "none"
+    elif "shortest_edge" in size and "longest_edge" not in size:
+        mode = "shortest_edge"
+    elif "height" in size and "width" in size:
+        mode = "exact"
+    else:
+        raise ExportError(
+            f"image processor size {size} is not a supported resize rule (shortest_edge, or height+width)",
+            where=type(image_processor).__name__,
+            fix="this family's adapter needs its own preprocessing rule",
+        )
+    crop = None
+    if getattr(image_processor, "do_center_crop", False):
+        crop_size = dict(image_processor.crop_size)
+        crop = {"height": int(crop_size["height"]), "width": int(crop_size["width"])}
+    resample = getattr(image_processor, "resample", 2)
+    resample_id = int(getattr(resample, "value", resample))
+    do_rescale = getattr(image_processor, "do_rescale", True)
+    do_normalize = getattr(image_processor, "do_normalize", True)
+
+    def floats(values: Any) -> list[float]:
+        return [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
+
+    return PreprocessSpec(
+        resize_mode=mode,
+        size=size,
+        resample=_RESAMPLE_NAMES.get(resample_id, "bilinear"),
+        center_crop=crop,
+        rescale_factor=float(image_processor.rescale_factor) if do_rescale else None,
+        mean=floats(image_processor.image_mean) if do_normalize else None,
+        std=floats(image_processor.image_std) if do_normalize else None,
+        convert_rgb=bool(getattr(image_processor, "do_convert_rgb", True)),
+        image_token=image_token,
+        image_token_id=image_token_id,
+        tokens_per_image=tokens,
+    )
+
+
+def _require_processor_files(source: str) -> None:
+    """A local checkpoint without tokenizer / image-processor files cannot make a self-describing bundle."""
+    path = Path(source)
+    if not path.is_dir():
+        return
+    has_tokenizer = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    has_image_processor = any(
+        (path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")
+    )
+    missing = [n for n, ok in (("tokenizer.json", has_tokenizer), ("preprocessor_config.json", has_image_processor)) if not ok]
+    if missing:
+        raise ExportError(
+            f"processor files missing: {', '.join(missing)}",
+            where=path,
+            fix="save the processor next to the model: `AutoProcessor.from_pretrained(orig).save_pretrained(dir)`",
+        )

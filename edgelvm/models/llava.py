@@ -1,0 +1,79 @@
+"""LLaVA (llava-hf layout): CLIP or SigLIP tower → feature layer/strategy select → MLP projector → Llama-type LLM.
+
+Each ``<image>`` placeholder in the prompt is expanded to ``tokens_per_image`` copies whose embeddings are replaced,
+in order, by the projected image features (no tiling, 1-D positions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgelvm.models.base import VLMAdapter
+
+
+class _LlavaVisionEncoder:
+    """Factory for the export-facing vision module (kept lazy so that importing this file never imports torch)."""
+
+    @staticmethod
+    def build(llava_model: Any) -> Any:
+        import torch
+
+        class LlavaVisionEncoder(torch.nn.Module):
+            """pixel_values -> projected image features ``[N, T, E]``.
+
+            Mirrors ``LlavaModel.get_image_features`` but keeps the batch as a tensor dimension (transformers
+            returns a per-image list, which would make torch.export specialise the batch size).
+            """
+
+            def __init__(self, inner: Any) -> None:
+                super().__init__()
+                self.vision_tower = inner.vision_tower
+                self.projector = inner.multi_modal_projector
+                layer = inner.config.vision_feature_layer
+                self.layers = [layer] if isinstance(layer, int) else list(layer)
+                self.drop_cls = inner.config.vision_feature_select_strategy == "default"
+
+            def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+                out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+                selected = [out.hidden_states[i] for i in self.layers]
+                if self.drop_cls:
+                    selected = [h[:, 1:] for h in selected]
+                features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+                return self.projector(features)
+
+        return LlavaVisionEncoder(llava_model.model).eval()
+
+
+class LlavaAdapter(VLMAdapter):
+    family = "llava"
+    model_types = ("llava",)
+    supported_text_models = ("llama", "qwen2", "mistral")
+
+    def vision_encoder(self) -> Any:
+        return _LlavaVisionEncoder.build(self.model)
+
+    def language_model(self) -> Any:
+        return self.model.model.language_model
+
+    def lm_head(self) -> Any:
+        return self.model.lm_head
+
+    def input_embeddings(self) -> Any:
+        return self.model.get_input_embeddings()
+
+    def vision_config(self) -> Any:
+        return self.model.config.vision_config
+
+    def tokens_per_image(self) -> int:
+        vc = self.vision_config()
+        patches = (vc.image_size // vc.patch_size) ** 2
+        has_cls = vc.model_type.startswith("clip")
+        strategy = self.model.config.vision_feature_select_strategy
+        return patches + (1 if has_cls else 0) - (1 if strategy == "default" else 0)
+
+    def example_pixel_values(self, batch: int) -> Any:
+        import torch
+
+        vc = self.vision_config()
+        dtype = next(self.model.parameters()).dtype
+        return torch.randn(batch, vc.num_channels, vc.image_size, vc.image_size, dtype=dtype)

@@ -1,0 +1,171 @@
+"""Tiny random-weight checkpoints of each supported family, built offline in seconds.
+
+Why: no model hub is reachable in tests or CI, yet export parity must be checked on the real transformers classes
+with their real processors. These builders produce complete checkpoint directories (config, safetensors weights,
+tokenizer, image processor, chat template) exactly as a user's ``save_pretrained`` would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+TextKind = Literal["llama", "qwen2", "mistral"]
+VisionKind = Literal["clip", "siglip"]
+
+#: A chat template in the style of llava-hf checkpoints: content is a string or a list of image/text items.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_CORPUS = [
+    "What is on the table? A red cup and a blue plate.",
+    "Describe the image in one sentence.",
+    "How many people are in the picture? There are three people.",
+    "Is there a dog? Yes, a small brown dog is sleeping near the door.",
+    "The robot arm picks up the green block and places it in the box.",
+    "Where is the cat? The cat is on the left, under the window.",
+    "Read the sign: STOP. Turn right at the next corner.",
+    "Colors: red, orange, yellow, green, blue, indigo, violet, black, white, gray.",
+    "Numbers: zero one two three four five six seven eight nine ten 0123456789.",
+    "Über café naïve — déjà vu! 東京 ok?",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer (every string encodes; partial UTF-8 pieces occur) with LLaVA special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bos_id = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def build_tiny_llava(
+    out_dir: str | Path,
+    *,
+    text: TextKind = "llama",
+    vision: VisionKind = "clip",
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a complete random-weight LLaVA checkpoint (model + processor) to ``out_dir`` and return it.
+
+    ``text="qwen2"`` uses grouped-query attention (4 query heads, 2 KV heads) so GQA paths are exercised;
+    ``vision="siglip"`` has no CLS token and uses the ``full`` feature-select strategy.
+    """
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        MistralConfig,
+        Qwen2Config,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    vocab = len(tokenizer)
+
+    vision_kwargs = dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    if vision == "clip":
+        vision_config = CLIPVisionConfig(projection_dim=48, **vision_kwargs)
+        strategy, feature_layer = "default", -2
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+    else:
+        vision_config = SiglipVisionConfig(**vision_kwargs)
+        strategy, feature_layer = "full", -1
+        image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+
+    text_kwargs = dict(
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    if text == "llama":
+        text_config = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **text_kwargs)
+    elif text == "qwen2":
+        text_config = Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **text_kwargs)
+    else:
+        text_config = MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=None, **text_kwargs)
+
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=feature_layer,
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    # Random init gives near-uniform logits; widen them so greedy decoding is not decided by float noise.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1 if vision == "clip" else 0,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    return out
