@@ -1,0 +1,205 @@
+"""ONNX Runtime backend: CPU here; CUDA and ORT's TensorRT execution provider where the install has them.
+
+KV cache on CPU: for each layer and key/value, two flat buffers sized for the bundle's full context are allocated
+once per generation (``KVCache``). A decode step binds the first ``past`` positions of one buffer as input and the
+first ``past + seq`` positions of the other as output (IO binding, zero copy), then the two swap. Both views are
+contiguous because the ``[batch, heads, len, dim]`` tensor is laid out as a flat prefix of the buffer. Nothing is
+allocated per token. The graph still concatenates past and new keys (a plain transformers export); an in-place
+cache with fused attention is a later graph change that keeps this backend's interface.
+
+On CUDA the cache stays on the device: present outputs are bound to device memory and fed back as the next past.
+(That path is written against the ORT IO-binding API and was not run on hardware in this repository.)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelvm.errors import BackendError
+from edgelvm.manifest import KVCacheSpec, Manifest
+
+log = logging.getLogger(__name__)
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+#: Backend names accepted by ``VLM.load(backend=...)`` and the ORT providers each one asks for, in order.
+BACKENDS: dict[str, list[str]] = {
+    "onnxruntime-cpu": ["CPUExecutionProvider"],
+    "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_ALIASES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "ort": "onnxruntime-cpu"}
+
+
+def resolve_backend(name: str) -> tuple[str, list[str]]:
+    """Map a backend name to ORT providers, checking that this onnxruntime install has them."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    name = _ALIASES.get(name, name)
+    if name == "auto":
+        name = "onnxruntime-cuda" if "CUDAExecutionProvider" in available else "onnxruntime-cpu"
+    if name == "tensorrt":
+        raise BackendError(
+            "the native TensorRT backend needs engines built on the device (`edgelvm build`), which this version "
+            "does not ship yet",
+            where="backend",
+            fix="use backend='onnxruntime-tensorrt' (ONNX Runtime's TensorRT provider) or 'auto'",
+        )
+    if name not in BACKENDS:
+        raise BackendError(
+            f"unknown backend {name!r}",
+            where="backend",
+            fix=f"use one of: auto, {', '.join(BACKENDS)}",
+        )
+    wanted = BACKENDS[name][0]
+    if wanted not in available:
+        extra = "install `edgelvm[gpu]` (x86_64) or NVIDIA's onnxruntime build for Jetson" if wanted != (
+            "CPUExecutionProvider") else ""
+        raise BackendError(
+            f"backend {name!r} needs {wanted}, which this onnxruntime does not provide (it has: {', '.join(available)})",
+            where="backend",
+            fix=extra or "reinstall onnxruntime",
+        )
+    return name, [p for p in BACKENDS[name] if p in available]
+
+
+@dataclass
+class KVCache:
+    """Preallocated ping-pong key/value buffers for one generation (CPU)."""
+
+    spec: KVCacheSpec
+    batch: int
+    dtype: Any
+    length: int = 0
+    _buffers: list[list[np.ndarray]] = field(default_factory=list)  # [2][2 * layers] flat arrays
+    _read: int = 0
+
+    def __post_init__(self) -> None:
+        size = self.batch * self.spec.num_kv_heads * self.spec.max_length * self.spec.head_dim
+        self._buffers = [
+            [np.empty(size, dtype=self.dtype) for _ in range(2 * self.spec.num_layers)] for _ in range(2)
+        ]
+
+    def view(self, which: int, index: int, length: int) -> np.ndarray:
+        shape = (self.batch, self.spec.num_kv_heads, length, self.spec.head_dim)
+        return self._buffers[which][index][: int(np.prod(shape))].reshape(shape)
+
+    def past(self, index: int) -> np.ndarray:
+        return self.view(self._read, index, self.length)
+
+    def target(self, index: int, new_length: int) -> np.ndarray:
+        return self.view(1 - self._read, index, new_length)
+
+    def advance(self, new_length: int) -> None:
+        self._read = 1 - self._read
+        self.length = new_length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for pair in self._buffers for b in pair)
+
+
+class OrtBackend:
+    """Runs a bundle's vision and decoder graphs in ONNX Runtime."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: str = "auto", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.name, self.providers = resolve_backend(backend)
+        self.manifest = manifest
+        self.kv_spec = manifest.kv_cache
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.vision = self._session(ort, bundle_dir / manifest.graphs["vision"].file, options)
+        self.decoder = self._session(ort, bundle_dir / manifest.graphs["decoder"].file, options)
+        self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
+        self._in_names = [i.name for i in self.decoder.get_inputs()]
+        self._out_names = [o.name for o in self.decoder.get_outputs()]
+        self._embed_dtype = _NP_DTYPES[manifest.graphs["decoder"].inputs[0].dtype]
+        self._kv_dtype = _NP_DTYPES[self.kv_spec.dtype]
+        self._logits_dtype = _NP_DTYPES[manifest.graphs["decoder"].outputs[0].dtype]
+
+    def _session(self, ort: Any, path: Path, options: Any) -> Any:
+        try:
+            return ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as err:  # onnxruntime raises its own exception types, with long messages
+            raise BackendError(
+                f"onnxruntime cannot load the graph ({str(err).splitlines()[0]})",
+                where=path,
+                fix="re-export the bundle; check that onnxruntime is at least the version that exported it",
+            ) from None
+
+    @property
+    def embed_dtype(self) -> Any:
+        return self._embed_dtype
+
+    # ---- vision --------------------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        dtype = _NP_DTYPES[self.manifest.graphs["vision"].inputs[0].dtype]
+        return self.vision.run(None, {"pixel_values": pixel_values.astype(dtype, copy=False)})[0]
+
+    # ---- decoder -------------------------------------------------------------------------------------------------
+    def new_cache(self, batch: int) -> Any:
+        if self.device == "cpu":
+            return KVCache(self.kv_spec, batch, self._kv_dtype)
+        return _DeviceCache(self.kv_spec, batch, self._kv_dtype)
+
+    def step(self, embeds: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, cache: Any) -> np.ndarray:
+        """Run the decoder on ``embeds [B, S, E]``; returns the last position's logits ``[B, V]`` and grows the cache."""
+        batch, seq = embeds.shape[:2]
+        new_length = cache.length + seq
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self._embed_dtype))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        logits = np.empty((batch, self._logits_dim()), dtype=self._logits_dtype)
+        binding.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        if isinstance(cache, KVCache):
+            for index, (past_name, present_name) in enumerate(zip(self._in_names[3:], self._out_names[1:])):
+                past = cache.past(index)
+                target = cache.target(index, new_length)
+                binding.bind_input(past_name, "cpu", 0, past.dtype, past.shape, past.ctypes.data)
+                binding.bind_output(present_name, "cpu", 0, target.dtype, target.shape, target.ctypes.data)
+            self.decoder.run_with_iobinding(binding)
+            cache.advance(new_length)
+        else:
+            cache.bind(binding, self._in_names[3:], self._out_names[1:])
+            self.decoder.run_with_iobinding(binding)
+            cache.collect(binding, new_length)
+        return logits
+
+    def _logits_dim(self) -> int:
+        dim = self.manifest.graphs["decoder"].outputs[0].shape[-1]
+        return int(dim)
+
+
+class _DeviceCache:
+    """CUDA: present tensors stay on the device and become the next step's past (ORT allocates them)."""
+
+    def __init__(self, spec: KVCacheSpec, batch: int, dtype: Any) -> None:
+        import onnxruntime as ort
+
+        self.spec, self.batch, self.dtype, self.length = spec, batch, dtype, 0
+        empty = (batch, spec.num_kv_heads, 0, spec.head_dim)
+        self.values = [
+            ort.OrtValue.ortvalue_from_shape_and_type(empty, dtype, "cuda", 0) for _ in range(2 * spec.num_layers)
+        ]
+
+    def bind(self, binding: Any, past_names: list[str], present_names: list[str]) -> None:
+        for value, past_name, present_name in zip(self.values, past_names, present_names):
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_output(present_name, "cuda", 0)
+
+    def collect(self, binding: Any, new_length: int) -> None:
+        outputs = binding.get_outputs()
+        self.values = list(outputs[1:])
+        self.length = new_length

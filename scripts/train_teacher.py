@@ -1,0 +1,393 @@
+"""Train the shipped small teacher from scratch: a real ``LlavaForConditionalGeneration`` on the shapes task, on CPU.
+
+Why from scratch: compression stages need a teacher that has *learned* the task (so distill/prune/quantize can
+lose accuracy, and tests can catch it), small enough to train on a laptop CPU and to export in seconds.
+
+Model: CLIP-style vision tower (``CLIPVisionConfig``) + 2-layer GELU projector + Llama decoder with GQA
+(``LlamaConfig``), ~6-7M parameters. The output directory is always a loadable Hugging Face checkpoint
+(``LlavaForConditionalGeneration.from_pretrained`` / ``LlavaProcessor.from_pretrained``) plus ``trainer_state.json``
+and ``optimizer.pt`` for ``--resume``; every save is written to a temporary sibling and swapped in.
+
+Data: samples are generated on the fly from the train seed (sample ``i`` is a pure function of (seed, i)), so
+training needs no dataset on disk and resuming at step ``k`` replays exactly the same batches. Loss is on the answer
+tokens (and the closing eos) only. Evaluation uses teacher forcing: "argmax is right at every answer position" is
+equivalent to greedy decoding producing exactly the answer, at the cost of one forward pass.
+
+Example (the full run)::
+
+    python scripts/train_teacher.py -o runs/teacher --steps 3000 --batch-size 32 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from edgelvm.data import shapes as sh
+from edgelvm.data.vocab_tokenizer import SHAPES_CHAT_TEMPLATE, build_shapes_tokenizer
+
+log = logging.getLogger("train_teacher")
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/teacher"
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    threads: int = 1
+    image_size: int = sh.DEFAULT_IMAGE_SIZE
+    patch_size: int = 12
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 256
+    text_layers: int = 6
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 704
+    train_size: int = 0  # 0: an endless stream of fresh train-seed samples; N: cycle through the first N
+    eval_every: int = 250
+    eval_n: int = 500
+    save_every: int = 250
+    log_every: int = 20
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ model + processor
+
+
+def build_processor(cfg: TrainConfig, tokenizer):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": cfg.image_size},
+        do_center_crop=True,
+        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        do_normalize=True,
+        image_mean=list(sh.IMAGE_MEAN),
+        image_std=list(sh.IMAGE_STD),
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=SHAPES_CHAT_TEMPLATE,
+        image_token="<image>",
+    )
+
+
+def build_model(cfg: TrainConfig, tokenizer):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=4 * cfg.vision_hidden,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        projection_dim=cfg.text_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    n_img = (cfg.image_size // cfg.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.image_token_id,
+        image_seq_length=n_img,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,  # a from-scratch tower: its last layer is the one trained for this
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config)
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
+    gc.do_sample, gc.max_new_tokens = False, 24
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+
+
+class Batcher:
+    """Turns samples into model inputs; the token layout is checked once against ``LlavaProcessor``."""
+
+    def __init__(self, processor, n_image_tokens: int) -> None:
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.n_img = n_image_tokens
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def prompt_text(self, question: str) -> str:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        t = self.tok
+        ids = [t.bos_token_id, t.convert_tokens_to_ids("<|user|>")] + [t.image_token_id] * self.n_img
+        ids += self._ids(question)
+        return [*ids, t.convert_tokens_to_ids("<|end|>"), t.convert_tokens_to_ids("<|assistant|>")]
+
+    def check_against_processor(self, sample: sh.Sample) -> None:
+        out = self.processor(images=[sample.image], text=[self.prompt_text(sample.question)], return_tensors="pt")
+        ref = out["input_ids"][0].tolist()
+        if ref != self.prompt_ids(sample.question):
+            raise AssertionError(
+                f"token layout differs from LlavaProcessor:\n{ref}\n{self.prompt_ids(sample.question)}"
+            )
+
+    def pixels(self, samples: list[sh.Sample]) -> torch.Tensor:
+        return self.processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+
+    def train_batch(self, samples: list[sh.Sample]) -> dict[str, torch.Tensor]:
+        """Right-padded; labels = answer + eos, everything else -100."""
+        seqs, labels = [], []
+        for s in samples:
+            p = self.prompt_ids(s.question)
+            a = [*self._ids(s.answer), self.tok.eos_token_id]
+            seqs.append(p + a)
+            labels.append([-100] * len(p) + a)
+        return self._pad(seqs, labels) | {"pixel_values": self.pixels(samples)}
+
+    def _pad(self, seqs: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
+        n = max(map(len, seqs))
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
+        lab = torch.tensor([s + [-100] * (n - len(s)) for s in labels])
+        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def train_samples(cfg: TrainConfig, step: int) -> list[sh.Sample]:
+    """Batch ``step`` (deterministic, so resume replays the same data)."""
+    start = step * cfg.batch_size
+    idx = range(start, start + cfg.batch_size)
+    if cfg.train_size:
+        idx = [i % cfg.train_size for i in idx]
+    return [sh.generate_sample(sh.SPLIT_SEEDS["train"], i, cfg.image_size) for i in idx]
+
+
+# ------------------------------------------------------------------------------------------------------ evaluate
+
+
+@torch.no_grad()
+def evaluate(model, batcher: Batcher, samples: list[sh.Sample], batch_size: int = 50) -> dict[str, float]:
+    """Exact match per qtype via teacher forcing (== greedy exact match, see the module docstring)."""
+    model.eval()
+    hits: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        batch = batcher.train_batch(chunk)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        pred = logits[:, :-1].argmax(-1)
+        tgt = labels[:, 1:]
+        ok = ((pred == tgt) | (tgt == -100)).all(dim=1)
+        for s, good in zip(chunk, ok.tolist(), strict=True):
+            total[s.qtype] += 1
+            hits[s.qtype] += int(good)
+    model.train()
+    acc = {q: hits[q] / total[q] for q in sorted(total)}
+    acc["all"] = sum(hits.values()) / sum(total.values())
+    return acc
+
+
+@torch.no_grad()
+def generate_answers(model, batcher: Batcher, samples: list[sh.Sample]) -> list[str]:
+    """Real greedy ``generate`` (left-padded), used to confirm the teacher-forced numbers at the end."""
+    model.eval()
+    tok = batcher.tok
+    seqs = [batcher.prompt_ids(s.question) for s in samples]
+    n = max(map(len, seqs))
+    ids = torch.tensor([[tok.pad_token_id] * (n - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs])
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=batcher.pixels(samples), max_new_tokens=24, do_sample=False
+    )
+    model.train()
+    return [tok.decode(o[n:], skip_special_tokens=True) for o in out]
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(out: Path, model, processor, optimizer, state: dict) -> None:
+    """Write to a temporary sibling, then swap: a crash mid-save leaves the previous checkpoint intact."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def train(cfg: TrainConfig, resume: bool) -> dict:
+    from transformers import LlavaForConditionalGeneration
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    tokenizer = build_shapes_tokenizer()
+    processor = build_processor(cfg, tokenizer)
+    state: dict = {"step": 0, "history": [], "config": asdict(cfg), "elapsed_s": 0.0}
+    if resume and (out / "trainer_state.json").is_file():
+        state = json.loads((out / "trainer_state.json").read_text())
+        saved = TrainConfig(**state["config"])
+        for k in ("image_size", "patch_size", "vision_hidden", "vision_layers", "text_hidden", "text_layers"):
+            if getattr(saved, k) != getattr(cfg, k):
+                raise SystemExit(f"--resume: {k}={getattr(cfg, k)} but the checkpoint has {getattr(saved, k)}")
+        model = LlavaForConditionalGeneration.from_pretrained(out)
+        log.info("resuming from %s at step %d", out, state["step"])
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise SystemExit(f"{out} is not empty: pass --resume to continue it, or choose another --out")
+        model = build_model(cfg, tokenizer)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    vision_params = sum(p.numel() for p in model.model.vision_tower.parameters())
+    log.info("model: %.2fM parameters (vision %.2fM), vocab %d", n_params / 1e6, vision_params / 1e6, len(tokenizer))
+
+    n_img = (cfg.image_size // cfg.patch_size) ** 2
+    batcher = Batcher(processor, n_img)
+    val = sh.generate_split(sh.SPLIT_SEEDS["val"], cfg.eval_n, cfg.image_size)
+    batcher.check_against_processor(val[0])
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    if resume and (out / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(out / "optimizer.pt", weights_only=True))
+
+    step = state["step"]
+    t0 = time.time() - state["elapsed_s"]
+    smooth = None
+    step0, t_start = step, time.time()
+    while step < cfg.steps:
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        batch = batcher.train_batch(train_samples(cfg, step))
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
+        if step % cfg.log_every == 0:
+            el = time.time() - t0
+            rate = (step - step0) / max(time.time() - t_start, 1e-9)
+            log.info(
+                "step %d/%d loss %.4f lr %.2e  %.2f steps/s  %.1f min",
+                step,
+                cfg.steps,
+                smooth,
+                lr_at(cfg, step),
+                rate,
+                el / 60,
+            )
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            acc = evaluate(model, batcher, val)
+            state["history"].append({"step": step, "loss": smooth, "minutes": (time.time() - t0) / 60, "val": acc})
+            log.info("step %d val exact match %s", step, " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            state.update(step=step, elapsed_s=time.time() - t0)
+            save_checkpoint(out, model, processor, optimizer, state)
+            log.info("saved %s (step %d)", out, step)
+
+    test = sh.generate_shipped_splits({"train": 1, "val": 1, "test": cfg.eval_n}, cfg.image_size)["test"]
+    test_acc = evaluate(model, batcher, test)
+    gen = generate_answers(model, batcher, test[:100])
+    gen_acc = sum(g == s.answer for g, s in zip(gen, test[:100], strict=True)) / len(gen)
+    state.update(test=test_acc, test_generate_100=gen_acc, elapsed_s=time.time() - t0)
+    save_checkpoint(out, model, processor, optimizer, state)
+    log.info(
+        "test exact match %s | generate() on 100: %.3f", " ".join(f"{k} {v:.3f}" for k, v in test_acc.items()), gen_acc
+    )
+    return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-o", "--out", default=TrainConfig.out)
+    for f, default in asdict(TrainConfig()).items():
+        if f != "out":
+            p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    args = vars(p.parse_args(argv))
+    resume = args.pop("resume")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    train(TrainConfig(**args), resume)
+
+
+if __name__ == "__main__":
+    main()
