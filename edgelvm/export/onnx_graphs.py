@@ -24,6 +24,8 @@ from edgelvm.manifest import GraphSpec, KVCacheSpec, TensorSpec
 from edgelvm.models.base import VLMAdapter
 
 log = logging.getLogger(__name__)
+# torch.onnx warns once per missing torchvision op at WARNING level; irrelevant for VLM graphs.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 OPSET = 20
 #: Max relative error (max |onnx - torch| / max |torch|) accepted at export, per precision.

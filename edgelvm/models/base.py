@@ -40,6 +40,9 @@ class VLMAdapter(ABC):
     def from_pretrained(cls, source: str, *, dtype: str = "float32") -> VLMAdapter:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # edgelvm shows its own progress
 
         _require_processor_files(source)
         torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
