@@ -111,8 +111,15 @@ def generate(
 
     vlm = VLM.load(bundle, backend=backend, threads=threads)
     pieces = vlm.generate(
-        list(image or []), prompt, max_new_tokens=max_new_tokens, stream=True, stop=tuple(stop or ()),
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        list(image or []),
+        prompt,
+        max_new_tokens=max_new_tokens,
+        stream=True,
+        stop=tuple(stop or ()),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
     )
     for piece in pieces:
         sys.stdout.write(piece)
@@ -145,9 +152,9 @@ def inspect(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option("--workdir", "-o", help="Where the demo writes its model and bundle.")] = Path(
-        "runs/demo"
-    ),
+    workdir: Annotated[
+        Path, typer.Option("--workdir", "-o", help="Where the demo writes its model and bundle.")
+    ] = Path("runs/demo"),
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate in the demo answer.")] = 24,
 ) -> None:
     """Run the pipeline end to end on the default model: build → export → generate, then a summary table."""

@@ -45,15 +45,19 @@ def run_demo(workdir: Path, *, console: Any, max_new_tokens: int = 24) -> dict[s
         processor = AutoProcessor.from_pretrained(model_dir)
         model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()  # progress bar off (adapter load)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        inputs = processor(images=[image], text=[processor.apply_chat_template(messages, add_generation_prompt=True)],
-                           return_tensors="pt")
+        inputs = processor(
+            images=[image],
+            text=[processor.apply_chat_template(messages, add_generation_prompt=True)],
+            return_tensors="pt",
+        )
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=4, do_sample=False)  # warm-up
             started = time.perf_counter()
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 do_sample=False)
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False
+            )
             hf_seconds = time.perf_counter() - started
-        hf_ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+        hf_ids = out[0, inputs["input_ids"].shape[1] :].tolist()
 
     vlm = VLM.load(bundle_dir)
     vlm.generate(image, prompt, max_new_tokens=4)  # warm-up
@@ -90,6 +94,9 @@ def run_demo(workdir: Path, *, console: Any, max_new_tokens: int = 24) -> dict[s
     if not same:
         from edgelvm.errors import EdgeLVMError
 
-        raise EdgeLVMError("the runtime's greedy tokens differ from Hugging Face generate", where=str(bundle_dir),
-                           fix="this is a bug; please report it with the demo output")
+        raise EdgeLVMError(
+            "the runtime's greedy tokens differ from Hugging Face generate",
+            where=str(bundle_dir),
+            fix="this is a bug; please report it with the demo output",
+        )
     return results

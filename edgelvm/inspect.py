@@ -26,8 +26,10 @@ def describe_bundle(bundle: str | Path, *, console: Any, verify: bool = True) ->
     console.print(
         f"from {origin.get('source')} ({origin.get('model_type')}: {origin.get('vision_model_type')} + "
         f"{origin.get('text_model_type')}); recipe: "
-        + " → ".join(f"{r.get('stage')}({', '.join(f'{k}={v}' for k, v in r.items() if k != 'stage')})"
-                     for r in origin.get("recipe", []))
+        + " → ".join(
+            f"{r.get('stage')}({', '.join(f'{k}={v}' for k, v in r.items() if k != 'stage')})"
+            for r in origin.get("recipe", [])
+        )
     )
 
     graphs = Table(title="graphs")
@@ -36,7 +38,9 @@ def describe_bundle(bundle: str | Path, *, console: Any, verify: bool = True) ->
     for name, graph in manifest.graphs.items():
         size = sum(p.stat().st_size for p in root.glob(graph.file + "*")) / 1e6
         inputs = ", ".join(f"{t.name}{_shape(t)}" for t in graph.inputs[:3]) + (" …" if len(graph.inputs) > 3 else "")
-        outputs = ", ".join(f"{t.name}{_shape(t)}" for t in graph.outputs[:2]) + (" …" if len(graph.outputs) > 2 else "")
+        outputs = ", ".join(f"{t.name}{_shape(t)}" for t in graph.outputs[:2]) + (
+            " …" if len(graph.outputs) > 2 else ""
+        )
         err = f"{graph.parity['max_rel']:.1e}" if graph.parity else "-"
         graphs.add_row(name, graph.file, graph.kind, graph.precision, f"{size:.1f}", inputs, outputs, err)
     console.print(graphs)

@@ -203,13 +203,24 @@ class Batcher:
         return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
-def train_samples(cfg: TrainConfig, step: int) -> list[sh.Sample]:
-    """Batch ``step`` (deterministic, so resume replays the same data)."""
+def train_samples(cfg: TrainConfig, step: int, held_out: set[str]) -> list[sh.Sample]:
+    """Batch ``step`` (deterministic, so resume replays the same data). A sample identical (image bytes +
+    question) to a held-out val/test sample is redrawn, so the stream never trains on evaluation data."""
     start = step * cfg.batch_size
     idx = range(start, start + cfg.batch_size)
     if cfg.train_size:
         idx = [i % cfg.train_size for i in idx]
-    return [sh.generate_sample(sh.SPLIT_SEEDS["train"], i, cfg.image_size) for i in idx]
+    seed = sh.SPLIT_SEEDS["train"]
+    out = []
+    for i in idx:
+        attempt = 0
+        s = sh.generate_sample(seed, i, cfg.image_size)
+        while s.key in held_out:
+            attempt += 1
+            log.warning("train sample %d equals a held-out sample; redrawing", i)
+            s = sh.generate_sample(seed, i, cfg.image_size, attempt)
+        out.append(s)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ evaluate
@@ -313,7 +324,10 @@ def train(cfg: TrainConfig, resume: bool) -> dict:
 
     n_img = (cfg.image_size // cfg.patch_size) ** 2
     batcher = Batcher(processor, n_img)
-    val = sh.generate_split(sh.SPLIT_SEEDS["val"], cfg.eval_n, cfg.image_size)
+    val = sh.generate_split(sh.SPLIT_SEEDS["val"], sh.SPLIT_SIZES["val"], cfg.image_size)
+    test = sh.generate_split(sh.SPLIT_SEEDS["test"], sh.SPLIT_SIZES["test"], cfg.image_size)
+    held_out = {s.key for s in val + test}
+    val = val[: cfg.eval_n]
     batcher.check_against_processor(val[0])
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -333,7 +347,7 @@ def train(cfg: TrainConfig, resume: bool) -> dict:
     while step < cfg.steps:
         for g in optimizer.param_groups:
             g["lr"] = lr_at(cfg, step)
-        batch = batcher.train_batch(train_samples(cfg, step))
+        batch = batcher.train_batch(train_samples(cfg, step, held_out))
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -362,7 +376,6 @@ def train(cfg: TrainConfig, resume: bool) -> dict:
             save_checkpoint(out, model, processor, optimizer, state)
             log.info("saved %s (step %d)", out, step)
 
-    test = sh.generate_shipped_splits({"train": 1, "val": 1, "test": cfg.eval_n}, cfg.image_size)["test"]
     test_acc = evaluate(model, batcher, test)
     gen = generate_answers(model, batcher, test[:100])
     gen_acc = sum(g == s.answer for g, s in zip(gen, test[:100], strict=True)) / len(gen)

@@ -78,9 +78,11 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
     _prepare_output(out_dir, config.force)
     started = time.perf_counter()
 
-    adapter = load_model(model, dtype="float16" if config.dtype == "fp16" else "float32") if isinstance(
-        model, (str, Path)
-    ) else model
+    adapter = (
+        load_model(model, dtype="float16" if config.dtype == "fp16" else "float32")
+        if isinstance(model, (str, Path))
+        else model
+    )
     max_length = config.max_length or min(adapter.max_positions(), 4096)
     if max_length < 2 or max_length > adapter.max_positions():
         raise ConfigError(

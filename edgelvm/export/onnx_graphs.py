@@ -42,8 +42,15 @@ class ParityResult:
         return {"max_abs": self.max_abs, "max_rel": self.max_rel}
 
 
-def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: Any, names_in: list[str], names_out: list[str],
-            path: Path, weight_bytes: int) -> None:
+def _export(
+    module: torch.nn.Module,
+    args: tuple,
+    dynamic_shapes: Any,
+    names_in: list[str],
+    names_out: list[str],
+    path: Path,
+    weight_bytes: int,
+) -> None:
     """Run the dynamo exporter quietly (it prints progress to stdout) and save, with external data if large."""
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
@@ -92,8 +99,14 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-              "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16", "tensor(uint8)": "uint8"}
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(uint8)": "uint8",
+}
 
 
 def _specs(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -138,8 +151,9 @@ def export_vision(adapter: VLMAdapter, path: Path, precision: str) -> GraphSpec:
     return GraphSpec(file=path.name, precision=precision, inputs=inputs, outputs=outputs, parity=parity.as_dict())
 
 
-def _decoder_example(adapter: VLMAdapter, kv: KVCacheSpec, batch: int, seq: int, past: int, dtype: torch.dtype,
-                     pad_rows: int = 0) -> tuple[torch.Tensor, ...]:
+def _decoder_example(
+    adapter: VLMAdapter, kv: KVCacheSpec, batch: int, seq: int, past: int, dtype: torch.dtype, pad_rows: int = 0
+) -> tuple[torch.Tensor, ...]:
     hidden = adapter.text_config.hidden_size
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     for row in range(min(pad_rows, batch)):
@@ -165,8 +179,12 @@ def export_decoder(adapter: VLMAdapter, path: Path, precision: str, kv: KVCacheS
     seq = torch.export.Dim("seq", min=1, max=kv.max_length)
     past = torch.export.Dim("past", min=1, max=kv.max_length)
     total = torch.export.Dim("total", min=2, max=2 * kv.max_length)
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in
-                                                                                 range(2 * kv.num_layers)))
+    shapes = (
+        {0: batch, 1: seq},
+        {0: batch, 1: total},
+        {0: batch, 1: seq},
+        tuple({0: batch, 2: past} for _ in range(2 * kv.num_layers)),
+    )
     example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype)
     _export(module, example, shapes, names_in, names_out, path, _weight_bytes(module))
 
@@ -208,4 +226,3 @@ def export_embedding_table(adapter: VLMAdapter, path: Path, precision: str) -> G
         inputs=[TensorSpec("input_ids", "int64", ["batch", "seq"])],
         outputs=[TensorSpec("inputs_embeds", dtype, ["batch", "seq", int(array.shape[1])])],
     )
-

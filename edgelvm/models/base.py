@@ -129,11 +129,7 @@ class VLMAdapter(ABC):
         template = getattr(self.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
         if isinstance(template, dict):  # several named templates: the runtime renders the default one
             template = template.get("default") or next(iter(template.values()))
-        specials = {
-            name: str(value)
-            for name, value in tokenizer.special_tokens_map.items()
-            if isinstance(value, str)
-        }
+        specials = {name: str(value) for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
         return TokenizerSpec(
             file=file,
             chat_template=template,
@@ -211,10 +207,10 @@ def _require_processor_files(source: str) -> None:
     if not path.is_dir():
         return
     has_tokenizer = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-    has_image_processor = any(
-        (path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")
-    )
-    missing = [n for n, ok in (("tokenizer.json", has_tokenizer), ("preprocessor_config.json", has_image_processor)) if not ok]
+    has_image_processor = any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
+    missing = [
+        n for n, ok in (("tokenizer.json", has_tokenizer), ("preprocessor_config.json", has_image_processor)) if not ok
+    ]
     if missing:
         raise ExportError(
             f"processor files missing: {', '.join(missing)}",

@@ -1,9 +1,9 @@
 """The torch-free runtime: numpy + ONNX Runtime (+ TensorRT later). Never imports torch or transformers.
 
-    from edgelvm.runtime import VLM
-    vlm = VLM.load("bundle/")
-    for piece in vlm.generate("photo.jpg", "What is on the table?", stream=True):
-        print(piece, end="")
+from edgelvm.runtime import VLM
+vlm = VLM.load("bundle/")
+for piece in vlm.generate("photo.jpg", "What is on the table?", stream=True):
+    print(piece, end="")
 """
 
 from edgelvm.runtime.sampling import SamplingConfig

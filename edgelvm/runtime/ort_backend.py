@@ -59,8 +59,11 @@ def resolve_backend(name: str) -> tuple[str, list[str]]:
         )
     wanted = BACKENDS[name][0]
     if wanted not in available:
-        extra = "install `edgelvm[gpu]` (x86_64) or NVIDIA's onnxruntime build for Jetson" if wanted != (
-            "CPUExecutionProvider") else ""
+        extra = (
+            "install `edgelvm[gpu]` (x86_64) or NVIDIA's onnxruntime build for Jetson"
+            if wanted != ("CPUExecutionProvider")
+            else ""
+        )
         raise BackendError(
             f"backend {name!r} needs {wanted}, which this onnxruntime does not provide (it has: {', '.join(available)})",
             where="backend",
@@ -82,9 +85,7 @@ class KVCache:
 
     def __post_init__(self) -> None:
         size = self.batch * self.spec.num_kv_heads * self.spec.max_length * self.spec.head_dim
-        self._buffers = [
-            [np.empty(size, dtype=self.dtype) for _ in range(2 * self.spec.num_layers)] for _ in range(2)
-        ]
+        self._buffers = [[np.empty(size, dtype=self.dtype) for _ in range(2 * self.spec.num_layers)] for _ in range(2)]
 
     def view(self, which: int, index: int, length: int) -> np.ndarray:
         shape = (self.batch, self.spec.num_kv_heads, length, self.spec.head_dim)

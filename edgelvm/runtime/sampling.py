@@ -18,8 +18,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ConfigError(f"temperature must be ≥ 0, got {self.temperature}", where="temperature",
-                              fix="use 0 for greedy decoding or a positive value such as 0.7")
+            raise ConfigError(
+                f"temperature must be ≥ 0, got {self.temperature}",
+                where="temperature",
+                fix="use 0 for greedy decoding or a positive value such as 0.7",
+            )
         if self.top_k < 0:
             raise ConfigError(f"top_k must be ≥ 0, got {self.top_k}", where="top_k", fix="use 0 to disable")
         if not 0.0 < self.top_p <= 1.0:

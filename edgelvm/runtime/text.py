@@ -45,15 +45,20 @@ class ChatTokenizer:
         def raise_exception(message: str) -> None:
             raise EdgeLVMError(f"chat template refused the conversation: {message}", fix="check the message roles")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             return env.from_string(self.spec.chat_template)
         except jinja2.TemplateError as err:
-            raise BundleError(f"chat template does not compile ({err})", where="edgelvm.json: tokenizer.chat_template",
-                              fix="fix the template in the source checkpoint and re-export") from None
+            raise BundleError(
+                f"chat template does not compile ({err})",
+                where="edgelvm.json: tokenizer.chat_template",
+                fix="fix the template in the source checkpoint and re-export",
+            ) from None
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         """The prompt string for ``messages`` (OpenAI/HF style: content is a string or a list of typed items)."""

@@ -70,9 +70,7 @@ class VLM:
         self.last_output_ids: list[list[int]] = []
 
     @classmethod
-    def load(
-        cls, bundle: str | Path, backend: str = "auto", *, threads: int | None = None, verify: bool = True
-    ) -> VLM:
+    def load(cls, bundle: str | Path, backend: str = "auto", *, threads: int | None = None, verify: bool = True) -> VLM:
         """Open a bundle. ``verify`` checks every file's sha256 against the manifest (a mismatch names the file).
 
         ``backend``: ``auto`` (CUDA when this onnxruntime has it, else CPU), ``onnxruntime-cpu``,
@@ -127,7 +125,12 @@ class VLM:
         (several questions about one frame) is preprocessed and encoded once."""
         texts = [""] * len(requests)
         for index, piece in self.stream_batch(
-            requests, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature, top_k=top_k, top_p=top_p,
+            requests,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
             seed=seed,
         ):
             texts[index] += piece
@@ -145,9 +148,7 @@ class VLM:
         seed: int | None = None,
     ) -> Iterator[tuple[int, str]]:
         """Like :meth:`generate_batch`, yielding ``(request_index, text_piece)`` as tokens are decoded."""
-        normalized = [
-            r if isinstance(r, Request) else Request(prompt=r[1], images=_as_list(r[0])) for r in requests
-        ]
+        normalized = [r if isinstance(r, Request) else Request(prompt=r[1], images=_as_list(r[0])) for r in requests]
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return self._run(normalized, max_new_tokens, sampling, tuple(stop))
 
@@ -203,8 +204,11 @@ class VLM:
         self, requests: list[Request], max_new_tokens: int, sampling: SamplingConfig, stop: tuple[str, ...]
     ) -> Iterator[tuple[int, str]]:
         if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}", where="max_new_tokens",
-                              fix="ask for at least one token")
+            raise ConfigError(
+                f"max_new_tokens must be ≥ 1, got {max_new_tokens}",
+                where="max_new_tokens",
+                fix="ask for at least one token",
+            )
         if not requests:
             return iter(())
         # Validate everything (prompt length, images) before any compute, so errors come first.

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv with edgelvm and its toolchain (torch side) + dev tools. Idempotent: fast when already done.
+#
+# torch comes first so that its choice is yours: EDGELVM_TORCH (default "torch==2.13.0", a CPU build on this
+# project's build machines) is installed before edgelvm, whose own requirement is only torch>=2.6.
+# On a CUDA desktop use e.g. EDGELVM_TORCH="torch"; on Jetson, NVIDIA's JetPack wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${EDGELVM_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  "${PIP[@]}" install "${EDGELVM_TORCH:-torch==2.13.0}"
+fi
+"${PIP[@]}" install -e ".[toolchain,dev]"
+echo "edgelvm ready in $VENV ($("$VENV/bin/python" -c 'import torch, transformers, onnxruntime; print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {onnxruntime.__version__}")'))"
