@@ -217,7 +217,7 @@ def hash_bundle_files(bundle_dir: str | Path) -> dict[str, str]:
 
 
 def verify_bundle_files(bundle_dir: str | Path, manifest: Manifest, *, check_hashes: bool = True) -> None:
-    """Every file the manifest lists exists and (optionally) has its recorded sha256; raise naming the first that does not."""
+    """Every listed file exists and (optionally) has its recorded sha256; raise naming the first that does not."""
     root = Path(bundle_dir)
     for rel, expected in manifest.files.items():
         path = root / rel

@@ -100,7 +100,6 @@ def build_tiny_llava(
         SiglipImageProcessorPil,
         SiglipVisionConfig,
     )
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -54,10 +54,10 @@ def test_manifest_missing_field_and_not_a_bundle(tiny_bundles, copy_bundle, tmp_
     data = json.loads(path.read_text())
     del data["kv_cache"]
     path.write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match="'kv_cache' is missing"):
+    with pytest.raises(ManifestError, match=r"'kv_cache' is missing"):
         VLM.load(bundle)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BundleError, match="edgelvm.json is missing"):
+    with pytest.raises(BundleError, match=r"edgelvm\.json is missing"):
         VLM.load(tmp_path / "empty")
 
 

@@ -35,7 +35,7 @@ def test_vision_graph_matches_transformers_fp32(variant, tiny_checkpoints, tiny_
     """The ONNX vision graph reproduces transformers' own get_image_features within 1e-4 relative."""
     import onnxruntime as ort
 
-    processor, model = _hf(tiny_checkpoints[variant])
+    _, model = _hf(tiny_checkpoints[variant])
     session = ort.InferenceSession(str(tiny_bundles[variant] / "vision.onnx"), providers=["CPUExecutionProvider"])
     size = model.config.vision_config.image_size
     pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))

@@ -75,7 +75,7 @@ class VLMAdapter(ABC):
 
     @abstractmethod
     def language_model(self) -> Any:
-        """The base decoder: accepts ``inputs_embeds, attention_mask, position_ids, cache`` and returns hidden states."""
+        """The base decoder: takes ``inputs_embeds, attention_mask, position_ids, cache``; returns hidden states."""
 
     @abstractmethod
     def lm_head(self) -> Any:

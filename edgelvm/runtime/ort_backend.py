@@ -59,15 +59,15 @@ def resolve_backend(name: str) -> tuple[str, list[str]]:
         )
     wanted = BACKENDS[name][0]
     if wanted not in available:
-        extra = (
-            "install `edgelvm[gpu]` (x86_64) or NVIDIA's onnxruntime build for Jetson"
-            if wanted != ("CPUExecutionProvider")
-            else ""
+        fix = (
+            "reinstall onnxruntime"
+            if wanted == "CPUExecutionProvider"
+            else "install `edgelvm[gpu]` (x86_64) or NVIDIA's onnxruntime build for Jetson"
         )
         raise BackendError(
-            f"backend {name!r} needs {wanted}, which this onnxruntime does not provide (it has: {', '.join(available)})",
+            f"backend {name!r} needs {wanted}, which this onnxruntime lacks (it has: {', '.join(available)})",
             where="backend",
-            fix=extra or "reinstall onnxruntime",
+            fix=fix,
         )
     return name, [p for p in BACKENDS[name] if p in available]
 
@@ -155,7 +155,7 @@ class OrtBackend:
         return _DeviceCache(self.kv_spec, batch, self._kv_dtype)
 
     def step(self, embeds: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, cache: Any) -> np.ndarray:
-        """Run the decoder on ``embeds [B, S, E]``; returns the last position's logits ``[B, V]`` and grows the cache."""
+        """Run the decoder on ``embeds [B, S, E]``; return the last position's logits ``[B, V]``; grow the cache."""
         batch, seq = embeds.shape[:2]
         new_length = cache.length + seq
         binding = self.decoder.io_binding()
