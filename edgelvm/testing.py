@@ -81,11 +81,15 @@ def build_tiny_llava(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    vision_overrides: dict | None = None,
+    text_overrides: dict | None = None,
 ) -> Path:
     """Write a complete random-weight LLaVA checkpoint (model + processor) to ``out_dir`` and return it.
 
     ``text="qwen2"`` uses grouped-query attention (4 query heads, 2 KV heads) so GQA paths are exercised;
     ``vision="siglip"`` has no CLS token and uses the ``full`` feature-select strategy.
+    ``vision_overrides`` / ``text_overrides`` replace config fields, e.g. to build realistic shapes for benchmarks
+    (see :func:`build_realistic_llava`).
     """
     import torch
     from transformers import (
@@ -116,6 +120,7 @@ def build_tiny_llava(
         image_size=image_size,
         patch_size=patch_size,
     )
+    vision_kwargs.update(vision_overrides or {})
     if vision == "clip":
         vision_config = CLIPVisionConfig(projection_dim=48, **vision_kwargs)
         strategy, feature_layer = "default", -2
@@ -138,12 +143,13 @@ def build_tiny_llava(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    if text == "llama":
-        text_config = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **text_kwargs)
-    elif text == "qwen2":
-        text_config = Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **text_kwargs)
-    else:
-        text_config = MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=None, **text_kwargs)
+    heads = {"llama": (4, 4), "qwen2": (4, 2), "mistral": (4, 2)}[text]
+    text_kwargs.update(num_attention_heads=heads[0], num_key_value_heads=heads[1])
+    if text == "mistral":
+        text_kwargs["sliding_window"] = None
+    text_kwargs.update(text_overrides or {})
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[text]
+    text_config = config_class(**text_kwargs)
 
     config = LlavaConfig(
         vision_config=vision_config,
@@ -171,3 +177,32 @@ def build_tiny_llava(
     )
     processor.save_pretrained(out)
     return out
+
+
+def build_realistic_llava(out_dir: str | Path, seed: int = 0) -> Path:
+    """Random-weight LLaVA of realistic shape: a CLIP ViT-B/16 tower at 224 px (196 image tokens) and a
+    SmolLM2-135M-shaped Llama (576 wide, 30 layers, 9 query / 3 KV heads, 49152 vocab, tied embeddings).
+
+    The tiny byte-level tokenizer is reused: ids beyond its vocabulary decode to nothing, which is irrelevant for
+    speed and memory measurements.
+    """
+    return build_tiny_llava(
+        out_dir,
+        text="llama",
+        vision="clip",
+        image_size=224,
+        patch_size=16,
+        seed=seed,
+        vision_overrides=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        text_overrides=dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+            rope_theta=100000.0,
+        ),
+    )

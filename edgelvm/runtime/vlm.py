@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,39 @@ class Request:
     prompt: str | None = None
     images: list[ImageInput] = field(default_factory=list)
     messages: list[Message] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate: token budget, stop conditions and sampling (greedy unless ``temperature > 0``)."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks use it for fixed lengths)
+    stop: Sequence[str] = ()
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(
+                f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}",
+                where="max_new_tokens",
+                fix="ask for at least one token",
+            )
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(
+                f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}",
+                where="min_new_tokens",
+                fix="lower it or raise max_new_tokens",
+            )
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
 
 
 @dataclass
@@ -86,71 +120,33 @@ class VLM:
         return self.manifest.kv_cache.max_length
 
     # ---- public API ------------------------------------------------------------------------------------------------
-    def generate(
-        self,
-        images: Images,
-        prompt: str,
-        *,
-        max_new_tokens: int = 64,
-        stream: bool = False,
-        stop: Sequence[str] = (),
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> str | Iterator[str]:
+    def generate(self, images: Images, prompt: str, *, stream: bool = False, **options: Any) -> str | Iterator[str]:
         """Answer ``prompt`` about ``images`` (one image, a list of images, or None).
 
+        ``options`` are :class:`GenerationConfig` fields (``max_new_tokens``, ``stop``, ``temperature``, ...).
         Returns the text, or with ``stream=True`` an iterator of text pieces as they are decoded.
         """
-        request = Request(prompt=prompt, images=_as_list(images))
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        pieces = self._run([request], max_new_tokens, sampling, tuple(stop))
+        pieces = self._run([Request(prompt=prompt, images=_as_list(images))], _config(options))
         if stream:
             return (piece for _, piece in pieces)
         return "".join(piece for _, piece in pieces)
 
-    def generate_batch(
-        self,
-        requests: Sequence[Request | tuple[Images, str]],
-        *,
-        max_new_tokens: int = 64,
-        stop: Sequence[str] = (),
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[str]:
-        """Answer several requests in one batch (left-padded). The same image object used by several requests
-        (several questions about one frame) is preprocessed and encoded once."""
+    def generate_batch(self, requests: Sequence[Request | tuple[Images, str]], **options: Any) -> list[str]:
+        """Answer several requests in one left-padded batch; ``options`` as for :meth:`generate`.
+
+        The same image object used by several requests (several questions about one frame) is encoded once.
+        """
         texts = [""] * len(requests)
-        for index, piece in self.stream_batch(
-            requests,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-        ):
+        for index, piece in self.stream_batch(requests, **options):
             texts[index] += piece
         return texts
 
     def stream_batch(
-        self,
-        requests: Sequence[Request | tuple[Images, str]],
-        *,
-        max_new_tokens: int = 64,
-        stop: Sequence[str] = (),
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        self, requests: Sequence[Request | tuple[Images, str]], **options: Any
     ) -> Iterator[tuple[int, str]]:
         """Like :meth:`generate_batch`, yielding ``(request_index, text_piece)`` as tokens are decoded."""
         normalized = [r if isinstance(r, Request) else Request(prompt=r[1], images=_as_list(r[0])) for r in requests]
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        return self._run(normalized, max_new_tokens, sampling, tuple(stop))
+        return self._run(normalized, _config(options))
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def prompt_ids(self, request: Request) -> list[int]:
@@ -200,37 +196,25 @@ class VLM:
             embeds[positions] = image_features.reshape(-1, embeds.shape[-1])
         return embeds
 
-    def _run(
-        self, requests: list[Request], max_new_tokens: int, sampling: SamplingConfig, stop: tuple[str, ...]
-    ) -> Iterator[tuple[int, str]]:
-        if max_new_tokens < 1:
-            raise ConfigError(
-                f"max_new_tokens must be ≥ 1, got {max_new_tokens}",
-                where="max_new_tokens",
-                fix="ask for at least one token",
-            )
+    def _run(self, requests: list[Request], config: GenerationConfig) -> Iterator[tuple[int, str]]:
         if not requests:
             return iter(())
         # Validate everything (prompt length, images) before any compute, so errors come first.
         prompts = [self.prompt_ids(r) for r in requests]
         longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.max_length:
+        if longest + config.max_new_tokens > self.max_length:
             raise PromptTooLongError(
-                f"prompt of {longest} tokens (images included) + max_new_tokens {max_new_tokens} exceeds the bundle's "
-                f"context of {self.max_length} tokens",
+                f"prompt of {longest} tokens (images included) + max_new_tokens {config.max_new_tokens} exceeds the "
+                f"bundle's context of {self.max_length} tokens",
                 where="prompt",
                 fix="shorten the prompt, lower max_new_tokens, or re-export with a larger --max-length",
             )
-        return self._decode_loop(requests, prompts, max_new_tokens, sampling, stop)
+        return self._decode_loop(requests, prompts, config)
 
     def _decode_loop(
-        self,
-        requests: list[Request],
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        sampling: SamplingConfig,
-        stop: tuple[str, ...],
+        self, requests: list[Request], prompts: list[list[int]], config: GenerationConfig
     ) -> Iterator[tuple[int, str]]:
+        max_new_tokens = config.max_new_tokens
         stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
         started = time.perf_counter()
         features = self._encode_images(requests)
@@ -247,10 +231,11 @@ class VLM:
         positions = np.maximum(np.cumsum(mask[:, :longest], axis=1) - 1, 0)
         next_position = positions[:, -1] + 1
 
-        sampler = Sampler(sampling)
+        sampler = Sampler(config.sampling)
+        eos_ids = np.fromiter(self._eos, dtype=np.int64)
         cache = self.backend.new_cache(batch)
         self.last_output_ids: list[list[int]] = [[] for _ in range(batch)]  # sampled ids incl. EOS, per row
-        rows = [_RowText(StreamDecoder(self.tokenizer), stop) for _ in range(batch)]
+        rows = [_RowText(StreamDecoder(self.tokenizer), tuple(config.stop)) for _ in range(batch)]
         finished = np.zeros(batch, dtype=bool)
 
         step_started = time.perf_counter()
@@ -258,6 +243,8 @@ class VLM:
         stats.prefill_ms = (time.perf_counter() - step_started) * 1e3
         decode_started = time.perf_counter()
         for step in range(max_new_tokens):
+            if step < config.min_new_tokens:
+                logits[:, eos_ids] = -np.inf
             tokens = sampler(logits)
             tokens[finished] = self._pad_id
             stats.new_tokens += 1
@@ -315,6 +302,18 @@ class _RowText:
         piece = self.decoder.text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return piece
+
+
+def _config(options: dict[str, Any]) -> GenerationConfig:
+    names = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown generation option(s): {', '.join(unknown)}",
+            where="generate()",
+            fix=f"use: {', '.join(sorted(names))}",
+        )
+    return GenerationConfig(**options)
 
 
 def _as_list(images: Images) -> list[ImageInput]:
