@@ -205,7 +205,8 @@ def markdown(results: list[dict], bandwidth: float, tokens: int) -> str:
         f"Memory bandwidth (numpy copy, read+write): **{bandwidth / 1e9:.1f} GB/s**; {tokens} new tokens, batch 1, "
         f"{THREADS} threads, fp32; medians (min–max) over rounds.",
         "",
-        "| model | side | vision ms | prefill ms (tokens) | decode tok/s | roofline tok/s | of roofline | peak RSS MB |",
+        "| model | side | vision ms | prefill ms (tokens) | decode tok/s | roofline tok/s | of roofline "
+        "| peak RSS MB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:

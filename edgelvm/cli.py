@@ -150,6 +150,34 @@ def inspect(
     describe_bundle(bundle, console=_console(), verify=verify)
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="A bundle (runs torch-free) or a Hugging Face checkpoint directory.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset: a directory with data.jsonl, or a .jsonl file.")],
+    reference: Annotated[
+        str | None, typer.Option(help="Teacher (bundle or checkpoint): report top-1 agreement and mean KL.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write eval.json and eval.md here.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N records.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length budget.")] = 32,
+) -> None:
+    """Exact-match accuracy per question type and hallucination rate; with --reference, agreement with a teacher.
+
+    Example:  edgelvm eval bundles/student -d data/shapes/test --reference models/shapes-teacher -o reports/student
+    """
+    from rich.markdown import Markdown
+
+    from edgelvm.eval import EvalConfig, evaluate
+
+    report = evaluate(
+        model, data, EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, reference=reference)
+    )
+    if out is not None:
+        report.write(out)
+    _console().print(Markdown(report.markdown()))
+
+
 @app.command()
 def demo(
     workdir: Annotated[

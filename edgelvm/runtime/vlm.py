@@ -148,6 +148,31 @@ class VLM:
         normalized = [r if isinstance(r, Request) else Request(prompt=r[1], images=_as_list(r[0])) for r in requests]
         return self._run(normalized, _config(options))
 
+    def forced_logits(self, images: Images, prompt: str, continuation: Sequence[int]) -> np.ndarray:
+        """Teacher forcing: the logits ``[len(continuation), vocab]`` predicting each token of ``continuation``
+        after the prompt (row ``i`` is computed with ``continuation[:i]`` already in the cache).
+
+        Used by ``edgelvm eval --reference`` for top-1 agreement and KL against a teacher.
+        """
+        request = Request(prompt=prompt, images=_as_list(images))
+        ids = self.prompt_ids(request)
+        if len(ids) + len(continuation) > self.max_length:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)}) + continuation ({len(continuation)}) exceed the context of {self.max_length}",
+                where="prompt",
+                fix="shorten the continuation or re-export with a larger --max-length",
+            )
+        embeds = self._embed(ids, self._encode_images([request])[0])[None]
+        total = len(ids) + len(continuation)
+        mask = np.ones((1, total), dtype=np.int64)
+        cache = self.backend.new_cache(1)
+        rows = [self.backend.step(embeds, mask[:, : len(ids)], np.arange(len(ids))[None], cache)[0]]
+        for i, token in enumerate(continuation[:-1]):
+            position = len(ids) + i
+            step_embeds = np.asarray(self._embed_table[[int(token)]], dtype=self.backend.embed_dtype)[None]
+            rows.append(self.backend.step(step_embeds, mask[:, : position + 1], np.array([[position]]), cache)[0])
+        return np.stack(rows).astype(np.float32)
+
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def prompt_ids(self, request: Request) -> list[int]:
         """Token ids of the rendered prompt, each image placeholder expanded to the image's token count."""
