@@ -103,6 +103,8 @@ class Manifest:
     generation: dict[str, Any]
     created_from: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    #: Device target chosen at export (``--target``): profile name, limits, fit check, predicted tokens/s.
+    target: dict[str, Any] | None = None
     format_version: str = FORMAT_VERSION
     edgelvm_version: str = ""
 
@@ -139,6 +141,7 @@ class Manifest:
                 generation=data["generation"],
                 created_from=data.get("created_from", {}),
                 files=data.get("files", {}),
+                target=data.get("target"),
                 format_version=data["format_version"],
                 edgelvm_version=data.get("edgelvm_version", ""),
             )

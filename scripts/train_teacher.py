@@ -4,7 +4,7 @@ Why from scratch: compression stages need a teacher that has *learned* the task 
 lose accuracy, and tests can catch it), small enough to train on a laptop CPU and to export in seconds.
 
 Model: CLIP-style vision tower (``CLIPVisionConfig``) + 2-layer GELU projector + Llama decoder with GQA
-(``LlamaConfig``), ~6-7M parameters. The output directory is always a loadable Hugging Face checkpoint
+(``LlamaConfig``), ~5M parameters. The output directory is always a loadable Hugging Face checkpoint
 (``LlavaForConditionalGeneration.from_pretrained`` / ``LlavaProcessor.from_pretrained``) plus ``trainer_state.json``
 and ``optimizer.pt`` for ``--resume``; every save is written to a temporary sibling and swapped in.
 
@@ -15,7 +15,7 @@ equivalent to greedy decoding producing exactly the answer, at the cost of one f
 
 Example (the full run)::
 
-    python scripts/train_teacher.py -o runs/teacher --steps 3000 --batch-size 32 --threads 2
+    python scripts/train_teacher.py -o runs/teacher --steps 4000 --threads 2
 """
 
 from __future__ import annotations
@@ -46,21 +46,21 @@ log = logging.getLogger("train_teacher")
 @dataclass
 class TrainConfig:
     out: str = "runs/teacher"
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 5e-4
     min_lr_ratio: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     threads: int = 1
     image_size: int = sh.DEFAULT_IMAGE_SIZE
-    patch_size: int = 12
+    patch_size: int = 16
     vision_hidden: int = 192
     vision_layers: int = 4
     vision_heads: int = 4
     text_hidden: int = 256
-    text_layers: int = 6
+    text_layers: int = 4
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 704
