@@ -7,6 +7,6 @@ for piece in vlm.generate("photo.jpg", "What is on the table?", stream=True):
 """
 
 from edgelvm.runtime.sampling import SamplingConfig
-from edgelvm.runtime.vlm import VLM, GenerationConfig, GenerationStats, Request
+from edgelvm.runtime.vlm import VLM, ChatSession, Control, GenerationConfig, GenerationStats, Request
 
-__all__ = ["VLM", "GenerationConfig", "GenerationStats", "Request", "SamplingConfig"]
+__all__ = ["VLM", "ChatSession", "Control", "GenerationConfig", "GenerationStats", "Request", "SamplingConfig"]

@@ -101,6 +101,22 @@ class KVCache:
         self._read = 1 - self._read
         self.length = new_length
 
+    supports_reuse = True
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions (e.g. the part of a chat history that did not change)."""
+        if length >= self.length:
+            return
+        for index in range(2 * self.spec.num_layers):
+            self.target(index, length)[...] = self.past(index)[:, :, :length]
+        self.advance(length)
+
+    def fill_from(self, prefix: KVCache) -> None:
+        """Start every row from the same (batch-1) prefix: several questions about one image share its prefill."""
+        for index in range(2 * self.spec.num_layers):
+            self.target(index, prefix.length)[...] = prefix.past(index)  # broadcasts over the batch
+        self.advance(prefix.length)
+
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for pair in self._buffers for b in pair)
@@ -184,7 +200,13 @@ class OrtBackend:
 
 
 class _DeviceCache:
-    """CUDA: present tensors stay on the device and become the next step's past (ORT allocates them)."""
+    """CUDA: present tensors stay on the device and become the next step's past (ORT allocates them).
+
+    Crop and prefix sharing need device-side copies that the ORT Python API does not offer; the runtime falls back
+    to a full prefill on this cache (``supports_reuse = False``).
+    """
+
+    supports_reuse = False
 
     def __init__(self, spec: KVCacheSpec, batch: int, dtype: Any) -> None:
         import onnxruntime as ort

@@ -1,13 +1,15 @@
 """``VLM``: load a bundle, give it images and a prompt, get text (or a stream of text pieces).
 
 The whole inference loop is here and short enough to read in one sitting (gpt-fast style): build the prompt,
-encode the images, splice their features into the token embeddings, left-pad a batch, prefill once, then decode
-one token per step into a preallocated KV cache until EOS, a stop string or the token budget.
+encode the images (through a feature cache), splice their features into the token embeddings, prefill what is not
+already in the KV cache — a prefix shared by every request of a batch is prefilled once and forked — then decode one
+token per step into a preallocated cache until EOS, a stop string, the budget, a cancel or a deadline.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -23,10 +25,13 @@ from edgelvm.runtime.ort_backend import OrtBackend
 from edgelvm.runtime.preprocess import ImagePreprocessor
 from edgelvm.runtime.sampling import Sampler, SamplingConfig
 from edgelvm.runtime.text import ChatTokenizer, Message, StreamDecoder, user_message
+from edgelvm.runtime.vision_cache import VisionCache, pixel_key
 
 log = logging.getLogger(__name__)
 
 Images = ImageInput | Sequence[ImageInput] | None
+#: A batch shares its prefix (prefilled once, then forked) only when the prefix is at least this long.
+MIN_SHARED_PREFIX = 8
 
 
 @dataclass
@@ -72,15 +77,37 @@ class GenerationConfig:
 
 
 @dataclass
+class Control:
+    """Cancellation and deadline for one generation, checked before every decode step."""
+
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic() value
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def reason(self) -> str | None:
+        if self.cancelled.is_set():
+            return "cancelled"
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return "timeout"
+        return None
+
+
+@dataclass
 class GenerationStats:
-    """Timings of the last call, for benchmarks (milliseconds; decode excludes the prefill step)."""
+    """What the last call did and how long it took (milliseconds; decode excludes the prefill step)."""
 
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     prompt_tokens: int = 0
+    prefill_tokens: int = 0  # positions actually run through the decoder at prefill (after reuse)
+    reused_tokens: int = 0  # positions taken from an existing cache (chat history, shared batch prefix)
     new_tokens: int = 0
-    images_encoded: int = 0
+    images_encoded: int = 0  # vision-encoder runs (cache misses)
+    image_cache_hits: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -89,31 +116,47 @@ class GenerationStats:
 
 
 class VLM:
-    """A loaded bundle. Not thread-safe: use one instance per thread, or serialise calls."""
+    """A loaded bundle.
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: OrtBackend) -> None:
+    Thread safety: calls are serialised by an internal lock (a stream holds it until it is exhausted or closed),
+    so one instance can be shared by threads; for queued, cancellable, time-limited requests use
+    :class:`edgelvm.runtime.engine.Engine`.
+    """
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Any, *, vision_cache_mb: float = 64) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = ChatTokenizer(manifest.tokenizer, bundle_dir)
         self.preprocessor = ImagePreprocessor(manifest.preprocess)
+        self.vision_cache = VisionCache(int(vision_cache_mb * 2**20))
         self._embed_table = np.load(bundle_dir / manifest.graphs["embed"].file, mmap_mode="r")
         self._eos = set(manifest.generation["eos_token_ids"])
         self._pad_id = int(manifest.generation["pad_token_id"])
+        self._lock = threading.RLock()
         self.last_stats = GenerationStats()
         self.last_output_ids: list[list[int]] = []
 
     @classmethod
-    def load(cls, bundle: str | Path, backend: str = "auto", *, threads: int | None = None, verify: bool = True) -> VLM:
+    def load(
+        cls,
+        bundle: str | Path,
+        backend: str = "auto",
+        *,
+        threads: int | None = None,
+        verify: bool = True,
+        vision_cache_mb: float = 64,
+    ) -> VLM:
         """Open a bundle. ``verify`` checks every file's sha256 against the manifest (a mismatch names the file).
 
         ``backend``: ``auto`` (CUDA when this onnxruntime has it, else CPU), ``onnxruntime-cpu``,
-        ``onnxruntime-cuda`` or ``onnxruntime-tensorrt``.
+        ``onnxruntime-cuda`` or ``onnxruntime-tensorrt``. ``vision_cache_mb``: image-feature cache (0 = off).
         """
         bundle_dir = Path(bundle)
         manifest = Manifest.load(bundle_dir)
         verify_bundle_files(bundle_dir, manifest, check_hashes=verify)
-        return cls(bundle_dir, manifest, OrtBackend(bundle_dir, manifest, backend=backend, threads=threads))
+        backend_impl = OrtBackend(bundle_dir, manifest, backend=backend, threads=threads)
+        return cls(bundle_dir, manifest, backend_impl, vision_cache_mb=vision_cache_mb)
 
     @property
     def max_length(self) -> int:
@@ -126,7 +169,7 @@ class VLM:
         ``options`` are :class:`GenerationConfig` fields (``max_new_tokens``, ``stop``, ``temperature``, ...).
         Returns the text, or with ``stream=True`` an iterator of text pieces as they are decoded.
         """
-        pieces = self._run([Request(prompt=prompt, images=_as_list(images))], _config(options))
+        pieces = self.stream_requests([Request(prompt=prompt, images=_as_list(images))], make_config(options))
         if stream:
             return (piece for _, piece in pieces)
         return "".join(piece for _, piece in pieces)
@@ -134,7 +177,7 @@ class VLM:
     def generate_batch(self, requests: Sequence[Request | tuple[Images, str]], **options: Any) -> list[str]:
         """Answer several requests in one left-padded batch; ``options`` as for :meth:`generate`.
 
-        The same image object used by several requests (several questions about one frame) is encoded once.
+        Requests that begin alike (several questions about one frame) prefill their common prefix once.
         """
         texts = [""] * len(requests)
         for index, piece in self.stream_batch(requests, **options):
@@ -146,7 +189,21 @@ class VLM:
     ) -> Iterator[tuple[int, str]]:
         """Like :meth:`generate_batch`, yielding ``(request_index, text_piece)`` as tokens are decoded."""
         normalized = [r if isinstance(r, Request) else Request(prompt=r[1], images=_as_list(r[0])) for r in requests]
-        return self._run(normalized, _config(options))
+        return self.stream_requests(normalized, make_config(options))
+
+    def stream_requests(
+        self, requests: list[Request], config: GenerationConfig, control: Control | None = None
+    ) -> Iterator[tuple[int, str]]:
+        """The common entry point: validates eagerly (errors surface before any compute), then streams."""
+        if not requests:
+            return iter(())
+        prompts = [self.prompt_ids(r) for r in requests]
+        self._check_length(max(len(p) for p in prompts), config.max_new_tokens)
+        return self._generate(requests, prompts, config, control or Control())
+
+    def chat(self, images: Images = None, *, system: str | None = None) -> ChatSession:
+        """A multi-turn conversation that keeps its KV cache: each turn prefills only its new tokens."""
+        return ChatSession(self, _as_list(images), system=system)
 
     def forced_logits(self, images: Images, prompt: str, continuation: Sequence[int]) -> np.ndarray:
         """Teacher forcing: the logits ``[len(continuation), vocab]`` predicting each token of ``continuation``
@@ -156,33 +213,30 @@ class VLM:
         """
         request = Request(prompt=prompt, images=_as_list(images))
         ids = self.prompt_ids(request)
-        if len(ids) + len(continuation) > self.max_length:
-            raise PromptTooLongError(
-                f"prompt ({len(ids)}) + continuation ({len(continuation)}) exceed the context of {self.max_length}",
-                where="prompt",
-                fix="shorten the continuation or re-export with a larger --max-length",
-            )
-        embeds = self._embed(ids, self._encode_images([request])[0])[None]
-        total = len(ids) + len(continuation)
-        mask = np.ones((1, total), dtype=np.int64)
-        cache = self.backend.new_cache(1)
-        rows = [self.backend.step(embeds, mask[:, : len(ids)], np.arange(len(ids))[None], cache)[0]]
-        for i, token in enumerate(continuation[:-1]):
-            position = len(ids) + i
-            step_embeds = np.asarray(self._embed_table[[int(token)]], dtype=self.backend.embed_dtype)[None]
-            rows.append(self.backend.step(step_embeds, mask[:, : position + 1], np.array([[position]]), cache)[0])
+        self._check_length(len(ids), len(continuation))
+        with self._lock:
+            embeds = self._embed(ids, self._image_features(request.images))[None]
+            mask = np.ones((1, len(ids) + len(continuation)), dtype=np.int64)
+            cache = self.backend.new_cache(1)
+            rows = [self.backend.step(embeds, mask[:, : len(ids)], np.arange(len(ids))[None], cache)[0]]
+            for i, token in enumerate(continuation[:-1]):
+                position = len(ids) + i
+                step_embeds = self._token_embeds(np.array([token]))[None]
+                rows.append(self.backend.step(step_embeds, mask[:, : position + 1], np.array([[position]]), cache)[0])
         return np.stack(rows).astype(np.float32)
 
-    # ---- the loop ---------------------------------------------------------------------------------------------------
+    # ---- prompt → embeddings -------------------------------------------------------------------------------------
     def prompt_ids(self, request: Request) -> list[int]:
         """Token ids of the rendered prompt, each image placeholder expanded to the image's token count."""
         messages = request.messages or [user_message(request.prompt or "", len(request.images))]
-        ids = self.tokenizer.encode(self.tokenizer.render(messages, add_generation_prompt=True))
+        return self._expand_images(self.tokenizer.encode(self.tokenizer.render(messages)), len(request.images))
+
+    def _expand_images(self, ids: list[int], num_images: int) -> list[int]:
         spec = self.manifest.preprocess
         placeholders = sum(1 for i in ids if i == spec.image_token_id)
-        if placeholders != len(request.images):
+        if placeholders != num_images:
             raise EdgeLVMError(
-                f"the prompt has {placeholders} image placeholder(s) but {len(request.images)} image(s) were given",
+                f"the prompt has {placeholders} image placeholder(s) but {num_images} image(s) were given",
                 where="prompt",
                 fix=f"give one image per {spec.image_token!r} placeholder (prompts built from a plain string get one "
                 "placeholder per image automatically)",
@@ -192,109 +246,241 @@ class VLM:
             expanded.extend([token] * spec.tokens_per_image if token == spec.image_token_id else [token])
         return expanded
 
-    def _encode_images(self, requests: list[Request]) -> list[np.ndarray]:
-        """Features per request, ``[num_images, tokens, hidden]``; each distinct image object is encoded once."""
-        unique: dict[int, int] = {}
-        ordered: list[ImageInput] = []
-        for request in requests:
-            for image in request.images:
-                key = id(image) if not isinstance(image, (str, Path)) else hash(str(image))
-                if key not in unique:
-                    unique[key] = len(ordered)
-                    ordered.append(image)
-        self.last_stats.images_encoded = len(ordered)
-        if not ordered:
-            return [np.zeros((0, 0, 0), dtype=self.backend.embed_dtype) for _ in requests]
-        pixels = self.preprocessor(ordered)
-        features = self.backend.encode_images(pixels)
-        result = []
-        for request in requests:
-            keys = [id(i) if not isinstance(i, (str, Path)) else hash(str(i)) for i in request.images]
-            result.append(features[[unique[k] for k in keys]] if keys else features[:0])
-        return result
+    def _check_length(self, prompt_tokens: int, new_tokens: int) -> None:
+        if prompt_tokens + new_tokens > self.max_length:
+            raise PromptTooLongError(
+                f"prompt of {prompt_tokens} tokens (images included) + {new_tokens} new tokens exceeds the bundle's "
+                f"context of {self.max_length} tokens",
+                where="prompt",
+                fix="shorten the prompt, lower max_new_tokens, or re-export with a larger --max-length",
+            )
+
+    def _image_features(self, images: list[ImageInput]) -> np.ndarray:
+        """``[num_images, tokens, hidden]``: cached features where the pixels were seen before, one encoder run for
+        the rest (duplicates within the call are encoded once)."""
+        if not images:
+            return np.zeros((0, 0, 0), dtype=self.backend.embed_dtype)
+        pixels = self.preprocessor(images)
+        keys = [pixel_key(p) for p in pixels]
+        found = {k: f for k in dict.fromkeys(keys) if (f := self.vision_cache.get(k)) is not None}
+        missing = [k for k in dict.fromkeys(keys) if k not in found]
+        stats = self.last_stats
+        stats.image_cache_hits += len(found)
+        if missing:
+            encoded = self.backend.encode_images(np.stack([pixels[keys.index(k)] for k in missing]))
+            for key, features in zip(missing, encoded):
+                found[key] = features
+                self.vision_cache.put(key, features)
+            stats.images_encoded += len(missing)
+        return np.stack([found[k] for k in keys])
 
     def _embed(self, ids: list[int], image_features: np.ndarray) -> np.ndarray:
-        table = self._embed_table
-        embeds = np.asarray(table[np.asarray(ids, dtype=np.int64)], dtype=self.backend.embed_dtype)
+        embeds = self._token_embeds(np.asarray(ids, dtype=np.int64))
         if image_features.size:
             positions = np.flatnonzero(np.asarray(ids) == self.manifest.preprocess.image_token_id)
             embeds[positions] = image_features.reshape(-1, embeds.shape[-1])
         return embeds
 
-    def _run(self, requests: list[Request], config: GenerationConfig) -> Iterator[tuple[int, str]]:
-        if not requests:
-            return iter(())
-        # Validate everything (prompt length, images) before any compute, so errors come first.
-        prompts = [self.prompt_ids(r) for r in requests]
-        longest = max(len(p) for p in prompts)
-        if longest + config.max_new_tokens > self.max_length:
-            raise PromptTooLongError(
-                f"prompt of {longest} tokens (images included) + max_new_tokens {config.max_new_tokens} exceeds the "
-                f"bundle's context of {self.max_length} tokens",
-                where="prompt",
-                fix="shorten the prompt, lower max_new_tokens, or re-export with a larger --max-length",
-            )
-        return self._decode_loop(requests, prompts, config)
+    def _token_embeds(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self._embed_table[ids], dtype=self.backend.embed_dtype)
 
-    def _decode_loop(
-        self, requests: list[Request], prompts: list[list[int]], config: GenerationConfig
+    # ---- the loop --------------------------------------------------------------------------------------------------
+    def _generate(
+        self, requests: list[Request], prompts: list[list[int]], config: GenerationConfig, control: Control
     ) -> Iterator[tuple[int, str]]:
-        max_new_tokens = config.max_new_tokens
-        stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
-        started = time.perf_counter()
-        features = self._encode_images(requests)
-        stats.vision_ms = (time.perf_counter() - started) * 1e3
+        with self._lock:
+            self.last_stats = stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+            started = time.perf_counter()
+            rows = [self._embed(ids, self._image_features(r.images)) for ids, r in zip(prompts, requests)]
+            stats.vision_ms = (time.perf_counter() - started) * 1e3
+            cache, cached = self._shared_prefix_cache(rows)
+            yield from self._decode(rows, cache, cached, config, control)
 
-        batch, longest = len(prompts), max(len(p) for p in prompts)
-        total = longest + max_new_tokens
-        hidden = self._embed_table.shape[1]
-        embeds = np.zeros((batch, longest, hidden), dtype=self.backend.embed_dtype)
-        mask = np.zeros((batch, total), dtype=np.int64)
-        for row, (ids, feats) in enumerate(zip(prompts, features)):
-            embeds[row, longest - len(ids) :] = self._embed(ids, feats)  # left padding
-            mask[row, longest - len(ids) : longest] = 1
-        positions = np.maximum(np.cumsum(mask[:, :longest], axis=1) - 1, 0)
+    def _shared_prefix_cache(self, rows: list[np.ndarray]) -> tuple[Any, int]:
+        """A batch cache pre-filled with the longest prefix all rows share (bitwise-equal embeddings, so the same
+        images too); ``(None, 0)`` when there is nothing worth sharing."""
+        batch = len(rows)
+        shared = _common_prefix(rows) if batch > 1 else 0
+        shared = min(shared, min(len(r) for r in rows) - 1)  # every row needs ≥ 1 own position for its logits
+        probe = self.backend.new_cache(1)
+        if shared < MIN_SHARED_PREFIX or not probe.supports_reuse:
+            return None, 0
+        started = time.perf_counter()
+        positions = np.arange(shared)[None]
+        self.backend.step(rows[0][None, :shared], np.ones((1, shared), dtype=np.int64), positions, probe)
+        cache = self.backend.new_cache(batch)
+        cache.fill_from(probe)
+        self.last_stats.prefill_ms += (time.perf_counter() - started) * 1e3
+        self.last_stats.prefill_tokens += shared
+        self.last_stats.reused_tokens += shared * (batch - 1)
+        return cache, shared
+
+    def _decode(
+        self,
+        rows: list[np.ndarray],
+        cache: Any,
+        cached: int,
+        config: GenerationConfig,
+        control: Control,
+        on_token: Any = None,
+    ) -> Iterator[tuple[int, str]]:
+        """Prefill ``rows[r][cached:]`` (left-padded) after ``cached`` positions already in ``cache``, then decode.
+
+        ``on_token(row, token, fed)`` is told every sampled token and whether it went into the cache.
+        """
+        stats = self.last_stats
+        batch = len(rows)
+        cache = cache if cache is not None else self.backend.new_cache(batch)
+        suffixes = [r[cached:] for r in rows]
+        longest = max(len(s) for s in suffixes)
+        start = cached + longest  # cache length after prefill
+        mask = np.zeros((batch, start + config.max_new_tokens), dtype=np.int64)
+        mask[:, :cached] = 1
+        embeds = np.zeros((batch, longest, rows[0].shape[-1]), dtype=self.backend.embed_dtype)
+        for row, suffix in enumerate(suffixes):
+            embeds[row, longest - len(suffix) :] = suffix  # left padding
+            mask[row, start - len(suffix) : start] = 1
+        positions = np.maximum(np.cumsum(mask[:, :start], axis=1) - 1, 0)
         next_position = positions[:, -1] + 1
 
         sampler = Sampler(config.sampling)
         eos_ids = np.fromiter(self._eos, dtype=np.int64)
-        cache = self.backend.new_cache(batch)
-        self.last_output_ids: list[list[int]] = [[] for _ in range(batch)]  # sampled ids incl. EOS, per row
-        rows = [_RowText(StreamDecoder(self.tokenizer), tuple(config.stop)) for _ in range(batch)]
-        finished = np.zeros(batch, dtype=bool)
+        self.last_output_ids = [[] for _ in range(batch)]
+        texts = [_RowText(StreamDecoder(self.tokenizer), tuple(config.stop)) for _ in range(batch)]
+        reasons: list[str | None] = [None] * batch
 
         step_started = time.perf_counter()
-        logits = self.backend.step(embeds, mask[:, :longest], positions, cache)
-        stats.prefill_ms = (time.perf_counter() - step_started) * 1e3
+        logits = self.backend.step(embeds, mask[:, :start], positions[:, cached:], cache)
+        stats.prefill_ms += (time.perf_counter() - step_started) * 1e3
+        stats.prefill_tokens += longest
         decode_started = time.perf_counter()
-        for step in range(max_new_tokens):
+        for step in range(config.max_new_tokens):
             if step < config.min_new_tokens:
                 logits[:, eos_ids] = -np.inf
             tokens = sampler(logits)
-            tokens[finished] = self._pad_id
             stats.new_tokens += 1
-            for row in np.flatnonzero(~finished):
-                self.last_output_ids[row].append(int(tokens[row]))
-            for row in np.flatnonzero(~finished):
+            last_step = step == config.max_new_tokens - 1
+            for row in range(batch):
+                if reasons[row] is not None:
+                    tokens[row] = self._pad_id
+                    continue
                 token = int(tokens[row])
-                done = token in self._eos
-                piece = rows[row].finish() if done else rows[row].push(token)
-                done = done or rows[row].stopped
-                if done:
-                    finished[row] = True
+                self.last_output_ids[row].append(token)
+                if token in self._eos:
+                    reasons[row], piece = "stop", texts[row].finish()
+                else:
+                    piece = texts[row].push(token)
+                    if texts[row].stopped:
+                        reasons[row] = "stop"
+                    elif last_step:
+                        reasons[row], piece = "length", piece + texts[row].finish()
+                if on_token is not None:
+                    on_token(row, token, fed=False)
                 if piece:
-                    yield int(row), piece
-            if finished.all() or step == max_new_tokens - 1:
+                    yield row, piece
+            interrupted = control.reason()
+            if interrupted is not None:
+                reasons = [r or interrupted for r in reasons]
+            if all(r is not None for r in reasons):
                 break
-            length = longest + step + 1
+            length = start + step + 1
             mask[:, length - 1] = 1
-            step_embeds = np.asarray(self._embed_table[tokens], dtype=self.backend.embed_dtype)[:, None, :]
-            logits = self.backend.step(step_embeds, mask[:, :length], next_position[:, None], cache)
+            logits = self.backend.step(
+                self._token_embeds(tokens)[:, None, :], mask[:, :length], next_position[:, None], cache
+            )
+            if on_token is not None:
+                for row in range(batch):
+                    on_token(row, int(tokens[row]), fed=True)
             next_position += 1
         stats.decode_ms = (time.perf_counter() - decode_started) * 1e3
-        for row in np.flatnonzero(~finished):  # out of budget: release text held back for a possible stop string
-            if piece := rows[row].finish():
-                yield int(row), piece
+        stats.finish_reasons = [r or "length" for r in reasons]
+
+
+class ChatSession:
+    """A conversation over fixed images whose KV cache survives between turns.
+
+    Each turn renders the whole conversation with the chat template (so the prompt is exactly what a stateless
+    call would build), keeps the cached positions that match it, and prefills only the rest.
+    """
+
+    def __init__(self, vlm: VLM, images: list[ImageInput], system: str | None = None) -> None:
+        self.vlm = vlm
+        self.images = images
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        self._cache: Any = None
+        self._cached_ids: list[int] = []
+
+    def ask(self, prompt: str, *, stream: bool = False, **options: Any) -> str | Iterator[str]:
+        config = make_config(options)
+        first_user_turn = not any(m["role"] == "user" for m in self.messages)
+        images = [{"type": "image"}] * (len(self.images) if first_user_turn else 0)
+        content = [*images, {"type": "text", "text": prompt}]
+        messages = [*self.messages, {"role": "user", "content": content}]
+        rendered = self.vlm.tokenizer.encode(self.vlm.tokenizer.render(messages))
+        ids = self.vlm._expand_images(rendered, len(self.images))
+        self.vlm._check_length(len(ids), config.max_new_tokens)
+        pieces = self._turn(messages, ids, config)
+        if stream:
+            return pieces
+        return "".join(pieces)
+
+    def _turn(self, messages: list[Message], ids: list[int], config: GenerationConfig) -> Iterator[str]:
+        vlm = self.vlm
+        with vlm._lock:
+            vlm.last_stats = stats = GenerationStats(prompt_tokens=len(ids))
+            reuse = 0
+            if self._cache is not None and self._cache.supports_reuse:
+                reuse = _common_prefix_ids(self._cached_ids, ids)
+                reuse = min(reuse, len(ids) - 1)
+                self._cache.crop(reuse)
+            else:
+                self._cache = vlm.backend.new_cache(1)
+            stats.reused_tokens = reuse
+            started = time.perf_counter()
+            row = vlm._embed(ids, vlm._image_features(self.images))
+            stats.vision_ms = (time.perf_counter() - started) * 1e3
+            fed_ids = list(ids)
+
+            def record(_row: int, token: int, fed: bool) -> None:
+                if fed:
+                    fed_ids.append(token)
+
+            answer = ""
+            for _, piece in vlm._decode([row], self._cache, reuse, config, Control(), on_token=record):
+                answer += piece
+                yield piece
+            self._cached_ids = fed_ids
+            self.messages = [*messages, {"role": "assistant", "content": answer}]
+
+
+def make_config(options: dict[str, Any]) -> GenerationConfig:
+    """Keyword options → :class:`GenerationConfig`, naming any unknown option."""
+    names = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown generation option(s): {', '.join(unknown)}",
+            where="generate()",
+            fix=f"use: {', '.join(sorted(names))}",
+        )
+    return GenerationConfig(**options)
+
+
+def _common_prefix(rows: list[np.ndarray]) -> int:
+    length = min(len(r) for r in rows)
+    same = np.ones(length, dtype=bool)
+    for other in rows[1:]:
+        same &= (other[:length] == rows[0][:length]).all(axis=-1)
+    return int(length if same.all() else np.argmin(same))
+
+
+def _common_prefix_ids(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class _RowText:
@@ -327,18 +513,6 @@ class _RowText:
         piece = self.decoder.text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return piece
-
-
-def _config(options: dict[str, Any]) -> GenerationConfig:
-    names = {f.name for f in fields(GenerationConfig)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown generation option(s): {', '.join(unknown)}",
-            where="generate()",
-            fix=f"use: {', '.join(sorted(names))}",
-        )
-    return GenerationConfig(**options)
 
 
 def _as_list(images: Images) -> list[ImageInput]:
