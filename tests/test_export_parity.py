@@ -176,3 +176,38 @@ def test_fp16_export_runs_and_mostly_agrees_with_fp32(tiny_checkpoints, tiny_bun
             prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             agree, total = agree + prefix, total + len(b)
     assert agree / total >= 0.8  # fp16 rounding may flip a late near-tie, not the bulk of the answers
+
+
+@pytest.mark.slow
+def test_mistral_text_model_with_list_feature_layers(tmp_path, test_images):
+    """A third text family (Mistral, GQA) and LLaVA's multi-layer feature selection (a list of layers)."""
+    import json
+
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.testing import build_tiny_llava
+
+    checkpoint = build_tiny_llava(tmp_path / "mistral", text="mistral", vision="clip")
+    config_path = checkpoint / "config.json"
+    config = json.loads(config_path.read_text())
+    config["vision_feature_layer"] = [-2, -1]
+    config_path.write_text(json.dumps(config))
+    # The projector input doubles with two feature layers: rebuild the weights for the new config.
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(checkpoint)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(checkpoint)
+
+    bundle = export(checkpoint, tmp_path / "bundle", ExportConfig(max_length=128)).bundle_dir
+    processor, model = _hf(checkpoint)
+    vlm = VLM.load(bundle)
+    eos = set(vlm.manifest.generation["eos_token_ids"])
+    for image in test_images:
+        for prompt in PROMPTS[:2]:
+            inputs = processor(images=[image], text=[_chat(processor, prompt)], return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+            vlm.generate(image, prompt, max_new_tokens=20)
+            assert vlm.last_output_ids[0] == _trim_after_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), eos)
