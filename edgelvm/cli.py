@@ -63,6 +63,9 @@ def export(
         int | None, typer.Option(help="Context (prompt incl. image tokens + new tokens) the KV cache is sized for.")
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty output directory (atomically).")] = False,
+    target: Annotated[
+        str | None, typer.Option(help="Device profile (see `edgelvm devices`): fit check + predicted tokens/s.")
+    ] = None,
 ) -> None:
     """Export a VLM checkpoint to a self-describing bundle (vision/decoder ONNX, embedding table, tokenizer).
 
@@ -77,13 +80,19 @@ def export(
 
     console = _console()
     with console.status(f"exporting {model} …"):
-        report = run_export(model, output, ExportConfig(dtype=dtype, max_length=max_length, force=force))
+        report = run_export(model, output, ExportConfig(dtype=dtype, max_length=max_length, force=force, target=target))
     table = Table(title=f"bundle {report.bundle_dir} ({report.seconds:.0f} s)")
     for column in ("part", "file", "size", "error vs PyTorch"):
         table.add_column(column)
     for row in report.summary_rows():
         table.add_row(*row)
     console.print(table)
+    if report.manifest.target:
+        plan = report.manifest.target
+        console.print(
+            f"target {plan['display_name']}: {plan['total_bytes'] / 2**30:.2f} of {plan['usable_bytes'] / 2**30:.2f} "
+            f"GiB usable; predicted decode ≤ {plan['predicted_decode_tokens_per_s']:.0f} tokens/s (bandwidth roofline)"
+        )
 
 
 @app.command()
@@ -192,6 +201,9 @@ def demo(
 
 
 def _mount_optional_apps() -> None:
+    from edgelvm.cli_devices import register
+
+    register(app)  # devices, build, bench
     try:
         from edgelvm.data.cli import app as data_app
     except ImportError:  # pragma: no cover - data package always ships, guard keeps the CLI alive in a broken tree

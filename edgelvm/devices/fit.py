@@ -5,10 +5,14 @@ the model it is exporting, and anyone can call it from a notebook with numbers f
 
 Budget (all resident at once during generation)::
 
-    vision weights + LLM weights + KV cache (kv_bytes_per_token × max_length × max_batch)
+    vision weights + LLM weights + KV cache (kv_bytes_per_token × max_length × max_batch × kv_buffers)
       + activations (TensorRT's activation scratch; DEFAULT_ACTIVATION_BYTES unless given)
       + runtime overhead (RUNTIME_OVERHEAD_BYTES: CUDA context, TensorRT/cuBLAS kernels, the Python process)
     ≤ profile.usable_memory_bytes
+
+``kv_buffers`` defaults to 2 because today's decoder graph concatenates past and new keys (a plain transformers
+export), so both runtimes keep two full-length buffers per layer and ping-pong between them (the present output
+cannot alias the past input: its stride along the sequence differs). An in-place cache (issue 10) makes it 1.
 
 The TensorRT *build* is checked separately: the builder holds about 3-4x the parameter bytes of the graph it builds
 (DESIGN.md §8, from TensorRT-Edge-LLM), and edgelvm builds on the device. Graphs are built one at a time, so the peak
@@ -79,6 +83,7 @@ class TargetPlan:
     decode_tokens_per_s_at_max_length: float  # roofline, batch 1, context = max_length
     suggestions: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    kv_buffers: int = 2
 
     @property
     def headroom_bytes(self) -> int:
@@ -133,6 +138,7 @@ class TargetPlan:
             "assumptions": {
                 "runtime_overhead_bytes": RUNTIME_OVERHEAD_BYTES,
                 "build_peak_factor": BUILD_PEAK_FACTOR,
+                "kv_buffers": self.kv_buffers,
                 "bits_per_param": BITS_PER_PARAM[self.precision],
             },
             "warnings": list(self.warnings),
@@ -147,6 +153,7 @@ class _Inputs:
     max_length: int
     max_batch: int
     activation_bytes: int
+    kv_buffers: int
 
     def budget(self, llm_bytes: int | None = None, max_length: int | None = None, batch: int | None = None) -> dict:
         length = self.max_length if max_length is None else max_length
@@ -154,7 +161,10 @@ class _Inputs:
         return {
             "vision weights": self.vision_weight_bytes,
             "LLM weights": self.llm_weight_bytes if llm_bytes is None else llm_bytes,
-            f"KV cache ({length} tok × {rows})": self.kv_bytes_per_token * length * rows,
+            f"KV cache ({length} tok × {rows} × {self.kv_buffers} buf)": self.kv_bytes_per_token
+            * length
+            * rows
+            * self.kv_buffers,
             "activations": self.activation_bytes,
             "runtime overhead": RUNTIME_OVERHEAD_BYTES,
         }
@@ -187,6 +197,7 @@ def plan_for_target(
     max_batch: int = 1,
     activation_bytes: int | None = None,
     vision_precision: str = "fp16",
+    kv_buffers: int = 2,
     strict_build: bool = False,
     candidates: Sequence[DeviceProfile] | None = None,
 ) -> TargetPlan:
@@ -200,7 +211,7 @@ def plan_for_target(
     """
     check_precision(profile, precision, "precision")
     check_precision(profile, vision_precision, "vision_precision")
-    for name, value in (("max_length", max_length), ("max_batch", max_batch)):
+    for name, value in (("max_length", max_length), ("max_batch", max_batch), ("kv_buffers", kv_buffers)):
         if value < 1:
             raise FitError(f"{name} must be ≥ 1, got {value}", where=name, fix="pass a positive number")
     inputs = _Inputs(
@@ -210,6 +221,7 @@ def plan_for_target(
         max_length=int(max_length),
         max_batch=int(max_batch),
         activation_bytes=DEFAULT_ACTIVATION_BYTES if activation_bytes is None else int(activation_bytes),
+        kv_buffers=int(kv_buffers),
     )
     budget = inputs.budget()
     bandwidth = profile.bandwidth_bytes_per_s
@@ -227,6 +239,7 @@ def plan_for_target(
         decode_tokens_per_s=bandwidth / inputs.llm_weight_bytes,
         decode_tokens_per_s_at_max_length=bandwidth
         / (inputs.llm_weight_bytes + inputs.kv_bytes_per_token * inputs.max_length),
+        kv_buffers=inputs.kv_buffers,
     )
     if not plan.build_fits:
         swap = plan.build_peak_bytes - plan.usable_bytes
@@ -259,7 +272,7 @@ def _longest_fitting(usable: int, fixed: int, per_token: int) -> int:
 
 def _suggestions(plan: TargetPlan, inputs: _Inputs, candidates: Sequence[DeviceProfile] | None) -> list[str]:
     usable, out = plan.usable_bytes, []
-    kv_row = inputs.kv_bytes_per_token * inputs.max_batch
+    kv_row = inputs.kv_bytes_per_token * inputs.max_batch * inputs.kv_buffers
     fixed = plan.total_bytes - kv_row * inputs.max_length  # everything except the KV cache
     # 1. INT4 (or FP4) LLM weights.
     llm_params = inputs.llm_weight_bytes * 8 / BITS_PER_PARAM[plan.precision]
@@ -287,7 +300,7 @@ def _suggestions(plan: TargetPlan, inputs: _Inputs, candidates: Sequence[DeviceP
         )
     # 3. A smaller batch.
     if inputs.max_batch > 1:
-        per_batch = inputs.kv_bytes_per_token * inputs.max_length
+        per_batch = inputs.kv_bytes_per_token * inputs.max_length * inputs.kv_buffers
         rows = (usable - fixed) // per_batch if usable > fixed else 0
         if 1 <= rows < inputs.max_batch:
             out.append(f"--max-batch {rows}: fits (KV cache {gib(rows * per_batch)})")
@@ -301,7 +314,7 @@ def _suggestions(plan: TargetPlan, inputs: _Inputs, candidates: Sequence[DeviceP
         and p.supports(plan.vision_precision)
         and p.usable_memory_bytes >= plan.total_bytes
     ]
-    bigger.sort(key=lambda p: (p.usable_memory_bytes, p.name))
+    bigger.sort(key=lambda p: (p.kind != plan.profile.kind, p.usable_memory_bytes, p.name))  # same kind first
     if bigger:
         listed = ", ".join(f"{p.name} ({gib(p.usable_memory_bytes)} usable)" for p in bigger[:3])
         out.append(f"a larger device as is: {listed}")

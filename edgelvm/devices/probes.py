@@ -15,6 +15,7 @@ stays ``None`` and the report prints "not reported" — never a made-up zero.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import resource
@@ -221,10 +222,8 @@ class NvmlProbe(_Sampler):
         return summary
 
     def _close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._nvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 class TegrastatsProbe(_Sampler):

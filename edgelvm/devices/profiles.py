@@ -112,7 +112,7 @@ _SCHEMA: list[tuple[str, tuple[Any, ...], bool]] = [
     ("notes", (str,), False),
     ("sources", (dict,), True),
 ]
-_EXAMPLE = BUILTIN_DIR / "orin-nano-8gb.json"
+_EXAMPLE = BUILTIN_DIR / "jetson-orin-nano-8gb.json"
 
 
 def _bad(path: Path, field_name: str, problem: str, fix: str) -> ProfileError:

@@ -36,6 +36,10 @@ class ExportConfig:
     dtype: Precision = "fp32"
     max_length: int | None = None
     force: bool = False
+    #: Device profile name (``edgelvm devices``): checks precision support and memory fit before exporting, and
+    #: writes the plan (limits, budget, roofline-predicted tokens/s) into the manifest's ``target`` section.
+    target: str | None = None
+    profiles_dir: str | Path | None = None
 
 
 @dataclass
@@ -92,6 +96,7 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
         )
     kv_dtype = "float16" if config.dtype == "fp16" else "float32"
     kv = adapter.kv_cache_spec(max_length=max_length, dtype=kv_dtype)
+    target = _plan_target(adapter, kv, config) if config.target else None  # fail fast: before minutes of tracing
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -122,6 +127,7 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
                 "calibration_sha256": None,
             },
             edgelvm_version=__version__,
+            target=target.to_manifest() if target is not None else None,
         )
         manifest.files = hash_bundle_files(staging)
         write_text_atomic(staging / MANIFEST_NAME, manifest.to_json())
@@ -131,6 +137,37 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportReport(bundle_dir=out_dir, manifest=manifest, seconds=time.perf_counter() - started, sizes=sizes)
+
+
+def _plan_target(adapter: Any, kv: Any, config: ExportConfig) -> Any:
+    """Fit check for ``config.target`` with the byte counts of what this export will write."""
+    from edgelvm.devices.fit import plan_for_target
+    from edgelvm.devices.profiles import load_profile
+
+    def nbytes(modules: list[Any]) -> int:
+        seen: dict[int, int] = {}
+        for module in modules:
+            for p in module.parameters():
+                seen[id(p)] = p.numel() * p.element_size()
+        return sum(seen.values())
+
+    embedding = adapter.input_embeddings().weight
+    lm_head = adapter.lm_head()
+    decoder_bytes = nbytes([adapter.language_model(), lm_head])
+    if lm_head.weight is not embedding:  # the table is memory-mapped by the runtime, not resident in the decoder
+        decoder_bytes -= embedding.numel() * embedding.element_size()
+    itemsize = 2 if kv.dtype == "float16" else 4
+    plan = plan_for_target(
+        load_profile(config.target, config.profiles_dir),
+        vision_weight_bytes=nbytes([adapter.vision_encoder()]),
+        llm_weight_bytes=decoder_bytes,
+        kv_bytes_per_token=2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * itemsize,
+        max_length=kv.max_length,
+        precision=config.dtype,
+        vision_precision=config.dtype,
+    )
+    log.info("target %s:\n%s", config.target, plan.summary())
+    return plan
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:

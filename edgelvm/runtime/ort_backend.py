@@ -44,18 +44,11 @@ def resolve_backend(name: str) -> tuple[str, list[str]]:
     name = _ALIASES.get(name, name)
     if name == "auto":
         name = "onnxruntime-cuda" if "CUDAExecutionProvider" in available else "onnxruntime-cpu"
-    if name == "tensorrt":
-        raise BackendError(
-            "the native TensorRT backend needs engines built on the device (`edgelvm build`), which this version "
-            "does not ship yet",
-            where="backend",
-            fix="use backend='onnxruntime-tensorrt' (ONNX Runtime's TensorRT provider) or 'auto'",
-        )
     if name not in BACKENDS:
         raise BackendError(
             f"unknown backend {name!r}",
             where="backend",
-            fix=f"use one of: auto, {', '.join(BACKENDS)}",
+            fix=f"use one of: auto, tensorrt, {', '.join(BACKENDS)}",
         )
     wanted = BACKENDS[name][0]
     if wanted not in available:

@@ -150,12 +150,19 @@ class VLM:
         """Open a bundle. ``verify`` checks every file's sha256 against the manifest (a mismatch names the file).
 
         ``backend``: ``auto`` (CUDA when this onnxruntime has it, else CPU), ``onnxruntime-cpu``,
-        ``onnxruntime-cuda`` or ``onnxruntime-tensorrt``. ``vision_cache_mb``: image-feature cache (0 = off).
+        ``onnxruntime-cuda``, ``onnxruntime-tensorrt`` (ORT's TensorRT provider), or ``tensorrt`` (engines built on
+        this device by ``edgelvm build``; never run on hardware in this repository yet).
+        ``vision_cache_mb``: image-feature cache (0 = off).
         """
         bundle_dir = Path(bundle)
         manifest = Manifest.load(bundle_dir)
         verify_bundle_files(bundle_dir, manifest, check_hashes=verify)
-        backend_impl = OrtBackend(bundle_dir, manifest, backend=backend, threads=threads)
+        if backend == "tensorrt":  # engines built on this device by `edgelvm build`
+            from edgelvm.runtime.trt_backend import TrtBackend
+
+            backend_impl: Any = TrtBackend(bundle_dir, manifest)
+        else:
+            backend_impl = OrtBackend(bundle_dir, manifest, backend=backend, threads=threads)
         return cls(bundle_dir, manifest, backend_impl, vision_cache_mb=vision_cache_mb)
 
     @property

@@ -1,0 +1,422 @@
+"""``build_engines``: TensorRT engines for a bundle's vision and decoder graphs, built on the device itself.
+
+Why on the device: a TensorRT engine is tuned for (and only loads on) one GPU model and one TensorRT version, so
+engines are build artefacts of the device, not of the export (DESIGN.md §1, §4, §8). They go to
+``bundle/engines/<fingerprint>/`` (``edgelvm.devices.fingerprint``), next to a small ``engines.json`` that records
+the optimization profiles, precision, builder flags, TensorRT version and the sha256 of the ONNX graph each engine
+came from, so a stale engine (re-exported bundle) is detected instead of silently used.
+
+Optimization profiles, read from the decoder's dynamic dims in the manifest
+(``inputs_embeds [batch, seq, hidden]``, ``attention_mask [batch, total]``, ``position_ids [batch, seq]``,
+``past_key_values.{i}.{key,value} [batch, kv_heads, past, head_dim]``):
+
+- profile 0 "prefill": seq 1..max_length (opt: one image's tokens + 64 text tokens), past 0..prefill_past_max
+  (default 0: the runtime prefills in one step; chunked prefill would need past > 0 and makes TensorRT size its
+  activation scratch for seq × (seq + past) attention — on a Jetson that is memory the KV cache needs);
+- profile 1 "decode": seq 1, past 0..max_length-1 (opt: half the context).
+
+Precision: fp16 by default (``BuilderFlag.FP16`` lets TensorRT pick fp16 kernels for an fp32 graph); INT8 in
+addition when the parsed network holds Quantize/Dequantize layers (an explicitly quantized, QDQ graph).
+
+Everything that needs no TensorRT (profile shapes, directory naming, writing, the errors) is plain Python and
+tested here; the TensorRT calls follow the documented Python API (Builder, OnnxParser, BuilderConfig,
+IOptimizationProfile, set_memory_pool_limit, timing cache, build_serialized_network) and have NOT been run on
+hardware in this repository.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgelvm import __version__
+from edgelvm.errors import EdgeLVMError
+from edgelvm.manifest import Manifest, sha256_file, verify_bundle_files
+
+log = logging.getLogger(__name__)
+
+ENGINES_DIR = "engines"
+ENGINES_MANIFEST = "engines.json"
+ENGINES_FORMAT_VERSION = "1.0"
+TIMING_CACHE = "timing.cache"
+PRECISIONS = ("auto", "fp16", "fp32")
+
+
+class TensorRTUnavailableError(EdgeLVMError):
+    """TensorRT (or a GPU for it) is not available on this machine."""
+
+
+class EngineBuildError(EdgeLVMError):
+    """TensorRT could not parse a graph or build an engine from it."""
+
+
+@dataclass
+class BuildConfig:
+    """How to build.
+
+    ``max_length``: the longest context the decoder engine accepts (default and upper bound: the bundle's KV cache
+    length). ``max_batch``: largest batch of both engines (``vision_max_batch`` overrides it for the vision engine:
+    images per call). ``workspace_bytes``: TensorRT's scratch pool limit (None: TensorRT's default, the device's
+    memory). ``timing_cache``: a file reused across builds (default: ``timing.cache`` beside the engines; pass a
+    shared path to reuse it across bundles on the same device). ``fingerprint``: override the detected one.
+    """
+
+    max_batch: int = 1
+    max_length: int | None = None
+    vision_max_batch: int | None = None
+    opt_prefill_length: int | None = None
+    prefill_past_max: int = 0
+    precision: str = "auto"
+    workspace_bytes: int | None = None
+    timing_cache: Path | None = None
+    fingerprint: str | None = None
+    force: bool = False
+    verify: bool = True
+
+
+@dataclass
+class OptimizationProfile:
+    """One TensorRT optimization profile: for each input, its min / opt / max shape."""
+
+    name: str
+    shapes: dict[str, dict[str, list[int]]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shapes": self.shapes}
+
+
+@dataclass
+class EngineInfo:
+    graph: str
+    file: str
+    source: str
+    source_sha256: str
+    profiles: list[OptimizationProfile]
+    precision: str = ""
+    flags: list[str] = field(default_factory=list)
+    sha256: str = ""
+    size_bytes: int = 0
+    build_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["profiles"] = [p.to_dict() for p in self.profiles]
+        return data
+
+
+@dataclass
+class BuildReport:
+    engine_dir: Path
+    fingerprint: str
+    tensorrt_version: str
+    engines: dict[str, EngineInfo]
+    seconds: float
+    timing_cache: Path | None
+
+
+# ---- profile shapes (pure) -----------------------------------------------------------------------------------------
+Range = tuple[int, int, int]
+
+
+def _shape(spec_shape: list[int | str], dims: dict[str, Range], where: str) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {"min": [], "opt": [], "max": []}
+    for dim in spec_shape:
+        if isinstance(dim, int):
+            rng: Range = (dim, dim, dim)
+        elif dim in dims:
+            rng = dims[dim]
+        else:
+            raise EngineBuildError(
+                f"input dimension {dim!r} has no rule for a TensorRT optimization profile (known: {', '.join(dims)})",
+                where=where,
+                fix="re-export the bundle with this edgelvm version (its decoder uses batch/seq/past/total)",
+            )
+        for key, value in zip(("min", "opt", "max"), rng):
+            out[key].append(int(value))
+    return out
+
+
+def decoder_profiles(manifest: Manifest, config: BuildConfig) -> list[OptimizationProfile]:
+    """Prefill and decode profiles for every decoder input, from the manifest's dynamic dims."""
+    max_length = _max_length(manifest, config)
+    batch: Range = (1, 1, config.max_batch)
+    opt_seq = config.opt_prefill_length or min(max_length, manifest.preprocess.tokens_per_image + 64)
+    opt_seq = max(1, min(opt_seq, max_length))
+    past_max = max(0, min(config.prefill_past_max, max_length - 1))
+    prefill = {
+        "batch": batch,
+        "seq": (1, opt_seq, max_length),
+        "past": (0, 0, past_max),
+        "total": (1, opt_seq, max_length),
+    }
+    half = max(1, max_length // 2)
+    decode = {
+        "batch": batch,
+        "seq": (1, 1, 1),
+        "past": (0, half - 1, max_length - 1),
+        "total": (1, half, max_length),
+    }
+    inputs = manifest.graphs["decoder"].inputs
+    where = f"decoder ({manifest.graphs['decoder'].file})"
+    return [
+        OptimizationProfile(name, {spec.name: _shape(spec.shape, dims, where) for spec in inputs})
+        for name, dims in (("prefill", prefill), ("decode", decode))
+    ]
+
+
+def vision_profiles(manifest: Manifest, config: BuildConfig) -> list[OptimizationProfile]:
+    batch = config.vision_max_batch or config.max_batch
+    spec = manifest.graphs["vision"]
+    dims = {"batch": (1, 1, batch)}
+    where = f"vision ({spec.file})"
+    return [OptimizationProfile("vision", {t.name: _shape(t.shape, dims, where) for t in spec.inputs})]
+
+
+def _max_length(manifest: Manifest, config: BuildConfig) -> int:
+    bundle_max = manifest.kv_cache.max_length
+    if config.max_length is None:
+        return bundle_max
+    if not 1 <= config.max_length <= bundle_max:
+        raise EngineBuildError(
+            f"max_length {config.max_length} is outside 1..{bundle_max} (the bundle's KV cache length)",
+            where="max_length",
+            fix=f"pass at most {bundle_max}, or re-export with a larger --max-length",
+        )
+    return config.max_length
+
+
+def check_network_inputs(network_inputs: dict[str, tuple[int, ...]], profile: OptimizationProfile, where: str) -> None:
+    """Every dynamic (-1) network input has a profile shape, and every profiled name is an input."""
+    missing = [n for n, shape in network_inputs.items() if -1 in shape and n not in profile.shapes]
+    extra = [n for n in profile.shapes if n not in network_inputs]
+    if missing or extra:
+        raise EngineBuildError(
+            f"graph inputs and manifest disagree (no profile for: {missing or 'none'}; not in the graph: "
+            f"{extra or 'none'})",
+            where=where,
+            fix="re-export the bundle; do not edit edgelvm.json or the graphs by hand",
+        )
+
+
+# ---- directory and engines manifest (pure) --------------------------------------------------------------------------
+def engine_dir(bundle_dir: str | Path, fingerprint: str) -> Path:
+    return Path(bundle_dir) / ENGINES_DIR / fingerprint
+
+
+def engines_manifest(
+    fingerprint: str, trt_version: str, engines: dict[str, EngineInfo], config: BuildConfig, gpu: dict | None = None
+) -> dict[str, Any]:
+    cfg = asdict(config)
+    cfg["timing_cache"] = str(config.timing_cache) if config.timing_cache else None
+    return {
+        "format_version": ENGINES_FORMAT_VERSION,
+        "edgelvm_version": __version__,
+        "fingerprint": fingerprint,
+        "tensorrt_version": trt_version,
+        "gpu": gpu or {},
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg,
+        "engines": {name: info.to_dict() for name, info in engines.items()},
+    }
+
+
+def check_target(target: Path, force: bool) -> None:
+    if target.exists() and not force:
+        raise EngineBuildError(
+            "engines for this device already exist",
+            where=target,
+            fix="pass force=True (`edgelvm build --force`) to rebuild them",
+        )
+
+
+def write_engine_dir(
+    target: Path, blobs: dict[str, bytes], manifest: dict[str, Any], *, force: bool, timing_cache: bytes | None = None
+) -> Path:
+    """Write engines + ``engines.json`` into a sibling temp dir, then rename it into place.
+
+    A failed or interrupted build leaves the previous engines untouched; ``force`` replaces an existing directory
+    only once the new one is complete.
+    """
+    check_target(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        for name, blob in blobs.items():
+            (staging / name).write_bytes(blob)
+        if timing_cache is not None:
+            (staging / TIMING_CACHE).write_bytes(timing_cache)
+        (staging / ENGINES_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.chmod(staging, 0o755)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def read_engines_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / ENGINES_MANIFEST
+    if not path.is_file():
+        raise EngineBuildError(
+            f"{ENGINES_MANIFEST} is missing", where=directory, fix="build the engines with `edgelvm build BUNDLE`"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def resolve_precision(requested: str, has_qdq: bool) -> tuple[str, list[str]]:
+    """(precision label, builder flag names) for a requested precision and whether the graph is QDQ-quantized."""
+    if requested not in PRECISIONS:
+        raise EngineBuildError(
+            f"unknown precision {requested!r}", where="precision", fix=f"use one of: {', '.join(PRECISIONS)}"
+        )
+    flags = [] if requested == "fp32" else ["FP16"]
+    if has_qdq:
+        flags.append("INT8")
+    label = "int8" if has_qdq else ("fp32" if requested == "fp32" else "fp16")
+    return label, flags
+
+
+# ---- TensorRT (lazy) ----------------------------------------------------------------------------------------------
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError as err:
+        raise TensorRTUnavailableError(
+            f"TensorRT's Python package is not installed ({err})",
+            where="tensorrt",
+            fix="on Jetson it ships with JetPack (`sudo apt install python3-libnvinfer`, then use the system Python "
+            "or a venv with --system-site-packages); on x86-64 `pip install tensorrt`",
+        ) from None
+    return trt
+
+
+def network_has_qdq(network: Any, trt: Any) -> bool:
+    """True when the parsed network has Quantize/Dequantize layers (explicit quantization)."""
+    kinds = {trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE}
+    return any(network.get_layer(i).type in kinds for i in range(network.num_layers))
+
+
+def _parse_errors_fix(errors: list[str]) -> str:
+    text = " ".join(errors)
+    if "MatMulNBits" in text:
+        return ("this decoder uses onnxruntime's MatMulNBits (INT4) operator, which TensorRT cannot parse: quantize "
+                "it with QDQ (INT4 weight-only) for TensorRT, or run it with an onnxruntime backend")
+    return "check the TensorRT version against the bundle's opset (20); re-export the bundle, or report the operator"
+
+
+def _build_graph(
+    trt: Any, logger: Any, onnx_path: Path, profiles: list[OptimizationProfile], config: BuildConfig,
+    cache_blob: bytes | None,
+) -> tuple[bytes, str, list[str], bytes]:
+    builder = trt.Builder(logger)
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode (and the default) from TensorRT 10
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from a file, so external weight data next to it is found
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError(
+            f"TensorRT cannot parse the graph: {'; '.join(errors[:3]) or 'no details'}",
+            where=onnx_path,
+            fix=_parse_errors_fix(errors),
+        )
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    for profile in profiles:
+        check_network_inputs(inputs, profile, str(onnx_path))
+    precision, flag_names = resolve_precision(config.precision, network_has_qdq(network, trt))
+    builder_config = builder.create_builder_config()
+    if config.workspace_bytes:
+        builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_bytes))
+    for name in flag_names:
+        builder_config.set_flag(getattr(trt.BuilderFlag, name))
+    cache = builder_config.create_timing_cache(cache_blob or b"")
+    builder_config.set_timing_cache(cache, ignore_mismatch=False)
+    for profile in profiles:
+        trt_profile = builder.create_optimization_profile()
+        for tensor, shape in profile.shapes.items():
+            trt_profile.set_shape(tensor, shape["min"], shape["opt"], shape["max"])
+        builder_config.add_optimization_profile(trt_profile)
+    serialized = builder.build_serialized_network(network, builder_config)
+    if serialized is None:
+        raise EngineBuildError(
+            "TensorRT returned no engine (see the TensorRT log above)",
+            where=onnx_path,
+            fix="usually out of memory while building: close other programs, add swap, or lower max_length / "
+            "max_batch; on other errors rerun with -vv for TensorRT's verbose log",
+        )
+    return bytes(serialized), precision, flag_names, bytes(builder_config.get_timing_cache().serialize())
+
+
+def build_engines(bundle_dir: str | Path, config: BuildConfig | None = None) -> BuildReport:
+    """Build ``vision.engine`` and ``decoder.engine`` for this machine's GPU under ``bundle/engines/<fingerprint>/``."""
+    config = config or BuildConfig()
+    started = time.perf_counter()
+    bundle = Path(bundle_dir)
+    manifest = Manifest.load(bundle)
+    verify_bundle_files(bundle, manifest, check_hashes=config.verify)
+    plans = {"vision": vision_profiles(manifest, config), "decoder": decoder_profiles(manifest, config)}
+    trt = import_tensorrt()
+    trt_version = str(trt.__version__)
+    gpu_info: dict[str, Any] = {}
+    fingerprint = config.fingerprint
+    if fingerprint is None:
+        from edgelvm.devices.fingerprint import detect_gpu
+        from edgelvm.devices.fingerprint import fingerprint as make_fingerprint
+
+        gpu = detect_gpu()
+        gpu_info = asdict(gpu)
+        fingerprint = make_fingerprint(gpu, trt_version)
+    target = engine_dir(bundle, fingerprint)
+    check_target(target, config.force)  # fail before a long build, not after it
+    cache_path = config.timing_cache or target / TIMING_CACHE
+    cache_blob = cache_path.read_bytes() if cache_path.is_file() else None
+    logger = trt.Logger(trt.Logger.INFO if log.isEnabledFor(logging.DEBUG) else trt.Logger.WARNING)
+    blobs: dict[str, bytes] = {}
+    engines: dict[str, EngineInfo] = {}
+    for graph, profiles in plans.items():
+        source = manifest.graphs[graph].file
+        onnx_path = bundle / source
+        log.info("building %s engine from %s (%d profile(s))", graph, source, len(profiles))
+        t0 = time.perf_counter()
+        blob, precision, flags, cache_blob = _build_graph(trt, logger, onnx_path, profiles, config, cache_blob)
+        name = f"{graph}.engine"
+        blobs[name] = blob
+        engines[graph] = EngineInfo(
+            graph=graph,
+            file=name,
+            source=source,
+            source_sha256=manifest.files.get(source) or sha256_file(onnx_path),
+            profiles=profiles,
+            precision=precision,
+            flags=flags,
+            sha256=_sha256_bytes(blob),
+            size_bytes=len(blob),
+            build_seconds=round(time.perf_counter() - t0, 1),
+        )
+    data = engines_manifest(fingerprint, trt_version, engines, config, gpu_info)
+    write_engine_dir(target, blobs, data, force=config.force, timing_cache=cache_blob)
+    if config.timing_cache is not None and cache_blob is not None:
+        config.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        config.timing_cache.write_bytes(cache_blob)
+    return BuildReport(target, fingerprint, trt_version, engines, time.perf_counter() - started, cache_path)
+
+
+def _sha256_bytes(blob: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,307 @@
+"""Native TensorRT backend: the engines ``edgelvm build`` wrote for this GPU, driven through ``cuda-python``.
+
+**This module has never run on hardware.** It is written against the documented TensorRT 10 Python API
+(``Runtime.deserialize_cuda_engine``, ``IExecutionContext.set_input_shape / set_tensor_address /
+execute_async_v3 / set_optimization_profile_async``) and the CUDA runtime bindings of ``cuda-python``
+(``cudaMalloc``, ``cudaMemcpyAsync``, ``cudaStreamCreate``), and kept behind the same seam as ``OrtBackend``
+(``name``, ``embed_dtype``, ``encode_images``, ``new_cache``, ``step``), so the generation loop does not change.
+``benchmarks/gpu_check.sh`` is its first real test.
+
+Why cuda-python: it is NVIDIA's thin, torch-free binding for the CUDA runtime (what TensorRT's own samples use);
+pycuda needs a compiler at install time, cupy is a large array library we would use only for ``malloc``.
+
+Design:
+- One CUDA stream; every copy and launch is queued on it; ``step`` synchronises once, after copying the logits back.
+- The decoder engine has two optimization profiles (0 prefill, 1 decode). Each has its own execution context,
+  so switching costs nothing per token; the two share one activation scratch buffer (user-managed device memory,
+  sized for the larger profile), since they never run at the same time.
+- Inputs (embeddings, mask, positions) and the logits go through device buffers allocated once for the engine's
+  largest shapes; the KV cache is two device buffers per layer and key/value sized for the full context that the
+  decoder reads from and writes to alternately (the graph concatenates past and new keys, so present cannot alias
+  past). Nothing is allocated per token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelvm.errors import BackendError
+from edgelvm.manifest import KVCacheSpec, Manifest
+
+log = logging.getLogger(__name__)
+
+ENGINES_DIR = "engines"  # same layout as edgelvm.build (not imported: the runtime never imports the build side)
+ENGINES_MANIFEST = "engines.json"
+PREFILL, DECODE = 0, 1
+
+
+def _cudart() -> Any:
+    try:
+        try:
+            from cuda.bindings import runtime as cudart  # cuda-python ≥ 12.6 layout
+        except ImportError:
+            from cuda import cudart  # older cuda-python
+    except ImportError as err:
+        raise BackendError(
+            f"the TensorRT backend needs cuda-python ({err})",
+            where="backend",
+            fix="`pip install cuda-python` (match your CUDA major version, e.g. cuda-python==12.*)",
+        ) from None
+    return cudart
+
+
+class _Cuda:
+    """The handful of CUDA runtime calls the backend needs, with errors turned into BackendError."""
+
+    def __init__(self) -> None:
+        self.rt = _cudart()
+        self.stream = self.check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream_handle = int(self.stream)
+
+    def check(self, result: Any, what: str) -> Any:
+        err, *rest = result if isinstance(result, tuple) else (result,)
+        if int(err) != 0:
+            raise BackendError(f"{what} failed: CUDA error {int(err)}", where="cuda", fix="check the GPU and driver")
+        return rest[0] if len(rest) == 1 else (rest or None)
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self.check(self.rt.cudaMalloc(max(int(nbytes), 1)), f"cudaMalloc({nbytes})"))
+
+    def free(self, ptr: int) -> None:
+        self.rt.cudaFree(ptr)
+
+    def to_device(self, ptr: int, array: np.ndarray) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self.check(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self.stream), "H2D copy")
+
+    def to_host(self, array: np.ndarray, ptr: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self.check(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, kind, self.stream), "D2H copy")
+
+    def sync(self) -> None:
+        self.check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+
+class TrtKVCache:
+    """Ping-pong device KV buffers for one generation: ``[batch, kv_heads, length, head_dim]`` as a flat prefix."""
+
+    def __init__(self, cuda: _Cuda, spec: KVCacheSpec, batch: int, dtype: Any) -> None:
+        self.cuda, self.spec, self.batch, self.length = cuda, spec, batch, 0
+        self.nbytes_each = batch * spec.num_kv_heads * spec.max_length * spec.head_dim * np.dtype(dtype).itemsize
+        self._ptrs = [[cuda.malloc(self.nbytes_each) for _ in range(2 * spec.num_layers)] for _ in range(2)]
+        self._read = 0
+
+    def past(self, index: int) -> int:
+        return self._ptrs[self._read][index]
+
+    def target(self, index: int) -> int:
+        return self._ptrs[1 - self._read][index]
+
+    def shape(self, length: int) -> tuple[int, int, int, int]:
+        return (self.batch, self.spec.num_kv_heads, length, self.spec.head_dim)
+
+    def advance(self, new_length: int) -> None:
+        self._read, self.length = 1 - self._read, new_length
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * len(self._ptrs[0]) * self.nbytes_each
+
+    def __del__(self) -> None:
+        for pair in getattr(self, "_ptrs", []):
+            for ptr in pair:
+                self.cuda.free(ptr)
+
+
+def find_engine_dir(bundle_dir: Path, trt_version: str) -> Path:
+    """``bundle/engines/<fingerprint of this GPU>``; a clear error listing what exists when it is absent."""
+    from edgelvm.devices.fingerprint import current_fingerprint
+
+    name = current_fingerprint(trt_version)
+    path = bundle_dir / ENGINES_DIR / name
+    if not (path / ENGINES_MANIFEST).is_file():
+        root = bundle_dir / ENGINES_DIR
+        have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise BackendError(
+            f"no TensorRT engines for this GPU ({name}); the bundle has: {', '.join(have) or 'none'}",
+            where=bundle_dir,
+            fix=f"run `edgelvm build {bundle_dir}` on this device (engines are specific to the GPU and TensorRT "
+            "version)",
+        )
+    return path
+
+
+class TrtBackend:
+    """Runs a bundle's TensorRT engines. Same interface as ``OrtBackend``. Never run on hardware (see module doc)."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, *, engine_dir: Path | None = None) -> None:
+        try:
+            import tensorrt as trt
+        except ImportError as err:
+            raise BackendError(
+                f"TensorRT is not installed ({err})",
+                where="backend",
+                fix="install TensorRT (JetPack ships it; x86-64: `pip install tensorrt`), or use backend='auto'",
+            ) from None
+        self.trt, self.manifest, self.kv_spec = trt, manifest, manifest.kv_cache
+        bundle_dir = Path(bundle_dir)
+        self.engine_dir = Path(engine_dir) if engine_dir else find_engine_dir(bundle_dir, trt.__version__)
+        self.info = json.loads((self.engine_dir / ENGINES_MANIFEST).read_text(encoding="utf-8"))
+        self._check_fresh(manifest)
+        self.cuda = _Cuda()
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.vision = self._load("vision")
+        self.decoder = self._load("decoder")
+        self._vision_ctx = self.vision.create_execution_context()
+        self._contexts, self._scratch = self._decoder_contexts()
+        self._in_names = [spec.name for spec in manifest.graphs["decoder"].inputs]
+        self._out_names = [spec.name for spec in manifest.graphs["decoder"].outputs]
+        self._embed_dtype = trt.nptype(self.decoder.get_tensor_dtype("inputs_embeds"))
+        self._kv_dtype = trt.nptype(self.decoder.get_tensor_dtype(self._in_names[3]))
+        self._logits_dtype = trt.nptype(self.decoder.get_tensor_dtype(self._out_names[0]))
+        self.max_batch = int(self.info["config"]["max_batch"])
+        self.prefill_past_max = int(self.info["config"].get("prefill_past_max", 0))
+        hidden = int(manifest.graphs["decoder"].inputs[0].shape[-1])
+        vocab = int(manifest.graphs["decoder"].outputs[0].shape[-1])
+        length = self.kv_spec.max_length
+        self._bufs = {
+            "inputs_embeds": self.cuda.malloc(self.max_batch * length * hidden * np.dtype(self._embed_dtype).itemsize),
+            "attention_mask": self.cuda.malloc(self.max_batch * length * 8),
+            "position_ids": self.cuda.malloc(self.max_batch * length * 8),
+            "logits": self.cuda.malloc(self.max_batch * vocab * np.dtype(self._logits_dtype).itemsize),
+        }
+        self._vocab = vocab
+        self._vision_bufs: dict[int, tuple[int, int]] = {}  # batch → (pixels ptr, features ptr)
+        log.info("TensorRT %s engines from %s", trt.__version__, self.engine_dir)
+
+    # ---- loading -------------------------------------------------------------------------------------------------
+    def _check_fresh(self, manifest: Manifest) -> None:
+        for graph, entry in self.info.get("engines", {}).items():
+            expected = manifest.files.get(entry.get("source", ""))
+            if expected and entry.get("source_sha256") != expected:
+                raise BackendError(
+                    f"the {graph} engine was built from a different {entry['source']} (the bundle was re-exported)",
+                    where=self.engine_dir,
+                    fix="rebuild: `edgelvm build BUNDLE --force`",
+                )
+
+    def _load(self, graph: str) -> Any:
+        path = self.engine_dir / self.info["engines"][graph]["file"]
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise BackendError(
+                "TensorRT cannot load the engine (built by another TensorRT version or for another GPU?)",
+                where=path,
+                fix="rebuild on this device: `edgelvm build BUNDLE --force`",
+            )
+        return engine
+
+    def _decoder_contexts(self) -> tuple[list[Any], int]:
+        trt, engine = self.trt, self.decoder
+        if hasattr(trt, "ExecutionContextAllocationStrategy"):  # TensorRT ≥ 10
+            make = lambda: engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)  # noqa: E731
+            size = int(getattr(engine, "device_memory_size_v2", engine.device_memory_size))
+        else:
+            make = engine.create_execution_context_without_device_memory
+            size = int(engine.device_memory_size)
+        scratch = self.cuda.malloc(size)
+        contexts = []
+        for profile in (PREFILL, DECODE):
+            context = make()
+            if hasattr(context, "set_device_memory"):
+                context.set_device_memory(scratch, size)
+            else:
+                context.device_memory = scratch
+            context.set_optimization_profile_async(profile, self.cuda.stream_handle)
+            contexts.append(context)
+        self.cuda.sync()
+        return contexts, scratch
+
+    # ---- backend interface ---------------------------------------------------------------------------------------
+    @property
+    def embed_dtype(self) -> Any:
+        return self._embed_dtype
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        trt, ctx = self.trt, self._vision_ctx
+        in_name = self.manifest.graphs["vision"].inputs[0].name
+        out_name = self.manifest.graphs["vision"].outputs[0].name
+        pixels = np.ascontiguousarray(pixel_values, dtype=trt.nptype(self.vision.get_tensor_dtype(in_name)))
+        ctx.set_input_shape(in_name, pixels.shape)
+        out_shape = tuple(ctx.get_tensor_shape(out_name))
+        features = np.empty(out_shape, dtype=trt.nptype(self.vision.get_tensor_dtype(out_name)))
+        batch = pixels.shape[0]
+        if batch not in self._vision_bufs:
+            self._vision_bufs[batch] = (self.cuda.malloc(pixels.nbytes), self.cuda.malloc(features.nbytes))
+        src, dst = self._vision_bufs[batch]
+        self.cuda.to_device(src, pixels)
+        ctx.set_tensor_address(in_name, src)
+        ctx.set_tensor_address(out_name, dst)
+        if not ctx.execute_async_v3(self.cuda.stream_handle):
+            raise BackendError("the vision engine failed to run", where=self.engine_dir, fix="see TensorRT's log")
+        self.cuda.to_host(features, dst)
+        self.cuda.sync()
+        return features
+
+    def new_cache(self, batch: int) -> TrtKVCache:
+        if batch > self.max_batch:
+            raise BackendError(
+                f"batch {batch} exceeds the engines' max_batch {self.max_batch}",
+                where=self.engine_dir,
+                fix=f"rebuild with `edgelvm build BUNDLE --max-batch {batch} --force`, or send smaller batches",
+            )
+        return TrtKVCache(self.cuda, self.kv_spec, batch, self._kv_dtype)
+
+    def step(self, embeds: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, cache: TrtKVCache) -> Any:
+        """Run the decoder on ``embeds [B, S, E]``; return the last position's logits ``[B, V]``; grow the cache."""
+        batch, seq = embeds.shape[:2]
+        past, new_length = cache.length, cache.length + seq
+        profile = DECODE if seq == 1 else PREFILL
+        if profile == PREFILL and past > self.prefill_past_max:
+            raise BackendError(
+                f"a {seq}-token step after {past} cached tokens needs chunked prefill, which these engines were not "
+                f"built for (prefill_past_max {self.prefill_past_max})",
+                where=self.engine_dir,
+                fix="rebuild with a larger prefill_past_max, or prefill in one step",
+            )
+        ctx = self._contexts[profile]
+        host = {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=self._embed_dtype),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+            "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+        }
+        for name, array in host.items():  # host arrays stay referenced until the sync below
+            self.cuda.to_device(self._bufs[name], array)
+            ctx.set_input_shape(name, array.shape)
+            ctx.set_tensor_address(name, self._bufs[name])
+        for index, (past_name, present_name) in enumerate(zip(self._in_names[3:], self._out_names[1:])):
+            ctx.set_input_shape(past_name, cache.shape(past))
+            ctx.set_tensor_address(past_name, cache.past(index))
+            ctx.set_tensor_address(present_name, cache.target(index))
+        ctx.set_tensor_address(self._out_names[0], self._bufs["logits"])
+        if not ctx.execute_async_v3(self.cuda.stream_handle):
+            raise BackendError("the decoder engine failed to run", where=self.engine_dir, fix="see TensorRT's log")
+        logits = np.empty((batch, self._vocab), dtype=self._logits_dtype)
+        self.cuda.to_host(logits, self._bufs["logits"])
+        self.cuda.sync()
+        cache.advance(new_length)
+        return logits
+
+    def __del__(self) -> None:
+        cuda = getattr(self, "cuda", None)
+        if cuda is None:
+            return
+        for ptr in [*getattr(self, "_bufs", {}).values(), getattr(self, "_scratch", 0)]:
+            if ptr:
+                cuda.free(ptr)
+        for src, dst in getattr(self, "_vision_bufs", {}).values():
+            cuda.free(src)
+            cuda.free(dst)

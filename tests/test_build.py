@@ -1,0 +1,111 @@
+"""The TensorRT builder's plain-Python parts: profile shapes, engine directory, engines manifest, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from edgelvm.build import BuildConfig, EngineBuildError, TensorRTUnavailableError, build_engines, engine_dir
+from edgelvm.build import tensorrt_builder as tb
+from edgelvm.manifest import Manifest
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_bundles) -> Manifest:
+    return Manifest.load(tiny_bundles["qwen2-siglip"])
+
+
+def test_decoder_profiles_from_manifest_dims(manifest):
+    kv = manifest.kv_cache
+    length, hidden = kv.max_length, manifest.graphs["decoder"].inputs[0].shape[-1]
+    prefill, decode = tb.decoder_profiles(manifest, BuildConfig(max_batch=2))
+    assert (prefill.name, decode.name) == ("prefill", "decode")
+    names = [t.name for t in manifest.graphs["decoder"].inputs]
+    assert list(prefill.shapes) == names == list(decode.shapes)
+    opt_seq = min(length, manifest.preprocess.tokens_per_image + 64)
+    assert prefill.shapes["inputs_embeds"] == {"min": [1, 1, hidden], "opt": [1, opt_seq, hidden],
+                                               "max": [2, length, hidden]}
+    past = f"past_key_values.{kv.num_layers - 1}.value"
+    assert prefill.shapes[past] == {"min": [1, kv.num_kv_heads, 0, kv.head_dim], "opt": [1, kv.num_kv_heads, 0,
+                                    kv.head_dim], "max": [2, kv.num_kv_heads, 0, kv.head_dim]}
+    assert decode.shapes["inputs_embeds"]["max"] == [2, 1, hidden]
+    assert decode.shapes[past]["max"] == [2, kv.num_kv_heads, length - 1, kv.head_dim]
+    assert decode.shapes["attention_mask"] == {"min": [1, 1], "opt": [1, length // 2], "max": [2, length]}
+    assert decode.shapes["position_ids"]["max"] == [2, 1]
+
+
+def test_shorter_context_and_chunked_prefill(manifest):
+    prefill, decode = tb.decoder_profiles(manifest, BuildConfig(max_length=128, prefill_past_max=64,
+                                                                opt_prefill_length=100))
+    assert prefill.shapes["inputs_embeds"]["opt"][1] == 100 and prefill.shapes["inputs_embeds"]["max"][1] == 128
+    assert prefill.shapes["past_key_values.0.key"]["max"][2] == 64
+    assert decode.shapes["past_key_values.0.key"]["max"][2] == 127
+    with pytest.raises(EngineBuildError, match=r"outside 1\.\.256"):
+        tb.decoder_profiles(manifest, BuildConfig(max_length=10_000))
+
+
+def test_vision_profile_and_unknown_dim(manifest):
+    (vision,) = tb.vision_profiles(manifest, BuildConfig(max_batch=3, vision_max_batch=4))
+    spec = manifest.graphs["vision"].inputs[0]
+    assert vision.shapes[spec.name]["max"] == [4, *spec.shape[1:]]
+    assert vision.shapes[spec.name]["min"] == [1, *spec.shape[1:]]
+    odd = copy.deepcopy(manifest)
+    odd.graphs["decoder"].inputs[0].shape = ["batch", "chunk", 64]
+    with pytest.raises(EngineBuildError, match="'chunk' has no rule"):
+        tb.decoder_profiles(odd, BuildConfig())
+
+
+def test_network_checks_and_precision():
+    (profile,) = [tb.OptimizationProfile("p", {"a": {"min": [1], "opt": [1], "max": [2]}})]
+    tb.check_network_inputs({"a": (-1,), "b": (3,)}, profile, "g")  # static inputs need no shape
+    with pytest.raises(EngineBuildError, match=r"no profile for: \['c'\]"):
+        tb.check_network_inputs({"a": (-1,), "c": (-1, 4)}, profile, "g")
+    assert tb.resolve_precision("auto", has_qdq=False) == ("fp16", ["FP16"])
+    assert tb.resolve_precision("auto", has_qdq=True) == ("int8", ["FP16", "INT8"])
+    assert tb.resolve_precision("fp32", has_qdq=False) == ("fp32", [])
+    with pytest.raises(EngineBuildError, match="unknown precision"):
+        tb.resolve_precision("int3", has_qdq=False)
+    fake_trt = SimpleNamespace(LayerType=SimpleNamespace(QUANTIZE="Q", DEQUANTIZE="DQ", MATRIX_MULTIPLY="MM"))
+    network = SimpleNamespace(num_layers=2, get_layer=lambda i: SimpleNamespace(type=["MM", "DQ"][i]))
+    assert tb.network_has_qdq(network, fake_trt)
+    assert "MatMulNBits" in tb._parse_errors_fix(["No importer registered for op: MatMulNBits"])
+
+
+def test_engine_dir_is_written_atomically(tmp_path):
+    target = engine_dir(tmp_path, "nvidia-h200-sm90-trt10.3.0")
+    assert target == tmp_path / "engines" / "nvidia-h200-sm90-trt10.3.0"
+    info = tb.EngineInfo("decoder", "decoder.engine", "decoder.onnx", "ab" * 32, [], "fp16", ["FP16"], "cd" * 32, 3)
+    data = tb.engines_manifest("fp", "10.3.0", {"decoder": info}, BuildConfig(max_batch=2))
+    tb.write_engine_dir(target, {"decoder.engine": b"one"}, data, force=False, timing_cache=b"cache")
+    written = json.loads((target / "engines.json").read_text())
+    assert written["tensorrt_version"] == "10.3.0" and written["config"]["max_batch"] == 2
+    assert written["engines"]["decoder"]["source_sha256"] == "ab" * 32
+    assert (target / "timing.cache").read_bytes() == b"cache"
+    with pytest.raises(EngineBuildError, match="already exist"):
+        tb.write_engine_dir(target, {"decoder.engine": b"two"}, data, force=False)
+    with pytest.raises(TypeError):  # a failure mid-write keeps the old engines and leaves no temp dir
+        tb.write_engine_dir(target, {"decoder.engine": "not bytes"}, data, force=True)
+    assert (target / "decoder.engine").read_bytes() == b"one"
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    tb.write_engine_dir(target, {"decoder.engine": b"two"}, data, force=True)
+    assert (target / "decoder.engine").read_bytes() == b"two"
+    assert tb.read_engines_manifest(target)["fingerprint"] == "fp"
+
+
+def test_missing_tensorrt_is_a_clear_error(tiny_bundles, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt → ImportError
+    with pytest.raises(TensorRTUnavailableError) as err:
+        build_engines(tiny_bundles["llama-clip"], BuildConfig(verify=False))
+    assert "pip install tensorrt" in str(err.value) and "JetPack" in str(err.value)
+
+
+@pytest.mark.tensorrt
+def test_build_engines_on_hardware(tiny_bundles, copy_bundle):
+    pytest.importorskip("tensorrt")
+    report = build_engines(copy_bundle(tiny_bundles["llama-clip"]), BuildConfig())
+    assert (report.engine_dir / "decoder.engine").stat().st_size > 0
+    assert [p.name for p in report.engines["decoder"].profiles] == ["prefill", "decode"]
