@@ -88,7 +88,13 @@ class _Cuda:
 
 
 class TrtKVCache:
-    """Ping-pong device KV buffers for one generation: ``[batch, kv_heads, length, head_dim]`` as a flat prefix."""
+    """Ping-pong device KV buffers for one generation: ``[batch, kv_heads, length, head_dim]`` as a flat prefix.
+
+    Crop / prefix sharing (chat KV reuse, batch prefix fork) would need strided device copies; until they are
+    written the runtime falls back to a full prefill with this cache.
+    """
+
+    supports_reuse = False
 
     def __init__(self, cuda: _Cuda, spec: KVCacheSpec, batch: int, dtype: Any) -> None:
         self.cuda, self.spec, self.batch, self.length = cuda, spec, batch, 0
