@@ -22,6 +22,7 @@ import numpy as np
 
 from edgelvm.errors import BackendError
 from edgelvm.manifest import KVCacheSpec, Manifest
+from edgelvm.runtime.padding import LeftPadState
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class KVCache:
     def __post_init__(self) -> None:
         size = self.batch * self.spec.num_kv_heads * self.spec.max_length * self.spec.head_dim
         self._buffers = [[np.empty(size, dtype=self.dtype) for _ in range(2 * self.spec.num_layers)] for _ in range(2)]
+        self.pad = LeftPadState(self.batch, self.spec.max_length)
 
     def view(self, which: int, index: int, length: int) -> np.ndarray:
         shape = (self.batch, self.spec.num_kv_heads, length, self.spec.head_dim)
@@ -93,6 +95,7 @@ class KVCache:
     def advance(self, new_length: int) -> None:
         self._read = 1 - self._read
         self.length = new_length
+        self.pad.commit(new_length)
 
     supports_reuse = True
 
@@ -102,12 +105,14 @@ class KVCache:
             return
         for index in range(2 * self.spec.num_layers):
             self.target(index, length)[...] = self.past(index)[:, :, :length]
+        self.pad.crop(length)
         self.advance(length)
 
     def fill_from(self, prefix: KVCache) -> None:
         """Start every row from the same (batch-1) prefix: several questions about one image share its prefill."""
         for index in range(2 * self.spec.num_layers):
             self.target(index, prefix.length)[...] = prefix.past(index)  # broadcasts over the batch
+        self.pad.fill_from(prefix.pad)
         self.advance(prefix.length)
 
     @property
@@ -163,14 +168,15 @@ class OrtBackend:
             return KVCache(self.kv_spec, batch, self._kv_dtype)
         return _DeviceCache(self.kv_spec, batch, self._kv_dtype)
 
-    def step(self, embeds: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, cache: Any) -> np.ndarray:
-        """Run the decoder on ``embeds [B, S, E]``; return the last position's logits ``[B, V]``; grow the cache."""
+    def step(self, rows: list[np.ndarray], cache: Any) -> np.ndarray:
+        """Append ``rows[r]`` (``[S_r, E]`` embeddings) to row ``r`` of the cache; return each row's last logits."""
+        embeds, attention_mask, positions = cache.pad.pack(rows, self._embed_dtype)
         batch, seq = embeds.shape[:2]
         new_length = cache.length + seq
         binding = self.decoder.io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self._embed_dtype))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_cpu_input("position_ids", positions)
         logits = np.empty((batch, self._logits_dim()), dtype=self._logits_dtype)
         binding.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
         if isinstance(cache, KVCache):
@@ -205,6 +211,7 @@ class _DeviceCache:
         import onnxruntime as ort
 
         self.spec, self.batch, self.dtype, self.length = spec, batch, dtype, 0
+        self.pad = LeftPadState(batch, spec.max_length)
         empty = (batch, spec.num_kv_heads, 0, spec.head_dim)
         self.values = [
             ort.OrtValue.ortvalue_from_shape_and_type(empty, dtype, "cuda", 0) for _ in range(2 * spec.num_layers)
@@ -219,3 +226,4 @@ class _DeviceCache:
         outputs = binding.get_outputs()
         self.values = list(outputs[1:])
         self.length = new_length
+        self.pad.commit(new_length)

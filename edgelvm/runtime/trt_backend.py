@@ -32,6 +32,7 @@ import numpy as np
 
 from edgelvm.errors import BackendError
 from edgelvm.manifest import KVCacheSpec, Manifest
+from edgelvm.runtime.padding import LeftPadState
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class TrtKVCache:
         self.nbytes_each = batch * spec.num_kv_heads * spec.max_length * spec.head_dim * np.dtype(dtype).itemsize
         self._ptrs = [[cuda.malloc(self.nbytes_each) for _ in range(2 * spec.num_layers)] for _ in range(2)]
         self._read = 0
+        self.pad = LeftPadState(batch, spec.max_length)
 
     def past(self, index: int) -> int:
         return self._ptrs[self._read][index]
@@ -113,6 +115,7 @@ class TrtKVCache:
 
     def advance(self, new_length: int) -> None:
         self._read, self.length = 1 - self._read, new_length
+        self.pad.commit(new_length)
 
     @property
     def nbytes(self) -> int:
@@ -266,8 +269,9 @@ class TrtBackend:
             )
         return TrtKVCache(self.cuda, self.kv_spec, batch, self._kv_dtype)
 
-    def step(self, embeds: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, cache: TrtKVCache) -> Any:
-        """Run the decoder on ``embeds [B, S, E]``; return the last position's logits ``[B, V]``; grow the cache."""
+    def step(self, rows: list[np.ndarray], cache: TrtKVCache) -> Any:
+        """Append ``rows[r]`` (``[S_r, E]``) to row ``r`` of the cache; return each row's last-position logits."""
+        embeds, attention_mask, positions = cache.pad.pack(rows, self._embed_dtype)
         batch, seq = embeds.shape[:2]
         past, new_length = cache.length, cache.length + seq
         profile = DECODE if seq == 1 else PREFILL

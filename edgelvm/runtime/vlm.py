@@ -222,14 +222,10 @@ class VLM:
         ids = self.prompt_ids(request)
         self._check_length(len(ids), len(continuation))
         with self._lock:
-            embeds = self._embed(ids, self._image_features(request.images))[None]
-            mask = np.ones((1, len(ids) + len(continuation)), dtype=np.int64)
             cache = self.backend.new_cache(1)
-            rows = [self.backend.step(embeds, mask[:, : len(ids)], np.arange(len(ids))[None], cache)[0]]
-            for i, token in enumerate(continuation[:-1]):
-                position = len(ids) + i
-                step_embeds = self._token_embeds(np.array([token]))[None]
-                rows.append(self.backend.step(step_embeds, mask[:, : position + 1], np.array([[position]]), cache)[0])
+            rows = [self.backend.step([self._embed(ids, self._image_features(request.images))], cache)[0]]
+            for token in continuation[:-1]:
+                rows.append(self.backend.step([self._token_embeds(np.array([token]))], cache)[0])
         return np.stack(rows).astype(np.float32)
 
     # ---- prompt → embeddings -------------------------------------------------------------------------------------
@@ -313,8 +309,7 @@ class VLM:
         if shared < MIN_SHARED_PREFIX or not probe.supports_reuse:
             return None, 0
         started = time.perf_counter()
-        positions = np.arange(shared)[None]
-        self.backend.step(rows[0][None, :shared], np.ones((1, shared), dtype=np.int64), positions, probe)
+        self.backend.step([rows[0][:shared]], probe)
         cache = self.backend.new_cache(batch)
         cache.fill_from(probe)
         self.last_stats.prefill_ms += (time.perf_counter() - started) * 1e3
@@ -331,25 +326,13 @@ class VLM:
         control: Control,
         on_token: Any = None,
     ) -> Iterator[tuple[int, str]]:
-        """Prefill ``rows[r][cached:]`` (left-padded) after ``cached`` positions already in ``cache``, then decode.
+        """Prefill ``rows[r][cached:]`` after the ``cached`` positions already in ``cache``, then decode.
 
         ``on_token(row, token, fed)`` is told every sampled token and whether it went into the cache.
         """
         stats = self.last_stats
         batch = len(rows)
         cache = cache if cache is not None else self.backend.new_cache(batch)
-        suffixes = [r[cached:] for r in rows]
-        longest = max(len(s) for s in suffixes)
-        start = cached + longest  # cache length after prefill
-        mask = np.zeros((batch, start + config.max_new_tokens), dtype=np.int64)
-        mask[:, :cached] = 1
-        embeds = np.zeros((batch, longest, rows[0].shape[-1]), dtype=self.backend.embed_dtype)
-        for row, suffix in enumerate(suffixes):
-            embeds[row, longest - len(suffix) :] = suffix  # left padding
-            mask[row, start - len(suffix) : start] = 1
-        positions = np.maximum(np.cumsum(mask[:, :start], axis=1) - 1, 0)
-        next_position = positions[:, -1] + 1
-
         sampler = Sampler(config.sampling)
         eos_ids = np.fromiter(self._eos, dtype=np.int64)
         self.last_output_ids = [[] for _ in range(batch)]
@@ -357,9 +340,10 @@ class VLM:
         reasons: list[str | None] = [None] * batch
 
         step_started = time.perf_counter()
-        logits = self.backend.step(embeds, mask[:, :start], positions[:, cached:], cache)
+        suffixes = [r[cached:] for r in rows]
+        logits = self.backend.step(suffixes, cache)
         stats.prefill_ms += (time.perf_counter() - step_started) * 1e3
-        stats.prefill_tokens += longest
+        stats.prefill_tokens += max(len(s) for s in suffixes)
         decode_started = time.perf_counter()
         for step in range(config.max_new_tokens):
             if step < config.min_new_tokens:
@@ -390,15 +374,10 @@ class VLM:
                 reasons = [r or interrupted for r in reasons]
             if all(r is not None for r in reasons):
                 break
-            length = start + step + 1
-            mask[:, length - 1] = 1
-            logits = self.backend.step(
-                self._token_embeds(tokens)[:, None, :], mask[:, :length], next_position[:, None], cache
-            )
+            logits = self.backend.step(list(self._token_embeds(tokens)[:, None, :]), cache)
             if on_token is not None:
                 for row in range(batch):
                     on_token(row, int(tokens[row]), fed=True)
-            next_position += 1
         stats.decode_ms = (time.perf_counter() - decode_started) * 1e3
         stats.finish_reasons = [r or "length" for r in reasons]
 
