@@ -66,6 +66,9 @@ def export(
     target: Annotated[
         str | None, typer.Option(help="Device profile (see `edgelvm devices`): fit check + predicted tokens/s.")
     ] = None,
+    decoder: Annotated[
+        str, typer.Option(help="auto (portable + ORT-fused where possible) | portable (smaller) | fused.")
+    ] = "auto",
 ) -> None:
     """Export a VLM checkpoint to a self-describing bundle (vision/decoder ONNX, embedding table, tokenizer).
 
@@ -80,7 +83,8 @@ def export(
 
     console = _console()
     with console.status(f"exporting {model} …"):
-        report = run_export(model, output, ExportConfig(dtype=dtype, max_length=max_length, force=force, target=target))
+        config = ExportConfig(dtype=dtype, max_length=max_length, force=force, target=target, decoder=decoder)
+        report = run_export(model, output, config)
     table = Table(title=f"bundle {report.bundle_dir} ({report.seconds:.0f} s)")
     for column in ("part", "file", "size", "error vs PyTorch"):
         table.add_column(column)
@@ -202,8 +206,10 @@ def demo(
 
 def _mount_optional_apps() -> None:
     from edgelvm.cli_devices import register
+    from edgelvm.serve.cli import serve
 
     register(app)  # devices, build, bench
+    app.command("serve")(serve)
     try:
         from edgelvm.data.cli import app as data_app
     except ImportError:  # pragma: no cover - data package always ships, guard keeps the CLI alive in a broken tree

@@ -47,9 +47,17 @@ def devices(
             table.add_column(column)
         for p in profiles:
             tops = "?" if p.int8_dense_tops is None else f"{p.int8_dense_tops:g}"
-            table.add_row(p.name, p.display_name, f"{p.memory_gib:g}", f"{p.usable_memory_gib:g}",
-                          f"{p.memory_bandwidth_gbps:g}", p.compute_capability, tops, str(p.dla_count),
-                          ",".join(p.precisions))
+            table.add_row(
+                p.name,
+                p.display_name,
+                f"{p.memory_gib:g}",
+                f"{p.usable_memory_gib:g}",
+                f"{p.memory_bandwidth_gbps:g}",
+                p.compute_capability,
+                tops,
+                str(p.dla_count),
+                ",".join(p.precisions),
+            )
         _console().print(table)
     if this_gpu:
         from edgelvm.devices.fingerprint import detect_gpu, fingerprint
@@ -115,8 +123,15 @@ def bench(
     from edgelvm.bench import bench as run_bench
 
     config = BenchConfig(
-        image=image, prompt_len=prompt_len, gen_len=gen_len, runs=runs, warmup=warmup,
-        backends=tuple(backend or ["auto"]), threads=threads, device=device, profiles_dir=profiles_dir,
+        image=image,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        runs=runs,
+        warmup=warmup,
+        backends=tuple(backend or ["auto"]),
+        threads=threads,
+        device=device,
+        profiles_dir=profiles_dir,
     )
     report = run_bench(list(bundles), config)
     print(report.markdown())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with edgelvm and its toolchain (torch side) + dev tools. Idempotent: fast when already done.
+# Create .venv with edgelvm, its toolchain (torch side), the server extra and dev tools. Idempotent: fast when already done.
 #
 # torch comes first so that its choice is yours: EDGELVM_TORCH (default "torch==2.13.0", a CPU build on this
 # project's build machines) is installed before edgelvm, whose own requirement is only torch>=2.6.
@@ -15,5 +15,5 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "${EDGELVM_TORCH:-torch==2.13.0}"
 fi
-"${PIP[@]}" install -e ".[toolchain,dev]"
+"${PIP[@]}" install -e ".[toolchain,serve,dev]"
 echo "edgelvm ready in $VENV ($("$VENV/bin/python" -c 'import torch, transformers, onnxruntime; print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {onnxruntime.__version__}")'))"

@@ -4,7 +4,10 @@ Why from scratch: compression stages need a teacher that has *learned* the task 
 lose accuracy, and tests can catch it), small enough to train on a laptop CPU and to export in seconds.
 
 Model: CLIP-style vision tower (``CLIPVisionConfig``) + 2-layer GELU projector + Llama decoder with GQA
-(``LlamaConfig``), ~5M parameters. The output directory is always a loadable Hugging Face checkpoint
+(``LlamaConfig``), ~5.5M parameters. Patch 32 at 96 px gives 3x3 image tokens, one per cell of the task's grid:
+each shape lies inside one patch. With patch 16 every shape straddles four patches (cell centres fall on patch
+corners) and learning was ~2x slower per step, at half the steps/s (measured: 36% val exact match after 12.5 min
+vs 37% after 4.5 min, 1 thread). The output directory is always a loadable Hugging Face checkpoint
 (``LlavaForConditionalGeneration.from_pretrained`` / ``LlavaProcessor.from_pretrained``) plus ``trainer_state.json``
 and ``optimizer.pt`` for ``--resume``; every save is written to a temporary sibling and swapped in.
 
@@ -16,6 +19,8 @@ equivalent to greedy decoding producing exactly the answer, at the cost of one f
 Example (the full run)::
 
     python scripts/train_teacher.py -o runs/teacher --steps 4000 --threads 2
+
+Resume an interrupted run with the same command plus ``--resume``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     threads: int = 1
     image_size: int = sh.DEFAULT_IMAGE_SIZE
-    patch_size: int = 16
+    patch_size: int = 32  # 96/32 = 3: one image token per grid cell (see the module docstring)
     vision_hidden: int = 192
     vision_layers: int = 4
     vision_heads: int = 4

@@ -16,8 +16,7 @@ from edgelvm.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def report(tiny_bundles):
-    config = BenchConfig(prompt_len=12, gen_len=6, runs=2, backends=("onnxruntime-cpu",), threads=1,
-                         bandwidth_mb=16)
+    config = BenchConfig(prompt_len=12, gen_len=6, runs=2, backends=("onnxruntime-cpu",), threads=1, bandwidth_mb=16)
     return bench([tiny_bundles["llama-clip"]], config)
 
 
@@ -82,9 +81,27 @@ def test_cli_build_and_bench(app, tiny_bundles, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     result = runner.invoke(app, ["build", str(tiny_bundles["llama-clip"])])
     assert result.exit_code != 0 and "TensorRT's Python package is not installed" in str(result.exception)
-    result = runner.invoke(app, ["bench", str(tiny_bundles["llama-clip"]), "--gen-len", "3", "--runs", "1",
-                                 "--prompt-len", "4", "--warmup", "0", "--backend", "onnxruntime-cpu",
-                                 "--device", "jetson-orin-nano-8gb", "-o", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            str(tiny_bundles["llama-clip"]),
+            "--gen-len",
+            "3",
+            "--runs",
+            "1",
+            "--prompt-len",
+            "4",
+            "--warmup",
+            "0",
+            "--backend",
+            "onnxruntime-cpu",
+            "--device",
+            "jetson-orin-nano-8gb",
+            "-o",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "profile jetson-orin-nano-8gb datasheet" in result.output
     assert (tmp_path / "latency.png").is_file() and (tmp_path / "report.md").is_file()

@@ -27,11 +27,17 @@ def test_decoder_profiles_from_manifest_dims(manifest):
     names = [t.name for t in manifest.graphs["decoder"].inputs]
     assert list(prefill.shapes) == names == list(decode.shapes)
     opt_seq = min(length, manifest.preprocess.tokens_per_image + 64)
-    assert prefill.shapes["inputs_embeds"] == {"min": [1, 1, hidden], "opt": [1, opt_seq, hidden],
-                                               "max": [2, length, hidden]}
+    assert prefill.shapes["inputs_embeds"] == {
+        "min": [1, 1, hidden],
+        "opt": [1, opt_seq, hidden],
+        "max": [2, length, hidden],
+    }
     past = f"past_key_values.{kv.num_layers - 1}.value"
-    assert prefill.shapes[past] == {"min": [1, kv.num_kv_heads, 0, kv.head_dim], "opt": [1, kv.num_kv_heads, 0,
-                                    kv.head_dim], "max": [2, kv.num_kv_heads, 0, kv.head_dim]}
+    assert prefill.shapes[past] == {
+        "min": [1, kv.num_kv_heads, 0, kv.head_dim],
+        "opt": [1, kv.num_kv_heads, 0, kv.head_dim],
+        "max": [2, kv.num_kv_heads, 0, kv.head_dim],
+    }
     assert decode.shapes["inputs_embeds"]["max"] == [2, 1, hidden]
     assert decode.shapes[past]["max"] == [2, kv.num_kv_heads, length - 1, kv.head_dim]
     assert decode.shapes["attention_mask"] == {"min": [1, 1], "opt": [1, length // 2], "max": [2, length]}
@@ -39,8 +45,9 @@ def test_decoder_profiles_from_manifest_dims(manifest):
 
 
 def test_shorter_context_and_chunked_prefill(manifest):
-    prefill, decode = tb.decoder_profiles(manifest, BuildConfig(max_length=128, prefill_past_max=64,
-                                                                opt_prefill_length=100))
+    prefill, decode = tb.decoder_profiles(
+        manifest, BuildConfig(max_length=128, prefill_past_max=64, opt_prefill_length=100)
+    )
     assert prefill.shapes["inputs_embeds"]["opt"][1] == 100 and prefill.shapes["inputs_embeds"]["max"][1] == 128
     assert prefill.shapes["past_key_values.0.key"]["max"][2] == 64
     assert decode.shapes["past_key_values.0.key"]["max"][2] == 127

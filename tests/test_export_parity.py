@@ -56,7 +56,8 @@ def test_manifest_records_parity_and_kv_geometry(variant, tiny_checkpoints, tiny
     assert manifest.kv_cache.head_dim == text.hidden_size // text.num_attention_heads
     for name in ("vision", "decoder"):
         assert manifest.graphs[name].parity["max_rel"] < 1e-4
-    assert set(manifest.files) == {"vision.onnx", "decoder.onnx", "embed.npy", "tokenizer.json"}
+    assert set(manifest.files) == {"vision.onnx", "decoder.onnx", "decoder_ort.onnx", "embed.npy", "tokenizer.json"}
+    assert manifest.graphs["decoder_ort"].parity["max_rel"] < 1e-4
 
 
 def test_preprocessing_matches_hf_image_processor(variant, tiny_checkpoints, tiny_bundles, test_images):
@@ -85,9 +86,10 @@ def test_prompt_ids_match_processor(variant, tiny_checkpoints, tiny_bundles, tes
         assert vlm.prompt_ids(Request(prompt=prompt, images=[test_images[0]])) == inputs["input_ids"][0].tolist()
 
 
-def test_greedy_tokens_equal_hf_generate_batch1(variant, tiny_checkpoints, tiny_bundles, test_images):
+@pytest.mark.parametrize("decoder", ["portable", "fused"])
+def test_greedy_tokens_equal_hf_generate_batch1(variant, decoder, tiny_checkpoints, tiny_bundles, test_images):
     processor, model = _hf(tiny_checkpoints[variant])
-    vlm = VLM.load(tiny_bundles[variant])
+    vlm = VLM.load(tiny_bundles[variant], decoder=decoder)
     eos = set(vlm.manifest.generation["eos_token_ids"])
     compared = 0
     for image in test_images:
@@ -103,10 +105,12 @@ def test_greedy_tokens_equal_hf_generate_batch1(variant, tiny_checkpoints, tiny_
     assert compared >= 6 * 20 * 0.5  # most generations run the full 20 tokens (not a vacuous early-EOS pass)
 
 
-def test_greedy_tokens_equal_hf_generate_padded_batch(variant, tiny_checkpoints, tiny_bundles, test_images):
-    """Six requests of different prompt lengths in one left-padded batch, vs HF's batched generate."""
+@pytest.mark.parametrize("decoder", ["portable", "fused"])
+def test_greedy_tokens_equal_hf_generate_padded_batch(variant, decoder, tiny_checkpoints, tiny_bundles, test_images):
+    """Six requests of different prompt lengths in one padded batch, vs HF's batched generate (left-padded).
+    The portable decoder left-pads; the fused one packs rows from position 0 (right padding)."""
     processor, model = _hf(tiny_checkpoints[variant])
-    vlm = VLM.load(tiny_bundles[variant])
+    vlm = VLM.load(tiny_bundles[variant], decoder=decoder)
     eos = set(vlm.manifest.generation["eos_token_ids"])
     pairs = [(image, prompt) for image in test_images for prompt in PROMPTS]
     processor.tokenizer.padding_side = "left"
@@ -211,3 +215,17 @@ def test_mistral_text_model_with_list_feature_layers(tmp_path, test_images):
                 out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
             vlm.generate(image, prompt, max_new_tokens=20)
             assert vlm.last_output_ids[0] == _trim_after_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), eos)
+
+
+def test_fused_decoder_is_used_and_can_be_declined(tiny_bundles, tmp_path, tiny_checkpoints):
+    from edgelvm.errors import ConfigError
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.runtime.inplace_cache import InPlaceKVCache
+
+    assert VLM.load(tiny_bundles["llama-clip"]).backend.fused
+    assert isinstance(VLM.load(tiny_bundles["llama-clip"]).backend.new_cache(1), InPlaceKVCache)
+    assert not VLM.load(tiny_bundles["llama-clip"], decoder="portable").backend.fused
+    small = export(tiny_checkpoints["llama-clip"], tmp_path / "p", ExportConfig(max_length=64, decoder="portable"))
+    assert "decoder_ort" not in Manifest.load(small.bundle_dir).graphs
+    with pytest.raises(ConfigError, match="no fused decoder"):
+        VLM.load(small.bundle_dir, decoder="fused")

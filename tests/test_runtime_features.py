@@ -43,8 +43,9 @@ def test_second_question_on_same_frame_skips_the_encoder(tiny_bundles, test_imag
     assert uncached.last_stats.images_encoded == 1 and uncached.last_stats.image_cache_hits == 0
 
 
-def test_questions_about_one_image_share_the_prefill(tiny_bundles, test_images):
-    vlm = VLM.load(tiny_bundles["qwen2-siglip"], vision_cache_mb=0)
+@pytest.mark.parametrize("decoder", ["portable", "fused"])
+def test_questions_about_one_image_share_the_prefill(tiny_bundles, test_images, decoder):
+    vlm = VLM.load(tiny_bundles["qwen2-siglip"], vision_cache_mb=0, decoder=decoder)
     batch = vlm.generate_batch([(test_images[0], q) for q in QUESTIONS], max_new_tokens=16)
     stats = vlm.last_stats
     assert stats.reused_tokens >= 2 * 16  # the 16 image tokens (and more) were prefilled once, not three times
@@ -52,8 +53,9 @@ def test_questions_about_one_image_share_the_prefill(tiny_bundles, test_images):
     assert batch == [vlm.generate(test_images[0], q, max_new_tokens=16) for q in QUESTIONS]
 
 
-def test_chat_session_prefills_only_the_new_turn(tiny_bundles, test_images):
-    vlm = VLM.load(tiny_bundles["llama-clip"])
+@pytest.mark.parametrize("decoder", ["portable", "fused"])
+def test_chat_session_prefills_only_the_new_turn(tiny_bundles, test_images, decoder):
+    vlm = VLM.load(tiny_bundles["llama-clip"], decoder=decoder)
     chat = vlm.chat(test_images[0])
     first = chat.ask(QUESTIONS[0], max_new_tokens=10)
     turn1_prompt = vlm.last_stats.prompt_tokens
@@ -67,7 +69,7 @@ def test_chat_session_prefills_only_the_new_turn(tiny_bundles, test_images):
         {"role": "assistant", "content": first},
         {"role": "user", "content": [{"type": "text", "text": QUESTIONS[1]}]},
     ]
-    fresh = VLM.load(tiny_bundles["llama-clip"])
+    fresh = VLM.load(tiny_bundles["llama-clip"], decoder=decoder)
     stateless = "".join(
         p for _, p in fresh.stream_requests([Request(images=[test_images[0]], messages=messages)], chat_config(10))
     )

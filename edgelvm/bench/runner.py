@@ -277,6 +277,9 @@ def bench(bundles: list[str | Path], config: BenchConfig | None = None) -> Bench
             log.info("bench %s on %s", bundle, backend)
             results.append(bench_one(Path(bundle), backend, config, bandwidth))
     cfg = asdict(config)
-    cfg.update(image=str(config.image) if config.image else None,
-               profiles_dir=str(config.profiles_dir) if config.profiles_dir else None, backends=list(config.backends))
+    cfg.update(
+        image=str(config.image) if config.image else None,
+        profiles_dir=str(config.profiles_dir) if config.profiles_dir else None,
+        backends=list(config.backends),
+    )
     return BenchReport(results, cfg, bandwidth, source)

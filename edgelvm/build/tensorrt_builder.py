@@ -313,13 +313,19 @@ def network_has_qdq(network: Any, trt: Any) -> bool:
 def _parse_errors_fix(errors: list[str]) -> str:
     text = " ".join(errors)
     if "MatMulNBits" in text:
-        return ("this decoder uses onnxruntime's MatMulNBits (INT4) operator, which TensorRT cannot parse: quantize "
-                "it with QDQ (INT4 weight-only) for TensorRT, or run it with an onnxruntime backend")
+        return (
+            "this decoder uses onnxruntime's MatMulNBits (INT4) operator, which TensorRT cannot parse: quantize "
+            "it with QDQ (INT4 weight-only) for TensorRT, or run it with an onnxruntime backend"
+        )
     return "check the TensorRT version against the bundle's opset (20); re-export the bundle, or report the operator"
 
 
 def _build_graph(
-    trt: Any, logger: Any, onnx_path: Path, profiles: list[OptimizationProfile], config: BuildConfig,
+    trt: Any,
+    logger: Any,
+    onnx_path: Path,
+    profiles: list[OptimizationProfile],
+    config: BuildConfig,
     cache_blob: bytes | None,
 ) -> tuple[bytes, str, list[str], bytes]:
     builder = trt.Builder(logger)

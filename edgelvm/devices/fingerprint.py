@@ -67,7 +67,10 @@ def from_nvidia_smi(index: int = 0) -> GpuInfo | None:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         ).stdout
     except (subprocess.SubprocessError, OSError) as err:
         log.debug("nvidia-smi failed: %s", err)

@@ -48,8 +48,16 @@ BUILD_PEAK_FACTOR = 4.0
 #: scale per group (+0.125) and the layers kept in higher precision (norms, lm_head rows) rounded up to 4.5 in
 #: total — the figure quoted for AWQ/GPTQ 7B checkpoints. fp4 (NVFP4): 4 bits + an fp8 scale per 16 = 4.5.
 #: int8 / fp8: per-channel scales are negligible (< 0.01 bit).
-BITS_PER_PARAM = {"fp32": 32.0, "tf32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "fp8": 8.0, "int4": 4.5,
-                  "fp4": 4.5}
+BITS_PER_PARAM = {
+    "fp32": 32.0,
+    "tf32": 32.0,
+    "fp16": 16.0,
+    "bf16": 16.0,
+    "int8": 8.0,
+    "fp8": 8.0,
+    "int4": 4.5,
+    "fp4": 4.5,
+}
 #: Context lengths are suggested in multiples of this (TensorRT profiles and attention kernels like round numbers).
 LENGTH_STEP = 256
 

@@ -235,7 +235,9 @@ class TegrastatsProbe(_Sampler):
         super().__init__(interval_s)
         self._proc = subprocess.Popen(
             [executable, "--interval", str(max(10, int(interval_s * 1000)))],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
 
     def _loop(self) -> None:

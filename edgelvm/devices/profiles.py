@@ -134,31 +134,59 @@ def parse_profile(data: Any, path: Path) -> DeviceProfile:
             raise _bad(path, name, f"must be {wanted}, got {value!r}", f"write a {wanted} (see {_EXAMPLE})")
     unknown = sorted(set(data) - {name for name, _, _ in _SCHEMA})
     if unknown:
-        raise _bad(path, unknown[0], "is not a profile field", f"remove it or fix its spelling; fields: "
-                   f"{', '.join(n for n, _, _ in _SCHEMA)}")
+        raise _bad(
+            path,
+            unknown[0],
+            "is not a profile field",
+            f"remove it or fix its spelling; fields: {', '.join(n for n, _, _ in _SCHEMA)}",
+        )
     if data["name"] != path.stem:
-        raise _bad(path, "name", f"{data['name']!r} differs from the file name {path.stem!r}",
-                   f"rename the file to {data['name']}.json or set name to {path.stem!r}")
+        raise _bad(
+            path,
+            "name",
+            f"{data['name']!r} differs from the file name {path.stem!r}",
+            f"rename the file to {data['name']}.json or set name to {path.stem!r}",
+        )
     if data["kind"] not in KINDS:
-        raise _bad(path, "kind", f"must be one of {', '.join(KINDS)}, got {data['kind']!r}",
-                   "use 'jetson' for memory shared with the OS, 'discrete' for a GPU with its own memory")
+        raise _bad(
+            path,
+            "kind",
+            f"must be one of {', '.join(KINDS)}, got {data['kind']!r}",
+            "use 'jetson' for memory shared with the OS, 'discrete' for a GPU with its own memory",
+        )
     for name in ("memory_gib", "usable_memory_gib", "memory_bandwidth_gbps"):
         if data[name] <= 0:
             raise _bad(path, name, f"must be > 0, got {data[name]}", "write the datasheet figure")
     if data["usable_memory_gib"] > data["memory_gib"]:
-        raise _bad(path, "usable_memory_gib", f"{data['usable_memory_gib']} exceeds memory_gib {data['memory_gib']}",
-                   "usable memory is total memory minus what the OS / driver keeps")
+        raise _bad(
+            path,
+            "usable_memory_gib",
+            f"{data['usable_memory_gib']} exceeds memory_gib {data['memory_gib']}",
+            "usable memory is total memory minus what the OS / driver keeps",
+        )
     cc = data["compute_capability"].split(".")
     if len(cc) != 2 or not all(part.isdigit() for part in cc):
-        raise _bad(path, "compute_capability", f"must look like '8.7', got {data['compute_capability']!r}",
-                   "see https://developer.nvidia.com/cuda-gpus")
+        raise _bad(
+            path,
+            "compute_capability",
+            f"must look like '8.7', got {data['compute_capability']!r}",
+            "see https://developer.nvidia.com/cuda-gpus",
+        )
     bad_precisions = [p for p in data["precisions"] if p not in KNOWN_PRECISIONS]
     if bad_precisions or not data["precisions"]:
-        raise _bad(path, "precisions", f"unknown or empty: {bad_precisions or data['precisions']}",
-                   f"list some of: {', '.join(KNOWN_PRECISIONS)}")
+        raise _bad(
+            path,
+            "precisions",
+            f"unknown or empty: {bad_precisions or data['precisions']}",
+            f"list some of: {', '.join(KNOWN_PRECISIONS)}",
+        )
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in data["sources"].items()):
-        raise _bad(path, "sources", "must map field names to source strings",
-                   "write e.g. {\"memory_gib\": \"<datasheet name, URL>\"}; say 'unverified' where you could not check")
+        raise _bad(
+            path,
+            "sources",
+            "must map field names to source strings",
+            'write e.g. {"memory_gib": "<datasheet name, URL>"}; say \'unverified\' where you could not check',
+        )
     return DeviceProfile(
         name=data["name"],
         display_name=data["display_name"],

@@ -40,6 +40,10 @@ class ExportConfig:
     #: writes the plan (limits, budget, roofline-predicted tokens/s) into the manifest's ``target`` section.
     target: str | None = None
     profiles_dir: str | Path | None = None
+    #: ``auto``: the portable traced decoder plus, where the text model allows (fp32, Llama family), the ONNX
+    #: Runtime–fused one (in-place KV cache, GroupQueryAttention) that the ORT backend prefers; ``portable``: only
+    #: the traced one (smaller bundle; what TensorRT builds from); ``fused``: require the fused one too.
+    decoder: Literal["auto", "portable", "fused"] = "auto"
 
 
 @dataclass
@@ -78,6 +82,10 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
     config = config or ExportConfig()
     if config.dtype not in ("fp32", "fp16"):
         raise ConfigError(f"unsupported dtype {config.dtype!r}", where="--dtype", fix="use fp32 or fp16")
+    if config.decoder not in ("auto", "portable", "fused"):
+        raise ConfigError(
+            f"unsupported decoder {config.decoder!r}", where="--decoder", fix="use auto, portable or fused"
+        )
     out_dir = Path(out_dir)
     _prepare_output(out_dir, config.force)
     started = time.perf_counter()
@@ -108,6 +116,9 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
         graphs["embed"] = export_embedding_table(adapter, staging / "embed.npy", config.dtype)
         log.info("exporting decoder")
         graphs["decoder"] = export_decoder(adapter, staging / "decoder.onnx", config.dtype, kv)
+        fused = _export_fused(adapter, staging / "decoder_ort.onnx", kv, config)
+        if fused is not None:
+            graphs["decoder_ort"] = fused
         adapter.processor.tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
 
         manifest = Manifest(
@@ -137,6 +148,27 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportReport(bundle_dir=out_dir, manifest=manifest, seconds=time.perf_counter() - started, sizes=sizes)
+
+
+def _export_fused(adapter: Any, path: Path, kv: Any, config: ExportConfig) -> Any:
+    from edgelvm.errors import UnsupportedModelError
+    from edgelvm.export.onnx_graphs import export_fused_decoder
+
+    if config.decoder == "portable":
+        return None
+    try:
+        if config.dtype != "fp32":
+            raise UnsupportedModelError(
+                f"dtype {config.dtype} (the fused decoder is fp32 for now)",
+                fix="export with --dtype fp32 or --decoder portable",
+            )
+        log.info("building the fused ONNX Runtime decoder")
+        return export_fused_decoder(adapter, path, kv)
+    except UnsupportedModelError as err:
+        if config.decoder == "fused":
+            raise
+        log.info("no fused decoder: %s", err.problem)
+        return None
 
 
 def _plan_target(adapter: Any, kv: Any, config: ExportConfig) -> Any:

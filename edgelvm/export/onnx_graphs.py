@@ -213,6 +213,79 @@ def _merge(a: ParityResult, b: ParityResult) -> ParityResult:
     return ParityResult(max(a.max_abs, b.max_abs), max(a.max_rel, b.max_rel))
 
 
+def export_fused_decoder(adapter: VLMAdapter, path: Path, kv: KVCacheSpec) -> GraphSpec:
+    """The ONNX Runtime–fused decoder (in-place KV, GroupQueryAttention), checked against the PyTorch decoder on a
+    right-padded two-row prompt and a decode step."""
+    from edgelvm.export.gqa_decoder import build_gqa_decoder
+
+    spec = build_gqa_decoder(adapter.decoder_weights(kv.max_length), kv, path)
+    module = DecoderForExport(adapter.language_model(), adapter.lm_head(), adapter.text_config).eval()
+    session = _ort_session(path)
+    hidden = adapter.text_config.hidden_size
+    generator = torch.Generator().manual_seed(3)
+    lengths, steps = [7, 4], 2
+    prompts = [torch.randn(1, n, hidden, generator=generator) for n in lengths]
+    tokens = [[torch.randn(1, 1, hidden, generator=generator) for _ in lengths] for _ in range(steps)]
+    names = [i.name for i in session.get_inputs()]
+    buffers = {
+        n: np.zeros((len(lengths), kv.num_kv_heads, kv.max_length, kv.head_dim), np.float32)
+        for n in names
+        if n.startswith("past")
+    }
+    worst = ParityResult(0.0, 0.0)
+    references = []  # per row: torch logits for the prompt, then each decode step
+    for row, prompt in enumerate(prompts):
+        empty = [torch.zeros(1, kv.num_kv_heads, 0, kv.head_dim) for _ in range(2 * kv.num_layers)]
+        with torch.no_grad():
+            n = prompt.shape[1]
+            out = module(prompt, torch.ones(1, n, dtype=torch.int64), torch.arange(n)[None], *empty)
+            row_refs, past = [out[0]], list(out[1:])
+            for step in range(steps):
+                total = n + step + 1
+                out = module(
+                    tokens[step][row], torch.ones(1, total, dtype=torch.int64), torch.tensor([[total - 1]]), *past
+                )
+                row_refs.append(out[0])
+                past = list(out[1:])
+        references.append(row_refs)
+    embeds = np.zeros((len(lengths), max(lengths), hidden), np.float32)
+    for row, prompt in enumerate(prompts):
+        embeds[row, : lengths[row]] = prompt[0].numpy()
+    totals = np.array(lengths)
+    for step in range(steps + 1):
+        seq = embeds.shape[1]
+        feeds = {
+            "inputs_embeds": embeds,
+            "seqlens_k": (totals - 1).astype(np.int32),
+            "total_sequence_length": np.array(totals.max(), np.int32),
+            "logits_index": np.arange(len(lengths)) * seq + (np.array(lengths) - 1 if step == 0 else 0),
+        }
+        got = _run_in_place(session, feeds, buffers)
+        for row in range(len(lengths)):
+            worst = _merge(worst, _compare([got[row : row + 1]], [references[row][step]]))
+        if step < steps:
+            embeds = np.concatenate([tokens[step][r][0].numpy()[None] for r in range(len(lengths))])
+            totals = totals + 1
+    _check("fused decoder", worst, "fp32")
+    spec.parity = worst.as_dict()
+    return spec
+
+
+def _run_in_place(session: Any, feeds: dict[str, np.ndarray], buffers: dict[str, np.ndarray]) -> np.ndarray:
+    """Run with each past buffer bound as its own present output (how the runtime shares them)."""
+    binding = session.io_binding()
+    binding.bind_output("logits")  # first, so it is output 0 below
+    for name, value in feeds.items():
+        if name not in buffers:
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name, buffer in buffers.items():
+        present = name.replace("past_key_values", "present")
+        binding.bind_input(name, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+        binding.bind_output(present, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]
+
+
 def export_embedding_table(adapter: VLMAdapter, path: Path, precision: str) -> GraphSpec:
     """The token embedding as a plain ``.npy`` table: the runtime memory-maps it and gathers rows."""
     weight = adapter.input_embeddings().weight.detach()

@@ -106,6 +106,11 @@ class VLMAdapter(ABC):
             max_length=max_length,
         )
 
+    def decoder_weights(self, max_length: int) -> Any:
+        """The language model as plain weights (:class:`~edgelvm.models.llama_family.DecoderWeights`) for the fused
+        ONNX Runtime decoder; families whose text model has no such description raise UnsupportedModelError."""
+        raise UnsupportedModelError(f"no fused decoder for {self.family}", fix="export with --decoder portable")
+
     def max_positions(self) -> int:
         return int(getattr(self.text_config, "max_position_embeddings", 4096))
 

@@ -61,6 +61,11 @@ class LlavaAdapter(VLMAdapter):
     def input_embeddings(self) -> Any:
         return self.model.get_input_embeddings()
 
+    def decoder_weights(self, max_length: int) -> Any:
+        from edgelvm.models.llama_family import describe_llama_decoder
+
+        return describe_llama_decoder(self.language_model(), self.lm_head(), self.text_config, max_length)
+
     def vision_config(self) -> Any:
         return self.model.config.vision_config
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from edgelvm.errors import BackendError
 from edgelvm.manifest import KVCacheSpec, Manifest
+from edgelvm.runtime.inplace_cache import InPlaceKVCache
 from edgelvm.runtime.padding import LeftPadState
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,16 @@ class KVCache:
 class OrtBackend:
     """Runs a bundle's vision and decoder graphs in ONNX Runtime."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        bundle_dir: Path,
+        manifest: Manifest,
+        backend: str = "auto",
+        threads: int | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        """``fused``: use the bundle's ORT-fused decoder (in-place KV, GroupQueryAttention) when it has one
+        (default), or force the portable traced decoder (``False``)."""
         import onnxruntime as ort
 
         self.name, self.providers = resolve_backend(backend)
@@ -135,13 +145,18 @@ class OrtBackend:
         if threads:
             options.intra_op_num_threads = threads
         self.vision = self._session(ort, bundle_dir / manifest.graphs["vision"].file, options)
-        self.decoder = self._session(ort, bundle_dir / manifest.graphs["decoder"].file, options)
         self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
+        # The fused graph's in-place cache is bound from host memory: CPU only until a device-side variant exists.
+        self.fused = "decoder_ort" in manifest.graphs and self.device == "cpu" and fused is not False
+        graph = manifest.graphs["decoder_ort" if self.fused else "decoder"]
+        self.decoder = self._session(ort, bundle_dir / graph.file, options)
         self._in_names = [i.name for i in self.decoder.get_inputs()]
         self._out_names = [o.name for o in self.decoder.get_outputs()]
-        self._embed_dtype = _NP_DTYPES[manifest.graphs["decoder"].inputs[0].dtype]
+        self._kv_inputs = [n for n in self._in_names if n.startswith("past")]
+        self._embed_dtype = _NP_DTYPES[graph.inputs[0].dtype]
         self._kv_dtype = _NP_DTYPES[self.kv_spec.dtype]
-        self._logits_dtype = _NP_DTYPES[manifest.graphs["decoder"].outputs[0].dtype]
+        self._logits_dtype = _NP_DTYPES[graph.outputs[0].dtype]
+        self._vocab = int(graph.outputs[0].shape[-1])
 
     def _session(self, ort: Any, path: Path, options: Any) -> Any:
         try:
@@ -164,12 +179,16 @@ class OrtBackend:
 
     # ---- decoder -------------------------------------------------------------------------------------------------
     def new_cache(self, batch: int) -> Any:
+        if self.fused:
+            return InPlaceKVCache(self.kv_spec, batch, self._kv_dtype)
         if self.device == "cpu":
             return KVCache(self.kv_spec, batch, self._kv_dtype)
         return _DeviceCache(self.kv_spec, batch, self._kv_dtype)
 
     def step(self, rows: list[np.ndarray], cache: Any) -> np.ndarray:
         """Append ``rows[r]`` (``[S_r, E]`` embeddings) to row ``r`` of the cache; return each row's last logits."""
+        if self.fused:
+            return self._fused_step(rows, cache)
         embeds, attention_mask, positions = cache.pad.pack(rows, self._embed_dtype)
         batch, seq = embeds.shape[:2]
         new_length = cache.length + seq
@@ -194,8 +213,37 @@ class OrtBackend:
         return logits
 
     def _logits_dim(self) -> int:
-        dim = self.manifest.graphs["decoder"].outputs[0].shape[-1]
-        return int(dim)
+        return self._vocab
+
+    def _fused_step(self, rows: list[np.ndarray], cache: InPlaceKVCache) -> np.ndarray:
+        """GroupQueryAttention takes a batch in one call for a first prompt (right-padded) or a decode step (one
+        token per row); a multi-token step after cached tokens must run row by row (an ORT restriction)."""
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        if cache.length == 0 or (lengths == 1).all():
+            return self._fused_run(rows, cache, slice(None))
+        return np.concatenate([self._fused_run([row], cache, slice(i, i + 1)) for i, row in enumerate(rows)])
+
+    def _fused_run(self, rows: list[np.ndarray], cache: InPlaceKVCache, which: slice) -> np.ndarray:
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        batch, seq = len(rows), int(lengths.max())
+        embeds = np.zeros((batch, seq, rows[0].shape[-1]), dtype=self._embed_dtype)
+        for index, row in enumerate(rows):
+            embeds[index, : len(row)] = row  # right padding
+        totals = cache.lengths[which] + lengths
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(totals.max(), dtype=np.int32))
+        binding.bind_cpu_input("logits_index", np.arange(batch, dtype=np.int64) * seq + lengths - 1)
+        logits = np.empty((batch, self._vocab), dtype=self._logits_dtype)
+        binding.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        for name, present, buffer in zip(self._kv_inputs, self._out_names[1:], cache.buffers):
+            view = buffer[which]  # rows are the outer axis: a row range is contiguous
+            binding.bind_input(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
+            binding.bind_output(present, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
+        self.decoder.run_with_iobinding(binding)
+        cache.lengths[which] = totals
+        return logits
 
 
 class _DeviceCache:

@@ -146,13 +146,15 @@ class VLM:
         threads: int | None = None,
         verify: bool = True,
         vision_cache_mb: float = 64,
+        decoder: str = "auto",
     ) -> VLM:
         """Open a bundle. ``verify`` checks every file's sha256 against the manifest (a mismatch names the file).
 
         ``backend``: ``auto`` (CUDA when this onnxruntime has it, else CPU), ``onnxruntime-cpu``,
         ``onnxruntime-cuda``, ``onnxruntime-tensorrt`` (ORT's TensorRT provider), or ``tensorrt`` (engines built on
         this device by ``edgelvm build``; never run on hardware in this repository yet).
-        ``vision_cache_mb``: image-feature cache (0 = off).
+        ``vision_cache_mb``: image-feature cache (0 = off). ``decoder``: ``auto`` (the ORT-fused decoder when the
+        bundle has one and the backend can use it), ``portable`` (the traced one), or ``fused`` (required).
         """
         bundle_dir = Path(bundle)
         manifest = Manifest.load(bundle_dir)
@@ -162,7 +164,16 @@ class VLM:
 
             backend_impl: Any = TrtBackend(bundle_dir, manifest)
         else:
-            backend_impl = OrtBackend(bundle_dir, manifest, backend=backend, threads=threads)
+            if decoder not in ("auto", "portable", "fused"):
+                raise ConfigError(f"unknown decoder {decoder!r}", where="decoder", fix="use auto, portable or fused")
+            if decoder == "fused" and "decoder_ort" not in manifest.graphs:
+                raise ConfigError(
+                    "this bundle has no fused decoder",
+                    where=bundle_dir,
+                    fix="re-export with `edgelvm export --decoder auto` (fp32, Llama-family text model)",
+                )
+            fused = {"auto": None, "portable": False, "fused": True}[decoder]
+            backend_impl = OrtBackend(bundle_dir, manifest, backend=backend, threads=threads, fused=fused)
         return cls(bundle_dir, manifest, backend_impl, vision_cache_mb=vision_cache_mb)
 
     @property

@@ -1,0 +1,106 @@
+"""The Llama-family decoder (Llama, Qwen2, Mistral) described as plain weights, for graph builders.
+
+Why: the fused ONNX Runtime decoder (``export/gqa_decoder.py``) is written op by op from the weights, not traced,
+so it needs to know where each weight lives and which hyper-parameters matter. That structural knowledge belongs
+with the models, here; the builder stays generic over anything that can produce a :class:`DecoderWeights`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgelvm.errors import UnsupportedModelError
+
+#: Rope variants whose cos/sin depend only on the position (so they can be tabulated once).
+_STATIC_ROPE = {"default", "linear", "llama3", "yarn", "longrope"}
+
+
+@dataclass
+class LayerWeights:
+    input_norm: np.ndarray  # [hidden]
+    qkv: np.ndarray  # [hidden, (q_heads + 2 kv_heads) * head_dim] — q, k, v projections side by side
+    qkv_bias: np.ndarray | None
+    o_proj: np.ndarray  # [q_heads * head_dim, hidden]
+    post_norm: np.ndarray  # [hidden]
+    gate_up: np.ndarray  # [hidden, 2 * intermediate] — gate then up
+    down: np.ndarray  # [intermediate, hidden]
+
+
+@dataclass
+class DecoderWeights:
+    layers: list[LayerWeights]
+    final_norm: np.ndarray
+    lm_head: np.ndarray  # [hidden, vocab]
+    cos: np.ndarray  # [max_length, head_dim // 2], attention scaling of the rope variant folded in
+    sin: np.ndarray
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    scale: float
+
+
+def _np(tensor: Any) -> np.ndarray:
+    return tensor.detach().float().numpy()
+
+
+def describe_llama_decoder(language_model: Any, lm_head: Any, config: Any, max_length: int) -> DecoderWeights:
+    """Read a Llama-type decoder's weights (transposed to ``[in, out]``) and its rope tables up to ``max_length``."""
+    import torch
+
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(
+            f"hidden_act {config.hidden_act!r} (the fused decoder implements SiLU MLPs)",
+            fix="export with --decoder portable",
+        )
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and window < max_length:
+        raise UnsupportedModelError(
+            f"sliding-window attention ({window} < max_length {max_length})",
+            fix="export with --decoder portable, or --max-length ≤ the window",
+        )
+    rope_type = (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
+    if rope_type not in _STATIC_ROPE:
+        raise UnsupportedModelError(
+            f"rope type {rope_type!r} depends on the sequence length", fix="export with --decoder portable"
+        )
+    layers = []
+    for layer in language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if any(m.bias is not None for m in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            raise UnsupportedModelError(
+                "biases on o_proj or the MLP (the fused decoder has none there)", fix="export with --decoder portable"
+            )
+        biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        layers.append(
+            LayerWeights(
+                input_norm=_np(layer.input_layernorm.weight),
+                qkv=np.concatenate([_np(p.weight).T for p in (attn.q_proj, attn.k_proj, attn.v_proj)], axis=1),
+                qkv_bias=np.concatenate([_np(b) for b in biases]) if all(b is not None for b in biases) else None,
+                o_proj=_np(attn.o_proj.weight).T,
+                post_norm=_np(layer.post_attention_layernorm.weight),
+                gate_up=np.concatenate([_np(mlp.gate_proj.weight).T, _np(mlp.up_proj.weight).T], axis=1),
+                down=_np(mlp.down_proj.weight).T,
+            )
+        )
+    first = language_model.layers[0].self_attn
+    head_dim = int(first.head_dim)
+    positions = torch.arange(max_length)[None]
+    probe = torch.zeros(1, max_length, head_dim)
+    with torch.no_grad():
+        cos, sin = language_model.rotary_emb(probe, positions)
+    return DecoderWeights(
+        layers=layers,
+        final_norm=_np(language_model.norm.weight),
+        lm_head=_np(lm_head.weight).T,
+        cos=_np(cos[0, :, : head_dim // 2]),
+        sin=_np(sin[0, :, : head_dim // 2]),
+        num_heads=int(config.num_attention_heads),
+        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+        head_dim=head_dim,
+        rms_eps=float(config.rms_norm_eps),
+        scale=float(first.scaling),
+    )

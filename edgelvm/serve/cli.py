@@ -1,0 +1,137 @@
+"""``edgelvm serve BUNDLE``: the OpenAI-compatible server from the command line.
+
+Registered in :mod:`edgelvm.cli` with ``app.command()(serve)``. Starlette and uvicorn are imported only when the
+command runs, so the rest of the CLI works without the ``serve`` extra and this command says how to get it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edgelvm.errors import EdgeLVMError
+
+log = logging.getLogger(__name__)
+
+
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by `edgelvm export`.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default; 0.0.0.0 exposes it).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port (0 = any free port; the chosen one is printed).")] = 8000,
+    model_id: Annotated[str | None, typer.Option(help="Model name clients send (default: the bundle's name).")] = None,
+    allow_local_files: Annotated[
+        bool, typer.Option(help="Let image_url name files on this machine (file:// or a path). Trusted clients only.")
+    ] = False,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting behind the running one; more get HTTP 429.")] = 8,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body (MiB); larger gets HTTP 413.")] = 20.0,
+    max_image_pixels: Annotated[int, typer.Option(help="Largest image (width × height); larger gets 413.")] = (
+        4096 * 4096
+    ),
+    max_images: Annotated[int, typer.Option(help="Images per request.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Answer budget when a request sets no max_tokens.")] = 256,
+    request_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a request may take, queue wait included (HTTP 504 after).")
+    ] = None,
+    max_connections: Annotated[int, typer.Option(help="Open connections before uvicorn answers 503.")] = 64,
+    backend: Annotated[str, typer.Option(help="auto | onnxruntime-cpu | onnxruntime-cuda | onnxruntime-tensorrt")] = (
+        "auto"
+    ),
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: onnxruntime's choice).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level: warning, info, debug.")] = "info",
+) -> None:
+    """Serve a bundle over HTTP with OpenAI's chat-completions API (/v1/chat/completions, /v1/models, /health).
+
+    Example:  edgelvm serve bundles/llava --port 8000
+    """
+    uvicorn, create_app = _import_extra()
+    from edgelvm.runtime import VLM
+    from edgelvm.runtime.engine import Engine
+    from edgelvm.serve.protocol import ServeConfig
+
+    if max_queue < 1 or max_body_mb <= 0 or max_image_pixels < 1 or max_images < 0 or max_tokens < 1:
+        raise EdgeLVMError(
+            "--max-queue, --max-body-mb, --max-image-pixels and --max-tokens must be positive",
+            where="edgelvm serve",
+            fix="pass positive limits",
+        )
+    config = ServeConfig(
+        model_id=model_id or Path(bundle).resolve().name,
+        allow_local_files=allow_local_files,
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_image_pixels=max_image_pixels,
+        max_images=max_images,
+        default_max_tokens=max_tokens,
+        request_timeout=request_timeout,
+    )
+    engine = Engine(VLM.load(bundle, backend=backend, threads=threads), max_queue=max_queue)
+    sock = _bind(host, port)
+    bound_port = sock.getsockname()[1]
+    if allow_local_files:
+        log.warning("--allow-local-files: clients can make this server read any image file it can open")
+    # One line a supervisor (or a test) can wait for; the port is the real one when --port 0 was given.
+    typer.echo(f"edgelvm serve: model {config.model_id!r} on http://{_url_host(host)}:{bound_port}", err=True)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, config),
+            log_level=log_level,
+            limit_concurrency=max_connections,
+            timeout_graceful_shutdown=5,
+        )
+    )
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close(wait=True)
+        sock.close()
+
+
+def _import_extra() -> tuple[Any, Any]:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        raise EdgeLVMError(
+            f"the HTTP server needs the 'serve' extra ({err.name} is not installed)",
+            where="edgelvm serve",
+            fix="pip install 'edgelvm[serve]'",
+        ) from None
+    from edgelvm.serve.app import create_app
+
+    return uvicorn, create_app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind here rather than in uvicorn so that the real port of ``--port 0`` is known and printed."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise EdgeLVMError(
+            f"cannot listen on {host}:{port} ({err.strerror})",
+            where="edgelvm serve",
+            fix="pick another --port (or --port 0 for any free one), or stop the process using it",
+        ) from None
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def main() -> None:
+    """Run ``serve`` alone (``python -c 'from edgelvm.serve.cli import main; main()' BUNDLE ...``)."""
+    try:
+        typer.run(serve)
+    except EdgeLVMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
