@@ -434,7 +434,12 @@ class ChatSession:
                 self._cache = vlm.backend.new_cache(1)
             stats.reused_tokens = reuse
             started = time.perf_counter()
-            row = vlm._embed(ids, vlm._image_features(self.images))
+            image_id = vlm.manifest.preprocess.image_token_id
+            if image_id in ids[reuse:]:
+                row = vlm._embed(ids, vlm._image_features(self.images))
+            else:  # the images are already in the cache: embed only the new text (rows are sliced at `reuse`)
+                row = np.zeros((len(ids), vlm._embed_table.shape[1]), dtype=vlm.backend.embed_dtype)
+                row[reuse:] = vlm._token_embeds(np.asarray(ids[reuse:], dtype=np.int64))
             stats.vision_ms = (time.perf_counter() - started) * 1e3
             fed_ids = list(ids)
 
