@@ -7,7 +7,9 @@ Model: CLIP-style vision tower (``CLIPVisionConfig``) + 2-layer GELU projector +
 (``LlamaConfig``), ~5.5M parameters. Patch 32 at 96 px gives 3x3 image tokens, one per cell of the task's grid:
 each shape lies inside one patch. With patch 16 every shape straddles four patches (cell centres fall on patch
 corners), training ran at half the steps/s and needed ~2x the steps for the same loss (measured, 1 thread, batch 32:
-patch 16 reached 36% val exact match after 12.5 min, patch 32 reached 37% after 4.5 min). The output directory is always a loadable Hugging Face checkpoint
+patch 16 reached 36% val exact match after 12.5 min, patch 32 reached 37% after 4.5 min).
+
+The output directory is always a loadable Hugging Face checkpoint
 (``LlavaForConditionalGeneration.from_pretrained`` / ``LlavaProcessor.from_pretrained``) plus ``trainer_state.json``
 and ``optimizer.pt`` for ``--resume``; every save is written to a temporary sibling and swapped in.
 
