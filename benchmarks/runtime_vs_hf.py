@@ -278,6 +278,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--name", default="runtime_vs_hf", help="Base name of the JSON / markdown written to --out.")
     parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -300,8 +301,8 @@ def main() -> None:
     report = {"bandwidth_bytes_per_s": bandwidth, "tokens": args.tokens, "threads": THREADS, "results": results}
     table = markdown(results, bandwidth, args.tokens)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "runtime_vs_hf.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "runtime_vs_hf.md").write_text(table + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(table + "\n")
     print(table)
 
 
