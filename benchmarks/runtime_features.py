@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_models import prepare
 
 Q1 = "What is on the table?"
 Q2 = "And what colour is it?"
@@ -47,27 +48,6 @@ QUESTIONS = [
 
 
 # ---- setup ----------------------------------------------------------------------------------------------------------
-def prepare(kind: str, workdir: Path) -> Path:
-    """Build and export once (same layout as ``runtime_vs_hf.py``, so the two benchmarks share bundles)."""
-    checkpoint, bundle = workdir / kind / "model", workdir / kind / "bundle"
-    if not (checkpoint / "config.json").is_file():
-        from edgelvm.testing import build_realistic_llava, build_tiny_llava
-
-        print(f"[{kind}] building checkpoint …", file=sys.stderr)
-        if kind == "realistic":
-            build_realistic_llava(checkpoint)
-        else:
-            build_tiny_llava(
-                checkpoint, image_size=224, patch_size=16, text_overrides={"max_position_embeddings": 1024}
-            )
-    if not (bundle / "edgelvm.json").is_file():
-        from edgelvm.export import ExportConfig, export
-
-        print(f"[{kind}] exporting (the realistic decoder takes a few minutes) …", file=sys.stderr)
-        export(checkpoint, bundle, ExportConfig(max_length=1024, force=True))
-    return bundle
-
-
 def images(count: int, size: int = 224) -> list[Any]:
     from PIL import Image
 
@@ -249,7 +229,7 @@ def main() -> None:
     for kind in [m.strip() for m in args.models.split(",") if m.strip()]:
         if kind not in ("tiny", "realistic"):
             parser.error(f"unknown model {kind!r}: use tiny, realistic")
-        results.append(bench_model(kind, prepare(kind, args.workdir), args))
+        results.append(bench_model(kind, prepare(kind, args.workdir)[1], args))
     report = {
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "out")},

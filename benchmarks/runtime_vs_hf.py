@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_models import prepare
 
 PROMPT = "Describe the image in detail."
 THREADS = 2
@@ -121,28 +122,6 @@ def worker_hf(checkpoint: str, tokens: int, repeats: int) -> dict:
 
 
 # ---- orchestration --------------------------------------------------------------------------------------------------
-def prepare(kind: str, workdir: Path) -> tuple[Path, Path]:
-    """Build the checkpoint and export its bundle once; later runs reuse them."""
-    checkpoint, bundle = workdir / kind / "model", workdir / kind / "bundle"
-    if not (checkpoint / "config.json").is_file():
-        from edgelvm.testing import build_realistic_llava, build_tiny_llava
-
-        print(f"[{kind}] building checkpoint …", file=sys.stderr)
-        if kind == "realistic":
-            build_realistic_llava(checkpoint)
-        else:
-            build_tiny_llava(
-                checkpoint, image_size=224, patch_size=16, text_overrides={"max_position_embeddings": 1024}
-            )
-    if not (bundle / "edgelvm.json").is_file() or not (bundle / "decoder_ort.onnx").is_file():
-        from edgelvm.export import ExportConfig, export
-
-        print(f"[{kind}] exporting (the realistic decoder takes a few minutes) …", file=sys.stderr)
-        report = export(checkpoint, bundle, ExportConfig(max_length=1024, force=True))
-        print(f"[{kind}] exported in {report.seconds:.0f} s", file=sys.stderr)
-    return checkpoint, bundle
-
-
 SIDES = {
     "runtime-fused": "edgelvm runtime, fused decoder (ORT CPU)",
     "runtime-portable": "edgelvm runtime, portable decoder (ORT CPU)",

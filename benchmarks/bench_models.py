@@ -1,0 +1,32 @@
+"""The benchmark models, built and exported once under ``--workdir`` and shared by the benchmark scripts.
+
+``tiny``: the test-sized LLaVA at 224 px. ``realistic``: a CLIP ViT-B/16 tower + SmolLM2-135M-shaped Llama with random
+weights (``edgelvm.testing.build_realistic_llava``); its export takes a few minutes the first time.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def prepare(kind: str, workdir: Path) -> tuple[Path, Path]:
+    """``(checkpoint, bundle)`` for ``kind``; re-exported when the bundle lacks the fused decoder."""
+    checkpoint, bundle = workdir / kind / "model", workdir / kind / "bundle"
+    if not (checkpoint / "config.json").is_file():
+        from edgelvm.testing import build_realistic_llava, build_tiny_llava
+
+        print(f"[{kind}] building checkpoint …", file=sys.stderr)
+        if kind == "realistic":
+            build_realistic_llava(checkpoint)
+        else:
+            build_tiny_llava(
+                checkpoint, image_size=224, patch_size=16, text_overrides={"max_position_embeddings": 1024}
+            )
+    if not (bundle / "edgelvm.json").is_file() or not (bundle / "decoder_ort.onnx").is_file():
+        from edgelvm.export import ExportConfig, export
+
+        print(f"[{kind}] exporting (the realistic decoder takes a few minutes) …", file=sys.stderr)
+        report = export(checkpoint, bundle, ExportConfig(max_length=1024, force=True))
+        print(f"[{kind}] exported in {report.seconds:.0f} s", file=sys.stderr)
+    return checkpoint, bundle
