@@ -38,3 +38,19 @@ def test_cli_help_and_generate_do_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("HEAVY=")
+
+
+def test_eval_of_a_bundle_does_not_import_torch(tiny_bundles, tmp_path):
+    from edgelvm.data import write_split
+
+    data = write_split(tmp_path / "data", seed=3, n=4)
+    code = (
+        "import sys\n"
+        "from edgelvm.eval import EvalConfig, evaluate\n"
+        f"report = evaluate({str(tiny_bundles['llama-clip'])!r}, {str(data)!r}, EvalConfig(max_new_tokens=4))\n"
+        "assert report.metrics['n'] == 4\n"
+        "print('HEAVY=' + ','.join(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("HEAVY=")
