@@ -135,12 +135,14 @@ def build_model(cfg: TrainConfig, tokenizer):
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tokenizer.image_token_id,
+        image_token_id=tokenizer.image_token_id,  # transformers 5 name; the old image_token_index is ignored
         image_seq_length=n_img,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,  # a from-scratch tower: its last layer is the one trained for this
     )
     config.pad_token_id = tokenizer.pad_token_id
+    # A wrong id does not fail: transformers just finds no placeholders and the model trains blind.
+    assert config.image_token_id == tokenizer.image_token_id, "image features would never reach the language model"
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
     gc = model.generation_config

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgelvm.errors import ExportError
 from edgelvm.models.base import VLMAdapter
 
 
@@ -48,6 +49,18 @@ class LlavaAdapter(VLMAdapter):
     family = "llava"
     model_types = ("llava",)
     supported_text_models = ("llama", "qwen2", "mistral")
+
+    def _check_text_model(self) -> None:
+        super()._check_text_model()
+        _, token_id = self.image_token()
+        if self.config.image_token_id != token_id:
+            # transformers then finds no placeholder and silently ignores the image; the export would not.
+            raise ExportError(
+                f"config.image_token_id is {self.config.image_token_id} but the tokenizer's image token is id "
+                f"{token_id}",
+                where=self.source or None,
+                fix="set image_token_id in config.json to the tokenizer's <image> id",
+            )
 
     def vision_encoder(self) -> Any:
         return _LlavaVisionEncoder.build(self.model)
