@@ -88,6 +88,11 @@ def describe_llama_decoder(language_model: Any, lm_head: Any, config: Any, max_l
         )
     first = language_model.layers[0].self_attn
     head_dim = int(first.head_dim)
+    if head_dim % 16:
+        raise UnsupportedModelError(
+            f"head_dim {head_dim} (ONNX Runtime's GroupQueryAttention needs a multiple of 16)",
+            fix="export with --decoder portable",
+        )
     positions = torch.arange(max_length)[None]
     probe = torch.zeros(1, max_length, head_dim)
     with torch.no_grad():
