@@ -67,8 +67,8 @@ def run_demo(workdir: Path, *, console: Any, max_new_tokens: int = 24) -> dict[s
     if on_bundle.metrics.get("hallucination_rate") is not None:
         table.add_row("hallucination rate (yes to an absent object)", f"{on_bundle.metrics['hallucination_rate']:.1%}")
     table.add_row("answers identical to PyTorch", f"{same}/{len(on_bundle.items)}")
-    table.add_row("runtime decode (ONNX Runtime CPU)", f"{speed['runtime']:.0f} tok/s")
-    table.add_row("HF generate (PyTorch eager)", f"{speed['hf']:.0f} tok/s")
+    table.add_row("runtime, whole request (ONNX Runtime CPU)", f"{speed['runtime']:.0f} tok/s")
+    table.add_row("HF generate, whole request (PyTorch eager)", f"{speed['hf']:.0f} tok/s")
     console.print(table)
     console.print(f"try: edgelvm generate {bundle} -i {example.image_path} -p {example.question!r}")
     return {
@@ -94,7 +94,7 @@ def _parameters(model_dir: Path) -> int:
 
 
 def _speed(bundle: Path, model_dir: Path, record: Any, tokens: int) -> dict[str, float]:
-    """Decode tokens/s of one fixed-length answer, runtime vs transformers ``generate`` (after a warm-up each)."""
+    """Tokens/s of one fixed-length request (vision + prefill + decode), runtime vs transformers ``generate``."""
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
