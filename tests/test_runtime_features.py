@@ -164,3 +164,17 @@ def test_bad_request_fails_at_submit_not_in_the_worker(tiny_bundles, tmp_path):
         engine.submit(tmp_path / "missing.png", "hi")
     assert engine.queued == 0
     engine.close()
+
+
+def test_session_settings_follow_the_device_and_can_be_overridden(tiny_bundles, monkeypatch):
+    import edgelvm.runtime.session_settings as ss
+
+    monkeypatch.setattr(ss, "is_jetson", lambda: False)
+    host = ss.SessionSettings.for_this_device()
+    assert host.threads == ss._usable_cores() and host.spinning
+    monkeypatch.setattr(ss, "is_jetson", lambda: True)
+    assert not ss.SessionSettings.for_this_device().spinning  # shares the SoC: no spin-waiting
+    assert ss.SessionSettings.for_this_device(threads=1, spinning=True) == ss.SessionSettings(1, True)
+    vlm = VLM.load(tiny_bundles["llama-clip"], threads=1, spinning=False)
+    assert vlm.backend.settings == ss.SessionSettings(threads=1, spinning=False)
+    assert vlm.generate(None, "hi", max_new_tokens=3) is not None

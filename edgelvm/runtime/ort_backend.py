@@ -24,6 +24,7 @@ from edgelvm.errors import BackendError
 from edgelvm.manifest import KVCacheSpec, Manifest
 from edgelvm.runtime.inplace_cache import InPlaceKVCache
 from edgelvm.runtime.padding import LeftPadState
+from edgelvm.runtime.session_settings import SessionSettings
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class OrtBackend:
         backend: str = "auto",
         threads: int | None = None,
         fused: bool | None = None,
+        settings: SessionSettings | None = None,
     ) -> None:
         """``fused``: use the bundle's ORT-fused decoder (in-place KV, GroupQueryAttention) when it has one
         (default), or force the portable traced decoder (``False``)."""
@@ -142,8 +144,8 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+        self.settings = settings or SessionSettings.for_this_device(threads=threads)
+        self.settings.apply(options)
         self.vision = self._session(ort, bundle_dir / manifest.graphs["vision"].file, options)
         self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
         # The fused graph's in-place cache is bound from host memory: CPU only until a device-side variant exists.

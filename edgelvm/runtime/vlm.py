@@ -24,6 +24,7 @@ from edgelvm.runtime.images import ImageInput
 from edgelvm.runtime.ort_backend import OrtBackend
 from edgelvm.runtime.preprocess import ImagePreprocessor
 from edgelvm.runtime.sampling import Sampler, SamplingConfig
+from edgelvm.runtime.session_settings import SessionSettings
 from edgelvm.runtime.text import ChatTokenizer, Message, StreamDecoder, user_message
 from edgelvm.runtime.vision_cache import VisionCache, pixel_key
 
@@ -147,6 +148,7 @@ class VLM:
         verify: bool = True,
         vision_cache_mb: float = 64,
         decoder: str = "auto",
+        spinning: bool | None = None,
     ) -> VLM:
         """Open a bundle. ``verify`` checks every file's sha256 against the manifest (a mismatch names the file).
 
@@ -155,6 +157,8 @@ class VLM:
         this device by ``edgelvm build``; never run on hardware in this repository yet).
         ``vision_cache_mb``: image-feature cache (0 = off). ``decoder``: ``auto`` (the ORT-fused decoder when the
         bundle has one and the backend can use it), ``portable`` (the traced one), or ``fused`` (required).
+        ``threads`` / ``spinning``: ONNX Runtime session settings; the defaults are chosen for this device
+        (:class:`~edgelvm.runtime.session_settings.SessionSettings`).
         """
         bundle_dir = Path(bundle)
         manifest = Manifest.load(bundle_dir)
@@ -173,7 +177,8 @@ class VLM:
                     fix="re-export with `edgelvm export --decoder auto` (fp32, Llama-family text model)",
                 )
             fused = {"auto": None, "portable": False, "fused": True}[decoder]
-            backend_impl = OrtBackend(bundle_dir, manifest, backend=backend, threads=threads, fused=fused)
+            settings = SessionSettings.for_this_device(threads=threads, spinning=spinning)
+            backend_impl = OrtBackend(bundle_dir, manifest, backend=backend, fused=fused, settings=settings)
         return cls(bundle_dir, manifest, backend_impl, vision_cache_mb=vision_cache_mb)
 
     @property
