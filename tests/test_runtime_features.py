@@ -178,3 +178,10 @@ def test_session_settings_follow_the_device_and_can_be_overridden(tiny_bundles, 
     vlm = VLM.load(tiny_bundles["llama-clip"], threads=1, spinning=False)
     assert vlm.backend.settings == ss.SessionSettings(threads=1, spinning=False)
     assert vlm.generate(None, "hi", max_new_tokens=3) is not None
+
+
+def test_one_frame_in_a_batch_is_encoded_once_even_without_the_cache(tiny_bundles, test_images):
+    vlm = VLM.load(tiny_bundles["llama-clip"], vision_cache_mb=0)
+    answers = vlm.generate_batch([(test_images[0], q) for q in QUESTIONS] + [(None, "Hello?")], max_new_tokens=6)
+    assert vlm.last_stats.images_encoded == 1 and len(answers) == 4
+    assert answers[:3] == [vlm.generate(test_images[0], q, max_new_tokens=6) for q in QUESTIONS]

@@ -310,7 +310,11 @@ class VLM:
         with self._lock:
             self.last_stats = stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
             started = time.perf_counter()
-            rows = [self._embed(ids, self._image_features(r.images)) for ids, r in zip(prompts, requests)]
+            # One encoder call for the whole batch: the same frame in several requests is encoded once.
+            features = self._image_features([image for r in requests for image in r.images])
+            splits = np.cumsum([len(r.images) for r in requests])[:-1]
+            per_request = np.split(features, splits) if len(features) else [features] * len(requests)
+            rows = [self._embed(ids, feats) for ids, feats in zip(prompts, per_request)]
             stats.vision_ms = (time.perf_counter() - started) * 1e3
             cache, cached = self._shared_prefix_cache(rows)
             yield from self._decode(rows, cache, cached, config, control)
@@ -321,8 +325,10 @@ class VLM:
         batch = len(rows)
         shared = _common_prefix(rows) if batch > 1 else 0
         shared = min(shared, min(len(r) for r in rows) - 1)  # every row needs ≥ 1 own position for its logits
+        if shared < MIN_SHARED_PREFIX:
+            return None, 0
         probe = self.backend.new_cache(1)
-        if shared < MIN_SHARED_PREFIX or not probe.supports_reuse:
+        if not probe.supports_reuse:
             return None, 0
         started = time.perf_counter()
         self.backend.step([rows[0][:shared]], probe)
