@@ -62,7 +62,7 @@ class BundleAnswerer:
         return self.vlm.forced_logits(_images(record), record.question, continuation)
 
     def vocab(self) -> dict[str, int]:
-        return self.vlm.tokenizer._tok.get_vocab(with_added_tokens=True)
+        return self.vlm.tokenizer.vocab()
 
 
 class HFAnswerer:

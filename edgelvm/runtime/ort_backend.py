@@ -152,9 +152,8 @@ class OrtBackend:
         self.fused = "decoder_ort" in manifest.graphs and self.device == "cpu" and fused is not False
         graph = manifest.graphs["decoder_ort" if self.fused else "decoder"]
         self.decoder = self._session(ort, bundle_dir / graph.file, options)
-        self._in_names = [i.name for i in self.decoder.get_inputs()]
         self._out_names = [o.name for o in self.decoder.get_outputs()]
-        self._kv_inputs = [n for n in self._in_names if n.startswith("past")]
+        self._kv_inputs = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past")]
         self._embed_dtype = _NP_DTYPES[graph.inputs[0].dtype]
         self._kv_dtype = _NP_DTYPES[self.kv_spec.dtype]
         self._logits_dtype = _NP_DTYPES[graph.outputs[0].dtype]
@@ -198,10 +197,10 @@ class OrtBackend:
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("attention_mask", attention_mask)
         binding.bind_cpu_input("position_ids", positions)
-        logits = np.empty((batch, self._logits_dim()), dtype=self._logits_dtype)
+        logits = np.empty((batch, self._vocab), dtype=self._logits_dtype)
         binding.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
         if isinstance(cache, KVCache):
-            for index, (past_name, present_name) in enumerate(zip(self._in_names[3:], self._out_names[1:])):
+            for index, (past_name, present_name) in enumerate(zip(self._kv_inputs, self._out_names[1:])):
                 past = cache.past(index)
                 target = cache.target(index, new_length)
                 binding.bind_input(past_name, "cpu", 0, past.dtype, past.shape, past.ctypes.data)
@@ -209,13 +208,10 @@ class OrtBackend:
             self.decoder.run_with_iobinding(binding)
             cache.advance(new_length)
         else:
-            cache.bind(binding, self._in_names[3:], self._out_names[1:])
+            cache.bind(binding, self._kv_inputs, self._out_names[1:])
             self.decoder.run_with_iobinding(binding)
             cache.collect(binding, new_length)
         return logits
-
-    def _logits_dim(self) -> int:
-        return self._vocab
 
     def _fused_step(self, rows: list[np.ndarray], cache: InPlaceKVCache) -> np.ndarray:
         """GroupQueryAttention takes a batch in one call for a first prompt (right-padded) or a decode step (one

@@ -88,12 +88,9 @@ class ChatTokenizer:
     def decode(self, ids: list[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+    def vocab(self) -> dict[str, int]:
+        """Token → id, special tokens included (to check that two models share a tokenizer)."""
+        return self._tok.get_vocab(with_added_tokens=True)
 
 
 def _content_items(message: Message) -> list[dict[str, Any]]:

@@ -346,11 +346,11 @@ class VLM:
         cached: int,
         config: GenerationConfig,
         control: Control,
-        on_token: Any = None,
+        on_fed: Any = None,
     ) -> Iterator[tuple[int, str]]:
         """Prefill ``rows[r][cached:]`` after the ``cached`` positions already in ``cache``, then decode.
 
-        ``on_token(row, token, fed)`` is told every sampled token and whether it went into the cache.
+        ``on_fed(row, token)`` is told each sampled token once it is in the cache (chat sessions track them).
         """
         stats = self.last_stats
         batch = len(rows)
@@ -387,8 +387,6 @@ class VLM:
                         reasons[row] = "stop"
                     elif last_step:
                         reasons[row], piece = "length", piece + texts[row].finish()
-                if on_token is not None:
-                    on_token(row, token, fed=False)
                 if piece:
                     yield row, piece
             interrupted = control.reason()
@@ -397,9 +395,9 @@ class VLM:
             if all(r is not None for r in reasons):
                 break
             logits = self.backend.step(list(self._token_embeds(tokens)[:, None, :]), cache)
-            if on_token is not None:
+            if on_fed is not None:
                 for row in range(batch):
-                    on_token(row, int(tokens[row]), fed=True)
+                    on_fed(row, int(tokens[row]))
         stats.decode_ms = (time.perf_counter() - decode_started) * 1e3
         stats.finish_reasons = [r or "length" for r in reasons]
 
@@ -454,12 +452,11 @@ class ChatSession:
             stats.vision_ms = (time.perf_counter() - started) * 1e3
             fed_ids = list(ids)
 
-            def record(_row: int, token: int, fed: bool) -> None:
-                if fed:
-                    fed_ids.append(token)
+            def record(_row: int, token: int) -> None:
+                fed_ids.append(token)
 
             answer = ""
-            for _, piece in vlm._decode([row], self._cache, reuse, config, Control(), on_token=record):
+            for _, piece in vlm._decode([row], self._cache, reuse, config, Control(), on_fed=record):
                 answer += piece
                 yield piece
             self._cached_ids = fed_ids
