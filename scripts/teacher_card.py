@@ -1,6 +1,6 @@
 """Evaluate a trained shapes teacher on the shipped test split and write its model card (README.md) next to it.
 
-    python scripts/teacher_card.py models/shapes-teacher --train-command "python scripts/train_teacher.py ..."
+python scripts/teacher_card.py models/shapes-teacher --train-command "python scripts/train_teacher.py ..."
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ Reproduce (2-core CPU, about {args.minutes:.0f} minutes):
 
     {args.train_command}
 
-## Test split (shipped seed, {m['n']} questions, greedy, exact match)
+## Test split (shipped seed, {m["n"]} questions, greedy, exact match)
 
 | question type | n | exact match |
 | --- | --- | --- |
 {rows}
-| **all** | {m['n']} | **{m['exact_match']:.1%}** |
+| **all** | {m["n"]} | **{m["exact_match"]:.1%}** |
 
-Hallucination rate ("yes" to a question about an absent object): {m['hallucination_rate']:.1%} of
-{m['n_absent_probes']} probes.
+Hallucination rate ("yes" to a question about an absent object): {m["hallucination_rate"]:.1%} of
+{m["n_absent_probes"]} probes.
 
 Measured by `python scripts/teacher_card.py` (transformers `generate`); `tests/test_teacher.py` re-checks these
 numbers and that the exported bundle answers identically.

@@ -195,13 +195,17 @@ class Batcher:
 
     def train_batch(self, samples: list[sh.Sample]) -> dict[str, torch.Tensor]:
         """Right-padded; labels = answer + eos, everything else -100."""
+        return self.text_batch(samples) | {"pixel_values": self.pixels(samples)}
+
+    def text_batch(self, samples) -> dict[str, torch.Tensor]:
+        """The token half of :meth:`train_batch` (needs only ``.question`` and ``.answer``)."""
         seqs, labels = [], []
         for s in samples:
             p = self.prompt_ids(s.question)
             a = [*self._ids(s.answer), self.tok.eos_token_id]
             seqs.append(p + a)
             labels.append([-100] * len(p) + a)
-        return self._pad(seqs, labels) | {"pixel_values": self.pixels(samples)}
+        return self._pad(seqs, labels)
 
     def _pad(self, seqs: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
         n = max(map(len, seqs))
