@@ -32,18 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 log = logging.getLogger("sweep_teacher")
 
 RECIPES: dict[str, dict] = {
-    "base": {},
-    "lr4e-4": {"lr": 4e-4, "warmup": 300},
-    "lr1e-3": {"lr": 1e-3, "warmup": 500},
-    "bs64-lr4e-4": {"batch_size": 64, "lr": 4e-4, "warmup": 300},
-    "vis256x6": {"vision_hidden": 256, "vision_layers": 6},
-    "vis256x6-lr4e-4": {"vision_hidden": 256, "vision_layers": 6, "lr": 4e-4, "warmup": 300},
-    "vis384x6-lr4e-4": {"vision_hidden": 384, "vision_layers": 6, "vision_heads": 6, "lr": 4e-4, "warmup": 300},
-    "p16": {"patch_size": 16},
-    "p16-lr4e-4": {"patch_size": 16, "lr": 4e-4, "warmup": 300},
-    "p16-vis256x6-lr4e-4": {"patch_size": 16, "vision_hidden": 256, "vision_layers": 6, "lr": 4e-4, "warmup": 300},
-    "text384": {"text_hidden": 384, "text_intermediate": 1024, "text_heads": 6, "text_kv_heads": 2},
-    "text256x6-lr4e-4": {"text_layers": 6, "lr": 4e-4, "warmup": 300},
+    "nocell": {"cell_loss": 0.0},
+    "cell0.3": {"cell_loss": 0.3},
+    "cell1": {"cell_loss": 1.0},
+    "cell1-lr4e-4": {"cell_loss": 1.0, "lr": 4e-4, "warmup": 300},
+    "cell3": {"cell_loss": 3.0},
 }
 
 
@@ -59,7 +52,7 @@ def _render_range(args: tuple[str, int, int, int, int]) -> list[tuple[str, str, 
     for i in range(start, stop):
         s = sh.generate_sample(sh.SPLIT_SEEDS["train"], i, size)
         images[i] = np.asarray(s.image)
-        meta.append((s.question, s.answer, s.qtype))
+        meta.append((s.question, s.answer, s.qtype, [x.to_dict() for x in s.scene]))
     images.flush()
     return meta
 
@@ -84,10 +77,13 @@ def prerender(out: Path, n: int, size: int, workers: int) -> None:
 
 
 class _Q:
-    __slots__ = ("answer", "qtype", "question")
+    __slots__ = ("answer", "qtype", "question", "scene")
 
-    def __init__(self, question: str, answer: str, qtype: str) -> None:
+    def __init__(self, question: str, answer: str, qtype: str, scene: list[dict]) -> None:
+        from edgelvm.data.shapes import Shape
+
         self.question, self.answer, self.qtype = question, answer, qtype
+        self.scene = [Shape.from_dict(d) for d in scene]
 
 
 def run_recipe(name: str, overrides: dict, data: Path, n: int, size: int, out: Path, minutes: float, device: str):
@@ -138,7 +134,9 @@ def run_recipe(name: str, overrides: dict, data: Path, n: int, size: int, out: P
         acc["all"] = sum(hits.values()) / sum(tot.values())
         return acc
 
+    loss_fn = tt.TeacherLoss(cfg, model).to(device)
     decay = [p for k, p in model.named_parameters() if p.ndim >= 2 and "embed" not in k]
+    decay += loss_fn.parameters()
     no_decay = [p for k, p in model.named_parameters() if p.ndim < 2 or "embed" in k]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -154,9 +152,10 @@ def run_recipe(name: str, overrides: dict, data: Path, n: int, size: int, out: P
         for g in opt.param_groups:
             g["lr"] = tt.lr_at(cfg, step)
         a, b_ = step * cfg.batch_size, (step + 1) * cfg.batch_size
-        batch = batcher.text_batch([_Q(*m) for m in meta[a:b_]])
+        qs = [_Q(*m) for m in meta[a:b_]]
+        batch = batcher.text_batch(qs)
         batch = {k: v.to(device) for k, v in batch.items()} | {"pixel_values": pixels(images[a:b_])}
-        loss = model(**batch).loss
+        loss, _ = loss_fn(model, batch, [q.scene for q in qs])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
