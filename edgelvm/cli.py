@@ -209,6 +209,9 @@ def _mount_optional_apps() -> None:
     from edgelvm.serve.cli import serve
 
     register(app)  # devices, build, bench
+    from edgelvm.distill.cli import distill_command
+
+    app.command("distill")(distill_command)
     app.command("serve")(serve)
     try:
         from edgelvm.data.cli import app as data_app

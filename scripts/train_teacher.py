@@ -53,7 +53,7 @@ log = logging.getLogger("train_teacher")
 @dataclass
 class TrainConfig:
     out: str = "runs/teacher"
-    steps: int = 4000
+    steps: int = 7000
     batch_size: int = 32
     lr: float = 2e-4  # 5e-4 stalled at ~35% val (colour at chance) for 1500 steps; 2e-4 had colour at 57% by step 500
     min_lr_ratio: float = 0.05
@@ -71,7 +71,7 @@ class TrainConfig:
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 704
-    cell_loss: float = 1.0  # weight of the auxiliary per-cell kind/colour loss on the vision tokens (0: off)
+    cell_loss: float = 3.0  # weight of the auxiliary per-cell kind/colour loss on the vision tokens (0: off)
     train_size: int = 0  # 0: an endless stream of fresh train-seed samples; N: cycle through the first N
     eval_every: int = 250
     eval_n: int = 500

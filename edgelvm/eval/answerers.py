@@ -68,15 +68,20 @@ class BundleAnswerer:
 class HFAnswerer:
     """A checkpoint run with transformers, the way its users run it (``generate``, greedy)."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, adapter: Any | None = None) -> None:
         from edgelvm.models import load_model
 
         self.name = f"checkpoint {source}"
-        self.adapter = load_model(source)
+        self.adapter = adapter if adapter is not None else load_model(source)
         self.processor = self.adapter.processor
         self.processor.tokenizer.padding_side = "left"
         eos = self.adapter.generation_spec()["eos_token_ids"]
         self._eos = set(eos)
+
+    @classmethod
+    def from_adapter(cls, adapter: Any) -> HFAnswerer:
+        """An answerer over an already-loaded model (e.g. the teacher inside ``distill``)."""
+        return cls(str(getattr(adapter, "source", "") or "model"), adapter)
 
     def _inputs(self, records: list[VQARecord]) -> Any:
         texts, images = [], []

@@ -93,6 +93,21 @@ class VLMAdapter(ABC):
     def example_pixel_values(self, batch: int) -> Any:
         """Random pixel inputs of the right shape, for tracing and parity checks."""
 
+    # ---- structure for the compression stages ------------------------------------------------------------------
+    def layer_stacks(self) -> dict[str, Any]:
+        """The repeated blocks: ``{"vision": ModuleList, "text": ModuleList}`` (distill maps student layers to
+        teacher layers through these; prune walks them)."""
+        raise UnsupportedModelError(f"{self.family} does not describe its layer stacks", fix="use a LLaVA checkpoint")
+
+    def image_feature_module(self) -> Any:
+        """The module whose output is the image features in the LLM's embedding space (the projector)."""
+        raise UnsupportedModelError(f"{self.family} does not name its projector", fix="use a LLaVA checkpoint")
+
+    def sub_configs(self, config: Any | None = None) -> dict[str, Any]:
+        """``{"vision": ..., "text": ...}`` sub-configs of ``config`` (default: this model's): the objects a derived
+        student's sizes are set on."""
+        raise UnsupportedModelError(f"{self.family} does not expose its sub-configs", fix="use a LLaVA checkpoint")
+
     # ---- plain-data descriptions for the bundle ----------------------------------------------------------------
     def kv_cache_spec(self, max_length: int, dtype: str) -> KVCacheSpec:
         cfg = self.text_config

@@ -79,6 +79,18 @@ class LlavaAdapter(VLMAdapter):
 
         return describe_llama_decoder(self.language_model(), self.lm_head(), self.text_config, max_length)
 
+    def layer_stacks(self) -> dict[str, Any]:
+        tower = self.model.model.vision_tower
+        encoder = getattr(tower, "vision_model", tower).encoder  # transformers 5 dropped the .vision_model level
+        return {"vision": encoder.layers, "text": self.language_model().layers}
+
+    def image_feature_module(self) -> Any:
+        return self.model.model.multi_modal_projector
+
+    def sub_configs(self, config: Any | None = None) -> dict[str, Any]:
+        config = config if config is not None else self.model.config
+        return {"vision": config.vision_config, "text": config.text_config}
+
     def vision_config(self) -> Any:
         return self.model.config.vision_config
 

@@ -1,0 +1,575 @@
+"""``distill(teacher, student, train_data, DistillConfig) -> DistillReport``: the distillation trainer.
+
+Design:
+- One process or many (``accelerate launch``): each rank takes its own slice of every global batch, chosen by a
+  pure function of (seed, sample number), and DDP averages gradients. Nothing depends on a DataLoader's state, so
+  ``--resume`` continues *exactly*: same data, same learning rate, same optimizer moments.
+- Checkpoints go to ``OUT/.distill/checkpoint`` (student, projections, optimizer, state) through a temporary
+  sibling and a rename; the finished student is written into ``OUT`` (a normal Hugging Face checkpoint) and
+  ``OUT/distill_report.json`` last, so a directory with a report is complete.
+- With ``cache_teacher`` the teacher runs once over the data (top-k logits and image features into safetensors
+  shards) and is then released: the student trains without the teacher in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edgelvm.data.jsonl import VQARecord, load_jsonl_dataset
+from edgelvm.distill.batches import ConversationEncoder, batch_indices, collate, dataset_fingerprint
+from edgelvm.distill.config import DistillConfig, DistillReport
+from edgelvm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".distill"
+REPORT = "distill_report.json"
+
+
+# ------------------------------------------------------------------------------------------------ output directory
+
+
+def _prepare_out(cfg: DistillConfig, run_id: dict[str, Any], is_main: bool) -> tuple[Path, dict[str, Any] | None]:
+    """Refuse a directory holding anything but this run; return (state dir, saved state to resume or None).
+
+    ``OUT/.distill/run.json`` marks a run in progress (written before any work, so teacher responses and caches
+    produced before the first checkpoint are reused by ``--resume`` too)."""
+    out = Path(cfg.out)
+    state_dir = out / STATE_DIR
+    run_file = state_dir / "run.json"
+    if out.exists() and not out.is_dir():
+        raise ConfigError("the output path is a file", where=out, fix="choose a directory for the student")
+    if (out / REPORT).is_file():
+        raise ConfigError(
+            "the output directory already holds a finished distillation", where=out, fix="choose a new --out directory"
+        )
+    if out.exists() and any(out.iterdir()):
+        if not run_file.is_file():
+            raise ConfigError(
+                "the output directory is not empty and holds no distillation run",
+                where=out,
+                fix="choose a new --out directory",
+            )
+        saved_run = json.loads(run_file.read_text())
+        if saved_run != run_id:
+            diff = sorted(k for k in set(saved_run) | set(run_id) if saved_run.get(k) != run_id.get(k))
+            raise ConfigError(
+                f"the output directory holds another run (differs in: {', '.join(diff)})",
+                where=out,
+                fix="resume it with the same teacher, student, data and options, or choose a new --out directory",
+            )
+        state_file = state_dir / "checkpoint" / "state.json"
+        saved = json.loads(state_file.read_text()) if state_file.is_file() else None
+        if not cfg.resume:
+            at = f"step {saved['step']}" if saved else "before its first checkpoint"
+            raise ConfigError(
+                f"the output directory holds an unfinished run ({at})",
+                where=out,
+                fix="pass --resume to continue it, or choose a new --out directory",
+            )
+        return state_dir, saved
+    if is_main:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_file.with_name("run.json.tmp")
+        tmp.write_text(json.dumps(run_id, indent=1))
+        tmp.replace(run_file)
+    return state_dir, None
+
+
+def _atomic_dir_write(target: Path, write: Any) -> None:
+    """``write(tmp_dir)`` then swap ``tmp_dir`` into ``target``; the previous ``target`` survives a failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ the wrapped student
+
+
+def _student_module(student_model: Any, projections: dict[str, Any]) -> Any:
+    """Student + learned feature projections in one module, so DDP and the optimizer see all trained weights."""
+    import torch
+
+    class StudentWithProjections(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = student_model
+            self.projections = torch.nn.ModuleDict(projections)
+
+        def forward(self, **inputs: Any) -> Any:
+            return self.student(**inputs)
+
+    return StudentWithProjections()
+
+
+def _lr_at(cfg: DistillConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ------------------------------------------------------------------------------------------------ main entry point
+
+
+def distill(
+    teacher: str | Path | Any,
+    student: str | Path | Any,
+    train_data: str | Path | list[VQARecord],
+    config: DistillConfig | None = None,
+) -> DistillReport:
+    """Distil ``teacher`` (checkpoint path or adapter) into ``student``.
+
+    ``student`` is a :class:`~edgelvm.distill.student.StudentSpec` (derived from the teacher and initialised from its
+    weights), a checkpoint directory or ``config.json`` path, or an adapter. Returns the report, also written to
+    ``OUT/distill_report.json``; the student is saved to ``OUT`` as a normal Hugging Face checkpoint.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from edgelvm.distill.student import StudentSpec, check_same_tokenizer, derive_student, load_student
+    from edgelvm.models import load_model
+
+    cfg = config or DistillConfig()
+    cfg.validate()
+    t_start = time.time()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+
+    records = train_data if isinstance(train_data, list) else load_jsonl_dataset(train_data)
+    teacher_adapter = teacher if hasattr(teacher, "processor") else load_model(str(teacher))
+    teacher_name = str(getattr(teacher_adapter, "source", "") or teacher)
+
+    student_desc: str
+    if isinstance(student, StudentSpec):
+        student_model, _ = derive_student(teacher_adapter, student)
+        from edgelvm.models.registry import adapter_for_model_type
+
+        student_adapter = adapter_for_model_type(student_model.config.model_type)(
+            student_model, teacher_adapter.processor
+        )
+        student_desc = f"derived {student.to_dict()}"
+    elif hasattr(student, "processor"):
+        student_adapter = student
+        check_same_tokenizer(teacher_adapter.processor.tokenizer, student.processor.tokenizer, "student")
+        student_desc = str(getattr(student, "source", "adapter"))
+    else:
+        student_adapter = load_student(student, teacher_adapter)
+        student_desc = str(student)
+    student_model = student_adapter.model
+    student_model.train()
+
+    image_losses = cfg.visual_kd_weight > 0 or cfg.feature_weight > 0
+    if image_losses and student_adapter.tokens_per_image() != teacher_adapter.tokens_per_image():
+        raise ConfigError(
+            f"the student has {student_adapter.tokens_per_image()} tokens per image, the teacher "
+            f"{teacher_adapter.tokens_per_image()}: image-position losses need the same layout",
+            where="DistillConfig.visual_kd_weight / feature_weight",
+            fix="set those weights to 0, or give the student the teacher's patch grid",
+        )
+
+    encoder = ConversationEncoder(teacher_adapter.processor)
+    data_id = dataset_fingerprint(records)
+    run_id = {"teacher": teacher_name, "student": student_desc, "data": data_id, "n": len(records), **cfg.fingerprint()}
+    state_dir, saved = _prepare_out(cfg, run_id, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    teacher_params = sum(p.numel() for p in teacher_adapter.model.parameters())
+    if cfg.teacher_generate:
+        records = _teacher_responses(teacher_adapter, records, cfg, accelerator)
+        data_id = dataset_fingerprint(records)
+
+    cache = None
+    if cfg.cache_teacher is not None:
+        cache = _teacher_cache(teacher_adapter, records, encoder, cfg, teacher_name, data_id, accelerator)
+
+    # projections for the feature losses
+    projections: dict[str, Any] = {}
+    if cfg.feature_weight > 0:
+        from edgelvm.distill.losses import feature_projection
+
+        projections["features"] = feature_projection(
+            student_adapter.text_config.hidden_size, teacher_adapter.text_config.hidden_size
+        )
+    if cfg.hidden_weight > 0:
+        from edgelvm.distill.losses import feature_projection
+
+        projections["hidden"] = feature_projection(
+            student_adapter.text_config.hidden_size, teacher_adapter.text_config.hidden_size
+        )
+    module = _student_module(student_model, projections)
+
+    decay = [p for n, p in module.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in module.named_parameters() if p.ndim < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    state: dict[str, Any] = {"run": run_id, "step": 0, "history": [], "evals": [], "elapsed_s": 0.0}
+    resumed_from = None
+    if saved is not None:
+        state = _load_checkpoint(state_dir / "checkpoint", module, optimizer, saved)
+        resumed_from = state["step"]
+        log.info("resuming %s at step %d", cfg.out, state["step"])
+
+    module, optimizer = accelerator.prepare(module, optimizer)
+    device = accelerator.device
+    if cache is None:
+        teacher_adapter.model.to(device).eval()
+    else:  # trains without the teacher in memory
+        teacher_adapter.model = None
+    inner = accelerator.unwrap_model(module)
+
+    from edgelvm.distill.teacher import FeatureTap
+
+    s_tap = FeatureTap(student_adapter.image_feature_module()) if cfg.feature_weight > 0 else None
+    t_tap = FeatureTap(teacher_adapter.image_feature_module()) if (cfg.feature_weight > 0 and cache is None) else None
+    image_token_id = teacher_adapter.image_token()[1] if cfg.visual_kd_weight > 0 else None
+    step_fn = _StepLoss(cfg, inner, teacher_adapter.model, cache, s_tap, t_tap, image_token_id)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    pad_id = encoder.tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else 0
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    val = load_jsonl_dataset(cfg.val_data)[: cfg.eval_limit] if cfg.val_data else None
+
+    progress = _progress(cfg, accelerator)
+    task = progress.add_task("distill", total=cfg.steps, completed=state["step"], info="") if progress else None
+    t0 = time.time()
+    t_first = state["step"]
+    running: dict[str, float] = {}
+    with progress or contextlib.nullcontext():
+        while state["step"] < cfg.steps:
+            step = state["step"]
+            for g in optimizer.param_groups:
+                g["lr"] = _lr_at(cfg, step)
+            parts: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
+                idx = batch_indices(len(records), cfg.seed, first, cfg.batch_size)
+                batch = collate([encoder.encode(records[i]) for i in idx], idx, pad_id)
+                sync = micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(module), accelerator.autocast():
+                    loss, terms = step_fn(module, batch, device)
+                    accelerator.backward(loss / cfg.grad_accum)
+                for k, v in terms.items():
+                    parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            for k, v in parts.items():
+                running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                rate = (step - t_first) * per_step / max(time.time() - t0, 1e-9)
+                state["history"].append({"step": step, **{k: round(v, 5) for k, v in running.items()}})
+                if progress:
+                    info = " ".join(f"{k} {v:.4f}" for k, v in running.items()) + f" | {rate:.1f} samples/s"
+                    progress.update(task, completed=step, info=info)
+            if val is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                state["evals"].append({"step": step, **_evaluate(inner.student, encoder, val, device, pad_id)})
+            stopping = cfg.stop_after is not None and step - (resumed_from or 0) >= cfg.stop_after
+            if (step % cfg.save_every == 0 or stopping) and step < cfg.steps:
+                state["elapsed_s"] = state.get("elapsed_s", 0.0) + (time.time() - t0)
+                t0, t_first = time.time(), step
+                _save_checkpoint(state_dir / "checkpoint", accelerator, module, optimizer, state)
+            elif progress:
+                progress.update(task, completed=step)
+            if stopping and step < cfg.steps:
+                break
+    train_seconds = state.get("elapsed_s", 0.0) + (time.time() - t0)
+    finished = state["step"] >= cfg.steps
+    if val is not None and finished:
+        state["evals"].append({"step": state["step"], **_evaluate(inner.student, encoder, val, device, pad_id)})
+
+    report = DistillReport(
+        out=str(cfg.out),
+        teacher=teacher_name,
+        student_params=sum(p.numel() for p in inner.student.parameters()),
+        teacher_params=teacher_params,
+        steps=state["step"],
+        samples=state["step"] * per_step,
+        wall_seconds=round(time.time() - t_start, 2),
+        samples_per_second=round((state["step"] - (resumed_from or 0)) * per_step / max(train_seconds, 1e-9), 2),
+        data={"records": len(records), "fingerprint": data_id, "teacher_generate": cfg.teacher_generate},
+        config={"student": student_desc, **cfg.fingerprint()},
+        history=state["history"],
+        evals=state["evals"],
+        resumed_from=resumed_from,
+        finished=finished,
+    )
+    if accelerator.is_main_process and finished:
+        _save_final(Path(cfg.out), inner.student, encoder.processor, report, state_dir)
+    accelerator.wait_for_everyone()
+    for tap in (s_tap, t_tap):
+        if tap is not None:
+            tap.close()
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ one step's loss
+
+
+class _StepLoss:
+    """All loss terms of one micro-batch; returns (total, {term: value})."""
+
+    def __init__(self, cfg, module, teacher_model, cache, s_tap, t_tap, image_token_id) -> None:
+        self.cfg, self.module, self.teacher, self.cache = cfg, module, teacher_model, cache
+        self.s_tap, self.t_tap, self.image_token_id = s_tap, t_tap, image_token_id
+
+    def __call__(self, module: Any, batch: Any, device: Any) -> tuple[Any, dict[str, float]]:
+        import torch
+        import torch.nn.functional as F
+
+        from edgelvm.distill.losses import TeacherTargets, divergence, feature_mse
+        from edgelvm.distill.teacher import run_model, target_positions
+
+        cfg = self.cfg
+        inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+        labels = batch.labels.to(device)
+        want_hidden = cfg.hidden_weight > 0
+        s = run_model(
+            module, inputs, labels, image_token_id=self.image_token_id, tap=self.s_tap, want_hidden=want_hidden
+        )
+        t_feats = None
+        if self.cache is None:
+            with torch.no_grad():
+                t = run_model(
+                    self.teacher, inputs, labels, image_token_id=self.image_token_id, tap=self.t_tap,
+                    want_hidden=want_hidden,
+                )  # fmt: skip
+            targets = TeacherTargets.from_logits(t.target_logits, cfg.top_k)
+            t_feats = t.image_features
+        else:
+            got = [self.cache.get(i) for i in batch.indices]
+            targets = TeacherTargets(
+                torch.cat([g[0] for g in got]).to(device), torch.cat([g[1] for g in got]).to(device)
+            )
+            if cfg.feature_weight > 0:
+                t_feats = torch.stack([g[2] for g in got]).to(device)
+        terms: dict[str, Any] = {}
+        if cfg.kd_weight > 0:
+            terms["kd"] = divergence(s.target_logits, targets, cfg.divergence, cfg.temperature)
+        if cfg.ce_weight > 0:
+            b, tt = target_positions(labels)
+            terms["ce"] = F.cross_entropy(s.target_logits.float(), labels[b, tt + 1])
+        if cfg.visual_kd_weight > 0:
+            vis = TeacherTargets.from_logits(t.image_logits, cfg.top_k)
+            terms["visual_kd"] = divergence(s.image_logits, vis, cfg.divergence, cfg.temperature)
+        if cfg.feature_weight > 0:
+            proj = self.module.projections["features"]
+            terms["features"] = feature_mse(s.image_features.reshape((*t_feats.shape[:-1], -1)), t_feats, proj)
+        if cfg.hidden_weight > 0:
+            terms["hidden"] = feature_mse(s.hidden, t.hidden, self.module.projections["hidden"])
+        weights = {
+            "kd": cfg.kd_weight,
+            "ce": cfg.ce_weight,
+            "visual_kd": cfg.visual_kd_weight,
+            "features": cfg.feature_weight,
+            "hidden": cfg.hidden_weight,
+        }
+        total = sum(weights[k] * v for k, v in terms.items())
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        values["loss"] = float(total.detach())
+        return total, values
+
+
+# ------------------------------------------------------------------------------------------------ teacher helpers
+
+
+def _teacher_responses(adapter: Any, records: list[VQARecord], cfg: DistillConfig, accelerator: Any) -> list[VQARecord]:
+    """Replace each record's answer with the teacher's greedy answer (stored beside the run, reused on resume)."""
+    import dataclasses
+
+    from edgelvm.eval.answerers import HFAnswerer
+
+    if any(len(r.turns) != 2 for r in records):
+        raise ConfigError(
+            "teacher_generate supports single-turn records (one question, one answer)",
+            where="DistillConfig.teacher_generate",
+            fix="split multi-turn conversations into single turns, or train on the ground truth",
+        )
+    path = Path(cfg.out) / STATE_DIR / "teacher_responses.json"
+    answers: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+    todo = [r for r in records if r.id not in answers]
+    if todo:
+        side = adapter.processor.tokenizer.padding_side
+        answerer = HFAnswerer.from_adapter(adapter)  # generates left-padded
+        try:
+            for lo in range(0, len(todo), 32):
+                chunk = todo[lo : lo + 32]
+                for r, (text, _) in zip(chunk, answerer.answer(chunk, cfg.max_new_tokens)):
+                    answers[r.id] = text
+        finally:
+            adapter.processor.tokenizer.padding_side = side
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(answers))
+            tmp.replace(path)
+    out = []
+    for r in records:
+        conv = list(r.conversations)
+        conv[1] = {**conv[1], "value": answers[r.id]}
+        out.append(dataclasses.replace(r, answer=answers[r.id], conversations=tuple(conv)))
+    return out
+
+
+def _teacher_cache(adapter, records, encoder, cfg, teacher_name, data_id, accelerator):
+    import torch
+
+    from edgelvm.distill.cache import CacheKey, TeacherCache, build_cache, check_or_start
+    from edgelvm.distill.teacher import FeatureTap, run_model
+
+    root = Path(cfg.cache_teacher)
+    key = CacheKey(teacher_name, data_id, cfg.cache_top_k, len(records), cfg.feature_weight > 0, cfg.cache_shard_size)
+    complete = check_or_start(root, key) if accelerator.is_main_process else True
+    accelerator.wait_for_everyone()
+    if not complete and accelerator.is_main_process:
+        model = adapter.model.to(accelerator.device).eval()
+        tap = FeatureTap(adapter.image_feature_module()) if key.features else None
+        pad_id = encoder.tokenizer.pad_token_id or 0
+
+        def compute(indices: list[int]) -> list[tuple]:
+            out = []
+            for lo in range(0, len(indices), cfg.batch_size):
+                idx = indices[lo : lo + cfg.batch_size]
+                batch = collate([encoder.encode(records[i]) for i in idx], idx, pad_id)
+                inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
+                with torch.no_grad():
+                    res = run_model(model, inputs, batch.labels.to(accelerator.device), tap=tap)
+                values, ids = torch.topk(res.target_logits.float(), key.top_k, dim=-1)
+                start = 0
+                for row, n in enumerate(res.rows_per_sample):
+                    feats = res.image_features[row].cpu() if key.features else None
+                    out.append((values[start : start + n].cpu(), ids[start : start + n].cpu(), feats))
+                    start += n
+            return out
+
+        progress = _progress(cfg, accelerator)
+        if progress:
+            with progress:
+                task = progress.add_task("teacher cache", total=len(records), info="")
+                build_cache(root, key, compute, lambda n: progress.advance(task, n))
+        else:
+            build_cache(root, key, compute)
+        if tap is not None:
+            tap.close()
+    accelerator.wait_for_everyone()
+    return TeacherCache(root, key)
+
+
+# ------------------------------------------------------------------------------------------------ eval, save, load
+
+
+def _evaluate(model: Any, encoder: ConversationEncoder, records: list[VQARecord], device: Any, pad_id: int) -> dict:
+    """Teacher-forced exact match per question type: "argmax right at every response token" equals greedy
+    decoding reproducing the answer exactly, at the cost of one forward pass."""
+    import torch
+
+    from edgelvm.distill.teacher import target_positions
+
+    was_training = model.training
+    model.eval()
+    hits: dict[str, int] = {}
+    total: dict[str, int] = {}
+    with torch.no_grad():
+        for lo in range(0, len(records), 32):
+            chunk = records[lo : lo + 32]
+            batch = collate([encoder.encode(r) for r in chunk], list(range(len(chunk))), pad_id)
+            logits = model(**{k: v.to(device) for k, v in batch.inputs.items()}).logits
+            labels = batch.labels.to(device)
+            b, t = target_positions(labels)
+            wrong = torch.zeros(len(chunk), dtype=torch.long, device=device)
+            wrong.index_add_(0, b, (logits[b, t].argmax(-1) != labels[b, t + 1]).long())
+            for r, w in zip(chunk, wrong.tolist()):
+                q = r.qtype or "all"
+                total[q] = total.get(q, 0) + 1
+                hits[q] = hits.get(q, 0) + int(w == 0)
+    model.train(was_training)
+    acc = {q: round(hits[q] / total[q], 4) for q in sorted(total)}
+    acc["all"] = round(sum(hits.values()) / max(1, sum(total.values())), 4)
+    return {"val_exact_match": acc}
+
+
+def _save_checkpoint(path: Path, accelerator: Any, module: Any, optimizer: Any, state: dict) -> None:
+    import torch
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(module)
+
+        def write(tmp: Path) -> None:
+            # the module's own state dict (exact names, tied weights included), not save_pretrained's file layout
+            torch.save(inner.state_dict(), tmp / "module.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(torch.get_rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+        _atomic_dir_write(path, write)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(path: Path, module: Any, optimizer: Any, saved: dict) -> dict:
+    import torch
+
+    try:
+        module.load_state_dict(torch.load(path / "module.pt", weights_only=True))
+    except RuntimeError as e:
+        raise ConfigError(
+            f"the saved checkpoint does not fit the student ({str(e).splitlines()[0]})",
+            where=path,
+            fix="start over in a new --out directory",
+        ) from e
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return saved
+
+
+def _save_final(out: Path, student: Any, processor: Any, report: DistillReport, state_dir: Path) -> None:
+    """Write the student into ``out`` (each file through a temporary name), the report last, then drop the
+    resumable checkpoint (optimizer state is 2x the model)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    try:
+        student.save_pretrained(stage, safe_serialization=True)
+        processor.save_pretrained(stage)
+        for f in stage.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    report.write(out / REPORT)
+    shutil.rmtree(state_dir / "checkpoint", ignore_errors=True)
+
+
+def _progress(cfg: DistillConfig, accelerator: Any) -> Any:
+    if not (cfg.progress and accelerator.is_main_process):
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        transient=False,
+    )
