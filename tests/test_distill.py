@@ -257,3 +257,27 @@ def test_cli_distill(tiny_checkpoints, shapes_data, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (out / "distill_report.json").is_file()
+
+
+def test_two_process_accelerate_run_gives_a_student_that_exports_and_evaluates(tiny_checkpoints, shapes_data, tmp_path):
+    """DDP over two CPU processes (torchrun + gloo, which ``accelerate launch --multi_gpu`` uses without a GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    from edgelvm.eval import EvalConfig, evaluate
+    from edgelvm.export import ExportConfig, export
+
+    out = tmp_path / "ddp-student"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["-m", "edgelvm.cli", "distill", str(tiny_checkpoints["qwen2-siglip"]), "-d", str(shapes_data["train"])]
+    cmd += ["-o", str(out), "--derive", "text_layers=1,text_hidden=32", "--steps", "2", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "distill_report.json").read_text())
+    assert report["samples"] == 2 * 2 * 2  # steps x batch x processes: both ranks trained
+    bundle = export(out, tmp_path / "bundle", ExportConfig(max_length=128)).bundle_dir
+    result = evaluate(bundle, shapes_data["val"], EvalConfig(max_new_tokens=4, batch_size=8))
+    assert result.metrics["n"] == 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -52,7 +53,8 @@ def distill_command(
     Example:  edgelvm distill models/shapes-teacher -d data/shapes/train -o runs/student \\
                   --derive text_layers=2,text_hidden=128,vision_layers=2,vision_hidden=96 --steps 600
 
-    Several processes (or GPUs):  accelerate launch --num_processes 2 -m edgelvm.cli distill ...
+    Several processes:  accelerate launch --multi_gpu --num_processes 2 -m edgelvm.cli distill ...
+    (GPUs, or CPU processes on a machine without one; accelerate's --cpu launches several only under MPI)
     """
     from rich.console import Console
 
@@ -85,6 +87,8 @@ def distill_command(
         mixed_precision=mixed_precision,
     )
     report = distill(teacher, student if student is not None else StudentSpec.parse(derive), data, config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate/torchrun every process returns the report
+        return
     console = Console(stderr=True)
     ratio = report.student_params / max(report.teacher_params, 1)
     state = "done" if report.finished else f"stopped at step {report.steps} (continue with --resume)"

@@ -106,9 +106,12 @@ def derive_config(adapter: Any, spec: StudentSpec) -> tuple[Any, dict[str, list[
             sub.num_key_value_heads = new_heads // group
         if side == "text":
             sub.head_dim = head_dim  # explicit, so a reload never re-derives it from hidden / heads
+        maps[side] = evenly_spaced(sub.num_hidden_layers, layers)
+        per_layer = getattr(sub, "layer_types", None)  # e.g. Qwen2's full/sliding attention per layer
+        if isinstance(per_layer, list) and len(per_layer) == sub.num_hidden_layers:
+            sub.layer_types = [per_layer[i] for i in maps[side]]
         sub.num_hidden_layers, sub.hidden_size, sub.intermediate_size = layers, hidden, inter
         sub.num_attention_heads = new_heads
-        maps[side] = evenly_spaced(adapter.sub_configs()[side].num_hidden_layers, layers)
     _check_feature_layer(config, subs["vision"].num_hidden_layers)
     return config, maps
 

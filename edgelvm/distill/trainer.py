@@ -144,7 +144,7 @@ def distill(
     """
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from edgelvm.distill.student import StudentSpec, check_same_tokenizer, derive_student, load_student
     from edgelvm.models import load_model
@@ -152,7 +152,12 @@ def distill(
     cfg = config or DistillConfig()
     cfg.validate()
     t_start = time.time()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    # towers carry weights their LLaVA use never touches (CLIP's post_layernorm, SigLIP's head): DDP must not wait
+    # for their gradients
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp]
+    )
     set_seed(cfg.seed)
 
     records = train_data if isinstance(train_data, list) else load_jsonl_dataset(train_data)
