@@ -212,6 +212,9 @@ def _mount_optional_apps() -> None:
     from edgelvm.distill.cli import distill_command
 
     app.command("distill")(distill_command)
+    from edgelvm.prune.cli import prune_command
+
+    app.command("prune")(prune_command)
     app.command("serve")(serve)
     try:
         from edgelvm.data.cli import app as data_app

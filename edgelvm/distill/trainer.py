@@ -555,8 +555,13 @@ def _save_final(out: Path, student: Any, processor: Any, report: DistillReport, 
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
     try:
-        student.save_pretrained(stage, safe_serialization=True)
-        processor.save_pretrained(stage)
+        if hasattr(student.config, "edgelvm_pruning"):  # shapes only edgelvm's loader rebuilds: its own format
+            from edgelvm.prune.surgery import save_model_files
+
+            save_model_files(student, processor, stage)
+        else:
+            student.save_pretrained(stage, safe_serialization=True)
+            processor.save_pretrained(stage)
         for f in stage.iterdir():
             os.replace(f, out / f.name)
     finally:

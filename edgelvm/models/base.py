@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +20,31 @@ log = logging.getLogger(__name__)
 
 #: PIL resampling filter ids (``PIL.Image.Resampling``) to names; the runtime maps names back.
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+@dataclass
+class AttentionBlock:
+    """One attention block: query/key/value projections produce ``heads`` / ``kv_heads`` x ``head_dim`` features
+    (head-major), ``o`` reads the concatenated heads."""
+
+    side: str  # "vision" | "text"
+    layer: int
+    module: Any  # the attention module (its attributes may need patching)
+    q: Any
+    k: Any
+    v: Any
+    o: Any
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class MLPBlock:
+    side: str
+    layer: int
+    up: list[Any]  # layers whose output rows are the intermediate neurons (gate + up, or fc1)
+    down: Any  # the layer whose input columns are the intermediate neurons (down_proj, or fc2)
 
 
 class VLMAdapter(ABC):
@@ -46,6 +72,10 @@ class VLMAdapter(ABC):
 
         _require_processor_files(source)
         torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        if _is_pruned(source):  # shapes no transformers config can describe: see edgelvm.prune.surgery
+            from edgelvm.prune.surgery import load_pruned
+
+            return load_pruned(cls, source, torch_dtype)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype).eval()
         processor = AutoProcessor.from_pretrained(source)
         return cls(model, processor, source=source)
@@ -102,6 +132,15 @@ class VLMAdapter(ABC):
     def image_feature_module(self) -> Any:
         """The module whose output is the image features in the LLM's embedding space (the projector)."""
         raise UnsupportedModelError(f"{self.family} does not name its projector", fix="use a LLaVA checkpoint")
+
+    def attention_blocks(self) -> list[AttentionBlock]:
+        """Every attention block of both towers, with its projections and head geometry (for pruning)."""
+        raise UnsupportedModelError(f"{self.family} does not describe its attention", fix="use a LLaVA checkpoint")
+
+    def mlp_blocks(self) -> list[MLPBlock]:
+        """Every MLP block of both towers: the layers that produce the intermediate neurons and the one that reads
+        them (for pruning)."""
+        raise UnsupportedModelError(f"{self.family} does not describe its MLPs", fix="use a LLaVA checkpoint")
 
     def sub_configs(self, config: Any | None = None) -> dict[str, Any]:
         """``{"vision": ..., "text": ...}`` sub-configs of ``config`` (default: this model's): the objects a derived
@@ -219,6 +258,13 @@ def preprocess_spec_from_image_processor(
         image_token_id=image_token_id,
         tokens_per_image=tokens,
     )
+
+
+def _is_pruned(source: str) -> bool:
+    import json
+
+    config = Path(source) / "config.json"
+    return config.is_file() and "edgelvm_pruning" in json.loads(config.read_text())
 
 
 def _require_processor_files(source: str) -> None:

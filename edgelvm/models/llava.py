@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgelvm.errors import ExportError
-from edgelvm.models.base import VLMAdapter
+from edgelvm.models.base import AttentionBlock, MLPBlock, VLMAdapter
 
 
 class _LlavaVisionEncoder:
@@ -86,6 +86,30 @@ class LlavaAdapter(VLMAdapter):
 
     def image_feature_module(self) -> Any:
         return self.model.model.multi_modal_projector
+
+    def attention_blocks(self) -> list[AttentionBlock]:
+        blocks = []
+        for side, stack in self.layer_stacks().items():
+            for i, layer in enumerate(stack):
+                attn = layer.self_attn
+                head_dim = int(attn.head_dim)
+                o = attn.o_proj if side == "text" else attn.out_proj
+                heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+                blocks.append(
+                    AttentionBlock(side, i, attn, attn.q_proj, attn.k_proj, attn.v_proj, o, heads, kv_heads, head_dim)
+                )
+        return blocks
+
+    def mlp_blocks(self) -> list[MLPBlock]:
+        blocks = []
+        for side, stack in self.layer_stacks().items():
+            for i, layer in enumerate(stack):
+                mlp = layer.mlp
+                if side == "text":
+                    blocks.append(MLPBlock(side, i, [mlp.gate_proj, mlp.up_proj], mlp.down_proj))
+                else:
+                    blocks.append(MLPBlock(side, i, [mlp.fc1], mlp.fc2))
+        return blocks
 
     def sub_configs(self, config: Any | None = None) -> dict[str, Any]:
         config = config if config is not None else self.model.config

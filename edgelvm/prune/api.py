@@ -1,0 +1,160 @@
+"""``prune(model, calib_data, PruneConfig) -> PruneReport``: score, plan, cut, (recover), save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from edgelvm.errors import ConfigError
+from edgelvm.prune.config import PruneConfig, PruneReport
+
+log = logging.getLogger(__name__)
+REPORT = "prune_report.json"
+SCORES = "prune_scores.json"
+
+
+def model_stats(adapter: Any) -> dict[str, Any]:
+    """Parameters per part, and matmul FLOPs (2 x multiply-adds of the linear layers, attention scores excluded)
+    per image (vision tower + projector over its patches) and per generated token (language model + LM head)."""
+    vision = sum(p.numel() for p in adapter.model.model.vision_tower.parameters())
+    projector = sum(p.numel() for p in adapter.image_feature_module().parameters())
+    text_layers = sum(p.numel() for p in adapter.layer_stacks()["text"].parameters())
+    head = adapter.lm_head().weight.numel()
+    vc = adapter.sub_configs()["vision"]
+    patches = (vc.image_size // vc.patch_size) ** 2 + 1
+    vision_layers = sum(p.numel() for p in adapter.layer_stacks()["vision"].parameters())
+    return {
+        "parameters": sum(p.numel() for p in adapter.model.parameters()),
+        "vision_parameters": vision,
+        "text_layer_parameters": text_layers,
+        "flops_per_image": 2 * (vision_layers * patches + projector * adapter.tokens_per_image()),
+        "flops_per_token": 2 * (text_layers + head),
+    }
+
+
+def prune(model: str | Path | Any, calib_data: str | Path | list | None, config: PruneConfig | None = None):
+    """Prune heads and MLP neurons of ``model`` (checkpoint path or adapter); writes a checkpoint to ``config.out``
+    that :func:`edgelvm.models.load_model` (and ``edgelvm export``) reload. Returns the report."""
+    from edgelvm.data.jsonl import load_jsonl_dataset
+    from edgelvm.models import load_model
+    from edgelvm.prune import importance as imp
+    from edgelvm.prune.plan import PrunePlan, plan_heads, plan_neurons
+    from edgelvm.prune.surgery import apply_plan, save_pruned, shapes
+
+    cfg = config or PruneConfig()
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.force:
+        raise ConfigError("the output directory is not empty", where=out, fix="choose another --out, or pass --force")
+    adapter = model if hasattr(model, "processor") else load_model(str(model))
+    source = str(getattr(adapter, "source", "") or model)
+    needs_data = cfg.importance in ("activation", "gradient") or cfg.recover_steps > 0
+    records: list = []
+    if needs_data:
+        if calib_data is None:
+            raise ConfigError(
+                f"importance {cfg.importance!r} / recovery needs calibration data",
+                where="--calib",
+                fix="pass a jsonl dataset, or use --importance magnitude",
+            )
+        records = calib_data if isinstance(calib_data, list) else load_jsonl_dataset(calib_data)
+        records = records[: cfg.calib_limit]
+
+    # plan first (cheap): an impossible ratio fails before any calibration work
+    blocks = adapter.attention_blocks()
+    ratios = {"vision": cfg.vision_heads, "text": cfg.text_heads}
+    for b in blocks:
+        plan_heads(_dummy(b.heads), b.heads, b.kv_heads, ratios[b.side], cfg.gqa, f"{b.side} layer {b.layer}")
+
+    before = model_stats(adapter)
+    if cfg.importance == "magnitude":
+        scores = imp.magnitude_scores(adapter)
+    elif cfg.importance == "random":
+        scores = imp.random_scores(adapter, cfg.seed)
+    else:
+        scores = _with_progress(cfg, len(records), lambda tick: imp.calibration_scores(
+            adapter, records, cfg.importance, cfg.batch_size, tick))  # fmt: skip
+
+    plan = PrunePlan()
+    for b in blocks:
+        k = imp.key(b.side, b.layer)
+        lp = plan_heads(scores.heads[k], b.heads, b.kv_heads, ratios[b.side], cfg.gqa, f"{b.side} layer {b.layer}")
+        if lp.keep_heads is not None:
+            plan.layers[k] = lp
+    for side, ratio in (("vision", cfg.vision_mlp), ("text", cfg.text_mlp)):
+        side_scores = {k: v for k, v in scores.neurons.items() if k.startswith(side + ".")}
+        for k, keep in plan_neurons(side_scores, ratio, cfg.mlp_ranking).items():
+            plan.layer(k).keep_neurons = keep
+    apply_plan(adapter, plan)
+    after = model_stats(adapter)
+
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    try:
+        recovery = None
+        if cfg.recover_steps > 0:
+            recovery = _recover(adapter, source, cfg, records, stage)
+        save_pruned(adapter, stage)
+        (stage / SCORES).write_text(json.dumps(scores.to_dict()))
+        report = PruneReport(
+            out=str(out),
+            source=source,
+            importance=cfg.importance,
+            calibration=scores.calibration,
+            before=before,
+            after=after,
+            kept=shapes(adapter),
+            recovery=recovery,
+            scores_file=SCORES,
+            config={k: v for k, v in vars(cfg).items() if k not in ("out", "progress", "force")},
+        )
+        report.write(stage / REPORT)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return report
+
+
+def _dummy(n: int) -> Any:
+    import numpy as np
+
+    return np.zeros(n)
+
+
+def _with_progress(cfg: PruneConfig, total: int, work: Any) -> Any:
+    if not cfg.progress:
+        return work(None)
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("calibration", total=total)
+        return work(lambda n: progress.advance(task, n))
+
+
+def _recover(adapter: Any, source: str, cfg: PruneConfig, records: list, stage: Path) -> dict[str, Any]:
+    """Distil the pruned model from the unpruned one (the distill stage's trainer), in place."""
+    from edgelvm.distill import DistillConfig, distill
+    from edgelvm.models import load_model
+
+    teacher = load_model(source)
+    data = cfg.recover_data if cfg.recover_data is not None else records
+    work = stage / "recovery"
+    report = distill(
+        teacher,
+        adapter,
+        data,
+        DistillConfig(out=work, steps=cfg.recover_steps, lr=cfg.recover_lr, batch_size=cfg.batch_size,
+                      warmup=max(1, cfg.recover_steps // 20), feature_weight=1.0, progress=cfg.progress,
+                      save_every=max(1, cfg.recover_steps)),
+    )  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)
+    adapter.model.eval()
+    return {"steps": report.steps, "samples": report.samples, "seconds": report.wall_seconds,
+            "final": report.history[-1] if report.history else None}  # fmt: skip

@@ -1,0 +1,160 @@
+"""Importance of every attention head and MLP neuron, from calibration data or from the weights.
+
+- ``activation`` (Minitron): at the input of ``o_proj`` (per head) and of ``down_proj``/``fc2`` (per neuron), the
+  mean ``|x|`` over a sample's valid positions, then the L2 norm over samples; a head's score is the L2 norm of
+  its channels' scores.
+- ``gradient`` (Michel et al., 2019): ``|dL/d mask_h|`` for a mask multiplying head ``h``'s output (equal to
+  ``sum_t,d g * x`` over that head's channels), summed over samples, with L the answer-token loss; neurons alike.
+- ``magnitude``: weight norms (heads: the ``o_proj`` columns; neurons: ``down`` column x ``up`` rows); no data.
+- ``random``: the baseline any importance measure must beat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Scores:
+    heads: dict[str, np.ndarray] = field(default_factory=dict)  # "vision.3" -> [heads]
+    neurons: dict[str, np.ndarray] = field(default_factory=dict)  # "text.1" -> [intermediate]
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "heads": {k: [round(float(x), 6) for x in v] for k, v in self.heads.items()},
+            "neurons": {k: [round(float(x), 6) for x in v] for k, v in self.neurons.items()},
+            "calibration": self.calibration,
+        }
+
+
+def key(side: str, layer: int) -> str:
+    return f"{side}.{layer}"
+
+
+def magnitude_scores(adapter: Any) -> Scores:
+    import torch
+
+    scores = Scores()
+    with torch.no_grad():
+        for b in adapter.attention_blocks():
+            w = b.o.weight.float().reshape(b.o.weight.shape[0], b.heads, b.head_dim)
+            scores.heads[key(b.side, b.layer)] = w.pow(2).sum(dim=(0, 2)).sqrt().numpy()
+        for m in adapter.mlp_blocks():
+            down = m.down.weight.float().norm(dim=0)
+            up = torch.stack([u.weight.float().norm(dim=1) for u in m.up]).prod(dim=0)
+            scores.neurons[key(m.side, m.layer)] = (down * up).numpy()
+    return scores
+
+
+def random_scores(adapter: Any, seed: int) -> Scores:
+    rng = np.random.default_rng(seed)
+    scores = Scores()
+    for b in adapter.attention_blocks():
+        scores.heads[key(b.side, b.layer)] = rng.random(b.heads)
+    for m in adapter.mlp_blocks():
+        scores.neurons[key(m.side, m.layer)] = rng.random(m.down.in_features)
+    return scores
+
+
+class _Collector:
+    """Hooks on every ``o``/``down`` input accumulating activation or gradient statistics per channel."""
+
+    def __init__(self, adapter: Any, method: str) -> None:
+        self.method = method
+        self.mask: Any = None  # [B, T] attention mask of the current text batch
+        self.acc: dict[str, Any] = {}
+        self.handles = []
+        self.geometry: dict[str, tuple[str, int]] = {}  # key -> ("heads", head_dim) or ("neurons", 1)
+        for b in adapter.attention_blocks():
+            self._hook(b.o, f"h:{key(b.side, b.layer)}", b.side, ("heads", b.head_dim))
+        for m in adapter.mlp_blocks():
+            self._hook(m.down, f"n:{key(m.side, m.layer)}", m.side, ("neurons", 1))
+
+    def _hook(self, module: Any, name: str, side: str, geometry: tuple[str, int]) -> None:
+        self.geometry[name] = geometry
+
+        def pre_hook(_module: Any, args: tuple) -> None:
+            x = args[0]
+            valid = self._valid(x, side)
+            if self.method == "activation":
+                per_sample = (x.detach().abs() * valid).sum(1) / valid.sum(1).clamp(min=1)  # [B, C]
+                self._add(name, per_sample.pow(2).sum(0))
+            elif x.requires_grad:
+                saved = x.detach()
+
+                def grad_hook(g: Any, saved: Any = saved, valid: Any = valid) -> None:
+                    prod = (g * saved * valid).sum(1)  # [B, C]
+                    if geometry[0] == "heads":
+                        prod = prod.reshape(prod.shape[0], -1, geometry[1]).sum(-1)
+                    self._add(name, prod.abs().sum(0))
+
+                x.register_hook(grad_hook)
+
+        self.handles.append(module.register_forward_pre_hook(pre_hook))
+
+    def _valid(self, x: Any, side: str) -> Any:
+        if side == "text" and self.mask is not None and self.mask.shape[:2] == x.shape[:2]:
+            return self.mask[..., None].to(x.dtype)
+        return x.new_ones(x.shape[0], x.shape[1], 1)
+
+    def _add(self, name: str, value: Any) -> None:
+        value = value.detach().float().cpu()
+        self.acc[name] = value if name not in self.acc else self.acc[name] + value
+
+    def scores(self) -> Scores:
+        out = Scores()
+        for name, value in self.acc.items():
+            kind, k = name.split(":", 1)
+            kind_name, head_dim = self.geometry[name]
+            v = value.sqrt() if self.method == "activation" else value
+            if kind_name == "heads" and self.method == "activation":
+                v = v.reshape(-1, head_dim).pow(2).sum(-1).sqrt()
+            (out.heads if kind == "h" else out.neurons)[k] = v.numpy()
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def calibration_scores(adapter: Any, records: list, method: str, batch_size: int, progress: Any = None) -> Scores:
+    """Run the calibration records through the model (with gradients for ``gradient``) and score every unit."""
+    import torch
+
+    from edgelvm.distill.batches import ConversationEncoder, collate
+
+    encoder = ConversationEncoder(adapter.processor)
+    pad = encoder.tokenizer.pad_token_id or 0
+    model = adapter.model
+    model.eval()
+    collector = _Collector(adapter, method)
+    digest = hashlib.sha256()
+    try:
+        for lo in range(0, len(records), batch_size):
+            chunk = records[lo : lo + batch_size]
+            for r in chunk:
+                digest.update(repr((r.id, r.conversations)).encode())
+                if r.image_path is not None:
+                    digest.update(r.image_path.read_bytes())
+            batch = collate([encoder.encode(r) for r in chunk], list(range(len(chunk))), pad)
+            collector.mask = batch.inputs["attention_mask"]
+            if method == "gradient":
+                model.zero_grad(set_to_none=True)
+                loss = model(**batch.inputs, labels=batch.labels).loss
+                loss.backward()
+            else:
+                with torch.no_grad():
+                    model(**batch.inputs)
+            if progress:
+                progress(len(chunk))
+    finally:
+        collector.close()
+        model.zero_grad(set_to_none=True)
+    scores = collector.scores()
+    scores.calibration = {"records": len(records), "sha256": digest.hexdigest()}
+    return scores

@@ -1,0 +1,137 @@
+"""Removing heads and neurons from the modules, and keeping config + checkpoint consistent with the new shapes.
+
+The linear layers are cut with Torch-Pruning's functional pruners (its dependency graph is not used: it hangs on
+GQA attention, Torch-Pruning issue #527 — the adapter names the coupled layers instead). Attention modules keep
+their ``head_dim``; their head-count attributes are patched.
+
+Checkpoints: every pruned model records its per-layer shapes in ``config.edgelvm_pruning``, and its weights are
+written with the model's own parameter names. Llama / Qwen2 / Mistral language models with uniform per-layer
+shapes also get the matching config fields (``num_attention_heads``, ``num_key_value_heads``, explicit ``head_dim``,
+``intermediate_size``), so plain ``from_pretrained`` reloads them. CLIP / SigLIP towers derive ``head_dim`` from
+hidden / heads and build square q/k/v projections, so no config describes a head-pruned tower; nor does any config
+describe per-layer neuron counts. :func:`load_pruned` (used by :func:`edgelvm.models.load_model`) rebuilds the
+skeleton from the config, shrinks it to the recorded shapes, then loads the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgelvm.prune.importance import key
+from edgelvm.prune.plan import PrunePlan
+
+RECORD = "edgelvm_pruning"
+
+
+def _drop(n: int, keep: list[int], width: int = 1) -> list[int]:
+    kept = {k * width + j for k in keep for j in range(width)}
+    return [i for i in range(n * width) if i not in kept]
+
+
+def apply_plan(adapter: Any, plan: PrunePlan) -> None:
+    """Cut the model in place according to ``plan``, patch module attributes, config fields and the record."""
+    import torch_pruning as tp
+
+    for b in adapter.attention_blocks():
+        lp = plan.layers.get(key(b.side, b.layer))
+        if lp is None or lp.keep_heads is None:
+            continue
+        tp.prune_linear_out_channels(b.q, _drop(b.heads, lp.keep_heads, b.head_dim))
+        tp.prune_linear_in_channels(b.o, _drop(b.heads, lp.keep_heads, b.head_dim))
+        if lp.keep_kv_heads is not None and len(lp.keep_kv_heads) < b.kv_heads:
+            tp.prune_linear_out_channels(b.k, _drop(b.kv_heads, lp.keep_kv_heads, b.head_dim))
+            tp.prune_linear_out_channels(b.v, _drop(b.kv_heads, lp.keep_kv_heads, b.head_dim))
+        _patch_attention(b.module, len(lp.keep_heads), b.k.out_features // b.head_dim)
+    for m in adapter.mlp_blocks():
+        lp = plan.layers.get(key(m.side, m.layer))
+        if lp is None or lp.keep_neurons is None:
+            continue
+        n = m.down.in_features
+        drop = _drop(n, lp.keep_neurons)
+        for up in m.up:
+            tp.prune_linear_out_channels(up, drop)
+        tp.prune_linear_in_channels(m.down, drop)
+    write_record(adapter)
+
+
+def _patch_attention(module: Any, heads: int, kv_heads: int) -> None:
+    if hasattr(module, "num_heads"):
+        module.num_heads = heads
+    if hasattr(module, "num_key_value_heads"):
+        module.num_key_value_heads = kv_heads
+    if hasattr(module, "num_key_value_groups"):
+        module.num_key_value_groups = heads // kv_heads
+
+
+def shapes(adapter: Any) -> dict[str, list[dict[str, int]]]:
+    """Per tower, per layer: query heads, KV heads and MLP neurons as the modules are now."""
+    out: dict[str, list[dict[str, int]]] = {}
+    for b in adapter.attention_blocks():
+        out.setdefault(b.side, []).append({"heads": b.heads, "kv_heads": b.kv_heads, "head_dim": b.head_dim})
+    for m in adapter.mlp_blocks():
+        out[m.side][m.layer]["intermediate"] = m.down.in_features
+    return out
+
+
+def write_record(adapter: Any) -> None:
+    """Store the per-layer shapes in the config; where uniform, also set the text model's own config fields."""
+    record = shapes(adapter)
+    setattr(adapter.config, RECORD, record)
+    text = adapter.sub_configs()["text"]
+    layers = record["text"]
+    if len({(x["heads"], x["kv_heads"]) for x in layers}) == 1:
+        text.num_attention_heads = layers[0]["heads"]
+        text.num_key_value_heads = layers[0]["kv_heads"]
+        text.head_dim = layers[0]["head_dim"]
+    if len({x["intermediate"] for x in layers}) == 1:
+        text.intermediate_size = layers[0]["intermediate"]
+
+
+def shrink_to_record(adapter: Any, record: dict[str, list[dict[str, int]]]) -> None:
+    """Cut a freshly built (unpruned-shape) skeleton down to ``record`` (weights are loaded afterwards)."""
+    plan = PrunePlan()
+    for b in adapter.attention_blocks():
+        want = record[b.side][b.layer]
+        if want["heads"] != b.heads or want["kv_heads"] != b.kv_heads:
+            lp = plan.layer(key(b.side, b.layer))
+            lp.keep_heads = list(range(want["heads"]))
+            lp.keep_kv_heads = list(range(want["kv_heads"]))
+    for m in adapter.mlp_blocks():
+        want = record[m.side][m.layer]["intermediate"]
+        if want != m.down.in_features:
+            plan.layer(key(m.side, m.layer)).keep_neurons = list(range(want))
+    apply_plan(adapter, plan)
+
+
+def save_pruned(adapter: Any, out: Any) -> None:
+    save_model_files(adapter.model, adapter.processor, out)
+
+
+def save_model_files(model: Any, processor: Any, out: Any) -> None:
+    """config + generation config + processor via ``save_pretrained``; weights with the model's own parameter names
+    (``safetensors.torch.save_model`` also de-duplicates tied tensors)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    processor.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_pruned(adapter_cls: Any, source: str, dtype: Any) -> Any:
+    """Build the skeleton from ``config.json``, shrink it to the recorded shapes, load the weights (strict)."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(source)
+    record = getattr(config, RECORD)
+    model = AutoModelForImageTextToText.from_config(config)  # random init, then overwritten by the weights
+    processor = AutoProcessor.from_pretrained(source)
+    adapter = adapter_cls(model, processor, source=source)
+    shrink_to_record(adapter, record)
+    load_model(model, f"{source}/model.safetensors", strict=True)
+    model.to(dtype).eval()
+    return adapter
