@@ -173,3 +173,42 @@ def test_cli_prune(tiny_checkpoints, calib, tmp_path):
     result = CliRunner().invoke(app, [*args, "--vision-heads", "0.5", "--text-heads", "0.25"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "prune_report.json").read_text())["kept"]["text"][0]["heads"] == 3
+
+
+@pytest.mark.parametrize(("gqa", "ratio"), [("per_group", 0.25), ("kv_groups", 0.5), ("expand", 0.375)])
+def test_removing_heads_equals_zeroing_their_output(gqa8_checkpoint, calib, tmp_path, gqa, ratio):
+    """Exactness of the surgery: the pruned model computes what the original computes with the removed heads'
+    outputs zeroed at o_proj's input (text-only input, so only the language model is involved)."""
+    from edgelvm.models import load_model
+
+    out = tmp_path / "p"
+    report = prune(str(gqa8_checkpoint), calib, PruneConfig(out=out, text_heads=ratio, gqa=gqa, importance="magnitude",
+                                                            progress=False))  # fmt: skip
+    scores = json.loads((out / "prune_scores.json").read_text())["heads"]
+    original = load_model(str(gqa8_checkpoint)).model
+    for i, layer in enumerate(original.model.language_model.layers):
+        kept_heads = report.kept["text"][i]["heads"]
+        assert kept_heads == 8 - int(8 * ratio)
+        s = torch.tensor(scores[f"text.{i}"])
+        removed = set(range(8)) - set(_kept_by_mode(s, gqa, kept_heads))
+        with torch.no_grad():
+            for h in removed:
+                layer.self_attn.o_proj.weight[:, h * 16 : (h + 1) * 16] = 0
+    pruned = load_model(str(out)).model
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    if gqa == "expand":
+        assert report.kept["text"][0]["kv_heads"] in (kept_heads, 2)
+
+
+def _kept_by_mode(scores, gqa: str, n_keep: int) -> list[int]:
+    if gqa == "per_group":
+        per = n_keep // 2
+        return [
+            g * 4 + int(j) for g in range(2) for j in torch.argsort(scores[g * 4 : g * 4 + 4], descending=True)[:per]
+        ]
+    if gqa == "kv_groups":
+        g = int(torch.argmax(scores.reshape(2, 4).sum(1)))
+        return list(range(g * 4, g * 4 + 4))
+    return torch.argsort(scores, descending=True)[:n_keep].tolist()

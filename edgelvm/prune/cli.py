@@ -18,9 +18,7 @@ def prune_command(
     text_mlp: Annotated[float, typer.Option(help="Fraction of language-model MLP neurons to remove.")] = 0.0,
     importance: Annotated[str, typer.Option(help="activation | gradient | magnitude | random")] = "activation",
     gqa: Annotated[str, typer.Option(help="per_group (same query heads from each KV group) | kv_groups")] = "per_group",
-    mlp_ranking: Annotated[
-        str, typer.Option(help="uniform (per layer) | global (per tower)")
-    ] = "uniform",
+    mlp_ranking: Annotated[str, typer.Option(help="uniform (per layer) | global (per tower)")] = "uniform",
     calib_limit: Annotated[int, typer.Option(help="Calibration records used.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration / recovery batch size.")] = 16,
     recover_steps: Annotated[int, typer.Option(help="Distil the pruned model from the original for N steps.")] = 0,

@@ -10,7 +10,7 @@ from typing import Any
 from edgelvm.errors import ConfigError
 
 IMPORTANCE = ("activation", "gradient", "magnitude", "random")
-GQA_MODES = ("per_group", "kv_groups")
+GQA_MODES = ("per_group", "kv_groups", "expand")
 RANKINGS = ("uniform", "global")
 
 
@@ -24,7 +24,7 @@ class PruneConfig:
     vision_mlp: float = 0.0
     text_mlp: float = 0.0
     importance: str = "activation"  # activation (Minitron) | gradient (Michel et al. head mask) | magnitude | random
-    gqa: str = "per_group"  # per_group: same number of query heads from every KV group | kv_groups: whole groups
+    gqa: str = "per_group"  # per_group: the same query heads from every KV group | kv_groups: whole groups | expand
     mlp_ranking: str = "uniform"  # uniform: the same fraction per layer | global: one ranking across a tower's layers
     calib_limit: int = 256
     batch_size: int = 16

@@ -2,8 +2,10 @@
 
 GQA: query heads are grouped onto KV heads (``group = heads / kv_heads``). ``per_group`` removes the same number of
 query heads from every group (KV heads all stay; the group shrinks); ``kv_groups`` removes whole groups (a KV head
-with its query heads). With multi-head attention (group of 1) both mean "remove heads". A ratio that the layout
-cannot realise exactly is refused with the nearest ratios it can.
+with its query heads); ``expand`` removes any query heads: when the survivors no longer form equal groups, each
+keeps its own copy of its KV head (exact, but the KV cache grows to one head per query head; the report says so).
+With multi-head attention (group of 1) all three mean "remove heads". A ratio that the layout cannot realise
+exactly is refused with the nearest ratios it can.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ class PrunePlan:
 
 def valid_head_ratios(heads: int, kv_heads: int, mode: str) -> list[Fraction]:
     group = heads // kv_heads
-    if group == 1 or mode == "kv_groups":
+    if group == 1 or mode == "expand":
+        return [Fraction(n, heads) for n in range(heads)]
+    if mode == "kv_groups":
         units = kv_heads if group > 1 else heads
         return [Fraction(n, units) for n in range(units)]
     return [Fraction(r, group) for r in range(group)]
@@ -50,7 +54,7 @@ def _check_ratio(ratio: float, heads: int, kv_heads: int, mode: str, where: str)
     raise ConfigError(
         f"removing {ratio:g} of the heads is impossible with {layout} ({mode})",
         where=where,
-        fix=f"use {shown}" + ("" if mode == "kv_groups" or heads == kv_heads else ", or --gqa kv_groups"),
+        fix=f"use {shown}" + ("" if mode == "expand" or heads == kv_heads else ", or --gqa kv_groups / expand"),
     )
 
 
@@ -63,6 +67,13 @@ def plan_heads(scores: np.ndarray, heads: int, kv_heads: int, ratio: float, mode
         n_keep = heads - int(frac * heads)
         keep = sorted(np.argsort(-scores, kind="stable")[:n_keep].tolist())
         return LayerPlan(keep_heads=keep, keep_kv_heads=keep if kv_heads == heads else None)
+    if mode == "expand":
+        keep = sorted(np.argsort(-scores, kind="stable")[: heads - int(frac * heads)].tolist())
+        counts = {g: sum(1 for h in keep if h // group == g) for g in range(kv_heads)}
+        present = [g for g, c in counts.items() if c]
+        if len({counts[g] for g in present}) == 1:  # still equal groups: plain GQA, no copies
+            return LayerPlan(keep_heads=keep, keep_kv_heads=present)
+        return LayerPlan(keep_heads=keep, keep_kv_heads=[h // group for h in keep])
     if mode == "kv_groups":
         group_scores = scores.reshape(kv_heads, group).sum(1)
         n_keep = kv_heads - int(frac * kv_heads)

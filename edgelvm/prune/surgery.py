@@ -38,9 +38,13 @@ def apply_plan(adapter: Any, plan: PrunePlan) -> None:
             continue
         tp.prune_linear_out_channels(b.q, _drop(b.heads, lp.keep_heads, b.head_dim))
         tp.prune_linear_in_channels(b.o, _drop(b.heads, lp.keep_heads, b.head_dim))
-        if lp.keep_kv_heads is not None and len(lp.keep_kv_heads) < b.kv_heads:
-            tp.prune_linear_out_channels(b.k, _drop(b.kv_heads, lp.keep_kv_heads, b.head_dim))
-            tp.prune_linear_out_channels(b.v, _drop(b.kv_heads, lp.keep_kv_heads, b.head_dim))
+        kv = lp.keep_kv_heads
+        if kv is not None and (len(set(kv)) < len(kv) or kv != sorted(kv)):  # "expand": KV heads copied per query
+            _gather_rows(b.k, kv, b.head_dim)
+            _gather_rows(b.v, kv, b.head_dim)
+        elif kv is not None and len(kv) < b.kv_heads:
+            tp.prune_linear_out_channels(b.k, _drop(b.kv_heads, kv, b.head_dim))
+            tp.prune_linear_out_channels(b.v, _drop(b.kv_heads, kv, b.head_dim))
         _patch_attention(b.module, len(lp.keep_heads), b.k.out_features // b.head_dim)
     for m in adapter.mlp_blocks():
         lp = plan.layers.get(key(m.side, m.layer))
@@ -52,6 +56,18 @@ def apply_plan(adapter: Any, plan: PrunePlan) -> None:
             tp.prune_linear_out_channels(up, drop)
         tp.prune_linear_in_channels(m.down, drop)
     write_record(adapter)
+
+
+def _gather_rows(linear: Any, heads: list[int], width: int) -> None:
+    """Replace ``linear``'s output rows with the rows of ``heads`` (repeats allowed), ``width`` rows per head."""
+    import torch
+
+    rows = torch.tensor([h * width + j for h in heads for j in range(width)])
+    with torch.no_grad():
+        linear.weight = torch.nn.Parameter(linear.weight[rows].clone())
+        if linear.bias is not None:
+            linear.bias = torch.nn.Parameter(linear.bias[rows].clone())
+    linear.out_features = len(rows)
 
 
 def _patch_attention(module: Any, heads: int, kv_heads: int) -> None:
