@@ -197,11 +197,13 @@ def demo(
         Path, typer.Option("--workdir", "-o", help="Where the demo writes its model and bundle.")
     ] = Path("runs/demo"),
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate in the demo answer.")] = 24,
+    distill_steps: Annotated[int, typer.Option(help="Distillation steps of the demo's student.")] = 300,
+    compress: Annotated[bool, typer.Option(help="Also distil and prune the teacher (a few minutes).")] = True,
 ) -> None:
-    """Run the pipeline end to end on the default model: build → export → generate, then a summary table."""
+    """Run the pipeline end to end on the default model: export → eval → distill + prune → comparison table."""
     from edgelvm.demo import run_demo
 
-    run_demo(workdir, console=_console(), max_new_tokens=max_new_tokens)
+    run_demo(workdir, console=_console(), max_new_tokens=max_new_tokens, distill_steps=distill_steps, compress=compress)
 
 
 def _mount_optional_apps() -> None:

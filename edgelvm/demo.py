@@ -6,7 +6,10 @@ torch-free on held-out questions, checks that the bundle answers exactly like th
 prints one table. Without the checkpoint (e.g. a wheel install) it falls back to a small random-weight LLaVA built on
 the spot: every stage is still real, but its answers are gibberish.
 
-Later stages (distill, prune, quantize) join the same command as they land.
+With the shipped teacher it then compresses it two ways — a distilled student of ~20% of its parameters and a
+head/neuron-pruned copy with recovery distillation — exports both and adds them to a comparison table. Those runs
+are short (``--distill-steps``); ``benchmarks/distill_shapes.py`` and ``benchmarks/prune_shapes.py`` run the full
+recipes. Quantization joins when it lands.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ TEACHER_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes-teacher"
 DEMO_QUESTIONS = 200
 
 
-def run_demo(workdir: Path, *, console: Any, max_new_tokens: int = 24) -> dict[str, Any]:
+#: ~20% of the teacher's parameters (the student of benchmarks/distill_shapes.py).
+DEMO_STUDENT = (
+    "text_layers=2,text_hidden=128,text_intermediate=352,vision_layers=2,vision_hidden=96,vision_intermediate=384"
+)
+DEMO_TRAIN = 4000
+
+
+def run_demo(
+    workdir: Path, *, console: Any, max_new_tokens: int = 24, distill_steps: int = 300, compress: bool = True
+) -> dict[str, Any]:
     from rich.table import Table
 
     from edgelvm.data.jsonl import load_jsonl_dataset
@@ -70,14 +82,101 @@ def run_demo(workdir: Path, *, console: Any, max_new_tokens: int = 24) -> dict[s
     table.add_row("runtime, whole request (ONNX Runtime CPU)", f"{speed['runtime']:.0f} tok/s")
     table.add_row("HF generate, whole request (PyTorch eager)", f"{speed['hf']:.0f} tok/s")
     console.print(table)
+    rows = [_row("teacher", model_dir, bundle, on_bundle.metrics["exact_match"], speed["runtime"])]
+    if trained and compress:
+        rows += _compress(model_dir, workdir, data, console, distill_steps, max_new_tokens, example)
+        _comparison(console, rows)
+    elif not trained:
+        console.print("(distill and prune need a trained model: they run when models/shapes-teacher is present)")
     console.print(f"try: edgelvm generate {bundle} -i {example.image_path} -p {example.question!r}")
     return {
+        "models": rows,
         "exact_match": on_bundle.metrics["exact_match"],
         "identical": same,
         "n": len(on_bundle.items),
         "bundle_mb": bundle_mb,
         **{f"{k}_tok_s": v for k, v in speed.items()},
     }
+
+
+def _compress(
+    model_dir: Path, workdir: Path, data: Path, console: Any, steps: int, max_new_tokens: int, example: Any
+) -> list[dict[str, Any]]:
+    """Distil a small student and prune a copy of the teacher (short runs), export and evaluate both."""
+    import shutil
+
+    from edgelvm.data.shapes import SPLIT_SEEDS, write_split
+    from edgelvm.distill import DistillConfig, StudentSpec, distill
+    from edgelvm.eval import EvalConfig, evaluate
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.prune import PruneConfig, prune
+
+    train = workdir / "train"
+    if not (train / "data.jsonl").is_file():
+        with console.status(f"writing {DEMO_TRAIN} training questions …"):
+            write_split(train, seed=SPLIT_SEEDS["train"], n=DEMO_TRAIN, force=True)
+    rows = []
+    student = workdir / "student"
+    shutil.rmtree(student, ignore_errors=True)
+    console.print(f"distilling a student ({DEMO_STUDENT}) for {steps} steps …")
+    cfg = DistillConfig(out=student, steps=steps, batch_size=32, lr=1e-3, warmup=max(1, steps // 20),
+                        feature_weight=1.0, save_every=steps)  # fmt: skip
+    distill(model_dir, StudentSpec.parse(DEMO_STUDENT), train, cfg)
+    pruned = workdir / "pruned"
+    console.print("pruning the teacher (50% vision heads, 25% language heads, 30% MLP neurons) + recovery …")
+    prune(model_dir, data, PruneConfig(out=pruned, vision_heads=0.5, text_heads=0.25, gqa="expand", vision_mlp=0.3,
+                                       text_mlp=0.3, recover_steps=max(1, steps // 2), recover_data=train,
+                                       batch_size=32, force=True))  # fmt: skip
+    for name, model in (("distilled student", student), ("pruned + recovered", pruned)):
+        with console.status(f"exporting and evaluating the {name} …"):
+            bundle = export(
+                model, workdir / f"bundle-{model.name}", ExportConfig(force=True, max_length=256)
+            ).bundle_dir
+            em = evaluate(bundle, data, EvalConfig(max_new_tokens=max_new_tokens, batch_size=16)).metrics["exact_match"]
+            rows.append(_row(name, model, bundle, em, _runtime_speed(bundle, example, max_new_tokens)))
+    return rows
+
+
+def _row(name: str, model_dir: Path, bundle: Path, exact_match: float, tok_s: float) -> dict[str, Any]:
+    return {
+        "model": name,
+        "parameters": _parameters(model_dir),
+        "bundle_mb": sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 1e6,
+        "exact_match": exact_match,
+        "runtime_tok_s": tok_s,
+    }
+
+
+def _comparison(console: Any, rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    teacher = rows[0]
+    table = Table(title=f"compressed models — {DEMO_QUESTIONS} held-out questions, runtime on ONNX Runtime CPU")
+    for col in ("model", "parameters", "bundle", "exact match", "% of teacher", "tok/s"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        table.add_row(
+            r["model"],
+            f"{r['parameters'] / 1e6:.2f} M ({r['parameters'] / teacher['parameters']:.0%})",
+            f"{r['bundle_mb']:.1f} MB",
+            f"{r['exact_match']:.1%}",
+            f"{r['exact_match'] / teacher['exact_match']:.0%}",
+            f"{r['runtime_tok_s']:.0f}",
+        )
+    console.print(table)
+
+
+def _runtime_speed(bundle: Path, record: Any, tokens: int) -> float:
+    from PIL import Image
+
+    from edgelvm.runtime import VLM
+
+    image = Image.open(record.image_path).convert("RGB")
+    vlm = VLM.load(bundle)
+    vlm.generate(image, record.question, max_new_tokens=4)
+    started = time.perf_counter()
+    vlm.generate(image, record.question, max_new_tokens=tokens, min_new_tokens=tokens)
+    return tokens / (time.perf_counter() - started)
 
 
 def _questions(out: Path) -> Path:

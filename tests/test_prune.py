@@ -212,3 +212,18 @@ def _kept_by_mode(scores, gqa: str, n_keep: int) -> list[int]:
         g = int(torch.argmax(scores.reshape(2, 4).sum(1)))
         return list(range(g * 4, g * 4 + 4))
     return torch.argsort(scores, descending=True)[:n_keep].tolist()
+
+
+def test_expanded_gqa_with_a_head_count_transformers_refuses_still_reloads_and_exports(
+    tiny_checkpoints, calib, tmp_path, test_images
+):
+    """4 query heads over 2 KV heads minus 25% = 3 heads with 3 KV copies in a 64-wide model: transformers' config
+    validation refuses 64 % 3, so the record carries the shape and edgelvm's loader restores it."""
+    from edgelvm.export import ExportConfig, export
+
+    out = tmp_path / "p"
+    report = prune(str(tiny_checkpoints["qwen2-siglip"]), calib,
+                   PruneConfig(out=out, text_heads=0.25, gqa="expand", progress=False))  # fmt: skip
+    assert all(x["heads"] == 3 and x["kv_heads"] == 3 for x in report.kept["text"])
+    bundle = export(out, tmp_path / "bundle", ExportConfig(max_length=128)).bundle_dir
+    assert _greedy_equal(out, bundle, test_images[:1], ["Describe the image."]) >= 4

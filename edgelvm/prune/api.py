@@ -86,6 +86,7 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
         lp = plan_heads(scores.heads[k], b.heads, b.kv_heads, ratios[b.side], cfg.gqa, f"{b.side} layer {b.layer}")
         if lp.keep_heads is not None:
             plan.layers[k] = lp
+    _uniform_expansion(plan, blocks)
     for side, ratio in (("vision", cfg.vision_mlp), ("text", cfg.text_mlp)):
         side_scores = {k: v for k, v in scores.neurons.items() if k.startswith(side + ".")}
         for k, keep in plan_neurons(side_scores, ratio, cfg.mlp_ranking).items():
@@ -120,6 +121,23 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return report
+
+
+def _uniform_expansion(plan: Any, blocks: list) -> None:
+    """If the layers of a tower ended with different KV head counts (``--gqa expand`` copies KV heads only where
+    the kept query heads form unequal groups), copy them in all of its layers: the KV cache keeps one geometry
+    per model, which the runtime and TensorRT profiles assume."""
+    from edgelvm.prune.importance import key
+
+    for side in ("vision", "text"):
+        side_blocks = [b for b in blocks if b.side == side and key(b.side, b.layer) in plan.layers]
+        kv_counts = {len(plan.layers[key(b.side, b.layer)].keep_kv_heads or [None] * b.kv_heads) for b in side_blocks}
+        if len(kv_counts) <= 1:
+            continue
+        for b in side_blocks:
+            lp = plan.layers[key(b.side, b.layer)]
+            group = b.heads // b.kv_heads
+            lp.keep_kv_heads = [h // group for h in lp.keep_heads]
 
 
 def _dummy(n: int) -> Any:

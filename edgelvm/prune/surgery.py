@@ -132,9 +132,26 @@ def save_model_files(model: Any, processor: Any, out: Any) -> None:
 
     out = Path(out)
     model.config.save_pretrained(out)
+    _write_loadable_text_fields(out / "config.json")
     model.generation_config.save_pretrained(out)
     processor.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _write_loadable_text_fields(config_file: Any) -> None:
+    """transformers refuses a text config whose hidden size is not a multiple of its head count (e.g. 3 heads of
+    64 in a 256-wide model, which ``--gqa expand`` produces). Such a model is stored with the head counts of a
+    skeleton it can be cut down from (hidden / head_dim query heads, as many KV heads); the record holds the truth
+    and :func:`load_pruned` restores it."""
+    import json
+
+    config = json.loads(config_file.read_text())
+    text = config.get("text_config", {})
+    heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
+    if heads and hidden and hidden % heads:
+        head_dim = text.get("head_dim") or hidden // heads
+        text["num_attention_heads"] = text["num_key_value_heads"] = hidden // head_dim
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_pruned(adapter_cls: Any, source: str, dtype: Any) -> Any:
