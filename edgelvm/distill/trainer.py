@@ -227,7 +227,7 @@ def distill(
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
-    state: dict[str, Any] = {"run": run_id, "step": 0, "history": [], "evals": [], "elapsed_s": 0.0}
+    state: dict[str, Any] = {"run": run_id, "step": 0, "history": [], "evals": []}
     resumed_from = None
     if saved is not None:
         state = _load_checkpoint(state_dir / "checkpoint", module, optimizer, saved)
@@ -236,9 +236,10 @@ def distill(
 
     module, optimizer = accelerator.prepare(module, optimizer)
     device = accelerator.device
-    if cache is None:
-        teacher_adapter.model.to(device).eval()
-    else:  # trains without the teacher in memory
+    teacher_model = teacher_adapter.model if cache is None else None
+    if teacher_model is not None:
+        teacher_model.to(device).eval()
+    elif not hasattr(teacher, "processor"):  # we loaded it: drop it, the student trains without it in memory
         teacher_adapter.model = None
     inner = accelerator.unwrap_model(module)
 
@@ -247,7 +248,7 @@ def distill(
     s_tap = FeatureTap(student_adapter.image_feature_module()) if cfg.feature_weight > 0 else None
     t_tap = FeatureTap(teacher_adapter.image_feature_module()) if (cfg.feature_weight > 0 and cache is None) else None
     image_token_id = teacher_adapter.image_token()[1] if cfg.visual_kd_weight > 0 else None
-    step_fn = _StepLoss(cfg, inner, teacher_adapter.model, cache, s_tap, t_tap, image_token_id)
+    step_fn = _StepLoss(cfg, inner, teacher_model, cache, s_tap, t_tap, image_token_id)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     pad_id = encoder.tokenizer.pad_token_id
@@ -257,8 +258,8 @@ def distill(
 
     progress = _progress(cfg, accelerator)
     task = progress.add_task("distill", total=cfg.steps, completed=state["step"], info="") if progress else None
-    t0 = time.time()
-    t_first = state["step"]
+    t0 = t_loop = time.time()
+    t_first = step_first = state["step"]
     running: dict[str, float] = {}
     with progress or contextlib.nullcontext():
         while state["step"] < cfg.steps:
@@ -293,14 +294,13 @@ def distill(
                 state["evals"].append({"step": step, **_evaluate(inner.student, encoder, val, device, pad_id)})
             stopping = cfg.stop_after is not None and step - (resumed_from or 0) >= cfg.stop_after
             if (step % cfg.save_every == 0 or stopping) and step < cfg.steps:
-                state["elapsed_s"] = state.get("elapsed_s", 0.0) + (time.time() - t0)
-                t0, t_first = time.time(), step
+                t0, t_first = time.time(), step  # the rate shown excludes checkpoint writes
                 _save_checkpoint(state_dir / "checkpoint", accelerator, module, optimizer, state)
             elif progress:
                 progress.update(task, completed=step)
             if stopping and step < cfg.steps:
                 break
-    train_seconds = state.get("elapsed_s", 0.0) + (time.time() - t0)
+    loop_seconds = time.time() - t_loop
     finished = state["step"] >= cfg.steps
     if val is not None and finished:
         state["evals"].append({"step": state["step"], **_evaluate(inner.student, encoder, val, device, pad_id)})
@@ -313,7 +313,7 @@ def distill(
         steps=state["step"],
         samples=state["step"] * per_step,
         wall_seconds=round(time.time() - t_start, 2),
-        samples_per_second=round((state["step"] - (resumed_from or 0)) * per_step / max(train_seconds, 1e-9), 2),
+        samples_per_second=round((state["step"] - step_first) * per_step / max(loop_seconds, 1e-9), 2),
         data={"records": len(records), "fingerprint": data_id, "teacher_generate": cfg.teacher_generate},
         config={"student": student_desc, **cfg.fingerprint()},
         history=state["history"],
