@@ -1,0 +1,119 @@
+"""Block-wise INT4 weights: one representation, packed the way ONNX Runtime's ``com.microsoft.MatMulNBits`` reads it.
+
+A linear layer ``y = x @ W`` with ``W`` of shape ``[K, N]`` is quantized along ``K`` in blocks of ``block_size``:
+each (column, block) has a scale (and, asymmetric, a zero point); codes are 4-bit unsigned, stored two per byte,
+low nibble first along ``K``. Dequantized: ``(code - zero_point) * scale`` (zero point 8 when symmetric).
+
+This module is numpy only, so the representation can be inspected, tested and written without torch; RTN lives
+here, the calibrated algorithms (AWQ, GPTQ) produce the same :class:`Int4Weight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgelvm.errors import ConfigError
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass
+class Int4Weight:
+    packed: np.ndarray  # uint8 [N, k_blocks, block_size // 2]
+    scales: np.ndarray  # float32 [N, k_blocks]
+    zero_points: np.ndarray | None  # uint8 [N, k_blocks] (unpacked codes), None = symmetric (8)
+    k: int
+    n: int
+    block_size: int
+
+    @property
+    def k_blocks(self) -> int:
+        return self.packed.shape[1]
+
+    def codes(self) -> np.ndarray:
+        """Unpacked codes ``[N, k_blocks * block_size]`` (padding included)."""
+        low = self.packed & 0x0F
+        high = self.packed >> 4
+        return np.stack([low, high], axis=-1).reshape(self.n, -1)
+
+    def dequantize(self) -> np.ndarray:
+        """The float weight ``[K, N]`` this represents (what a reference matmul multiplies by)."""
+        codes = self.codes().reshape(self.n, self.k_blocks, self.block_size).astype(np.float32)
+        zp = 8.0 if self.zero_points is None else self.zero_points[..., None].astype(np.float32)
+        w = (codes - zp) * self.scales[..., None]
+        return w.reshape(self.n, -1)[:, : self.k].T.copy()
+
+    def zero_points_packed(self) -> np.ndarray | None:
+        """Zero points as MatMulNBits' uint8 input: two 4-bit values per byte, ``[N * ceil(k_blocks / 2)]``."""
+        if self.zero_points is None:
+            return None
+        zp = self.zero_points
+        if zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.full((self.n, 1), 8, np.uint8)], axis=1)
+        return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise ConfigError(
+            f"block size {block_size} is not supported",
+            where="--group-size",
+            fix=f"use one of {', '.join(map(str, BLOCK_SIZES))} (MatMulNBits needs a power of two >= 16)",
+        )
+
+
+def quantize_rtn(w: np.ndarray, block_size: int = 128, symmetric: bool = True) -> Int4Weight:
+    """Round-to-nearest INT4 of ``w`` (``[K, N]``). ``K`` not divisible by ``block_size`` is zero-padded (the
+    padding is quantized exactly to zero and multiplies nothing)."""
+    check_block_size(block_size)
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((k_blocks * block_size, n), np.float32)
+    padded[:k] = w
+    blocks = padded.T.reshape(n, k_blocks, block_size)  # [N, blocks, bs]
+    if symmetric:
+        absmax = np.abs(blocks).max(-1)
+        scales = np.where(absmax > 0, absmax / 7.0, 1.0).astype(np.float32)
+        codes = np.clip(np.rint(blocks / scales[..., None]) + 8, 0, 15).astype(np.uint8)
+        zero_points = None
+    else:
+        lo, hi = np.minimum(blocks.min(-1), 0.0), np.maximum(blocks.max(-1), 0.0)
+        scales = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+        zero_points = np.clip(np.rint(-lo / scales), 0, 15).astype(np.uint8)
+        codes = np.clip(np.rint(blocks / scales[..., None]) + zero_points[..., None], 0, 15).astype(np.uint8)
+    flat = codes.reshape(n, k_blocks, block_size // 2, 2)
+    packed = (flat[..., 0] | (flat[..., 1] << 4)).astype(np.uint8)
+    return Int4Weight(packed, scales, zero_points, k, n, block_size)
+
+
+def matmul_nbits_node(
+    name: str, activation: str, output: str, weight: Int4Weight, accuracy_level: int = 0
+) -> tuple[object, list[object]]:
+    """An ONNX ``com.microsoft.MatMulNBits`` node and its initializers for ``activation @ weight``."""
+    from onnx import helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(weight.packed, f"{name}.q4"),
+        numpy_helper.from_array(weight.scales.reshape(-1), f"{name}.scales"),
+    ]
+    inputs = [activation, f"{name}.q4", f"{name}.scales"]
+    zp = weight.zero_points_packed()
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp, f"{name}.zp"))
+        inputs.append(f"{name}.zp")
+    node = helper.make_node(
+        "MatMulNBits",
+        inputs,
+        [output],
+        name=name,
+        domain="com.microsoft",
+        K=weight.k,
+        N=weight.n,
+        bits=4,
+        block_size=weight.block_size,
+        accuracy_level=accuracy_level,
+    )
+    return node, inits
