@@ -50,3 +50,30 @@ def test_onnxruntime_matmulnbits_equals_dequantized_matmul(k, block, symmetric):
 def test_unsupported_block_size_is_a_clear_error():
     with pytest.raises(ConfigError, match="power of two"):
         quantize_rtn(np.zeros((64, 8), np.float32), 48)
+
+
+def test_int4_checkpoint_exports_matmulnbits_and_matches_the_torch_side(tiny_checkpoints, tmp_path, test_images):
+    """The ORT INT4 graph (MatMulNBits) against the torch-side quantized model (dequantized weights): the export's
+    own parity check, then greedy tokens."""
+    pytest.importorskip("torch")
+    import onnx
+
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.quantize.api import QuantConfig, quantize
+    from edgelvm.runtime import VLM
+
+    out = tmp_path / "q"
+    report = quantize(str(tiny_checkpoints["llama-clip"]), None, QuantConfig(out=out, group_size=32))
+    assert report.weight_bytes_after < report.weight_bytes_before / 6
+    assert all(0 < layer["relative_error"] < 0.2 for layer in report.layers)
+    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
+    fused = onnx.load(str(result.bundle_dir / "decoder_ort.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in fused.graph.node) == 4 * 2  # qkv, o, gate_up, down x 2 layers
+    parity = result.manifest.graphs["decoder_ort"].parity
+    assert parity["max_rel"] < 1e-3, parity
+    vlm_fused = VLM.load(result.bundle_dir, decoder="fused")
+    vlm_portable = VLM.load(result.bundle_dir, decoder="portable")  # the dequantized float weights
+    for prompt in ("Describe the image.", "What is it?"):
+        vlm_fused.generate(test_images[0], prompt, max_new_tokens=12)
+        vlm_portable.generate(test_images[0], prompt, max_new_tokens=12)
+        assert vlm_fused.last_output_ids == vlm_portable.last_output_ids

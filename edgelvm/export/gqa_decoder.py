@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,17 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path) -> G
     w = weights
     q_size, kv_size = w.num_heads * w.head_dim, w.num_kv_heads * w.head_dim
 
+    def matmul(x: str, name: str, dense: np.ndarray, q4: Any, out: str) -> str:
+        """``x @ W``: MatMulNBits when the weight is INT4, else a plain MatMul."""
+        if q4 is None:
+            return node("MatMul", [x, init(name, dense)], [out])[0]
+        from edgelvm.quantize.int4 import matmul_nbits_node
+
+        qnode, q_inits = matmul_nbits_node(name, x, out, q4)
+        nodes.append(qnode)
+        inits.extend(q_inits)
+        return out
+
     def int_init(name: str, values: list[int]) -> str:
         inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
         return name
@@ -72,7 +84,7 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path) -> G
     past_names, present_names = [], []
     for i, layer in enumerate(w.layers):
         p = f"l{i}."
-        qkv = node("MatMul", [normed, init(p + "qkv", layer.qkv)], [p + "qkv_out"])[0]
+        qkv = matmul(normed, p + "qkv", layer.qkv, layer.int4.get("qkv"), p + "qkv_out")
         if layer.qkv_bias is not None:
             qkv = node("Add", [qkv, init(p + "qkv_bias", layer.qkv_bias)], [p + "qkv_biased"])[0]
         q, k, v = node("Split", [qkv, split_qkv], [p + "q", p + "k", p + "v"], axis=-1)
@@ -91,7 +103,7 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path) -> G
             rotary_interleaved=0,
             scale=w.scale,
         )[0]
-        o = node("MatMul", [attn, init(p + "o_proj", layer.o_proj)], [p + "o"])[0]
+        o = matmul(attn, p + "o_proj", layer.o_proj, layer.int4.get("o_proj"), p + "o")
         normed, hidden = node(
             "SkipSimplifiedLayerNormalization",
             [o, hidden, init(p + "post_norm", layer.post_norm)],
@@ -99,12 +111,12 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path) -> G
             domain="com.microsoft",
             epsilon=w.rms_eps,
         )[0::3]
-        gate_up = node("MatMul", [normed, init(p + "gate_up", layer.gate_up)], [p + "gate_up_out"])[0]
+        gate_up = matmul(normed, p + "gate_up", layer.gate_up, layer.int4.get("gate_up"), p + "gate_up_out")
         gate, up = node("Split", [gate_up, split_mlp], [p + "gate", p + "up"], axis=-1)
         sig = node("Sigmoid", [gate], [p + "sig"])[0]
         act = node("Mul", [gate, sig], [p + "silu"])[0]
         prod = node("Mul", [act, up], [p + "prod"])[0]
-        down = node("MatMul", [prod, init(p + "down", layer.down)], [p + "down_out"])[0]
+        down = matmul(prod, p + "down", layer.down, layer.int4.get("down"), p + "down_out")
         next_norm = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else w.final_norm
         norm_name = f"l{i + 1}.input_norm" if i + 1 < len(w.layers) else "final_norm"
         normed, hidden = node(

@@ -7,7 +7,7 @@ with the models, here; the builder stays generic over anything that can produce 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,8 @@ class LayerWeights:
     post_norm: np.ndarray  # [hidden]
     gate_up: np.ndarray  # [hidden, 2 * intermediate] — gate then up
     down: np.ndarray  # [intermediate, hidden]
+    #: INT4 versions of "qkv", "o_proj", "gate_up", "down" (edgelvm.quantize.int4.Int4Weight), when quantized
+    int4: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,8 +49,30 @@ def _np(tensor: Any) -> np.ndarray:
     return tensor.detach().float().numpy()
 
 
-def describe_llama_decoder(language_model: Any, lm_head: Any, config: Any, max_length: int) -> DecoderWeights:
-    """Read a Llama-type decoder's weights (transposed to ``[in, out]``) and its rope tables up to ``max_length``."""
+def _layer_int4(int4: dict[str, Any], i: int) -> dict[str, Any]:
+    from edgelvm.quantize.int4 import concat_columns
+
+    parts = {
+        "qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        "o_proj": ["self_attn.o_proj"],
+        "gate_up": ["mlp.gate_proj", "mlp.up_proj"],
+        "down": ["mlp.down_proj"],
+    }
+    out = {}
+    for fused, names in parts.items():
+        found = [int4.get(f"layers.{i}.{n}") for n in names]
+        if all(w is not None for w in found):
+            out[fused] = concat_columns(found) if len(found) > 1 else found[0]
+    return out
+
+
+def describe_llama_decoder(
+    language_model: Any, lm_head: Any, config: Any, max_length: int, int4: dict[str, Any] | None = None
+) -> DecoderWeights:
+    """Read a Llama-type decoder's weights (transposed to ``[in, out]``) and its rope tables up to ``max_length``.
+
+    ``int4`` maps ``layers.{i}.self_attn.q_proj``-style names to INT4 weights; fused matrices (qkv, gate_up) are
+    quantized when all their parts are."""
     import torch
 
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -84,6 +108,7 @@ def describe_llama_decoder(language_model: Any, lm_head: Any, config: Any, max_l
                 post_norm=_np(layer.post_attention_layernorm.weight),
                 gate_up=np.concatenate([_np(mlp.gate_proj.weight).T, _np(mlp.up_proj.weight).T], axis=1),
                 down=_np(mlp.down_proj.weight).T,
+                int4=_layer_int4(int4 or {}, len(layers)),
             )
         )
     first = language_model.layers[0].self_attn

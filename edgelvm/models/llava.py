@@ -77,7 +77,12 @@ class LlavaAdapter(VLMAdapter):
     def decoder_weights(self, max_length: int) -> Any:
         from edgelvm.models.llama_family import describe_llama_decoder
 
-        return describe_llama_decoder(self.language_model(), self.lm_head(), self.text_config, max_length)
+        int4 = None
+        if getattr(self.config, "edgelvm_quantization", None) and self.source:
+            from edgelvm.quantize.api import load_int4
+
+            int4 = load_int4(self.source)
+        return describe_llama_decoder(self.language_model(), self.lm_head(), self.text_config, max_length, int4)
 
     def layer_stacks(self) -> dict[str, Any]:
         tower = self.model.model.vision_tower

@@ -55,6 +55,25 @@ class Int4Weight:
         return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
 
 
+def concat_columns(weights: list[Int4Weight]) -> Int4Weight:
+    """Side-by-side ``[K, N1 + N2 + ...]`` (e.g. q, k, v fused into one matmul): exact, since every column keeps its
+    own blocks."""
+    first = weights[0]
+    if any(w.k != first.k or w.block_size != first.block_size for w in weights):
+        raise ValueError("only weights with the same K and block size can be concatenated")
+    if len({w.zero_points is None for w in weights}) > 1:
+        raise ValueError("cannot mix symmetric and asymmetric weights")
+    zp = None if first.zero_points is None else np.concatenate([w.zero_points for w in weights])
+    return Int4Weight(
+        np.concatenate([w.packed for w in weights]),
+        np.concatenate([w.scales for w in weights]),
+        zp,
+        first.k,
+        sum(w.n for w in weights),
+        first.block_size,
+    )
+
+
 def check_block_size(block_size: int) -> None:
     if block_size not in BLOCK_SIZES:
         raise ConfigError(
@@ -86,7 +105,9 @@ def quantize_rtn(w: np.ndarray, block_size: int = 128, symmetric: bool = True) -
         codes = np.clip(np.rint(blocks / scales[..., None]) + zero_points[..., None], 0, 15).astype(np.uint8)
     flat = codes.reshape(n, k_blocks, block_size // 2, 2)
     packed = (flat[..., 0] | (flat[..., 1] << 4)).astype(np.uint8)
-    return Int4Weight(packed, scales, zero_points, k, n, block_size)
+    # contiguous: safetensors.numpy writes an array's buffer as is
+    zero_points = None if zero_points is None else np.ascontiguousarray(zero_points)
+    return Int4Weight(np.ascontiguousarray(packed), np.ascontiguousarray(scales), zero_points, k, n, block_size)
 
 
 def matmul_nbits_node(
