@@ -6,7 +6,7 @@ torch-free on held-out questions, checks that the bundle answers exactly like th
 prints one table. Without the checkpoint (e.g. a wheel install) it falls back to a small random-weight LLaVA built on
 the spot: every stage is still real, but its answers are gibberish.
 
-With the shipped teacher it then compresses it two ways — a distilled student of ~20% of its parameters and a
+With the shipped teacher it then compresses it two ways — a distilled student of 24% of its parameters and a
 head/neuron-pruned copy with recovery distillation — exports both and adds them to a comparison table. Those runs
 are short (``--distill-steps``); ``benchmarks/distill_shapes.py`` and ``benchmarks/prune_shapes.py`` run the full
 recipes. Quantization joins when it lands.
@@ -23,9 +23,9 @@ TEACHER_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes-teacher"
 DEMO_QUESTIONS = 200
 
 
-#: ~20% of the teacher's parameters (the student of benchmarks/distill_shapes.py).
+#: 23.8% of the teacher's parameters (the student of benchmarks/distill_shapes.py).
 DEMO_STUDENT = (
-    "text_layers=2,text_hidden=128,text_intermediate=352,vision_layers=2,vision_hidden=96,vision_intermediate=384"
+    "text_layers=2,text_hidden=128,text_intermediate=512,vision_layers=4,vision_hidden=96,vision_intermediate=384"
 )
 DEMO_TRAIN = 4000
 
