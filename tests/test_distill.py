@@ -180,6 +180,23 @@ def test_training_from_the_cache_matches_online_top_k(tiny_checkpoints, shapes_d
         distill(teacher, SMALL, shapes_data["train"], _cfg(tmp_path / "other", cache_teacher=cache, cache_top_k=4))
 
 
+def test_teacher_generated_responses_replace_the_ground_truth(tiny_checkpoints, shapes_data, tmp_path):
+    """Sequence-level KD: the answers trained on are the teacher's greedy answers, stored for a resume."""
+    from edgelvm.data.jsonl import load_jsonl_dataset
+    from edgelvm.eval.answerers import HFAnswerer
+    from edgelvm.models import load_model
+
+    out = tmp_path / "s"
+    cfg = _cfg(out, steps=1, teacher_generate=True, max_new_tokens=6)
+    distill(str(tiny_checkpoints["llama-clip"]), SMALL, shapes_data["train"], cfg)
+    stored = json.loads((out / ".distill" / "teacher_responses.json").read_text())
+    records = load_jsonl_dataset(shapes_data["train"])
+    assert set(stored) == {r.id for r in records}
+    expected = HFAnswerer.from_adapter(load_model(str(tiny_checkpoints["llama-clip"]))).answer(records[:4], 6)
+    assert [stored[r.id] for r in records[:4]] == [text for text, _ in expected]
+    assert any(stored[r.id] != r.answer for r in records)  # random teacher: not the ground truth
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 

@@ -227,3 +227,21 @@ def test_expanded_gqa_with_a_head_count_transformers_refuses_still_reloads_and_e
     assert all(x["heads"] == 3 and x["kv_heads"] == 3 for x in report.kept["text"])
     bundle = export(out, tmp_path / "bundle", ExportConfig(max_length=128)).bundle_dir
     assert _greedy_equal(out, bundle, test_images[:1], ["Describe the image."]) >= 4
+
+
+def test_depth_pruning_drops_the_least_influential_blocks(gqa8_checkpoint, calib, tmp_path, test_images):
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.models import load_model
+
+    out = tmp_path / "p"
+    cfg = PruneConfig(out=out, text_drop_layers=1, vision_drop_layers=1, text_heads=0.5, progress=False)
+    report = prune(str(gqa8_checkpoint), calib, cfg)
+    blocks = json.loads((out / "prune_scores.json").read_text())["blocks"]
+    for side in ("vision", "text"):
+        influence = {int(k.split(".")[1]): v for k, v in blocks.items() if k.startswith(side)}
+        assert report.kept["dropped_blocks"][side] == [min(influence, key=influence.get)]
+        assert len(report.kept[side]) == 1
+    adapter = load_model(str(out))
+    assert adapter.text_config.num_hidden_layers == 1
+    bundle = export(out, tmp_path / "bundle", ExportConfig(max_length=128)).bundle_dir
+    assert _greedy_equal(out, bundle, test_images[:1], ["Describe the image."]) >= 4

@@ -92,6 +92,7 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
         for k, keep in plan_neurons(side_scores, ratio, cfg.mlp_ranking).items():
             plan.layer(k).keep_neurons = keep
     apply_plan(adapter, plan)
+    dropped = _drop_blocks(adapter, scores, {"vision": cfg.vision_drop_layers, "text": cfg.text_drop_layers})
     after = model_stats(adapter)
 
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
@@ -108,7 +109,7 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
             calibration=scores.calibration,
             before=before,
             after=after,
-            kept=shapes(adapter),
+            kept={**shapes(adapter), "dropped_blocks": dropped},
             recovery=recovery,
             scores_file=SCORES,
             config={k: v for k, v in vars(cfg).items() if k not in ("out", "progress", "force")},
@@ -121,6 +122,29 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return report
+
+
+def _drop_blocks(adapter: Any, scores: Any, counts: dict[str, int]) -> dict[str, list[int]]:
+    """Drop each tower's ``counts[side]`` least influential blocks (lowest mean 1 - cos(input, output))."""
+    from edgelvm.prune.surgery import drop_blocks, write_record
+
+    dropped: dict[str, list[int]] = {}
+    for side, n in counts.items():
+        if not n:
+            continue
+        total = len(adapter.layer_stacks()[side])
+        if n >= total:
+            raise ConfigError(
+                f"cannot drop {n} of the {side} tower's {total} blocks",
+                where=f"--{side}-drop-layers",
+                fix=f"drop at most {total - 1}",
+            )
+        influence = {int(k.split(".")[1]): v for k, v in scores.blocks.items() if k.startswith(side + ".")}
+        dropped[side] = sorted(sorted(influence, key=lambda i: influence[i])[:n])
+        drop_blocks(adapter, side, dropped[side])
+    if dropped:
+        write_record(adapter)
+    return dropped
 
 
 def _uniform_expansion(plan: Any, blocks: list) -> None:

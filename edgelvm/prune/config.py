@@ -23,6 +23,8 @@ class PruneConfig:
     text_heads: float = 0.0
     vision_mlp: float = 0.0
     text_mlp: float = 0.0
+    vision_drop_layers: int = 0  # depth: remove this many whole blocks (lowest 1 - cos(block input, output))
+    text_drop_layers: int = 0
     importance: str = "activation"  # activation (Minitron) | gradient (Michel et al. head mask) | magnitude | random
     gqa: str = "per_group"  # per_group: the same query heads from every KV group | kv_groups: whole groups | expand
     mlp_ranking: str = "uniform"  # uniform: the same fraction per layer | global: one ranking across a tower's layers
@@ -49,6 +51,14 @@ class PruneConfig:
                 raise ConfigError(
                     f"{name}={getattr(self, name)!r} is unknown", where="PruneConfig", fix=f"use one of {allowed}"
                 )
+        if self.vision_drop_layers < 0 or self.text_drop_layers < 0:
+            raise ConfigError("layers to drop must be >= 0", where="PruneConfig", fix="use 0 to keep every block")
+        if (self.vision_drop_layers or self.text_drop_layers) and self.importance == "magnitude":
+            raise ConfigError(
+                "depth pruning scores blocks on calibration data; magnitude importance has none",
+                where="PruneConfig.importance",
+                fix="use --importance activation (or gradient / random) with --*-drop-layers",
+            )
         if self.calib_limit < 1 or self.batch_size < 1 or self.recover_steps < 0:
             raise ConfigError(
                 "calib_limit and batch_size must be >= 1, recover_steps >= 0", where="PruneConfig", fix="fix the value"

@@ -22,12 +22,14 @@ import numpy as np
 class Scores:
     heads: dict[str, np.ndarray] = field(default_factory=dict)  # "vision.3" -> [heads]
     neurons: dict[str, np.ndarray] = field(default_factory=dict)  # "text.1" -> [intermediate]
+    blocks: dict[str, float] = field(default_factory=dict)  # "text.2" -> mean (1 - cos(block input, output))
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "heads": {k: [round(float(x), 6) for x in v] for k, v in self.heads.items()},
             "neurons": {k: [round(float(x), 6) for x in v] for k, v in self.neurons.items()},
+            "blocks": {k: round(float(v), 6) for k, v in self.blocks.items()},
             "calibration": self.calibration,
         }
 
@@ -58,6 +60,9 @@ def random_scores(adapter: Any, seed: int) -> Scores:
         scores.heads[key(b.side, b.layer)] = rng.random(b.heads)
     for m in adapter.mlp_blocks():
         scores.neurons[key(m.side, m.layer)] = rng.random(m.down.in_features)
+    for side, stack in adapter.layer_stacks().items():
+        for i in range(len(stack)):
+            scores.blocks[key(side, i)] = float(rng.random())
     return scores
 
 
@@ -74,6 +79,27 @@ class _Collector:
             self._hook(b.o, f"h:{key(b.side, b.layer)}", b.side, ("heads", b.head_dim))
         for m in adapter.mlp_blocks():
             self._hook(m.down, f"n:{key(m.side, m.layer)}", m.side, ("neurons", 1))
+        self.block_sum: dict[str, float] = {}
+        self.block_n: dict[str, int] = {}
+        for side, stack in adapter.layer_stacks().items():
+            for i, block in enumerate(stack):
+                self.handles.append(block.register_forward_hook(self._block_hook(key(side, i), side)))
+
+    def _block_hook(self, name: str, side: str) -> Any:
+        """Block influence (ShortGPT / Minitron depth): 1 - cos(input, output) per valid token."""
+        import torch
+
+        def hook(_module: Any, args: tuple, output: Any) -> None:
+            x = args[0] if args else None
+            y = output[0] if isinstance(output, tuple) else output
+            if x is None or not torch.is_tensor(x) or y.shape != x.shape:
+                return
+            cos = torch.nn.functional.cosine_similarity(x.detach().float(), y.detach().float(), dim=-1)  # [B, T]
+            valid = self._valid(x, side)[..., 0]
+            self.block_sum[name] = self.block_sum.get(name, 0.0) + float(((1 - cos) * valid).sum())
+            self.block_n[name] = self.block_n.get(name, 0) + int(valid.sum())
+
+        return hook
 
     def _hook(self, module: Any, name: str, side: str, geometry: tuple[str, int]) -> None:
         self.geometry[name] = geometry
@@ -115,6 +141,7 @@ class _Collector:
             if kind_name == "heads" and self.method == "activation":
                 v = v.reshape(-1, head_dim).pow(2).sum(-1).sqrt()
             (out.heads if kind == "h" else out.neurons)[k] = v.numpy()
+        out.blocks = {k: self.block_sum[k] / max(1, self.block_n[k]) for k in self.block_sum}
         return out
 
     def close(self) -> None:

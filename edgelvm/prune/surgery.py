@@ -58,6 +58,30 @@ def apply_plan(adapter: Any, plan: PrunePlan) -> None:
     write_record(adapter)
 
 
+def drop_blocks(adapter: Any, side: str, drop: list[int]) -> None:
+    """Remove whole blocks ``drop`` (indices) from a tower; renumber what the survivors index by (the KV cache's
+    ``layer_idx``), and shorten ``num_hidden_layers`` and per-layer config lists."""
+    import torch
+
+    if not drop:
+        return
+    stack = adapter.layer_stacks()[side]
+    names = {id(m): n for n, m in adapter.model.named_modules()}
+    parent_name, _, attr = names[id(stack)].rpartition(".")
+    parent = adapter.model.get_submodule(parent_name)
+    keep = [i for i in range(len(stack)) if i not in set(drop)]
+    setattr(parent, attr, torch.nn.ModuleList([stack[i] for i in keep]))
+    for new_index, block in enumerate(getattr(parent, attr)):
+        attn = getattr(block, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index
+    sub = adapter.sub_configs()[side]
+    per_layer = getattr(sub, "layer_types", None)
+    if isinstance(per_layer, list) and len(per_layer) == len(stack):
+        sub.layer_types = [per_layer[i] for i in keep]
+    sub.num_hidden_layers = len(keep)
+
+
 def _gather_rows(linear: Any, heads: list[int], width: int) -> None:
     """Replace ``linear``'s output rows with the rows of ``heads`` (repeats allowed), ``width`` rows per head."""
     import torch
