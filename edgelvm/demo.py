@@ -23,9 +23,9 @@ TEACHER_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes-teacher"
 DEMO_QUESTIONS = 200
 
 
-#: 23.8% of the teacher's parameters (the student of benchmarks/distill_shapes.py).
+#: 23.6% of the teacher's parameters (the student of benchmarks/distill_shapes.py).
 DEMO_STUDENT = (
-    "text_layers=2,text_hidden=128,text_intermediate=512,vision_layers=4,vision_hidden=96,vision_intermediate=384"
+    "text_layers=4,text_hidden=128,text_intermediate=256,vision_layers=3,vision_hidden=96,vision_intermediate=384"
 )
 DEMO_TRAIN = 4000
 
@@ -120,7 +120,7 @@ def _compress(
     shutil.rmtree(student, ignore_errors=True)
     console.print(f"distilling a student ({DEMO_STUDENT}) for {steps} steps …")
     cfg = DistillConfig(out=student, steps=steps, batch_size=32, lr=1e-3, warmup=max(1, steps // 20),
-                        feature_weight=1.0, save_every=steps)  # fmt: skip
+                        feature_weight=1.0, hidden_weight=1.0, save_every=steps)  # fmt: skip
     distill(model_dir, StudentSpec.parse(DEMO_STUDENT), train, cfg)
     pruned = workdir / "pruned"
     console.print("pruning the teacher (50% vision heads, 25% language heads, 30% MLP neurons) + recovery …")
