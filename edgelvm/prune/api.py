@@ -95,7 +95,8 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
     dropped = _drop_blocks(adapter, scores, {"vision": cfg.vision_drop_layers, "text": cfg.text_drop_layers})
     after = model_stats(adapter)
 
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # same filesystem: rename is atomic
     try:
         recovery = None
         if cfg.recover_steps > 0:
