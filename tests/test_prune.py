@@ -168,7 +168,7 @@ def test_cli_prune(tiny_checkpoints, calib, tmp_path):
 
     from edgelvm.cli import app
 
-    out = tmp_path / "cli"
+    out = tmp_path / "nested" / "cli"  # a parent that does not exist yet
     args = ["prune", str(tiny_checkpoints["llama-clip"]), "--calib", str(calib), "-o", str(out)]
     result = CliRunner().invoke(app, [*args, "--vision-heads", "0.5", "--text-heads", "0.25"])
     assert result.exit_code == 0, result.output
