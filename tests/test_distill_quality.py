@@ -23,7 +23,10 @@ def test_distilled_student_keeps_95_percent_of_the_teacher(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import distill_shapes
 
-    args = distill_shapes.parser().parse_args(["--out", str(tmp_path), "--recipes", "distilled", "--quiet"])
+    # 2000 steps (~10 min here; val 98% at step 2000 in the benchmark's 2500-step run): margin under the 15-minute
+    # budget on a slower CI machine
+    argv = ["--out", str(tmp_path), "--recipes", "distilled", "--steps", "2000", "--quiet"]
+    args = distill_shapes.parser().parse_args(argv)
     summary = distill_shapes.run(args)
     student = summary["results"]["distilled"]
     assert student["params_vs_teacher"] <= 0.25, student
