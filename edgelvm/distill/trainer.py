@@ -28,6 +28,7 @@ from edgelvm.data.jsonl import VQARecord, load_jsonl_dataset
 from edgelvm.distill.batches import ConversationEncoder, batch_indices, collate, dataset_fingerprint
 from edgelvm.distill.config import DistillConfig, DistillReport
 from edgelvm.errors import ConfigError
+from edgelvm.fsutil import write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +84,6 @@ def _prepare_out(cfg: DistillConfig, run_id: dict[str, Any], is_main: bool) -> t
         tmp.write_text(json.dumps(run_id, indent=1))
         tmp.replace(run_file)
     return state_dir, None
-
-
-def _atomic_dir_write(target: Path, write: Any) -> None:
-    """``write(tmp_dir)`` then swap ``tmp_dir`` into ``target``; the previous ``target`` survives a failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ the wrapped student
@@ -195,8 +180,14 @@ def distill(
     encoder = ConversationEncoder(teacher_adapter.processor)
     data_id = dataset_fingerprint(records)
     run_id = {"teacher": teacher_name, "student": student_desc, "data": data_id, "n": len(records), **cfg.fingerprint()}
-    state_dir, saved = _prepare_out(cfg, run_id, accelerator.is_main_process)
+    # the main process checks and claims the directory; the others wait (checking too would race with the claim)
+    if accelerator.is_main_process:
+        state_dir, saved = _prepare_out(cfg, run_id, True)
     accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        state_dir = Path(cfg.out) / STATE_DIR
+        state_file = state_dir / "checkpoint" / "state.json"
+        saved = json.loads(state_file.read_text()) if cfg.resume and state_file.is_file() else None
     teacher_params = sum(p.numel() for p in teacher_adapter.model.parameters())
     if cfg.teacher_generate:
         records = _teacher_responses(teacher_adapter, records, cfg, accelerator)
@@ -529,7 +520,7 @@ def _save_checkpoint(path: Path, accelerator: Any, module: Any, optimizer: Any, 
             torch.save(torch.get_rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
-        _atomic_dir_write(path, write)
+        write_dir_atomically(path, write)
     accelerator.wait_for_everyone()
 
 
@@ -550,18 +541,14 @@ def _load_checkpoint(path: Path, module: Any, optimizer: Any, saved: dict) -> di
 
 
 def _save_final(out: Path, student: Any, processor: Any, report: DistillReport, state_dir: Path) -> None:
+    from edgelvm.prune.surgery import save_checkpoint_files
+
     """Write the student into ``out`` (each file through a temporary name), the report last, then drop the
     resumable checkpoint (optimizer state is 2x the model)."""
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
     try:
-        if hasattr(student.config, "edgelvm_pruning"):  # shapes only edgelvm's loader rebuilds: its own format
-            from edgelvm.prune.surgery import save_model_files
-
-            save_model_files(student, processor, stage)
-        else:
-            student.save_pretrained(stage, safe_serialization=True)
-            processor.save_pretrained(stage)
+        save_checkpoint_files(student, processor, stage)
         for f in stage.iterdir():
             os.replace(f, out / f.name)
     finally:

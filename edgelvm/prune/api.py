@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from edgelvm.errors import ConfigError
+from edgelvm.fsutil import write_dir_atomically
 from edgelvm.prune.config import PruneConfig, PruneReport
 
 log = logging.getLogger(__name__)
@@ -95,15 +94,13 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
     dropped = _drop_blocks(adapter, scores, {"vision": cfg.vision_drop_layers, "text": cfg.text_drop_layers})
     after = model_stats(adapter)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # same filesystem: rename is atomic
-    try:
-        recovery = None
-        if cfg.recover_steps > 0:
-            recovery = _recover(adapter, source, cfg, records, stage)
+    result: dict[str, PruneReport] = {}
+
+    def write(stage: Path) -> None:
+        recovery = _recover(adapter, source, cfg, records, stage) if cfg.recover_steps > 0 else None
         save_pruned(adapter, stage)
         (stage / SCORES).write_text(json.dumps(scores.to_dict()))
-        report = PruneReport(
+        result["report"] = PruneReport(
             out=str(out),
             source=source,
             importance=cfg.importance,
@@ -115,13 +112,10 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
             scores_file=SCORES,
             config={k: v for k, v in vars(cfg).items() if k not in ("out", "progress", "force")},
         )
-        report.write(stage / REPORT)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        result["report"].write(stage / REPORT)
+
+    write_dir_atomically(out, write)
+    report = result["report"]
     return report
 
 

@@ -147,6 +147,16 @@ def save_pruned(adapter: Any, out: Any) -> None:
     save_model_files(adapter.model, adapter.processor, out)
 
 
+def save_checkpoint_files(model: Any, processor: Any, out: Any) -> None:
+    """A model + processor as a checkpoint directory: ``save_pretrained``, or edgelvm's own format for pruned shapes
+    that only edgelvm's loader rebuilds."""
+    if hasattr(model.config, RECORD):
+        save_model_files(model, processor, out)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+        processor.save_pretrained(out)
+
+
 def save_model_files(model: Any, processor: Any, out: Any) -> None:
     """config + generation config + processor via ``save_pretrained``; weights with the model's own parameter names
     (``safetensors.torch.save_model`` also de-duplicates tied tensors)."""

@@ -9,9 +9,6 @@ scales and a ``config.edgelvm_quantization`` record. ``edgelvm export`` writes t
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgelvm.errors import ConfigError
+from edgelvm.fsutil import write_dir_atomically
 
 RECORD = "edgelvm_quantization"
 SIDECAR = "int4.safetensors"
@@ -105,24 +103,14 @@ def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfi
     setattr(adapter.config, RECORD, {"llm": {"method": cfg.llm, "bits": 4, "group_size": cfg.group_size,
                                              "symmetric": cfg.symmetric, "file": SIDECAR}})  # fmt: skip
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        if hasattr(adapter.config, "edgelvm_pruning"):
-            from edgelvm.prune.surgery import save_model_files
+    def write(stage: Path) -> None:
+        from edgelvm.prune.surgery import save_checkpoint_files
 
-            save_model_files(adapter.model, adapter.processor, stage)
-        else:
-            adapter.model.save_pretrained(stage, safe_serialization=True)
-            adapter.processor.save_pretrained(stage)
+        save_checkpoint_files(adapter.model, adapter.processor, stage)
         save_file(tensors, str(stage / SIDECAR))
         (stage / "quant_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+
+    write_dir_atomically(out, write)
     return report
 
 
