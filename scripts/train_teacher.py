@@ -36,10 +36,7 @@ import argparse
 import json
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -357,23 +354,17 @@ def generate_answers(model, batcher: Batcher, samples: list[sh.Sample]) -> list[
 
 def save_checkpoint(out: Path, model, processor, optimizer, state: dict, probe=None) -> None:
     """Write to a temporary sibling, then swap: a crash mid-save leaves the previous checkpoint intact."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    from edgelvm.fsutil import write_dir_atomically
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if probe is not None:  # training state like optimizer.pt: needed by --resume, not part of the model
             torch.save(probe.state_dict(), tmp / "cell_probe.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomically(out, write)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

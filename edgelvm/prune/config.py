@@ -82,6 +82,6 @@ class PruneReport:
         return asdict(self)
 
     def write(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        tmp.replace(path)
+        from edgelvm.manifest import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, default=str))
