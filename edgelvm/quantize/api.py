@@ -1,14 +1,25 @@
-"""``quantize(model, calib_data, QuantConfig) -> QuantReport`` — so far: INT4 weight-only RTN of the language model.
+"""``quantize(model, calib_data, QuantConfig) -> QuantReport``: INT4 weight-only LLM, INT8 W8A8 vision encoder.
 
-The quantized checkpoint is a normal Hugging Face checkpoint whose language-model linear weights are the
-*dequantized* INT4 values (so PyTorch runs exactly the quantized model), plus ``int4.safetensors`` with the codes and
-scales and a ``config.edgelvm_quantization`` record. ``edgelvm export`` writes those codes into the fused decoder as
-``com.microsoft.MatMulNBits``; the portable decoder keeps the dequantized float weights for now.
+The quantized checkpoint is a normal Hugging Face checkpoint whose quantized weights are the *dequantized* values
+(and, after AWQ, whose norms carry the folded scales), so PyTorch computes the quantized model's weights exactly.
+Next to it:
+- ``int4.safetensors``: the language model's block-wise INT4 codes and scales (:class:`~edgelvm.quantize.int4.
+  Int4Weight`), by ``layers.{i}.<path>``;
+- ``int8.safetensors``: the vision encoder's INT8 codes, per-channel weight scales and per-tensor input scales
+  (:class:`~edgelvm.quantize.int8.Int8Linear`), by their path in the export-facing vision module;
+- ``config.edgelvm_quantization``: what was done (methods, group size, observer, calibration hash);
+- ``quant_report.json``: per-layer weight and output error, bytes before / after, what stayed in float and why.
+
+``edgelvm export`` turns that one representation into two writers' graphs: ``MatMulNBits`` in the ONNX Runtime
+decoder and block-wise ``DequantizeLinear`` (INT4) in the portable one (what TensorRT builds); explicit QDQ in the
+vision graph (ONNX Runtime runs it, TensorRT's INT8 path consumes it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,48 +27,96 @@ from typing import Any
 import numpy as np
 
 from edgelvm.errors import ConfigError
-from edgelvm.fsutil import write_dir_atomically
+
+log = logging.getLogger(__name__)
 
 RECORD = "edgelvm_quantization"
 SIDECAR = "int4.safetensors"
-LLM_METHODS = ("rtn",)
+VISION_SIDECAR = "int8.safetensors"
+LLM_METHODS = ("none", "rtn", "awq", "gptq")
+VISION_METHODS = ("none", "int8")
+SWEEP_IMAGES = 64  # images the observer sweep scores each candidate on
 
 
 @dataclass
 class QuantConfig:
     out: str | Path = "quantized"
-    llm: str = "rtn"
+    #: Language model, INT4 weight-only: ``rtn`` (no data), ``awq`` (activation-aware scales + clipping), ``gptq``.
+    llm: str = "awq"
     group_size: int = 128
     symmetric: bool = True
+    #: Vision encoder + projector: ``int8`` (W8A8) or ``none``.
+    vision: str = "int8"
+    #: Activation observer for the vision INT8 ranges; ``auto`` tries every one and keeps the best features.
+    calibrator: str = "auto"
+    calib_limit: int = 256
+    batch_size: int = 16
+    awq_clip: bool = True
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    seed: int = 0
     force: bool = False
+    progress: bool = False
 
     def validate(self) -> None:
+        from edgelvm.calibration.observers import check_observer
         from edgelvm.quantize.int4 import check_block_size
 
         if self.llm not in LLM_METHODS:
+            raise ConfigError(f"unknown llm method {self.llm!r}", where="--llm", fix=f"use {', '.join(LLM_METHODS)}")
+        if self.vision not in VISION_METHODS:
             raise ConfigError(
-                f"llm method {self.llm!r} is not available yet",
-                where="QuantConfig.llm",
-                fix=f"use one of {', '.join(LLM_METHODS)} (AWQ and GPTQ are planned)",
+                f"unknown vision method {self.vision!r}", where="--vision", fix=f"use {', '.join(VISION_METHODS)}"
             )
+        if self.llm == "none" and self.vision == "none":
+            raise ConfigError("nothing to quantize", where="--llm / --vision", fix="choose --llm or --vision")
         check_block_size(self.group_size)
+        check_observer(self.calibrator)
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise ConfigError(f"gptq_damp {self.gptq_damp} not in (0, 1)", where="--gptq-damp", fix="use e.g. 0.01")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.llm in ("awq", "gptq") or self.vision == "int8"
 
 
 @dataclass
 class QuantReport:
     out: str
-    method: str
+    method: str  # the LLM method (kept for readers of the first format)
     group_size: int
-    layers: list[dict[str, Any]] = field(default_factory=list)  # name, K, N, relative weight error
+    vision: str = "none"
+    calibrator: str | None = None
+    observer_scores: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    #: name, side, bits, K, N, relative weight error, relative output error on the calibration tokens (when known)
+    layers: list[dict[str, Any]] = field(default_factory=list)
     kept_float: list[str] = field(default_factory=list)
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        text = [row for row in self.layers if row["side"] == "text"]
+        vision = [row for row in self.layers if row["side"] == "vision"]
+        lines = [
+            f"weights {self.weight_bytes_before / 1e6:.2f} MB -> {self.weight_bytes_after / 1e6:.2f} MB "
+            f"({len(text)} LLM layers {self.method} INT4 g{self.group_size}, {len(vision)} vision layers {self.vision})"
+        ]
+        for rows, label in ((text, "LLM"), (vision, "vision")):
+            errs = [r["output_error"] for r in rows if r.get("output_error") is not None]
+            if errs:
+                lines.append(f"{label} output error (calibration): mean {np.mean(errs):.4f}, max {max(errs):.4f}")
+        if self.calibrator:
+            lines.append(f"vision observer: {self.calibrator} " + ", ".join(
+                f"{k} {v:.5f}" for k, v in self.observer_scores.items()))  # fmt: skip
+        return "\n".join(lines)
 
-def _linear_layers(adapter: Any) -> dict[str, Any]:
+
+def text_linears(adapter: Any) -> dict[str, Any]:
     """``layers.{i}.<path>`` -> Linear, for every linear layer inside the language model's decoder layers."""
     import torch
 
@@ -70,48 +129,177 @@ def _linear_layers(adapter: Any) -> dict[str, Any]:
 
 
 def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfig | None = None) -> QuantReport:
-    import torch
-    from safetensors.numpy import save_file
-
+    """Quantize ``model`` (checkpoint path or loaded adapter) with calibration records ``calib_data`` (a jsonl
+    dataset, a list of records, or ``"shapes"``; not needed for ``llm="rtn", vision="none"``)."""
+    from edgelvm.calibration.dataset import load_calibration_set
     from edgelvm.models import load_model
-    from edgelvm.quantize.int4 import quantize_rtn
 
+    started = time.perf_counter()
     cfg = config or QuantConfig()
     cfg.validate()
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.force:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not cfg.force)):
         raise ConfigError("the output directory is not empty", where=out, fix="choose another --out, or pass --force")
+    calib = None
+    if cfg.needs_calibration:
+        if calib_data is None:
+            raise ConfigError(
+                f"--llm {cfg.llm} / --vision {cfg.vision} need calibration data",
+                where="--calib",
+                fix="pass --calib DATA (a jsonl dataset, or 'shapes'), or use --llm rtn --vision none",
+            )
+        calib = load_calibration_set(calib_data, cfg.calib_limit, cfg.seed)  # fails on an empty set, before loading
     adapter = model if hasattr(model, "processor") else load_model(str(model))
-    report = QuantReport(out=str(out), method=cfg.llm, group_size=cfg.group_size)
-    report.kept_float = ["vision tower (INT8 planned)", "projector", "token embedding", "lm_head"]
+    if getattr(adapter.config, RECORD, None):
+        raise ConfigError("the checkpoint is already quantized", where=adapter.source or None,
+                          fix="quantize the float checkpoint it came from")  # fmt: skip
+
+    report = QuantReport(out=str(out), method=cfg.llm, group_size=cfg.group_size, vision=cfg.vision)
+    report.kept_float = ["token embedding (a memory-mapped table)", "lm_head (logit precision; DESIGN.md §8)"]
+    record: dict[str, Any] = {}
+    int4: dict[str, Any] = {}
+    int8: dict[str, Any] = {}
+    text = text_linears(adapter) if cfg.llm != "none" else {}
+    vision = _vision_modules(adapter) if cfg.vision == "int8" else {}
+    stats = None
+    sweep_inputs = None
+    if calib is not None:
+        from edgelvm.calibration.stats import collect_stats
+
+        report.calibration = calib.describe()
+        if vision:
+            sweep_inputs = _sweep_inputs(adapter, calib, cfg.batch_size)  # float references, before any change
+        gram = set(text)  # also for RTN: its output error on the calibration tokens goes in the report
+        stats = _with_progress(cfg, len(calib), "calibration", lambda tick: collect_stats(
+            adapter, calib, {**text, **vision}, gram=gram, text=set(text), batch_size=cfg.batch_size, progress=tick,
+        ))  # fmt: skip
+
+    if text:
+        from edgelvm.quantize.llm_int4 import quantize_llm
+
+        int4 = quantize_llm(adapter, text, stats, cfg, report)
+        record["llm"] = {"method": cfg.llm, "bits": 4, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+                         "file": SIDECAR}  # fmt: skip
+    else:
+        report.kept_float.append("language model (--llm none)")
+    if vision:
+        int8 = _quantize_vision(adapter, vision, stats, sweep_inputs, cfg, report)
+        record["vision"] = {"method": "int8", "calibrator": report.calibrator, "file": VISION_SIDECAR}
+    else:
+        report.kept_float.append("vision encoder and projector (--vision none)")
+    if calib is not None:
+        record["calibration_sha256"] = calib.sha256
+    setattr(adapter.config, RECORD, record)
+    report.seconds = round(time.perf_counter() - started, 2)
+    _write(adapter, out, int4, int8, report)
+    return report
+
+
+def _vision_modules(adapter: Any) -> dict[str, Any]:
+    from edgelvm.quantize.vision_int8 import vision_linears
+
+    return {f"vision:{name}": m for name, m in vision_linears(adapter).items()}
+
+
+def _sweep_inputs(adapter: Any, calib: Any, batch_size: int) -> tuple[list[Any], list[Any]]:
+    import torch
+
+    from edgelvm.calibration.dataset import iter_batches
+
+    encoder = adapter.vision_encoder()
+    pixels, refs, n = [], [], 0
+    with torch.no_grad():
+        for inputs, _rows in iter_batches(adapter, calib, batch_size):
+            if "pixel_values" not in inputs or n >= SWEEP_IMAGES:
+                continue
+            batch = inputs["pixel_values"][: SWEEP_IMAGES - n]
+            pixels.append(batch)
+            refs.append(encoder(batch).float())
+            n += batch.shape[0]
+    return pixels, refs
+
+
+def _quantize_vision(
+    adapter: Any, vision: dict[str, Any], stats: Any, sweep_inputs: Any, cfg: QuantConfig, report: QuantReport
+) -> dict[str, Any]:
+    from edgelvm.calibration.observers import OBSERVERS
+    from edgelvm.quantize import vision_int8 as v8
+
+    if not sweep_inputs or not sweep_inputs[0]:
+        from edgelvm.errors import DatasetError
+
+        raise DatasetError(
+            "the calibration set has no images, so the vision encoder cannot be calibrated",
+            where=report.calibration.get("source"),
+            fix="use records with images, or --vision none",
+        )
+    modules = {name.split(":", 1)[1]: m for name, m in vision.items()}
+    originals = {name: m.weight.detach().float().clone() for name, m in modules.items()}
+    weights = v8.quantize_weights(modules)
+    stats_by_name = stats.with_prefix("vision:")
+    candidates = OBSERVERS if cfg.calibrator == "auto" else (cfg.calibrator,)
+    sweep = v8.sweep_observers(adapter, modules, stats_by_name, *sweep_inputs, candidates=candidates)
+    report.calibrator, report.observer_scores = sweep.chosen, sweep.scores
+    scales = v8.input_scales_for(stats_by_name, list(modules), sweep.chosen)
+    for name, linear in modules.items():
+        w = originals[name]
+        deq = linear.weight.detach().float()
+        report.layers.append({
+            "name": name, "side": "vision", "bits": 8, "K": int(w.shape[1]), "N": int(w.shape[0]),
+            "weight_error": round(float((deq - w).norm() / (w.norm() + 1e-12)), 6),
+            "output_error": None, "input_scale": scales[name],
+        })  # fmt: skip
+        report.weight_bytes_before += w.numel() * 4
+        report.weight_bytes_after += w.numel() + w.shape[0] * 4
+    report.kept_float.extend(f"vision {what}: {why}" for what, why in v8.KEPT_FLOAT.items())
+    return v8.records(weights, scales)
+
+
+def _with_progress(cfg: QuantConfig, total: int, label: str, work: Any) -> Any:
+    if not cfg.progress:
+        return work(None)
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        return work(lambda n: progress.advance(task, n))
+
+
+def _write(adapter: Any, out: Path, int4: dict[str, Any], int8: dict[str, Any], report: QuantReport) -> None:
+    from safetensors.numpy import save_file
+
+    from edgelvm.fsutil import write_dir_atomically
+    from edgelvm.prune.surgery import save_checkpoint_files
+
+    def write(stage: Path) -> None:
+        save_checkpoint_files(adapter.model, adapter.processor, stage)
+        if int4:
+            save_file(int4_tensors(int4), str(stage / SIDECAR))
+        if int8:
+            save_file(int8_tensors(int8), str(stage / VISION_SIDECAR))
+        (stage / "quant_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+
+    write_dir_atomically(out, write)
+
+
+def int4_tensors(weights: dict[str, Any]) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
-    for name, linear in _linear_layers(adapter).items():
-        w = linear.weight.detach().float().numpy().T.copy()  # [K, N]; a copy: the weight is overwritten below
-        q = quantize_rtn(w, cfg.group_size, cfg.symmetric)
-        deq = q.dequantize()
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(deq.T.copy()).to(linear.weight.dtype))
+    for name, q in weights.items():
         tensors[f"{name}.packed"] = q.packed
         tensors[f"{name}.scales"] = q.scales
         if q.zero_points is not None:
             tensors[f"{name}.zero_points"] = q.zero_points
         tensors[f"{name}.shape"] = np.array([q.k, q.n, q.block_size], dtype=np.int64)
-        rel = float(np.linalg.norm(deq - w) / (np.linalg.norm(w) + 1e-12))
-        report.layers.append({"name": name, "K": q.k, "N": q.n, "relative_error": round(rel, 6)})
-        report.weight_bytes_before += w.size * 4
-        report.weight_bytes_after += q.packed.size + q.scales.size * 4
-    setattr(adapter.config, RECORD, {"llm": {"method": cfg.llm, "bits": 4, "group_size": cfg.group_size,
-                                             "symmetric": cfg.symmetric, "file": SIDECAR}})  # fmt: skip
+    return tensors
 
-    def write(stage: Path) -> None:
-        from edgelvm.prune.surgery import save_checkpoint_files
 
-        save_checkpoint_files(adapter.model, adapter.processor, stage)
-        save_file(tensors, str(stage / SIDECAR))
-        (stage / "quant_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-
-    write_dir_atomically(out, write)
-    return report
+def int8_tensors(layers: dict[str, Any]) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {}
+    for name, layer in layers.items():
+        tensors[f"{name}.codes"] = np.ascontiguousarray(layer.codes)
+        tensors[f"{name}.weight_scales"] = np.ascontiguousarray(layer.weight_scales)
+        tensors[f"{name}.input_scale"] = np.array([layer.input_scale], np.float32)
+    return tensors
 
 
 def load_int4(source: str | Path) -> dict[str, Any]:
@@ -129,3 +317,17 @@ def load_int4(source: str | Path) -> dict[str, Any]:
             zp = tensors.get(f"{name}.zero_points")
             out[name] = Int4Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales"], zp, k, n, block)
     return out
+
+
+def load_int8(source: str | Path) -> dict[str, Any]:
+    """The INT8 vision layers of a quantized checkpoint, by their path in the export-facing vision module."""
+    from safetensors.numpy import load_file
+
+    from edgelvm.quantize.int8 import Int8Linear
+
+    tensors = load_file(str(Path(source) / VISION_SIDECAR))
+    names = [key[: -len(".codes")] for key in tensors if key.endswith(".codes")]
+    return {
+        n: Int8Linear(tensors[f"{n}.codes"], tensors[f"{n}.weight_scales"], float(tensors[f"{n}.input_scale"][0]))
+        for n in names
+    }

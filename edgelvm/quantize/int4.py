@@ -83,31 +83,56 @@ def check_block_size(block_size: int) -> None:
         )
 
 
-def quantize_rtn(w: np.ndarray, block_size: int = 128, symmetric: bool = True) -> Int4Weight:
+def int4_params(
+    w: np.ndarray, block_size: int = 128, symmetric: bool = True, clip: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Block scales ``[N, k_blocks]`` (and asymmetric zero points) for ``w`` (``[K, N]``), each block's range
+    optionally shrunk by ``clip`` (``[N, k_blocks]`` ratios in (0, 1]; AWQ's clipping search picks them)."""
+    blocks, _ = _blocks(w, block_size)
+    ratio = 1.0 if clip is None else np.asarray(clip, np.float32)
+    if symmetric:
+        absmax = np.abs(blocks).max(-1) * ratio
+        return np.where(absmax > 0, absmax / 7.0, 1.0).astype(np.float32), None
+    lo = np.minimum(blocks.min(-1), 0.0) * ratio
+    hi = np.maximum(blocks.max(-1), 0.0) * ratio
+    scales = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+    return scales, np.clip(np.rint(-lo / scales), 0, 15).astype(np.uint8)
+
+
+def quantize_with_params(
+    w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, block_size: int
+) -> Int4Weight:
+    """Codes of ``w`` (``[K, N]``) for given block scales / zero points (None = symmetric, 8): round to nearest and
+    saturate. Exact for a ``w`` that already lies on the grid (GPTQ's output)."""
+    blocks, k = _blocks(w, block_size)
+    n, k_blocks, _ = blocks.shape
+    zp = 8 if zero_points is None else zero_points[..., None]
+    codes = np.clip(np.rint(blocks / scales[..., None]) + zp, 0, 15).astype(np.uint8)
+    flat = codes.reshape(n, k_blocks, block_size // 2, 2)
+    packed = (flat[..., 0] | (flat[..., 1] << 4)).astype(np.uint8)
+    # contiguous: safetensors.numpy writes an array's buffer as is
+    zero_points = None if zero_points is None else np.ascontiguousarray(zero_points)
+    return Int4Weight(np.ascontiguousarray(packed), np.ascontiguousarray(scales), zero_points, k, n, block_size)
+
+
+def quantize_rtn(
+    w: np.ndarray, block_size: int = 128, symmetric: bool = True, clip: np.ndarray | None = None
+) -> Int4Weight:
     """Round-to-nearest INT4 of ``w`` (``[K, N]``). ``K`` not divisible by ``block_size`` is zero-padded (the
     padding is quantized exactly to zero and multiplies nothing)."""
+    scales, zero_points = int4_params(w, block_size, symmetric, clip)
+    return quantize_with_params(w, scales, zero_points, block_size)
+
+
+def _blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
+    """``w`` (``[K, N]``) as ``[N, k_blocks, block_size]``, K zero-padded; and the true K."""
     check_block_size(block_size)
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
     k_blocks = -(-k // block_size)
     padded = np.zeros((k_blocks * block_size, n), np.float32)
     padded[:k] = w
-    blocks = padded.T.reshape(n, k_blocks, block_size)  # [N, blocks, bs]
-    if symmetric:
-        absmax = np.abs(blocks).max(-1)
-        scales = np.where(absmax > 0, absmax / 7.0, 1.0).astype(np.float32)
-        codes = np.clip(np.rint(blocks / scales[..., None]) + 8, 0, 15).astype(np.uint8)
-        zero_points = None
-    else:
-        lo, hi = np.minimum(blocks.min(-1), 0.0), np.maximum(blocks.max(-1), 0.0)
-        scales = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
-        zero_points = np.clip(np.rint(-lo / scales), 0, 15).astype(np.uint8)
-        codes = np.clip(np.rint(blocks / scales[..., None]) + zero_points[..., None], 0, 15).astype(np.uint8)
-    flat = codes.reshape(n, k_blocks, block_size // 2, 2)
-    packed = (flat[..., 0] | (flat[..., 1] << 4)).astype(np.uint8)
-    # contiguous: safetensors.numpy writes an array's buffer as is
-    zero_points = None if zero_points is None else np.ascontiguousarray(zero_points)
-    return Int4Weight(np.ascontiguousarray(packed), np.ascontiguousarray(scales), zero_points, k, n, block_size)
+    return padded.T.reshape(n, k_blocks, block_size), k
 
 
 def matmul_nbits_node(

@@ -1,0 +1,122 @@
+"""Calibration sets: which records, in what order, and the model inputs they become.
+
+Images go through the checkpoint's own processor and prompts through its chat template (the distill stage's
+:class:`~edgelvm.distill.batches.ConversationEncoder`), answers included: the decoder is calibrated on the
+activations it sees while generating, not on text alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelvm.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+#: Below this many records the ranges are noisy; it is a warning, not an error (small models calibrate fine).
+MIN_RECOMMENDED = 32
+#: ``calib_data="shapes"``: records drawn from the shipped task's validation seed (never its test seed).
+SHAPES = "shapes"
+
+
+@dataclass
+class CalibrationSet:
+    records: list[Any]  # edgelvm.data.jsonl.VQARecord
+    sha256: str
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def describe(self) -> dict[str, Any]:
+        return {"records": len(self.records), "sha256": self.sha256, "source": self.source}
+
+
+def load_calibration_set(data: str | Path | list, limit: int = 256, seed: int = 0) -> CalibrationSet:
+    """``data``: a jsonl dataset (directory or file), a list of records, or ``"shapes"`` (the shipped task).
+
+    ``limit`` records are kept, drawn by a seeded permutation so that a sorted dataset still yields a mix."""
+    from edgelvm.data.jsonl import load_jsonl_dataset
+
+    if limit < 1:
+        raise DatasetError(
+            f"calibration limit {limit} < 1", where="--calib-limit", fix="use at least 1 (256 is typical)"
+        )
+    if isinstance(data, list):
+        records, source = data, "records"
+    elif str(data) == SHAPES:
+        records, source = _shapes_records(limit), "shapes task (validation seed)"
+    else:
+        records, source = load_jsonl_dataset(data), str(data)
+    if not records:
+        raise DatasetError("the calibration set is empty", where=source, fix="pass a dataset with at least one record")
+    order = np.random.default_rng(seed).permutation(len(records))[:limit]
+    chosen = [records[i] for i in sorted(order)]
+    if len(chosen) < MIN_RECOMMENDED:
+        log.warning(
+            "only %d calibration records (from %s): activation ranges will be noisy; %d or more are recommended",
+            len(chosen), source, MIN_RECOMMENDED,
+        )  # fmt: skip
+    return CalibrationSet(chosen, _digest(chosen), source)
+
+
+def _shapes_records(n: int) -> list[Any]:
+    from edgelvm.data.jsonl import load_jsonl_dataset
+    from edgelvm.data.shapes import SPLIT_SEEDS, write_split
+
+    # The records reference image files, and the encoder reads them as it goes: keep the directory for the process.
+    root = Path(tempfile.mkdtemp(prefix="edgelvm-calib-"))
+    write_split(root / "val", SPLIT_SEEDS["val"], n, force=True)
+    return load_jsonl_dataset(root / "val")
+
+
+def _digest(records: list[Any]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(repr((r.id, r.conversations)).encode())
+        if r.image_path is not None:
+            h.update(Path(r.image_path).read_bytes())
+    return h.hexdigest()
+
+
+def iter_batches(adapter: Any, calib: CalibrationSet, batch_size: int) -> Iterator[tuple[dict[str, Any], int]]:
+    """``(model inputs, rows)`` per batch: input_ids, attention_mask, pixel_values (right-padded)."""
+    from edgelvm.distill.batches import ConversationEncoder, collate
+
+    encoder = ConversationEncoder(adapter.processor)
+    pad = encoder.tokenizer.pad_token_id or 0
+    for lo in range(0, len(calib.records), batch_size):
+        chunk = calib.records[lo : lo + batch_size]
+        batch = collate([encoder.encode(r) for r in chunk], list(range(len(chunk))), pad)
+        yield batch.inputs, len(chunk)
+
+
+def run_forward(
+    adapter: Any,
+    calib: CalibrationSet,
+    batch_size: int = 16,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Run every calibration batch through the whole VLM (vision tower, projector, language model), no gradients.
+
+    ``on_batch`` sees each batch's inputs before its forward (the statistics use its attention mask)."""
+    import torch
+
+    model = adapter.model
+    model.eval()
+    with torch.no_grad():
+        for inputs, rows in iter_batches(adapter, calib, batch_size):
+            if on_batch is not None:
+                on_batch(inputs)
+            model(**inputs)
+            if progress is not None:
+                progress(rows)

@@ -1,0 +1,133 @@
+"""INT4 weight-only quantization of the language model's linear layers: RTN, AWQ or GPTQ → :class:`Int4Weight`.
+
+Each method leaves the torch model computing exactly the quantized weights (dequantized in place; AWQ's scales
+folded into the producing norms / linears, which stay float) and returns the codes by ``layers.{i}.<path>``.
+The report gets, per layer, the relative weight error and — with calibration — the relative output error on the
+calibration tokens, ``sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))``, both measured in the original input space.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from edgelvm.quantize.int4 import Int4Weight, quantize_rtn
+
+log = logging.getLogger(__name__)
+
+
+def quantize_llm(adapter: Any, linears: dict[str, Any], stats: Any, cfg: Any, report: Any) -> dict[str, Int4Weight]:
+    import torch
+
+    originals = {name: m.weight.detach().float().clone() for name, m in linears.items()}
+    grams = {name: stats.gram(name) for name in linears} if stats is not None else {}
+    # AWQ changes a group's input space by 1/s: keep each layer's scale to map errors back to the original one.
+    input_scale: dict[str, Any] = {}
+    if cfg.llm == "awq":
+        input_scale, row_scale = _apply_awq_scales(adapter, linears, stats, cfg)
+        for name, r in row_scale.items():  # a producer's float rows were divided exactly: that is the reference now
+            originals[name] = originals[name] / r[:, None]
+
+    out: dict[str, Int4Weight] = {}
+    for name, linear in linears.items():
+        w = linear.weight.detach().float()  # [N, K], scaled by AWQ when it applies
+        s = input_scale.get(name)
+        if cfg.llm == "gptq":
+            from edgelvm.quantize.gptq import gptq_quantize
+
+            q = gptq_quantize(w, grams[name], cfg.group_size, cfg.symmetric, damp=cfg.gptq_damp,
+                              act_order=cfg.gptq_act_order)  # fmt: skip
+        else:
+            clip = None
+            if cfg.llm == "awq" and cfg.awq_clip and not _is_query_or_key(name):
+                from edgelvm.quantize.awq import search_clip
+
+                gram = grams[name] if s is None else grams[name] / torch.outer(s, s).double()
+                clip = search_clip(w, gram, cfg.group_size, cfg.symmetric).numpy()
+            q = quantize_rtn(w.numpy().T, cfg.group_size, cfg.symmetric, clip)
+        deq = torch.from_numpy(q.dequantize().T.copy())
+        with torch.no_grad():
+            linear.weight.copy_(deq.to(linear.weight.dtype))
+        out[name] = q
+        effective = deq if s is None else deq / s  # in the original input space
+        report.layers.append(_layer_row(name, originals[name], effective, grams.get(name), q))
+        report.weight_bytes_before += originals[name].numel() * 4
+        zero_point_bytes = 0 if q.zero_points is None else q.zero_points_packed().size
+        report.weight_bytes_after += q.packed.size + q.scales.size * 4 + zero_point_bytes
+    return out
+
+
+def _is_query_or_key(name: str) -> bool:
+    # AutoAWQ does not clip q/k: their products go through softmax, where a clipped outlier changes the attention
+    return name.endswith(("q_proj", "k_proj"))
+
+
+def _apply_awq_scales(adapter: Any, linears: dict[str, Any], stats: Any, cfg: Any) -> tuple[dict, dict]:
+    """Search and fold the per-channel scales of every group. Returns each scaled layer's input scale ``s`` and,
+    for producers that are linear layers, the scale their output rows were divided by."""
+    import torch
+
+    from edgelvm.quantize.awq import search_scales
+
+    applied: dict[str, Any] = {}
+    rows: dict[str, Any] = {}
+    alphas = []
+    for group in adapter.text_scale_groups():
+        names = [n for n in group.linears if n in linears]
+        if not names:
+            continue
+        first = names[0]
+        gram = stats.gram(first)
+        result = search_scales([group.linears[n].weight.detach() for n in names], gram,
+                               stats.layers[first].abs_mean, cfg.group_size, cfg.symmetric)  # fmt: skip
+        s = result.scales
+        alphas.append(result.alpha)
+        with torch.no_grad():
+            for n in names:
+                lin = group.linears[n]
+                lin.weight.mul_(s[None, :].to(lin.weight.dtype))
+            _divide_producer(group, s)
+        for n in names:
+            applied[n] = s
+        producer = _producer_name(group, linears)
+        if producer is not None:
+            rows[producer] = s
+    if alphas:
+        log.info("AWQ: mean alpha %.2f over %d groups", float(np.mean(alphas)), len(alphas))
+    return applied, rows
+
+
+def _producer_name(group: Any, linears: dict[str, Any]) -> str | None:
+    for name, module in linears.items():
+        if module is group.producer:
+            return name
+    return None
+
+
+def _divide_producer(group: Any, s: Any) -> None:
+    p = group.producer
+    if group.producer_kind == "norm":
+        p.weight.div_(s.to(p.weight.dtype))
+        if getattr(p, "bias", None) is not None:
+            p.bias.div_(s.to(p.bias.dtype))
+    elif group.producer_kind == "linear":
+        p.weight.div_(s[:, None].to(p.weight.dtype))
+        if p.bias is not None:
+            p.bias.div_(s.to(p.bias.dtype))
+    else:  # pragma: no cover - adapters only declare the two kinds
+        raise ValueError(f"unknown producer kind {group.producer_kind!r}")
+
+
+def _layer_row(name: str, w: Any, effective: Any, gram: Any, q: Int4Weight) -> dict[str, Any]:
+    from edgelvm.quantize.awq import output_error
+
+    delta = effective - w
+    row = {
+        "name": name, "side": "text", "bits": 4, "K": q.k, "N": q.n,
+        "weight_error": round(float(delta.norm() / (w.norm() + 1e-12)), 6), "output_error": None,
+    }  # fmt: skip
+    if gram is not None:
+        row["output_error"] = round(float(np.sqrt(output_error(delta, gram) / max(output_error(w, gram), 1e-30))), 6)
+    return row

@@ -1,0 +1,110 @@
+"""INT8 W8A8 of the vision encoder and projector: per-channel weights, per-tensor input ranges from an observer.
+
+Only the linear layers are quantized (their matmuls are where the time goes); LayerNorm, Softmax, GELU, the residual
+adds, the attention's activation-by-activation matmuls and the patch-embedding convolution stay in float — the
+ranges of LayerNorm inputs span orders of magnitude per channel in ViTs (FQ-ViT), and TensorRT keeps the same ops
+in higher precision in its own INT8 recipes.
+
+The torch side simulates exactly what the QDQ graph computes (:func:`fake_quant_inputs`): the export parity check
+and the observer sweep both run through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgelvm.calibration.observers import OBSERVERS, observe
+from edgelvm.quantize.int8 import Int8Linear, activation_scale, quantize_weight_int8
+
+#: What stays in float, for the report.
+KEPT_FLOAT = {
+    "patch embedding (Conv2d)": "the writer quantizes MatMul weights only; one conv per image, not where the time goes",
+    "LayerNorm / Softmax / GELU / residual adds": "kept in higher precision by design (wide per-channel ranges)",
+    "attention Q·Kᵀ and P·V": "activation-by-activation matmuls: kept float (no weights to quantize)",
+}
+
+
+def vision_linears(adapter: Any) -> dict[str, Any]:
+    """Linear layers of the export-facing vision module, by their path in it — the names the traced graph carries."""
+    import torch
+
+    module = adapter.vision_encoder()
+    return {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def quantize_weights(modules: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel INT8 of every weight; the torch weights are replaced by their dequantized values (so the
+    checkpoint computes what the INT8 graph computes)."""
+    import torch
+
+    out = {}
+    for name, linear in modules.items():
+        codes, scales = quantize_weight_int8(linear.weight.detach().float().numpy().T)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy((codes.astype(np.float32) * scales[None, :]).T.copy()))
+        out[name] = (codes, scales)
+    return out
+
+
+@contextlib.contextmanager
+def fake_quant_inputs(modules: dict[str, Any], input_scales: dict[str, float]) -> Iterator[None]:
+    """While active, each listed linear sees its input as QuantizeLinear → DequantizeLinear (int8, zero point 0)
+    would give it: round half to even, saturate."""
+    import torch
+
+    def hook_for(scale: float) -> Any:
+        def hook(_module: Any, args: tuple) -> tuple:
+            x = args[0]
+            q = torch.clamp(torch.round(x / scale), -128, 127) * scale
+            return (q.to(x.dtype), *args[1:])
+
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(hook_for(s)) for n, s in input_scales.items() if n in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_scales_for(stats: Any, names: list[str], observer: str) -> dict[str, float]:
+    return {name: activation_scale(observe(stats.layers[name].histogram, observer)) for name in names}
+
+
+@dataclass
+class SweepResult:
+    chosen: str
+    metric: str
+    scores: dict[str, float]  # observer -> metric (higher is better)
+
+
+def sweep_observers(
+    adapter: Any, modules: dict[str, Any], stats: Any, pixel_batches: list[Any], reference: list[Any],
+    candidates: tuple[str, ...] = OBSERVERS,
+) -> SweepResult:  # fmt: skip
+    """Try each observer on the calibration images and keep the one whose features are closest (mean cosine per
+    image token) to the float encoder's ``reference`` features."""
+    import torch
+
+    encoder = adapter.vision_encoder()
+    scores = {}
+    for observer in candidates:
+        scales = input_scales_for(stats, list(modules), observer)
+        cosines = []
+        with torch.no_grad(), fake_quant_inputs(modules, scales):
+            for pixels, ref in zip(pixel_batches, reference):
+                got = encoder(pixels).float()
+                cosines.append(torch.nn.functional.cosine_similarity(got, ref, dim=-1).flatten())
+        scores[observer] = float(torch.cat(cosines).mean())
+    chosen = max(scores, key=lambda k: scores[k])
+    return SweepResult(chosen, "feature cosine vs fp32 (mean over image tokens)", scores)
+
+
+def records(weights: dict[str, tuple[np.ndarray, np.ndarray]], scales: dict[str, float]) -> dict[str, Int8Linear]:
+    return {name: Int8Linear(codes, w_scales, float(scales[name])) for name, (codes, w_scales) in weights.items()}
