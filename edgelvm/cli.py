@@ -69,6 +69,9 @@ def export(
     decoder: Annotated[
         str, typer.Option(help="auto (portable + ORT-fused where possible) | portable (smaller) | fused.")
     ] = "auto",
+    int4_accuracy_level: Annotated[
+        int, typer.Option(help="INT4 checkpoints: MatMulNBits accuracy_level (0 fp32 compute, 4 int8 activations).")
+    ] = 0,
 ) -> None:
     """Export a VLM checkpoint to a self-describing bundle (vision/decoder ONNX, embedding table, tokenizer).
 
@@ -83,7 +86,8 @@ def export(
 
     console = _console()
     with console.status(f"exporting {model} …"):
-        config = ExportConfig(dtype=dtype, max_length=max_length, force=force, target=target, decoder=decoder)
+        config = ExportConfig(dtype=dtype, max_length=max_length, force=force, target=target, decoder=decoder,
+                              int4_accuracy_level=int4_accuracy_level)  # fmt: skip
         report = run_export(model, output, config)
     table = Table(title=f"bundle {report.bundle_dir} ({report.seconds:.0f} s)")
     for column in ("part", "file", "size", "error vs PyTorch"):
@@ -217,6 +221,9 @@ def _mount_optional_apps() -> None:
     from edgelvm.prune.cli import prune_command
 
     app.command("prune")(prune_command)
+    from edgelvm.quantize.cli import quantize_command
+
+    app.command("quantize")(quantize_command)
     app.command("serve")(serve)
     try:
         from edgelvm.data.cli import app as data_app

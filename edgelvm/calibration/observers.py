@@ -84,14 +84,22 @@ def _entropy(hist: AbsHistogram) -> float:
         level_sum = np.bincount(level, weights=counts[:i], minlength=_LEVELS)
         level_used = np.bincount(level, weights=nonzero, minlength=_LEVELS)
         q = np.where(nonzero > 0, level_sum[level] / np.maximum(level_used[level], 1), 0.0)
-        mask = p > 0
-        if np.any(q[mask] == 0):
-            continue  # Q must cover P's support for a finite divergence
-        pn, qn = p[mask] / p.sum(), q[mask] / q.sum()
-        kl = float(np.sum(pn * np.log(pn / qn)))
+        pn, qn = _smooth(p / p.sum()), _smooth(q / max(q.sum(), 1e-30))
+        mask = pn > 0
+        kl = float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask])))
         if kl < best_kl:
             best_kl, best_i = kl, i
     return float(min(best_i * width, hist.max))
+
+
+def _smooth(d: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """Give empty bins a little mass taken from the others, so that KL(P || Q) stays finite where Q has a hole
+    under P's support (a clipped outlier landing in an empty bin) — as TensorRT's and ONNX Runtime's calibrators do."""
+    zeros = d == 0
+    n_zero, n_nonzero = int(zeros.sum()), int((~zeros).sum())
+    if n_zero == 0 or n_nonzero == 0:
+        return d
+    return np.maximum(d + eps * zeros - (eps * n_zero / n_nonzero) * ~zeros, 1e-12)
 
 
 def _mse(hist: AbsHistogram, candidates: int = 256) -> float:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from edgelvm import __version__
 from edgelvm.errors import ConfigError, ExportError
 from edgelvm.manifest import MANIFEST_NAME, Manifest, hash_bundle_files, write_text_atomic
@@ -44,6 +46,9 @@ class ExportConfig:
     #: Runtime–fused one (in-place KV cache, GroupQueryAttention) that the ORT backend prefers; ``portable``: only
     #: the traced one (smaller bundle; what TensorRT builds from); ``fused``: require the fused one too.
     decoder: Literal["auto", "portable", "fused"] = "auto"
+    #: MatMulNBits ``accuracy_level`` for an INT4 checkpoint's fused decoder: 0 = fp32 compute (default), 4 = int8
+    #: activations (faster on CPU; can flip top tokens — onnxruntime #29849, measured in benchmarks/quant_shapes.py).
+    int4_accuracy_level: int = 0
 
 
 @dataclass
@@ -78,10 +83,17 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
     """Export ``model`` (a checkpoint path / hub id, or a loaded :class:`~edgelvm.models.base.VLMAdapter`)."""
     from edgelvm.export.onnx_graphs import export_decoder, export_embedding_table, export_vision
     from edgelvm.models import load_model
+    from edgelvm.quantize.export import quantization_recipe, quantized_graph_rewrites
 
     config = config or ExportConfig()
     if config.dtype not in ("fp32", "fp16"):
         raise ConfigError(f"unsupported dtype {config.dtype!r}", where="--dtype", fix="use fp32 or fp16")
+    if config.int4_accuracy_level not in (0, 1, 2, 3, 4):
+        raise ConfigError(
+            f"int4 accuracy level {config.int4_accuracy_level} is not one of 0-4",
+            where="--int4-accuracy-level",
+            fix="use 0 (fp32 compute) or 4 (int8 activations)",
+        )
     if config.decoder not in ("auto", "portable", "fused"):
         raise ConfigError(
             f"unsupported decoder {config.decoder!r}", where="--decoder", fix="use auto, portable or fused"
@@ -105,21 +117,25 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
     kv_dtype = "float16" if config.dtype == "fp16" else "float32"
     kv = adapter.kv_cache_spec(max_length=max_length, dtype=kv_dtype)
     target = _plan_target(adapter, kv, config) if config.target else None  # fail fast: before minutes of tracing
+    rewrites = quantized_graph_rewrites(adapter)  # {} for a float checkpoint; a missing sidecar fails here
+    quantized = quantization_recipe(adapter, rewrites)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         graphs = {}
         log.info("exporting vision encoder")
-        graphs["vision"] = export_vision(adapter, staging / "vision.onnx", config.dtype)
+        graphs["vision"] = export_vision(adapter, staging / "vision.onnx", config.dtype, rewrites.get("vision"))
         log.info("writing token embedding table")
         graphs["embed"] = export_embedding_table(adapter, staging / "embed.npy", config.dtype)
         log.info("exporting decoder")
-        graphs["decoder"] = export_decoder(adapter, staging / "decoder.onnx", config.dtype, kv)
+        graphs["decoder"] = export_decoder(adapter, staging / "decoder.onnx", config.dtype, kv, rewrites.get("decoder"))
         fused = _export_fused(adapter, staging / "decoder_ort.onnx", kv, config)
         if fused is not None:
             graphs["decoder_ort"] = fused
         adapter.processor.tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
+        for name, array in adapter.bundle_arrays().items():  # read by the runtime, named in the manifest
+            np.save(staging / name, array)
 
         manifest = Manifest(
             family=adapter.family,
@@ -134,8 +150,11 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
                 "model_type": adapter.config.model_type,
                 "text_model_type": adapter.text_config.model_type,
                 "vision_model_type": getattr(getattr(adapter.config, "vision_config", None), "model_type", None),
-                "recipe": [{"stage": "export", "dtype": config.dtype, "max_length": max_length, "opset": 20}],
-                "calibration_sha256": None,
+                "recipe": [
+                    *([{**quantized, "graphs": {k: r.summary for k, r in rewrites.items()}}] if quantized else []),
+                    {"stage": "export", "dtype": config.dtype, "max_length": max_length, "opset": 20},
+                ],
+                "calibration_sha256": quantized.get("calibration_sha256") if quantized else None,
             },
             edgelvm_version=__version__,
             target=target.to_manifest() if target is not None else None,
@@ -163,7 +182,7 @@ def _export_fused(adapter: Any, path: Path, kv: Any, config: ExportConfig) -> An
                 fix="export with --dtype fp32 or --decoder portable",
             )
         log.info("building the fused ONNX Runtime decoder")
-        return export_fused_decoder(adapter, path, kv)
+        return export_fused_decoder(adapter, path, kv, config.int4_accuracy_level)
     except UnsupportedModelError as err:
         if config.decoder == "fused":
             raise

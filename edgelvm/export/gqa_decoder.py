@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 _EXTERNAL_DATA_BYTES = 1 << 30
 
 
-def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path) -> GraphSpec:
+def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path, accuracy_level: int = 0) -> GraphSpec:
+    """``accuracy_level``: MatMulNBits' (INT4 layers only): 0 computes in fp32, 4 quantizes activations to int8
+    (faster on CPU, but it flips top tokens on some models — onnxruntime #29849; measure before using it)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -58,7 +60,7 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path) -> G
             return node("MatMul", [x, init(name, dense)], [out])[0]
         from edgelvm.quantize.int4 import matmul_nbits_node
 
-        qnode, q_inits = matmul_nbits_node(name, x, out, q4)
+        qnode, q_inits = matmul_nbits_node(name, x, out, q4, accuracy_level)
         nodes.append(qnode)
         inits.extend(q_inits)
         return out
@@ -164,4 +166,5 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path) -> G
         *[TensorSpec(n, "float32", kv_shape) for n in present_names],
     ]
     log.info("fused decoder: %d nodes", len(nodes))
-    return GraphSpec(file=path.name, kind="onnx-ort-gqa", precision="fp32", inputs=spec_in, outputs=spec_out)
+    precision = "int4" if any(layer.int4 for layer in w.layers) else "fp32"
+    return GraphSpec(file=path.name, kind="onnx-ort-gqa", precision=precision, inputs=spec_in, outputs=spec_out)

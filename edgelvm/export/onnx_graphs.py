@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edgelvm.errors import ExportError
+from edgelvm.export.rewrite import GraphRewrite
 from edgelvm.export.wrappers import DecoderForExport
 from edgelvm.manifest import GraphSpec, KVCacheSpec, TensorSpec
 from edgelvm.models.base import VLMAdapter
@@ -83,6 +84,8 @@ def _ort_session(path: Path) -> Any:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # as the runtime runs it (runtime/session_settings.py): INT4 QDQ matmuls in fp32, not ORT's int8 default
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -123,8 +126,8 @@ def _specs(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return convert(session.get_inputs()), convert(session.get_outputs())
 
 
-def _check(name: str, parity: ParityResult, precision: str) -> None:
-    limit = TOLERANCE[precision]
+def _check(name: str, parity: ParityResult, precision: str, rewrite: GraphRewrite | None = None) -> None:
+    limit = max(TOLERANCE[precision], rewrite.tolerance) if rewrite is not None else TOLERANCE[precision]
     if not np.isfinite(parity.max_rel) or parity.max_rel > limit:
         raise ExportError(
             f"the exported {name} graph disagrees with PyTorch: max relative error {parity.max_rel:.2e} > {limit:.0e}",
@@ -133,22 +136,32 @@ def _check(name: str, parity: ParityResult, precision: str) -> None:
         )
 
 
-def export_vision(adapter: VLMAdapter, path: Path, precision: str) -> GraphSpec:
-    """``pixel_values [batch, C, H, W] -> image_features [batch, tokens, hidden]`` with a dynamic batch."""
+def export_vision(adapter: VLMAdapter, path: Path, precision: str, rewrite: GraphRewrite | None = None) -> GraphSpec:
+    """``pixel_values [batch, C, H, W] -> image_features [batch, tokens, hidden]`` with a dynamic batch.
+
+    ``rewrite`` (e.g. INT8 QDQ) is applied to the traced graph before the parity check, which then compares with the
+    module in the rewrite's reference state."""
     module = adapter.vision_encoder()
     example = adapter.example_pixel_values(2)
     batch = torch.export.Dim("batch", min=1, max=256)
     _export(module, (example,), ({0: batch},), ["pixel_values"], ["image_features"], path, _weight_bytes(module))
+    if rewrite is not None:
+        rewrite.rewrite_file(path, "")
 
     session = _ort_session(path)
     fresh = adapter.example_pixel_values(3)
-    with torch.no_grad():
+    with torch.no_grad(), _reference(rewrite, module):
         reference = module(fresh)
     got = session.run(None, {"pixel_values": fresh.numpy()})
     parity = _compare(got, [reference])
-    _check("vision", parity, precision)
+    _check("vision", parity, precision, rewrite)
     inputs, outputs = _specs(session)
-    return GraphSpec(file=path.name, precision=precision, inputs=inputs, outputs=outputs, parity=parity.as_dict())
+    return GraphSpec(file=path.name, precision=rewrite.precision if rewrite else precision, inputs=inputs,
+                     outputs=outputs, parity=parity.as_dict())  # fmt: skip
+
+
+def _reference(rewrite: GraphRewrite | None, module: torch.nn.Module) -> Any:
+    return rewrite.reference_context(module) if rewrite is not None else contextlib.nullcontext()
 
 
 def _decoder_example(
@@ -169,8 +182,11 @@ def decoder_io_names(kv: KVCacheSpec) -> tuple[list[str], list[str]]:
     return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export_decoder(adapter: VLMAdapter, path: Path, precision: str, kv: KVCacheSpec) -> GraphSpec:
-    """The KV-cache decoder; one graph serves prefill (past_len 0) and decode (seq 1)."""
+def export_decoder(
+    adapter: VLMAdapter, path: Path, precision: str, kv: KVCacheSpec, rewrite: GraphRewrite | None = None
+) -> GraphSpec:
+    """The KV-cache decoder; one graph serves prefill (past_len 0) and decode (seq 1). ``rewrite`` as for the vision
+    graph (the module-path prefix of the language model inside the wrapper is ``language_model.``)."""
     module = DecoderForExport(adapter.language_model(), adapter.lm_head(), adapter.text_config).eval()
     dtype = next(module.parameters()).dtype
     names_in, names_out = decoder_io_names(kv)
@@ -187,6 +203,8 @@ def export_decoder(adapter: VLMAdapter, path: Path, precision: str, kv: KVCacheS
     )
     example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype)
     _export(module, example, shapes, names_in, names_out, path, _weight_bytes(module))
+    if rewrite is not None:
+        rewrite.rewrite_file(path, "language_model.")
 
     session = _ort_session(path)
     worst = ParityResult(0.0, 0.0)
@@ -195,7 +213,7 @@ def export_decoder(adapter: VLMAdapter, path: Path, precision: str, kv: KVCacheS
         _decoder_example(adapter, kv, batch=3, seq=1, past=6, dtype=dtype, pad_rows=2),
         _decoder_example(adapter, kv, batch=1, seq=7, past=0, dtype=dtype),
     ):
-        with torch.no_grad():
+        with torch.no_grad(), _reference(rewrite, module):
             reference = module(*args)
         got = session.run(None, {n: a.numpy() for n, a in zip(names_in, args)})
         # Compare logits and the cache rows of real tokens; fully padded query rows are undefined in both.
@@ -204,21 +222,22 @@ def export_decoder(adapter: VLMAdapter, path: Path, precision: str, kv: KVCacheS
             valid = args[1].bool()[:, None, :, None].expand_as(r)
             parity = _merge(parity, _compare([np.where(valid.numpy(), g, 0)], [torch.where(valid, r, 0)]))
         worst = _merge(worst, parity)
-    _check("decoder", worst, precision)
+    _check("decoder", worst, precision, rewrite)
     inputs, outputs = _specs(session)
-    return GraphSpec(file=path.name, precision=precision, inputs=inputs, outputs=outputs, parity=worst.as_dict())
+    return GraphSpec(file=path.name, precision=rewrite.precision if rewrite else precision, inputs=inputs,
+                     outputs=outputs, parity=worst.as_dict())  # fmt: skip
 
 
 def _merge(a: ParityResult, b: ParityResult) -> ParityResult:
     return ParityResult(max(a.max_abs, b.max_abs), max(a.max_rel, b.max_rel))
 
 
-def export_fused_decoder(adapter: VLMAdapter, path: Path, kv: KVCacheSpec) -> GraphSpec:
+def export_fused_decoder(adapter: VLMAdapter, path: Path, kv: KVCacheSpec, accuracy_level: int = 0) -> GraphSpec:
     """The ONNX Runtime–fused decoder (in-place KV, GroupQueryAttention), checked against the PyTorch decoder on a
     right-padded two-row prompt and a decode step."""
     from edgelvm.export.gqa_decoder import build_gqa_decoder
 
-    spec = build_gqa_decoder(adapter.decoder_weights(kv.max_length), kv, path)
+    spec = build_gqa_decoder(adapter.decoder_weights(kv.max_length), kv, path, accuracy_level)
     module = DecoderForExport(adapter.language_model(), adapter.lm_head(), adapter.text_config).eval()
     session = _ort_session(path)
     hidden = adapter.text_config.hidden_size

@@ -47,6 +47,16 @@ class MLPBlock:
     down: Any  # the layer whose input columns are the intermediate neurons (down_proj, or fc2)
 
 
+@dataclass
+class ScaleGroup:
+    """Linear layers that read one tensor, and the op producing it, which can absorb a per-channel scale exactly
+    (AWQ / SmoothQuant move quantization difficulty between the two)."""
+
+    producer: Any  # the module whose output the linears read
+    producer_kind: str  # "norm": scale its weight (and bias); "linear": scale its output rows (and bias)
+    linears: dict[str, Any]  # "layers.{i}.<path>" -> nn.Linear
+
+
 class VLMAdapter(ABC):
     """One family's knowledge. Subclasses set ``family`` and ``model_types`` and implement the abstract methods."""
 
@@ -117,7 +127,8 @@ class VLMAdapter(ABC):
 
     @abstractmethod
     def tokens_per_image(self) -> int:
-        """How many placeholder tokens (and feature vectors) one image occupies."""
+        """How many placeholder tokens (and feature vectors) one vision-encoder input yields: a whole image, or with
+        tiling one view of it (the image's count then depends on its size: ``preprocess_spec().tiling_params``)."""
 
     @abstractmethod
     def example_pixel_values(self, batch: int) -> Any:
@@ -141,6 +152,10 @@ class VLMAdapter(ABC):
         """Every MLP block of both towers: the layers that produce the intermediate neurons and the one that reads
         them (for pruning)."""
         raise UnsupportedModelError(f"{self.family} does not describe its MLPs", fix="use a LLaVA checkpoint")
+
+    def text_scale_groups(self) -> list[ScaleGroup]:
+        """The language model's linear layers grouped by the tensor they read, with its producer (for AWQ)."""
+        raise UnsupportedModelError(f"{self.family} does not describe its scale groups", fix="use --llm rtn or gptq")
 
     def sub_configs(self, config: Any | None = None) -> dict[str, Any]:
         """``{"vision": ..., "text": ...}`` sub-configs of ``config`` (default: this model's): the objects a derived
@@ -182,6 +197,12 @@ class VLMAdapter(ABC):
         return preprocess_spec_from_image_processor(
             self.processor.image_processor, image_token=token, image_token_id=token_id, tokens=self.tokens_per_image()
         )
+
+    def bundle_arrays(self) -> dict[str, Any]:
+        """Arrays besides the graphs that the runtime needs (file name -> numpy array, saved as ``.npy`` in the
+        bundle and hashed with it), e.g. a learned separator vector the runtime inserts between image features.
+        The manifest section that uses one names its file."""
+        return {}
 
     def tokenizer_spec(self, file: str) -> TokenizerSpec:
         tokenizer = self.processor.tokenizer

@@ -134,3 +134,23 @@ def describe_llama_decoder(
         rms_eps=float(config.rms_norm_eps),
         scale=float(first.scaling),
     )
+
+
+def llama_scale_groups(language_model: Any) -> list[Any]:
+    """Per decoder layer: input norm → q/k/v, v → o (only without GQA: with it, v's rows feed several heads'
+    columns of o), post-attention norm → gate/up, up → down (the SiLU gate multiplies up's output elementwise)."""
+    from edgelvm.models.base import ScaleGroup
+
+    groups = []
+    for i, layer in enumerate(language_model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        p = f"layers.{i}."
+        qkv = {p + f"self_attn.{n}": getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")}
+        groups.append(ScaleGroup(layer.input_layernorm, "norm", qkv))
+        if attn.v_proj.out_features == attn.o_proj.in_features:
+            groups.append(ScaleGroup(attn.v_proj, "linear", {p + "self_attn.o_proj": attn.o_proj}))
+        groups.append(ScaleGroup(layer.post_attention_layernorm, "norm", {
+            p + "mlp.gate_proj": mlp.gate_proj, p + "mlp.up_proj": mlp.up_proj,
+        }))  # fmt: skip
+        groups.append(ScaleGroup(mlp.up_proj, "linear", {p + "mlp.down_proj": mlp.down_proj}))
+    return groups

@@ -84,6 +84,11 @@ class LlavaAdapter(VLMAdapter):
             int4 = load_int4(self.source)
         return describe_llama_decoder(self.language_model(), self.lm_head(), self.text_config, max_length, int4)
 
+    def text_scale_groups(self) -> list[Any]:
+        from edgelvm.models.llama_family import llama_scale_groups
+
+        return llama_scale_groups(self.language_model())
+
     def layer_stacks(self) -> dict[str, Any]:
         tower = self.model.model.vision_tower
         encoder = getattr(tower, "vision_model", tower).encoder  # transformers 5 dropped the .vision_model level

@@ -1,4 +1,9 @@
-"""Quantization (issue 6, in progress): block-wise INT4 weights in ONNX Runtime's MatMulNBits layout (RTN so far).
+"""``edgelvm quantize``: INT4 weight-only language model (RTN, AWQ, GPTQ) and INT8 W8A8 vision encoder.
 
-Not yet a pipeline stage: no ``edgelvm quantize`` verb, no calibration, AWQ / GPTQ or INT8 vision yet.
+``quantize(model, calib_data, QuantConfig(...)) -> QuantReport``; the export stage writes the ONNX Runtime and
+TensorRT forms of the result (:mod:`edgelvm.quantize.export`).
 """
+
+from edgelvm.quantize.api import QuantConfig, QuantReport, quantize
+
+__all__ = ["QuantConfig", "QuantReport", "quantize"]

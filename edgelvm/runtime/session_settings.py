@@ -32,6 +32,10 @@ class SessionSettings:
     threads: int  # intra-op threads
     spinning: bool  # worker threads spin-wait between kernels (lower latency, burns CPU while idle)
     memory_arena: bool = True  # reuse ORT's CPU allocations between runs
+    #: How ORT computes the INT4 ``DequantizeLinear → MatMul`` pairs of a portable INT4 decoder, which its CPU
+    #: optimizer fuses into MatMulNBits: ORT's default there is 4 (int8 activations, ~2e-3 off the exported and
+    #: parity-checked numerics); 0 keeps them in fp32. The fused decoder carries its own level (export option).
+    qdq_int4_accuracy_level: int = 0
 
     @classmethod
     def for_this_device(cls, **overrides: Any) -> SessionSettings:
@@ -43,4 +47,5 @@ class SessionSettings:
         options.intra_op_num_threads = self.threads
         options.enable_cpu_mem_arena = self.memory_arena
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.qdq_int4_accuracy_level))
         return options

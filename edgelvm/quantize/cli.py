@@ -1,0 +1,54 @@
+"""``edgelvm quantize``: the CLI shell over :func:`edgelvm.quantize.quantize`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def quantize_command(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory (or hub id when online).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the quantized checkpoint and report.")],
+    calib: Annotated[
+        str | None, typer.Option(help="Calibration data: jsonl (LLaVA conversation format), or 'shapes'.")
+    ] = None,
+    llm: Annotated[str, typer.Option(help="Language model INT4 weight-only: awq | gptq | rtn | none.")] = "awq",
+    group_size: Annotated[int, typer.Option(help="INT4 block size along the input dimension (16-256).")] = 128,
+    asymmetric: Annotated[bool, typer.Option(help="INT4 with zero points (TensorRT takes symmetric only).")] = False,
+    vision: Annotated[str, typer.Option(help="Vision encoder + projector: int8 (W8A8) | none.")] = "int8",
+    calibrator: Annotated[
+        str, typer.Option(help="Vision activation observer: auto | minmax | percentile:99.99 | entropy | mse.")
+    ] = "auto",
+    calib_limit: Annotated[int, typer.Option(help="Calibration records used.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 16,
+    no_awq_clip: Annotated[bool, typer.Option(help="AWQ: skip the clipping search.")] = False,
+    gptq_damp: Annotated[float, typer.Option(help="GPTQ: Hessian damping, a fraction of its mean diagonal.")] = 0.01,
+    no_act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns in their natural order.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+) -> None:
+    """INT4 weight-only language model (AWQ / GPTQ / RTN) and INT8 W8A8 vision encoder, calibrated on image+text.
+
+    The result is a Hugging Face checkpoint (dequantized weights) plus the integer codes; `edgelvm export` writes
+    MatMulNBits (ONNX Runtime) and QDQ / block-wise DequantizeLinear (TensorRT) graphs from it.
+
+    Example:  edgelvm quantize models/shapes-teacher --calib data/shapes/val -o runs/int4 --llm awq --group-size 64
+    """
+    from rich.console import Console
+
+    from edgelvm.quantize import QuantConfig, quantize
+
+    report = quantize(
+        model,
+        calib,
+        QuantConfig(
+            out=out, llm=llm, group_size=group_size, symmetric=not asymmetric, vision=vision, calibrator=calibrator,
+            calib_limit=calib_limit, batch_size=batch_size, awq_clip=not no_awq_clip, gptq_damp=gptq_damp,
+            gptq_act_order=not no_act_order, force=force, progress=True,
+        ),
+    )  # fmt: skip
+    console = Console(stderr=True)
+    console.print(report.summary())
+    console.print(f"quantized checkpoint: {out} (export it with `edgelvm export {out} -o BUNDLE`; "
+                  f"report: {out / 'quant_report.json'})")  # fmt: skip
