@@ -30,3 +30,23 @@ def prepare(kind: str, workdir: Path) -> tuple[Path, Path]:
         report = export(checkpoint, bundle, ExportConfig(max_length=1024, force=True))
         print(f"[{kind}] exported in {report.seconds:.0f} s", file=sys.stderr)
     return checkpoint, bundle
+
+
+def prepare_int4(kind: str, workdir: Path, accuracy_level: int = 0, group_size: int = 128) -> Path:
+    """An INT4 weight-only (RTN: the method does not change the speed) bundle of ``kind``'s language model, with
+    MatMulNBits ``accuracy_level`` 0 (fp32 compute) or 4 (int8 activations)."""
+    checkpoint, _ = prepare(kind, workdir)
+    quantized = workdir / kind / f"int4-g{group_size}"
+    if not (quantized / "int4.safetensors").is_file():
+        from edgelvm.quantize import QuantConfig, quantize
+
+        print(f"[{kind}] INT4 RTN g{group_size} …", file=sys.stderr)
+        quantize(checkpoint, None, QuantConfig(out=quantized, llm="rtn", vision="none", group_size=group_size,
+                                               force=True))  # fmt: skip
+    bundle = workdir / kind / f"bundle-int4-g{group_size}-al{accuracy_level}"
+    if not (bundle / "edgelvm.json").is_file():
+        from edgelvm.export import ExportConfig, export
+
+        print(f"[{kind}] exporting INT4 (accuracy_level {accuracy_level}) …", file=sys.stderr)
+        export(quantized, bundle, ExportConfig(max_length=1024, force=True, int4_accuracy_level=accuracy_level))
+    return bundle

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_models import prepare
+from bench_models import prepare, prepare_int4
 
 PROMPT = "Describe the image in detail."
 THREADS = 2
@@ -127,6 +127,11 @@ SIDES = {
     "runtime-portable": "edgelvm runtime, portable decoder (ORT CPU)",
     "hf": "HF generate (PyTorch eager)",
 }
+#: With --int4: the INT4 (RTN g128) language model on the fused decoder (MatMulNBits), accuracy_level 0 and 4.
+INT4_SIDES = {
+    "runtime-int4": "edgelvm runtime, INT4 fused decoder (MatMulNBits, accuracy_level 0)",
+    "runtime-int4-al4": "edgelvm runtime, INT4 fused decoder (MatMulNBits, accuracy_level 4)",
+}
 
 
 def _child(side: str, path: Path, tokens: int, repeats: int) -> dict:
@@ -169,13 +174,19 @@ def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def bench_model(kind: str, workdir: Path, tokens: int, rounds: int, repeats: int, bandwidth: float) -> dict:
+def bench_model(
+    kind: str, workdir: Path, tokens: int, rounds: int, repeats: int, bandwidth: float, int4: bool = False
+) -> dict:
     checkpoint, bundle = prepare(kind, workdir)
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    paths = {"runtime-fused": bundle, "runtime-portable": bundle, "hf": checkpoint}
+    if int4:
+        paths["runtime-int4"] = prepare_int4(kind, workdir, accuracy_level=0)
+        paths["runtime-int4-al4"] = prepare_int4(kind, workdir, accuracy_level=4)
+    runs: dict[str, list[dict]] = {side: [] for side in paths}
     for round_index in range(rounds):
-        for side in SIDES:
+        for side, path in paths.items():
             print(f"[{kind}] round {round_index + 1}/{rounds}: {side}", file=sys.stderr)
-            runs[side].append(_child(side, checkpoint if side == "hf" else bundle, tokens, repeats))
+            runs[side].append(_child(side, path, tokens, repeats))
     # Decode reads the decoder's weights once per token; the embedding table is gathered, not read.
     weight_bytes = sum(p.stat().st_size for p in bundle.glob("decoder.onnx*"))
     roofline = bandwidth / weight_bytes
@@ -189,13 +200,19 @@ def bench_model(kind: str, workdir: Path, tokens: int, rounds: int, repeats: int
             "runtime-fused": kernels_per_step(bundle / "decoder_ort.onnx"),
         },
     }
+    for side in ("runtime-int4", "runtime-int4-al4"):
+        if side in paths:
+            result["kernels_per_decode_step"][side] = kernels_per_step(paths[side] / "decoder_ort.onnx")
+            result.setdefault("int4_decoder_weight_bytes", (paths[side] / "decoder_ort.onnx").stat().st_size)
     for side, side_runs in runs.items():
         metrics = {
             key: _summary([r[key] for r in side_runs])
             for key in ("vision_ms", "prefill_ms", "decode_tok_s", "peak_rss_mb")
         }
         metrics["prompt_tokens"] = side_runs[0]["prompt_tokens"]
-        metrics["roofline_fraction"] = metrics["decode_tok_s"]["median"] / roofline
+        side_bytes = result.get("int4_decoder_weight_bytes", weight_bytes) if "int4" in side else weight_bytes
+        metrics["roofline_tok_s"] = bandwidth / side_bytes
+        metrics["roofline_fraction"] = metrics["decode_tok_s"]["median"] / metrics["roofline_tok_s"]
         if side != "hf":
             metrics["torch_imported"] = any(r["torch_imported"] for r in side_runs)
         result["sides"][side] = metrics
@@ -226,11 +243,13 @@ def markdown(results: list[dict], bandwidth: float, tokens: int) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        for side, name in SIDES.items():
+        for side, name in {**SIDES, **INT4_SIDES}.items():
+            if side not in r["sides"]:
+                continue
             m = r["sides"][side]
             lines.append(
                 f"| {r['model']} | {name} | {cell(m['vision_ms'], '.1f')} | {cell(m['prefill_ms'], '.1f')} "
-                f"({m['prompt_tokens']}) | {cell(m['decode_tok_s'], '.1f')} | {r['roofline_tok_s']:.1f} | "
+                f"({m['prompt_tokens']}) | {cell(m['decode_tok_s'], '.1f')} | {m['roofline_tok_s']:.1f} | "
                 f"{m['roofline_fraction']:.0%} | {cell(m['peak_rss_mb'], '.0f')} |"
             )
     lines += [
@@ -258,7 +277,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--name", default="runtime_vs_hf", help="Base name of the JSON / markdown written to --out.")
-    parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--int4", action="store_true", help="Add INT4 (RTN g128) fused-decoder sides.")
+    parser.add_argument("--worker", choices=[*SIDES, *INT4_SIDES], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -266,7 +286,7 @@ def main() -> None:
         print(json.dumps(worker_hf(args.path, args.tokens, args.repeats)))
         return
     if args.worker:
-        decoder = args.worker.removeprefix("runtime-")
+        decoder = "fused" if args.worker.startswith("runtime-int4") else args.worker.removeprefix("runtime-")
         print(json.dumps(worker_runtime(args.path, args.tokens, args.repeats, decoder=decoder)))
         return
 
@@ -274,7 +294,7 @@ def main() -> None:
 
     bandwidth = measure_read_bandwidth()
     results = [
-        bench_model(kind, args.workdir, args.tokens, args.rounds, args.repeats, bandwidth)
+        bench_model(kind, args.workdir, args.tokens, args.rounds, args.repeats, bandwidth, args.int4)
         for kind in args.models.split(",")
     ]
     report = {"bandwidth_bytes_per_s": bandwidth, "tokens": args.tokens, "threads": THREADS, "results": results}

@@ -6,10 +6,10 @@ torch-free on held-out questions, checks that the bundle answers exactly like th
 prints one table. Without the checkpoint (e.g. a wheel install) it falls back to a small random-weight LLaVA built on
 the spot: every stage is still real, but its answers are gibberish.
 
-With the shipped teacher it then compresses it two ways — a distilled student of 24% of its parameters and a
-head/neuron-pruned copy with recovery distillation — exports both and adds them to a comparison table. Those runs
-are short (``--distill-steps``); ``benchmarks/distill_shapes.py`` and ``benchmarks/prune_shapes.py`` run the full
-recipes. Quantization joins when it lands.
+With the shipped teacher it then compresses it three ways — a distilled student of 24% of its parameters, a
+head/neuron-pruned copy with recovery distillation, and a quantized copy (INT8 vision, INT4 AWQ language model) —
+exports them and adds them to a comparison table. The distillation runs are short (``--distill-steps``);
+``benchmarks/distill_shapes.py``, ``prune_shapes.py`` and ``quant_shapes.py`` run the full recipes.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def run_demo(
 def _compress(
     model_dir: Path, workdir: Path, data: Path, console: Any, steps: int, max_new_tokens: int, example: Any
 ) -> list[dict[str, Any]]:
-    """Distil a small student and prune a copy of the teacher (short runs), export and evaluate both."""
+    """Distil a small student, prune a copy of the teacher (short runs) and quantize another (INT8 vision, INT4 AWQ
+    language model, calibrated on training questions), export and evaluate all three."""
     import shutil
 
     from edgelvm.data.shapes import SPLIT_SEEDS, write_split
@@ -110,6 +111,7 @@ def _compress(
     from edgelvm.eval import EvalConfig, evaluate
     from edgelvm.export import ExportConfig, export
     from edgelvm.prune import PruneConfig, prune
+    from edgelvm.quantize import QuantConfig, quantize
 
     train = workdir / "train"
     if not (train / "data.jsonl").is_file():
@@ -127,7 +129,11 @@ def _compress(
     prune(model_dir, data, PruneConfig(out=pruned, vision_heads=0.5, text_heads=0.25, gqa="expand", vision_mlp=0.3,
                                        text_mlp=0.3, recover_steps=max(1, steps // 2), recover_data=train,
                                        batch_size=32, force=True))  # fmt: skip
-    for name, model in (("distilled student", student), ("pruned + recovered", pruned)):
+    quantized = workdir / "quantized"
+    console.print("quantizing the teacher (INT8 W8A8 vision, INT4 AWQ g64 language model) …")
+    quantize(model_dir, train, QuantConfig(out=quantized, llm="awq", vision="int8", group_size=64, calib_limit=128,
+                                           force=True))  # fmt: skip
+    for name, model in (("distilled student", student), ("pruned + recovered", pruned), ("quantized", quantized)):
         with console.status(f"exporting and evaluating the {name} …"):
             bundle = export(
                 model, workdir / f"bundle-{model.name}", ExportConfig(force=True, max_length=256)

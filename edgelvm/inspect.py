@@ -54,10 +54,12 @@ def describe_bundle(bundle: str | Path, *, console: Any, verify: bool = True) ->
         f"{per_token * kv.max_length / 2**20:.1f} MiB per sequence at max length"
     )
     pre = manifest.preprocess
+    unit = "view" if pre.tiling_params else "image"  # tiled: an image's count depends on its size
     console.print(
         f"images: resize {pre.resize_mode} {pre.size} ({pre.resample}), crop {pre.center_crop}, mean {pre.mean}, "
-        f"std {pre.std}; {pre.tokens_per_image} tokens per image ({pre.image_token!r} = id {pre.image_token_id}), "
-        f"tiling {pre.tiling}; positions {manifest.positions.get('kind')}"
+        f"std {pre.std}; {pre.tokens_per_image} tokens per {unit} ({pre.image_token!r} = id {pre.image_token_id}), "
+        f"tiling {pre.tiling}{f' {pre.tiling_params}' if pre.tiling_params else ''}; "
+        f"positions {manifest.positions.get('kind')}"
     )
     tok = manifest.tokenizer
     console.print(

@@ -63,8 +63,15 @@ class PreprocessSpec:
     convert_rgb: bool
     image_token: str
     image_token_id: int
+    #: Tokens one vision-graph input yields: the whole image's count without tiling; with tiling, one view's
+    #: (the image's count then depends on its size, see ``tiling_params``).
     tokens_per_image: int
+    #: "none", or the name of a tiling rule the runtime implements (``runtime/preprocess.TILINGS``; one image
+    #: becomes several views and its token count depends on its size); the rule's parameters are ``tiling_params``.
     tiling: str = "none"
+    #: Added after format 1.0 and written only when set, so that untiled bundles still load in older runtimes
+    #: (which refuse a tiled one: they do not know this field).
+    tiling_params: dict[str, Any] | None = None
 
 
 @dataclass
@@ -111,6 +118,8 @@ class Manifest:
     # ---- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if data["preprocess"].get("tiling_params") is None:
+            data["preprocess"].pop("tiling_params", None)
         head = {key: data.pop(key) for key in ("format_version", "edgelvm_version", "family", "created_from")}
         return {**head, **data}
 

@@ -71,6 +71,59 @@ def build_tiny_tokenizer(vocab_size: int = 384):
     )
 
 
+def _tiny_configs(
+    text: TextKind,
+    vision: VisionKind,
+    image_size: int,
+    patch_size: int,
+    hidden_size: int,
+    num_layers: int,
+    vision_overrides: dict | None,
+    text_overrides: dict | None,
+):
+    """The tiny tokenizer and the vision / text sub-configs shared by the LLaVA-style builders, with the feature
+    select strategy and layer that go with the tower (CLIP: CLS dropped from layer -2; SigLIP: all of layer -1)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig, Qwen2Config, SiglipVisionConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = build_tiny_tokenizer()
+    vision_kwargs = dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    vision_kwargs.update(vision_overrides or {})
+    if vision == "clip":
+        vision_config = CLIPVisionConfig(projection_dim=48, **vision_kwargs)
+        strategy, feature_layer = "default", -2
+    else:
+        vision_config = SiglipVisionConfig(**vision_kwargs)
+        strategy, feature_layer = "full", -1
+
+    text_kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    heads = {"llama": (4, 4), "qwen2": (4, 2), "mistral": (4, 2)}[text]
+    text_kwargs.update(num_attention_heads=heads[0], num_key_value_heads=heads[1])
+    if text == "mistral":
+        text_kwargs["sliding_window"] = None
+    text_kwargs.update(text_overrides or {})
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[text]
+    return tokenizer, vision_config, config_class(**text_kwargs), strategy, feature_layer
+
+
 def build_tiny_llava(
     out_dir: str | Path,
     *,
@@ -94,62 +147,23 @@ def build_tiny_llava(
     import torch
     from transformers import (
         CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        MistralConfig,
-        Qwen2Config,
         SiglipImageProcessorPil,
-        SiglipVisionConfig,
     )
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer()
-    vocab = len(tokenizer)
-
-    vision_kwargs = dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
+    tokenizer, vision_config, text_config, strategy, feature_layer = _tiny_configs(
+        text, vision, image_size, patch_size, hidden_size, num_layers, vision_overrides, text_overrides
     )
-    vision_kwargs.update(vision_overrides or {})
     if vision == "clip":
-        vision_config = CLIPVisionConfig(projection_dim=48, **vision_kwargs)
-        strategy, feature_layer = "default", -2
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
         )
     else:
-        vision_config = SiglipVisionConfig(**vision_kwargs)
-        strategy, feature_layer = "full", -1
         image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
-
-    text_kwargs = dict(
-        vocab_size=vocab,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    heads = {"llama": (4, 4), "qwen2": (4, 2), "mistral": (4, 2)}[text]
-    text_kwargs.update(num_attention_heads=heads[0], num_key_value_heads=heads[1])
-    if text == "mistral":
-        text_kwargs["sliding_window"] = None
-    text_kwargs.update(text_overrides or {})
-    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[text]
-    text_config = config_class(**text_kwargs)
 
     config = LlavaConfig(
         vision_config=vision_config,
@@ -168,6 +182,77 @@ def build_tiny_llava(
     model.save_pretrained(out)
 
     processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1 if vision == "clip" else 0,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+#: Tile layouts for :func:`build_tiny_llava_next` in units of the 32-px tile: LLaVA-NeXT's default set
+#: (1x2, 2x1, 2x2, 3x1, 1x3 tiles) plus 1x1, so that small, square, landscape and portrait images all tile differently.
+TINY_GRID_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+
+
+def build_tiny_llava_next(
+    out_dir: str | Path,
+    *,
+    text: TextKind = "qwen2",
+    vision: VisionKind = "clip",
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    grid_pinpoints: list[list[int]] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight LLaVA-NeXT checkpoint (``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor``
+    with the PIL image processor) to ``out_dir`` and return it.
+
+    The tile is ``image_size`` pixels (32 → 16 features per tile with 8-px patches) and the grid pinpoints are
+    :data:`TINY_GRID_PINPOINTS`, so images of a few dozen pixels already pick multi-tile grids and get unpadded.
+    """
+    import torch
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, vision_config, text_config, strategy, feature_layer = _tiny_configs(
+        text, vision, image_size, patch_size, hidden_size, num_layers, None, None
+    )
+    pinpoints = [list(p) for p in (grid_pinpoints or TINY_GRID_PINPOINTS)]
+    config = LlavaNextConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=feature_layer,
+        image_grid_pinpoints=pinpoints,
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # as in build_tiny_llava: greedy tokens not decided by float noise
+        model.model.image_newline.mul_(8.0)  # make the newline rows matter to the answer
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,

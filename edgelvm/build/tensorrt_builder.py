@@ -173,7 +173,9 @@ def decoder_profiles(manifest: Manifest, config: BuildConfig) -> list[Optimizati
 
 
 def vision_profiles(manifest: Manifest, config: BuildConfig) -> list[OptimizationProfile]:
-    batch = config.vision_max_batch or config.max_batch
+    # A tiling bundle sends each image as several views (at most tiling_params.max_views) through the vision graph.
+    views = int((manifest.preprocess.tiling_params or {}).get("max_views", 1))
+    batch = config.vision_max_batch or config.max_batch * views
     spec = manifest.graphs["vision"]
     dims = {"batch": (1, 1, batch)}
     where = f"vision ({spec.file})"

@@ -21,11 +21,23 @@ from edgelvm.errors import DatasetError
 IGNORE = -100
 
 
+#: Processor outputs that are the text itself; everything else it returns (pixel_values, and e.g. image_sizes for
+#: tiling families) is an image input the model needs next to them.
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE except at assistant tokens (same positions as input_ids; HF-style, unshifted)
-    pixel_values: Any | None  # [n_images, 3, H, W] or None
+    #: The processor's image inputs for this record (model kwargs, image axis first): ``pixel_values``
+    #: ``[n_images, 3, H, W]`` (tiling families: ``[n_images, views, 3, H, W]`` and ``image_sizes``); empty without
+    #: an image.
+    image_inputs: dict[str, Any]
+
+    @property
+    def pixel_values(self) -> Any | None:
+        return self.image_inputs.get("pixel_values")
 
 
 def _messages(record: VQARecord) -> list[dict[str, Any]]:
@@ -46,9 +58,9 @@ class ConversationEncoder:
         self.processor = processor
         self.tokenizer = processor.tokenizer
 
-    def _ids(self, text: str, images: list[Any] | None) -> tuple[list[int], Any]:
+    def _ids(self, text: str, images: list[Any] | None) -> tuple[list[int], dict[str, Any]]:
         out = self.processor(images=images, text=[text], return_tensors="pt")
-        return out["input_ids"][0].tolist(), out.get("pixel_values")
+        return out["input_ids"][0].tolist(), {k: v for k, v in out.items() if k not in _TEXT_KEYS}
 
     def encode(self, record: VQARecord) -> Encoded:
         from edgelvm.runtime.images import load_image
@@ -99,10 +111,25 @@ def collate(encoded: list[Encoded], indices: list[int], pad_id: int) -> Batch:
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
         mask[row, : len(e.input_ids)] = 1
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-    pixels = [e.pixel_values for e in encoded if e.pixel_values is not None]
-    if pixels:
-        inputs["pixel_values"] = torch.cat(pixels, dim=0)
+    for key in dict.fromkeys(k for e in encoded for k in e.image_inputs):
+        inputs[key] = _cat_padded([e.image_inputs[key] for e in encoded if key in e.image_inputs])
     return Batch(inputs, labels, indices)
+
+
+def _cat_padded(tensors: list[Any]) -> Any:
+    """Concatenate along the image axis, zero-padding the other axes to the largest (a tiling processor's views
+    differ in number between images; it pads them the same way for a batch of its own)."""
+    import torch
+
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        if list(t.shape[1:]) != shape:
+            out = t.new_zeros((t.shape[0], *shape))
+            out[tuple(slice(0, n) for n in t.shape)] = t
+            t = out
+        padded.append(t)
+    return torch.cat(padded, dim=0)
 
 
 def sample_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -31,6 +31,9 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 OPSET = 20
 #: Max relative error (max |onnx - torch| / max |torch|) accepted at export, per precision.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+#: A graph that quantizes activations to int8 (INT8 QDQ vision, MatMulNBits accuracy_level 4) against its float or
+#: fake-quantized reference: values at a rounding boundary may land one step apart and propagate.
+INT8_ACTIVATION_TOLERANCE = 5e-2
 _EXTERNAL_DATA_BYTES = 1 << 30  # above this, weights go to a side file (ONNX protobufs are capped at 2 GB)
 
 
@@ -126,8 +129,11 @@ def _specs(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return convert(session.get_inputs()), convert(session.get_outputs())
 
 
-def _check(name: str, parity: ParityResult, precision: str, rewrite: GraphRewrite | None = None) -> None:
-    limit = max(TOLERANCE[precision], rewrite.tolerance) if rewrite is not None else TOLERANCE[precision]
+def _check(
+    name: str, parity: ParityResult, precision: str, rewrite: GraphRewrite | None = None, limit: float | None = None
+) -> None:
+    if limit is None:
+        limit = max(TOLERANCE[precision], rewrite.tolerance) if rewrite is not None else TOLERANCE[precision]
     if not np.isfinite(parity.max_rel) or parity.max_rel > limit:
         raise ExportError(
             f"the exported {name} graph disagrees with PyTorch: max relative error {parity.max_rel:.2e} > {limit:.0e}",
@@ -285,7 +291,8 @@ def export_fused_decoder(adapter: VLMAdapter, path: Path, kv: KVCacheSpec, accur
         if step < steps:
             embeds = np.concatenate([tokens[step][r][0].numpy()[None] for r in range(len(lengths))])
             totals = totals + 1
-    _check("fused decoder", worst, "fp32")
+    # accuracy_level 4 quantizes the INT4 matmuls' activations to int8 on purpose: held to the INT8 bound instead
+    _check("fused decoder", worst, "fp32", limit=INT8_ACTIVATION_TOLERANCE if accuracy_level else None)
     spec.parity = worst.as_dict()
     return spec
 

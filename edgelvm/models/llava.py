@@ -78,7 +78,7 @@ class LlavaAdapter(VLMAdapter):
         from edgelvm.models.llama_family import describe_llama_decoder
 
         int4 = None
-        if getattr(self.config, "edgelvm_quantization", None) and self.source:
+        if "llm" in (getattr(self.config, "edgelvm_quantization", None) or {}) and self.source:
             from edgelvm.quantize.api import load_int4
 
             int4 = load_int4(self.source)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 #: model_type -> "module:Class". A new family is one adapter file plus one line here.
 _ADAPTERS: dict[str, str] = {
     "llava": "edgelvm.models.llava:LlavaAdapter",
+    "llava_next": "edgelvm.models.llava_next:LlavaNextAdapter",
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
 

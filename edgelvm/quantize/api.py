@@ -212,11 +212,20 @@ def _sweep_inputs(adapter: Any, calib: Any, batch_size: int) -> tuple[list[Any],
         for inputs, _rows in iter_batches(adapter, calib, batch_size):
             if "pixel_values" not in inputs or n >= SWEEP_IMAGES:
                 continue
-            batch = inputs["pixel_values"][: SWEEP_IMAGES - n]
+            batch = _encoder_views(inputs["pixel_values"])[: SWEEP_IMAGES - n]
             pixels.append(batch)
             refs.append(encoder(batch).float())
             n += batch.shape[0]
     return pixels, refs
+
+
+def _encoder_views(pixels: Any) -> Any:
+    """The vision encoder's own inputs ``[N, 3, H, W]``: tiled processors batch ``[B, views, 3, H, W]`` with the
+    missing views of smaller grids zero-padded; those padding views are dropped."""
+    if pixels.dim() == 4:
+        return pixels
+    views = pixels.flatten(0, pixels.dim() - 4)
+    return views[views.abs().amax(dim=(1, 2, 3)) > 0]
 
 
 def _quantize_vision(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelvm.errors import ExportError
+from edgelvm.export.onnx_graphs import INT8_ACTIVATION_TOLERANCE
 from edgelvm.export.rewrite import GraphRewrite
 from edgelvm.quantize.api import RECORD, SIDECAR, VISION_SIDECAR, load_int4, load_int8
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 #: QDQ vs fake-quant torch: the same arithmetic, but an activation at a rounding boundary may land one step apart
 #: (different float evaluation order), which then propagates through the following layers.
-INT8_TOLERANCE = 5e-2
+INT8_TOLERANCE = INT8_ACTIVATION_TOLERANCE
 #: Dequantized INT4 weights are exact in fp32: only float evaluation order differs.
 INT4_TOLERANCE = 1e-4
 

@@ -4,32 +4,99 @@ It reproduces transformers' *PIL backend* image processors (``CLIPImageProcessor
 convert to RGB → PIL resize (same filter, same output-size rule) → center crop → rescale in float64 then float32 →
 normalize. transformers' torchvision backend resizes slightly differently; the runtime matches the PIL one
 (tested to ≤ 1e-5 against it).
+
+With ``tiling == "anyres"`` (LLaVA-NeXT) one image becomes several views — a base view and high-resolution tiles
+(``runtime/tiling.py``) — each of which goes through the same per-view steps, and the number of image tokens
+depends on the image's size. :meth:`ImagePreprocessor.prepare` returns the views with their token count, and
+:meth:`ImagePreprocessor.pack` turns the vision graph's per-view features into the image's token features.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgelvm.errors import BundleError
 from edgelvm.manifest import PreprocessSpec
 from edgelvm.runtime.images import ImageInput, load_image
+from edgelvm.runtime.tiling import AnyresRule, load_newline
 
 _FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
-class ImagePreprocessor:
-    """``images -> pixel_values [N, 3, H, W] float32`` for one bundle."""
+#: Tiling rules this runtime implements (``preprocess.tiling``).
+TILINGS = ("none", "anyres")
 
-    def __init__(self, spec: PreprocessSpec) -> None:
+
+@dataclass
+class PreparedImage:
+    """One image ready for the vision graph: its views ``[n_views, 3, H, W]``, its original size and how many
+    image tokens (placeholder positions) it occupies in the prompt."""
+
+    pixels: np.ndarray
+    height: int
+    width: int
+    tokens: int
+
+
+class ImagePreprocessor:
+    """``images -> pixel_values`` for one bundle: ``[N, 3, H, W]`` float32, or with tiling ``[N, max_views, 3, H,
+    W]`` zero-padded over the views (the HF processor's batch layout)."""
+
+    def __init__(self, spec: PreprocessSpec, bundle_dir: str | Path | None = None) -> None:
         self.spec = spec
         self._filter = _FILTERS[spec.resample]
         self._mean = np.asarray(spec.mean, dtype=np.float64)[:, None, None] if spec.mean else None
         self._std = np.asarray(spec.std, dtype=np.float64)[:, None, None] if spec.std else None
+        if spec.tiling not in TILINGS:
+            raise BundleError(
+                f"image tiling {spec.tiling!r} is not implemented by this edgelvm (it knows: {', '.join(TILINGS)})",
+                where="edgelvm.json: preprocess.tiling",
+                fix="upgrade edgelvm (`pip install -U edgelvm`)",
+            )
+        self.anyres = AnyresRule.from_params(spec.tiling_params or {}) if spec.tiling == "anyres" else None
+        self._newline = load_newline(self.anyres, bundle_dir) if self.anyres is not None else None
 
     def __call__(self, images: list[ImageInput]) -> np.ndarray:
-        return np.stack([self.one(image) for image in images], axis=0)
+        if self.anyres is None:
+            return np.stack([self.one(image) for image in images], axis=0)
+        views = [self.views(image) for image in images]
+        batch = np.zeros((len(views), max(len(v) for v in views), *views[0].shape[1:]), dtype=np.float32)
+        for row, v in enumerate(views):
+            batch[row, : len(v)] = v
+        return batch
+
+    # ---- per image: views, token count, feature packing ----------------------------------------------------------
+    @property
+    def size_dependent(self) -> bool:
+        """Whether an image's token count depends on its size (then the image must be opened to count)."""
+        return self.anyres is not None
+
+    def token_count(self, height: int, width: int) -> int:
+        if self.anyres is None:
+            return self.spec.tokens_per_image
+        return self.anyres.token_count(height, width, self.spec.tokens_per_image)
+
+    def views(self, image: ImageInput) -> np.ndarray:
+        """``[n_views, 3, H, W]``: the vision graph's inputs for one image (one view unless the bundle tiles)."""
+        if self.anyres is None:
+            return self.one(image)[None]
+        pil = self._rgb(image)
+        return np.stack([self._pipeline(view) for view in self.anyres.views(pil, self._filter)])
+
+    def prepare(self, image: ImageInput) -> PreparedImage:
+        pil = load_image(image)
+        return PreparedImage(self.views(pil), pil.height, pil.width, self.token_count(pil.height, pil.width))
+
+    def pack(self, features: np.ndarray, image: PreparedImage) -> np.ndarray:
+        """The vision graph's ``[n_views, T, E]`` for one image -> its ``[tokens, E]`` prompt features."""
+        if self.anyres is None:
+            return features.reshape(-1, features.shape[-1])
+        return self.anyres.pack(features, image.height, image.width, self._newline)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         spec = self.spec
@@ -42,9 +109,15 @@ class ImagePreprocessor:
         return height, width
 
     def one(self, image: ImageInput) -> np.ndarray:
+        """``[3, H, W]`` for one image, untiled."""
+        return self._pipeline(self._rgb(image))
+
+    def _rgb(self, image: ImageInput) -> Any:
         pil = load_image(image)
-        if self.spec.convert_rgb:
-            pil = _to_rgb(pil)
+        return _to_rgb(pil) if self.spec.convert_rgb else pil
+
+    def _pipeline(self, pil: Any) -> np.ndarray:
+        """Resize -> center crop -> rescale -> normalize one (already RGB-converted) image or view."""
         height, width = pil.height, pil.width
         new_h, new_w = self.output_size(height, width)
         if (new_h, new_w) != (height, width):

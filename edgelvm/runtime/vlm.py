@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,9 @@ import numpy as np
 
 from edgelvm.errors import ConfigError, EdgeLVMError, PromptTooLongError
 from edgelvm.manifest import Manifest, verify_bundle_files
-from edgelvm.runtime.images import ImageInput
+from edgelvm.runtime.images import ImageInput, load_image
 from edgelvm.runtime.ort_backend import OrtBackend
-from edgelvm.runtime.preprocess import ImagePreprocessor
+from edgelvm.runtime.preprocess import ImagePreprocessor, PreparedImage
 from edgelvm.runtime.sampling import Sampler, SamplingConfig
 from edgelvm.runtime.session_settings import SessionSettings
 from edgelvm.runtime.text import ChatTokenizer, Message, StreamDecoder, user_message
@@ -129,7 +129,7 @@ class VLM:
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = ChatTokenizer(manifest.tokenizer, bundle_dir)
-        self.preprocessor = ImagePreprocessor(manifest.preprocess)
+        self.preprocessor = ImagePreprocessor(manifest.preprocess, bundle_dir)
         self.vision_cache = VisionCache(int(vision_cache_mb * 2**20))
         self._embed_table = np.load(bundle_dir / manifest.graphs["embed"].file, mmap_mode="r")
         self._eos = set(manifest.generation["eos_token_ids"])
@@ -220,13 +220,16 @@ class VLM:
         """The common entry point: validates eagerly (errors surface before any compute), then streams."""
         if not requests:
             return iter(())
+        # Open image files once, here: a bad file fails before any compute, and tiled bundles need the sizes to
+        # count image tokens (load_image returns PIL images as they are).
+        requests = [replace(r, images=[load_image(i) for i in r.images]) for r in requests]
         prompts = [self.prompt_ids(r) for r in requests]
         self._check_length(max(len(p) for p in prompts), config.max_new_tokens)
         return self._generate(requests, prompts, config, control or Control())
 
     def chat(self, images: Images = None, *, system: str | None = None) -> ChatSession:
         """A multi-turn conversation that keeps its KV cache: each turn prefills only its new tokens."""
-        return ChatSession(self, _as_list(images), system=system)
+        return ChatSession(self, [load_image(i) for i in _as_list(images)], system=system)
 
     def forced_logits(self, images: Images, prompt: str, continuation: Sequence[int]) -> np.ndarray:
         """Teacher forcing: the logits ``[len(continuation), vocab]`` predicting each token of ``continuation``
@@ -234,7 +237,7 @@ class VLM:
 
         Used by ``edgelvm eval --reference`` for top-1 agreement and KL against a teacher.
         """
-        request = Request(prompt=prompt, images=_as_list(images))
+        request = Request(prompt=prompt, images=[load_image(i) for i in _as_list(images)])
         ids = self.prompt_ids(request)
         self._check_length(len(ids), len(continuation))
         with self._lock:
@@ -248,10 +251,19 @@ class VLM:
     def prompt_ids(self, request: Request) -> list[int]:
         """Token ids of the rendered prompt, each image placeholder expanded to the image's token count."""
         messages = request.messages or [user_message(request.prompt or "", len(request.images))]
-        return self._expand_images(self.tokenizer.encode(self.tokenizer.render(messages)), len(request.images))
+        ids = self.tokenizer.encode(self.tokenizer.render(messages))
+        return self._expand_images(ids, self.image_token_counts(request.images))
 
-    def _expand_images(self, ids: list[int], num_images: int) -> list[int]:
+    def image_token_counts(self, images: list[ImageInput]) -> list[int]:
+        """How many prompt positions each image occupies (with tiling it depends on the image's size)."""
+        if not self.preprocessor.size_dependent:
+            return [self.manifest.preprocess.tokens_per_image] * len(images)
+        sizes = [(pil.height, pil.width) for pil in map(load_image, images)]
+        return [self.preprocessor.token_count(h, w) for h, w in sizes]
+
+    def _expand_images(self, ids: list[int], counts: list[int]) -> list[int]:
         spec = self.manifest.preprocess
+        num_images = len(counts)
         placeholders = sum(1 for i in ids if i == spec.image_token_id)
         if placeholders != num_images:
             raise EdgeLVMError(
@@ -261,8 +273,13 @@ class VLM:
                 "placeholder per image automatically)",
             )
         expanded: list[int] = []
+        image = 0
         for token in ids:
-            expanded.extend([token] * spec.tokens_per_image if token == spec.image_token_id else [token])
+            if token == spec.image_token_id:
+                expanded.extend([token] * counts[image])
+                image += 1
+            else:
+                expanded.append(token)
         return expanded
 
     def _check_length(self, prompt_tokens: int, new_tokens: int) -> None:
@@ -274,30 +291,37 @@ class VLM:
                 fix="shorten the prompt, lower max_new_tokens, or re-export with a larger --max-length",
             )
 
-    def _image_features(self, images: list[ImageInput]) -> np.ndarray:
-        """``[num_images, tokens, hidden]``: cached features where the pixels were seen before, one encoder run for
-        the rest (duplicates within the call are encoded once)."""
+    def _image_features(self, images: list[ImageInput]) -> list[np.ndarray]:
+        """Per image ``[tokens, hidden]``: cached features where the pixels were seen before, one encoder run over
+        the views of the rest (duplicates within the call are encoded once)."""
         if not images:
-            return np.zeros((0, 0, 0), dtype=self.backend.embed_dtype)
-        pixels = self.preprocessor(images)
-        keys = [pixel_key(p) for p in pixels]
+            return []
+        prepared = [self.preprocessor.prepare(image) for image in images]
+        keys = [self._feature_key(p) for p in prepared]
         found = {k: f for k in dict.fromkeys(keys) if (f := self.vision_cache.get(k)) is not None}
         missing = [k for k in dict.fromkeys(keys) if k not in found]
         stats = self.last_stats
         stats.image_cache_hits += len(found)
         if missing:
-            encoded = self.backend.encode_images(np.stack([pixels[keys.index(k)] for k in missing]))
-            for key, features in zip(missing, encoded):
-                found[key] = features
-                self.vision_cache.put(key, features)
+            chosen = [prepared[keys.index(k)] for k in missing]
+            encoded = self.backend.encode_images(np.concatenate([p.pixels for p in chosen]))
+            splits = np.cumsum([len(p.pixels) for p in chosen])[:-1]
+            for key, image, views in zip(missing, chosen, np.split(encoded, splits)):
+                found[key] = self.preprocessor.pack(views, image)
+                self.vision_cache.put(key, found[key])
             stats.images_encoded += len(missing)
-        return np.stack([found[k] for k in keys])
+        return [found[k] for k in keys]
 
-    def _embed(self, ids: list[int], image_features: np.ndarray) -> np.ndarray:
+    def _feature_key(self, image: PreparedImage) -> str:
+        key = pixel_key(image.pixels)
+        # Tiled features are unpadded by the original size, which the views alone do not determine.
+        return f"{key}-{image.height}x{image.width}" if self.preprocessor.size_dependent else key
+
+    def _embed(self, ids: list[int], image_features: list[np.ndarray]) -> np.ndarray:
         embeds = self._token_embeds(np.asarray(ids, dtype=np.int64))
-        if image_features.size:
+        if image_features:
             positions = np.flatnonzero(np.asarray(ids) == self.manifest.preprocess.image_token_id)
-            embeds[positions] = image_features.reshape(-1, embeds.shape[-1])
+            embeds[positions] = np.concatenate(image_features).reshape(-1, embeds.shape[-1])
         return embeds
 
     def _token_embeds(self, ids: np.ndarray) -> np.ndarray:
@@ -312,8 +336,10 @@ class VLM:
             started = time.perf_counter()
             # One encoder call for the whole batch: the same frame in several requests is encoded once.
             features = self._image_features([image for r in requests for image in r.images])
-            splits = np.cumsum([len(r.images) for r in requests])[:-1]
-            per_request = np.split(features, splits) if len(features) else [features] * len(requests)
+            per_request, start = [], 0
+            for r in requests:
+                per_request.append(features[start : start + len(r.images)])
+                start += len(r.images)
             rows = [self._embed(ids, feats) for ids, feats in zip(prompts, per_request)]
             stats.vision_ms = (time.perf_counter() - started) * 1e3
             cache, cached = self._shared_prefix_cache(rows)
@@ -423,7 +449,7 @@ class ChatSession:
         content = [*images, {"type": "text", "text": prompt}]
         messages = [*self.messages, {"role": "user", "content": content}]
         rendered = self.vlm.tokenizer.encode(self.vlm.tokenizer.render(messages))
-        ids = self.vlm._expand_images(rendered, len(self.images))
+        ids = self.vlm._expand_images(rendered, self.vlm.image_token_counts(self.images))
         self.vlm._check_length(len(ids), config.max_new_tokens)
         pieces = self._turn(messages, ids, config)
         if stream:
