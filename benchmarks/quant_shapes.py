@@ -8,6 +8,8 @@ and for INT4 MatMulNBits ``accuracy_level`` 0 vs 4. Results: ``benchmarks/result
 
     python benchmarks/quant_shapes.py
     python benchmarks/quant_shapes.py --groups 128 --methods awq --limit 300
+    python benchmarks/quant_shapes.py --teacher runs/distill_shapes/distilled --groups 64 32 \
+        --out runs/quant_student --name quant_shapes_student     # the distilled student (distill_shapes.py)
 """
 
 from __future__ import annotations
@@ -139,11 +141,15 @@ def run(args: argparse.Namespace) -> dict:
                                                                       out / "bundles" / "ort_static")  # fmt: skip
 
     results: dict[str, dict] = {}
+    eval_config = EvalConfig(max_new_tokens=24, batch_size=32, limit=args.limit, reference=fp32,
+                             agreement_limit=args.agreement)  # fmt: skip
     for name, bundle in bundles.items():
-        metrics = evaluate(bundle, data / "test", EvalConfig(max_new_tokens=24, batch_size=32, limit=args.limit))
+        metrics = evaluate(bundle, data / "test", eval_config)
         rep = quant_reports.get(name, {})
         row = {
             "test_exact_match": metrics.metrics["exact_match"],
+            "top1_agreement": metrics.metrics["reference"]["top1_agreement"],
+            "mean_kl": metrics.metrics["reference"]["mean_kl"],
             "per_type": {q: r["exact_match"] for q, r in metrics.metrics["per_type"].items()},
             "bundle_mb_fused": _bundle_bytes(bundle, "decoder_ort.onnx") / 1e6,
             "vision_ms": _vision_ms(bundle, args.threads),
@@ -159,9 +165,11 @@ def run(args: argparse.Namespace) -> dict:
     if not (level4 / "edgelvm.json").is_file():
         export(out / "models" / combined.replace(" ", "_").replace("+", ""), level4,
                ExportConfig(max_length=128, force=True, int4_accuracy_level=4))  # fmt: skip
-    metrics = evaluate(level4, data / "test", EvalConfig(max_new_tokens=24, batch_size=32, limit=args.limit))
+    metrics = evaluate(level4, data / "test", eval_config)
     results[combined + ", accuracy_level 4"] = {
         "test_exact_match": metrics.metrics["exact_match"],
+        "top1_agreement": metrics.metrics["reference"]["top1_agreement"],
+        "mean_kl": metrics.metrics["reference"]["mean_kl"],
         "per_type": {q: r["exact_match"] for q, r in metrics.metrics["per_type"].items()},
         "bundle_mb_fused": _bundle_bytes(level4, "decoder_ort.onnx") / 1e6,
         "vision_ms": results[combined]["vision_ms"],
@@ -177,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
         r["decode_speedup"] = round(r["decode_tok_s"] / base["decode_tok_s"], 2)
         r["vision_speedup"] = round(base["vision_ms"] / r["vision_ms"], 2)
     return {"results": results, "calib": args.calib, "limit": args.limit, "threads": args.threads,
-            "time": time.ctime()}  # fmt: skip
+            "agreement": args.agreement, "model": args.teacher, "time": time.ctime()}  # fmt: skip
 
 
 def _mean(values: list) -> float | None:
@@ -187,13 +195,14 @@ def _mean(values: list) -> float | None:
 
 def markdown(summary: dict) -> str:
     res = summary["results"]
-    head = ("| model | test EM | drop (pt) | bundle MB (fused) | × size | vision ms | × vision | decode tok/s "
-            "| × decode | LLM output err | observer |")  # fmt: skip
+    head = ("| model | test EM | drop (pt) | top-1 agree | KL vs fp32 | bundle MB (fused) | × size | vision ms "
+            "| × vision | decode tok/s | × decode | LLM output err | observer |")  # fmt: skip
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, r in res.items():
         err = f"{r['llm_output_error']:.4f}" if r["llm_output_error"] is not None else "–"
         lines.append(
-            f"| {name} | {r['test_exact_match']:.1%} | {r['drop_points']:+.1f} | {r['bundle_mb_fused']:.2f} | "
+            f"| {name} | {r['test_exact_match']:.1%} | {r['drop_points']:+.1f} | {r['top1_agreement']:.2%} | "
+            f"{r['mean_kl']:.5f} | {r['bundle_mb_fused']:.2f} | "
             f"{r['size_ratio']:.2f} | {r['vision_ms']:.2f} | {r['vision_speedup']:.2f} | {r['decode_tok_s']:.0f} | "
             f"{r['decode_speedup']:.2f} | {err} | {r['calibrator'] or '–'} |"
         )
@@ -201,7 +210,9 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + (
         f"\n\nShipped test split ({n} questions), greedy exact match; {summary['calib']} calibration records from the "
         f"validation split; ONNX Runtime CPU, {summary['threads']} threads; drop = fp32 EM − EM in points; decode "
-        "on the fused decoder (MatMulNBits for INT4), 48 tokens, median of the runs.\n"
+        "on the fused decoder (MatMulNBits for INT4), 48 tokens, median of the runs; top-1 agreement and KL: "
+        f"teacher-forced along the fp32 bundle's answers on {summary['agreement']} questions; LLM output error: "
+        "relative, on the calibration tokens, mean over layers.\n"
     )
 
 
@@ -213,9 +224,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="test questions (default: all 1000)")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--agreement", type=int, default=200, help="questions scored against fp32 by teacher forcing")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/quant_shapes")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default="quant_shapes", help="base name of the result files")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -225,9 +238,9 @@ def main() -> None:
     summary = run(args)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "quant_shapes.json").write_text(json.dumps(summary, indent=2))
+    (results / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
     table = markdown(summary)
-    (results / "quant_shapes.md").write_text(table)
+    (results / f"{args.name}.md").write_text(table)
     print(table)
 
 

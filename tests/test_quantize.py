@@ -213,6 +213,85 @@ def _prompt(adapter, text: str) -> str:
     return adapter.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def test_awq_scales_fold_exactly_into_the_float_model(tiny_checkpoints, calib_records):
+    """Before any rounding, AWQ's scaling (columns × s, producer ÷ s, GQA-aware: v → o only without GQA) leaves the
+    model's function unchanged — so every difference after quantization is the quantization's."""
+    import torch
+
+    from edgelvm.calibration.dataset import iter_batches, load_calibration_set
+    from edgelvm.calibration.stats import collect_stats
+    from edgelvm.models import load_model
+    from edgelvm.quantize.api import QuantConfig, text_linears
+    from edgelvm.quantize.llm_int4 import _apply_awq_scales
+
+    for variant in ("llama-clip", "qwen2-siglip"):
+        adapter = load_model(str(tiny_checkpoints[variant]))
+        calib = load_calibration_set(calib_records, limit=8)
+        inputs, _ = next(iter_batches(adapter, calib, 8))
+        with torch.no_grad():
+            before = adapter.model(**inputs).logits
+        linears = text_linears(adapter)
+        stats = collect_stats(adapter, calib, linears, gram=set(linears), text=set(linears))
+        scales, _rows = _apply_awq_scales(adapter, linears, stats, QuantConfig(group_size=32))
+        assert any(float((s - 1).abs().max()) > 0.05 for s in scales.values())  # it really rescaled
+        with torch.no_grad():
+            after = adapter.model(**inputs).logits
+        assert torch.allclose(before, after, rtol=1e-4, atol=1e-4), float((before - after).abs().max())
+
+
+def test_smoothquant_w8a8_language_model_runs_as_qdq_in_the_portable_decoder(
+    tiny_checkpoints, calib_records, tmp_path, test_images
+):
+    """SmoothQuant W8A8: export writes QDQ into the portable decoder (no fused form exists), checked against the
+    torch model with fake-quantized inputs, and the runtime's greedy tokens equal the torch-side W8A8 model's
+    ``generate``."""
+    import onnx
+    import torch
+
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.models import load_model
+    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize.api import LLM_INT8_SIDECAR, load_int8
+    from edgelvm.quantize.vision_int8 import fake_quant_inputs
+    from edgelvm.runtime import VLM
+
+    out = tmp_path / "sq"
+    report = quantize(str(tiny_checkpoints["llama-clip"]), calib_records,
+                      QuantConfig(out=out, llm="smoothquant", vision="none"))  # fmt: skip
+    text = [r for r in report.layers if r["side"] == "text"]
+    assert len(text) == 14 and all(r["bits"] == 8 and r["weight_error"] < 0.05 for r in text)
+    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
+    graphs = result.manifest.graphs
+    assert "decoder_ort" not in graphs and graphs["decoder"].precision == "int8"
+    assert graphs["decoder"].parity["max_rel"] < 5e-2
+    nodes = [n.op_type for n in onnx.load(str(result.bundle_dir / "decoder.onnx")).graph.node]
+    assert nodes.count("QuantizeLinear") == 14
+
+    adapter = load_model(str(out))
+    layers = load_int8(out, LLM_INT8_SIDECAR)
+    modules = {name: m for name, m in adapter.language_model().named_modules()}
+    scales = {name: q.input_scale for name, q in layers.items()}
+    vlm = VLM.load(result.bundle_dir)
+    for image in test_images:
+        vlm.generate(image, "Describe the image.", max_new_tokens=10)
+        inputs = adapter.processor(images=[image], text=[_prompt(adapter, "Describe the image.")], return_tensors="pt")
+        with torch.no_grad(), fake_quant_inputs(modules, scales):
+            ids = adapter.model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        assert vlm.last_output_ids[0] == ids[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_observer_sweep_by_task_accuracy_on_eval_data(tiny_checkpoints, calib_records, tmp_path):
+    from edgelvm.quantize import QuantConfig, quantize
+
+    config = QuantConfig(out=tmp_path / "q", llm="none", vision="int8", eval_data=calib_records[:8], calib_limit=16)
+    report = quantize(str(tiny_checkpoints["qwen2-siglip"]), calib_records, config)
+    assert report.observer_metric.startswith("answer-token accuracy")
+    assert set(report.observer_scores) == set(OBSERVERS)
+    assert all(0.0 <= v <= 1.0 for v in report.observer_scores.values())
+    assert report.observer_scores[report.calibrator] == max(report.observer_scores.values())
+    assert not any(r["side"] == "text" for r in report.layers)  # --llm none leaves the language model float
+
+
 def test_bad_input_is_a_clear_error(tiny_checkpoints, tmp_path, calib_records, caplog):
     from edgelvm.calibration.dataset import load_calibration_set
     from edgelvm.quantize import QuantConfig, quantize

@@ -89,6 +89,12 @@ def _digest(records: list[Any]) -> str:
 
 def iter_batches(adapter: Any, calib: CalibrationSet, batch_size: int) -> Iterator[tuple[dict[str, Any], int]]:
     """``(model inputs, rows)`` per batch: input_ids, attention_mask, pixel_values (right-padded)."""
+    for inputs, _labels, rows in iter_labeled_batches(adapter, calib, batch_size):
+        yield inputs, rows
+
+
+def iter_labeled_batches(adapter: Any, calib: CalibrationSet, batch_size: int) -> Iterator[tuple[dict, Any, int]]:
+    """``(model inputs, labels, rows)``: labels are the answer tokens (-100 elsewhere), unshifted."""
     from edgelvm.distill.batches import ConversationEncoder, collate
 
     encoder = ConversationEncoder(adapter.processor)
@@ -96,7 +102,7 @@ def iter_batches(adapter: Any, calib: CalibrationSet, batch_size: int) -> Iterat
     for lo in range(0, len(calib.records), batch_size):
         chunk = calib.records[lo : lo + batch_size]
         batch = collate([encoder.encode(r) for r in chunk], list(range(len(chunk))), pad)
-        yield batch.inputs, len(chunk)
+        yield batch.inputs, batch.labels, len(chunk)
 
 
 def run_forward(

@@ -31,6 +31,8 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 OPSET = 20
 #: Max relative error (max |onnx - torch| / max |torch|) accepted at export, per precision.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+#: Where DecoderForExport keeps the language model: the module-path prefix of its layers in the traced graph.
+DECODER_PREFIX = "language_model."
 #: A graph that quantizes activations to int8 (INT8 QDQ vision, MatMulNBits accuracy_level 4) against its float or
 #: fake-quantized reference: values at a rounding boundary may land one step apart and propagate.
 INT8_ACTIVATION_TOLERANCE = 5e-2
@@ -210,7 +212,7 @@ def export_decoder(
     example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype)
     _export(module, example, shapes, names_in, names_out, path, _weight_bytes(module))
     if rewrite is not None:
-        rewrite.rewrite_file(path, "language_model.")
+        rewrite.rewrite_file(path, DECODER_PREFIX)
 
     session = _ort_session(path)
     worst = ParityResult(0.0, 0.0)

@@ -76,12 +76,9 @@ class LlavaAdapter(VLMAdapter):
 
     def decoder_weights(self, max_length: int) -> Any:
         from edgelvm.models.llama_family import describe_llama_decoder
+        from edgelvm.quantize.api import fused_decoder_int4
 
-        int4 = None
-        if "llm" in (getattr(self.config, "edgelvm_quantization", None) or {}) and self.source:
-            from edgelvm.quantize.api import load_int4
-
-            int4 = load_int4(self.source)
+        int4 = fused_decoder_int4(self.config, self.source)
         return describe_llama_decoder(self.language_model(), self.lm_head(), self.text_config, max_length, int4)
 
     def text_scale_groups(self) -> list[Any]:

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 RECORD = "edgelvm_quantization"
 SIDECAR = "int4.safetensors"
 VISION_SIDECAR = "int8.safetensors"
-LLM_METHODS = ("none", "rtn", "awq", "gptq")
+LLM_METHODS = ("none", "rtn", "awq", "gptq", "smoothquant")
+LLM_INT8_SIDECAR = "int8_llm.safetensors"
 VISION_METHODS = ("none", "int8")
 SWEEP_IMAGES = 64  # images the observer sweep scores each candidate on
 
@@ -41,7 +42,8 @@ SWEEP_IMAGES = 64  # images the observer sweep scores each candidate on
 @dataclass
 class QuantConfig:
     out: str | Path = "quantized"
-    #: Language model, INT4 weight-only: ``rtn`` (no data), ``awq`` (activation-aware scales + clipping), ``gptq``.
+    #: Language model, INT4 weight-only: ``rtn`` (no data), ``awq`` (activation-aware scales + clipping), ``gptq``;
+    #: or ``smoothquant``: W8A8 (smoothed activations, per-channel weights; portable decoder only).
     llm: str = "awq"
     group_size: int = 128
     symmetric: bool = True
@@ -49,11 +51,15 @@ class QuantConfig:
     vision: str = "int8"
     #: Activation observer for the vision INT8 ranges; ``auto`` tries every one and keeps the best features.
     calibrator: str = "auto"
+    #: With ``calibrator="auto"``: score the observers by the task — teacher-forced answer-token accuracy on these
+    #: records (jsonl dataset or list; up to ``calib_limit``) — instead of feature cosine on the calibration images.
+    eval_data: Any = None
     calib_limit: int = 256
     batch_size: int = 16
     awq_clip: bool = True
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    smoothquant_alpha: float = 0.5
     seed: int = 0
     force: bool = False
     progress: bool = False
@@ -72,12 +78,15 @@ class QuantConfig:
             raise ConfigError("nothing to quantize", where="--llm / --vision", fix="choose --llm or --vision")
         check_block_size(self.group_size)
         check_observer(self.calibrator)
+        if not 0.0 < self.smoothquant_alpha < 1.0:
+            raise ConfigError(f"smoothquant_alpha {self.smoothquant_alpha} not in (0, 1)", where="--smoothquant-alpha",
+                              fix="use e.g. 0.5 (the paper's default for most models)")  # fmt: skip
         if not 0.0 < self.gptq_damp < 1.0:
             raise ConfigError(f"gptq_damp {self.gptq_damp} not in (0, 1)", where="--gptq-damp", fix="use e.g. 0.01")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.llm in ("awq", "gptq") or self.vision == "int8"
+        return self.llm in ("awq", "gptq", "smoothquant") or self.vision == "int8"
 
 
 @dataclass
@@ -88,6 +97,7 @@ class QuantReport:
     vision: str = "none"
     calibrator: str | None = None
     observer_scores: dict[str, float] = field(default_factory=dict)
+    observer_metric: str | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     #: name, side, bits, K, N, relative weight error, relative output error on the calibration tokens (when known)
     layers: list[dict[str, Any]] = field(default_factory=list)
@@ -111,7 +121,7 @@ class QuantReport:
             if errs:
                 lines.append(f"{label} output error (calibration): mean {np.mean(errs):.4f}, max {max(errs):.4f}")
         if self.calibrator:
-            lines.append(f"vision observer: {self.calibrator} " + ", ".join(
+            lines.append(f"vision observer: {self.calibrator} (by {self.observer_metric}): " + ", ".join(
                 f"{k} {v:.5f}" for k, v in self.observer_scores.items()))  # fmt: skip
         return "\n".join(lines)
 
@@ -141,13 +151,13 @@ def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfi
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not cfg.force)):
         raise ConfigError("the output directory is not empty", where=out, fix="choose another --out, or pass --force")
     calib = None
-    if cfg.needs_calibration:
-        if calib_data is None:
-            raise ConfigError(
-                f"--llm {cfg.llm} / --vision {cfg.vision} need calibration data",
-                where="--calib",
-                fix="pass --calib DATA (a jsonl dataset, or 'shapes'), or use --llm rtn --vision none",
-            )
+    if cfg.needs_calibration and calib_data is None:
+        raise ConfigError(
+            f"--llm {cfg.llm} / --vision {cfg.vision} need calibration data",
+            where="--calib",
+            fix="pass --calib DATA (a jsonl dataset, or 'shapes'), or use --llm rtn --vision none",
+        )
+    if calib_data is not None:  # RTN needs none, but with it the report has each layer's output error
         calib = load_calibration_set(calib_data, cfg.calib_limit, cfg.seed)  # fails on an empty set, before loading
     adapter = model if hasattr(model, "processor") else load_model(str(model))
     if getattr(adapter.config, RECORD, None):
@@ -174,7 +184,13 @@ def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfi
             adapter, calib, {**text, **vision}, gram=gram, text=set(text), batch_size=cfg.batch_size, progress=tick,
         ))  # fmt: skip
 
-    if text:
+    llm_int8: dict[str, Any] = {}
+    if text and cfg.llm == "smoothquant":
+        from edgelvm.quantize.smoothquant import smooth_and_quantize
+
+        llm_int8 = smooth_and_quantize(adapter, text, stats, cfg.smoothquant_alpha, report)
+        record["llm"] = {"method": "smoothquant", "bits": 8, "alpha": cfg.smoothquant_alpha, "file": LLM_INT8_SIDECAR}
+    elif text:
         from edgelvm.quantize.llm_int4 import quantize_llm
 
         int4 = quantize_llm(adapter, text, stats, cfg, report)
@@ -191,7 +207,8 @@ def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfi
         record["calibration_sha256"] = calib.sha256
     setattr(adapter.config, RECORD, record)
     report.seconds = round(time.perf_counter() - started, 2)
-    _write(adapter, out, int4, int8, report)
+    _write(adapter, out, {SIDECAR: int4_tensors(int4), VISION_SIDECAR: int8_tensors(int8),
+                          LLM_INT8_SIDECAR: int8_tensors(llm_int8)}, report)  # fmt: skip
     return report
 
 
@@ -247,8 +264,14 @@ def _quantize_vision(
     weights = v8.quantize_weights(modules)
     stats_by_name = stats.with_prefix("vision:")
     candidates = OBSERVERS if cfg.calibrator == "auto" else (cfg.calibrator,)
-    sweep = v8.sweep_observers(adapter, modules, stats_by_name, *sweep_inputs, candidates=candidates)
-    report.calibrator, report.observer_scores = sweep.chosen, sweep.scores
+    if cfg.eval_data is not None and len(candidates) > 1:
+        from edgelvm.calibration.dataset import load_calibration_set
+
+        eval_set = load_calibration_set(cfg.eval_data, cfg.calib_limit, cfg.seed)
+        sweep = v8.sweep_observers_on_answers(adapter, modules, stats_by_name, eval_set, cfg.batch_size, candidates)
+    else:
+        sweep = v8.sweep_observers(adapter, modules, stats_by_name, *sweep_inputs, candidates=candidates)
+    report.calibrator, report.observer_scores, report.observer_metric = sweep.chosen, sweep.scores, sweep.metric
     scales = v8.input_scales_for(stats_by_name, list(modules), sweep.chosen)
     for name, linear in modules.items():
         w = originals[name]
@@ -274,7 +297,7 @@ def _with_progress(cfg: QuantConfig, total: int, label: str, work: Any) -> Any:
         return work(lambda n: progress.advance(task, n))
 
 
-def _write(adapter: Any, out: Path, int4: dict[str, Any], int8: dict[str, Any], report: QuantReport) -> None:
+def _write(adapter: Any, out: Path, sidecars: dict[str, dict[str, np.ndarray]], report: QuantReport) -> None:
     from safetensors.numpy import save_file
 
     from edgelvm.fsutil import write_dir_atomically
@@ -282,10 +305,9 @@ def _write(adapter: Any, out: Path, int4: dict[str, Any], int8: dict[str, Any], 
 
     def write(stage: Path) -> None:
         save_checkpoint_files(adapter.model, adapter.processor, stage)
-        if int4:
-            save_file(int4_tensors(int4), str(stage / SIDECAR))
-        if int8:
-            save_file(int8_tensors(int8), str(stage / VISION_SIDECAR))
+        for name, tensors in sidecars.items():
+            if tensors:
+                save_file(tensors, str(stage / name))
         (stage / "quant_report.json").write_text(json.dumps(report.to_dict(), indent=2))
 
     write_dir_atomically(out, write)
@@ -328,13 +350,34 @@ def load_int4(source: str | Path) -> dict[str, Any]:
     return out
 
 
-def load_int8(source: str | Path) -> dict[str, Any]:
-    """The INT8 vision layers of a quantized checkpoint, by their path in the export-facing vision module."""
+def fused_decoder_int4(config: Any, source: str | Path | None) -> dict[str, Any] | None:
+    """The INT4 weights the fused decoder writes as MatMulNBits (None for a float language model); a W8A8 language
+    model has no fused form (UnsupportedModelError: export then writes only the portable, QDQ decoder)."""
+    from edgelvm.errors import UnsupportedModelError
+
+    llm = (getattr(config, RECORD, None) or {}).get("llm")
+    if not llm:
+        return None
+    if llm.get("bits") != 4:
+        raise UnsupportedModelError(
+            f"a W{llm.get('bits')}A{llm.get('bits')} ({llm.get('method')}) language model: the fused decoder has "
+            "INT4 weight-only and float forms only",
+            fix="it runs as QDQ in the portable decoder, which export writes",
+        )
+    if not source:
+        raise ConfigError("an INT4 checkpoint loaded without its directory", where="model",
+                          fix="export the directory `edgelvm quantize` wrote")  # fmt: skip
+    return load_int4(source)
+
+
+def load_int8(source: str | Path, file: str = VISION_SIDECAR) -> dict[str, Any]:
+    """The INT8 layers of a quantized checkpoint: the vision encoder's by their path in the export-facing vision
+    module (``int8.safetensors``), or SmoothQuant's language-model layers by ``layers.{i}.<path>``."""
     from safetensors.numpy import load_file
 
     from edgelvm.quantize.int8 import Int8Linear
 
-    tensors = load_file(str(Path(source) / VISION_SIDECAR))
+    tensors = load_file(str(Path(source) / file))
     names = [key[: -len(".codes")] for key in tensors if key.endswith(".codes")]
     return {
         n: Int8Linear(tensors[f"{n}.codes"], tensors[f"{n}.weight_scales"], float(tensors[f"{n}.input_scale"][0]))

@@ -14,18 +14,24 @@ def quantize_command(
     calib: Annotated[
         str | None, typer.Option(help="Calibration data: jsonl (LLaVA conversation format), or 'shapes'.")
     ] = None,
-    llm: Annotated[str, typer.Option(help="Language model INT4 weight-only: awq | gptq | rtn | none.")] = "awq",
+    llm: Annotated[
+        str, typer.Option(help="Language model: INT4 weight-only awq | gptq | rtn, W8A8 smoothquant, or none.")
+    ] = "awq",
     group_size: Annotated[int, typer.Option(help="INT4 block size along the input dimension (16-256).")] = 128,
     asymmetric: Annotated[bool, typer.Option(help="INT4 with zero points (TensorRT takes symmetric only).")] = False,
     vision: Annotated[str, typer.Option(help="Vision encoder + projector: int8 (W8A8) | none.")] = "int8",
     calibrator: Annotated[
         str, typer.Option(help="Vision activation observer: auto | minmax | percentile:99.99 | entropy | mse.")
     ] = "auto",
+    eval_data: Annotated[
+        str | None, typer.Option(help="With --calibrator auto: pick the observer by answer accuracy on this data.")
+    ] = None,
     calib_limit: Annotated[int, typer.Option(help="Calibration records used.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 16,
     no_awq_clip: Annotated[bool, typer.Option(help="AWQ: skip the clipping search.")] = False,
     gptq_damp: Annotated[float, typer.Option(help="GPTQ: Hessian damping, a fraction of its mean diagonal.")] = 0.01,
     no_act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns in their natural order.")] = False,
+    smoothquant_alpha: Annotated[float, typer.Option(help="SmoothQuant: migration strength α.")] = 0.5,
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """INT4 weight-only language model (AWQ / GPTQ / RTN) and INT8 W8A8 vision encoder, calibrated on image+text.
@@ -44,8 +50,9 @@ def quantize_command(
         calib,
         QuantConfig(
             out=out, llm=llm, group_size=group_size, symmetric=not asymmetric, vision=vision, calibrator=calibrator,
+            eval_data=eval_data,
             calib_limit=calib_limit, batch_size=batch_size, awq_clip=not no_awq_clip, gptq_damp=gptq_damp,
-            gptq_act_order=not no_act_order, force=force, progress=True,
+            gptq_act_order=not no_act_order, smoothquant_alpha=smoothquant_alpha, force=force, progress=True,
         ),
     )  # fmt: skip
     console = Console(stderr=True)

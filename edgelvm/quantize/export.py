@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from edgelvm.errors import ExportError
-from edgelvm.export.onnx_graphs import INT8_ACTIVATION_TOLERANCE
+from edgelvm.export.onnx_graphs import DECODER_PREFIX, INT8_ACTIVATION_TOLERANCE
 from edgelvm.export.rewrite import GraphRewrite
-from edgelvm.quantize.api import RECORD, SIDECAR, VISION_SIDECAR, load_int4, load_int8
+from edgelvm.quantize.api import LLM_INT8_SIDECAR, RECORD, SIDECAR, VISION_SIDECAR, load_int4, load_int8
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,13 @@ def quantized_graph_rewrites(adapter: Any) -> dict[str, GraphRewrite]:
     rewrites: dict[str, GraphRewrite] = {}
     if "vision" in record:
         layers = load_int8(_sidecar(source, VISION_SIDECAR))
-        rewrites["vision"] = GraphRewrite("int8", INT8_TOLERANCE, _int8_writer(layers), _int8_reference(layers))
-    if "llm" in record:
+        rewrites["vision"] = GraphRewrite("int8", INT8_TOLERANCE, _int8_writer(layers), _int8_reference(layers, ""))
+    if record.get("llm", {}).get("method") == "smoothquant":
+        layers = load_int8(_sidecar(source, LLM_INT8_SIDECAR), LLM_INT8_SIDECAR)
+        rewrites["decoder"] = GraphRewrite(
+            "int8", INT8_TOLERANCE, _int8_writer(layers), _int8_reference(layers, DECODER_PREFIX)
+        )
+    elif "llm" in record:
         weights = load_int4(_sidecar(source, SIDECAR))
         rewrites["decoder"] = GraphRewrite("int4", INT4_TOLERANCE, _int4_writer(weights))
     return rewrites
@@ -74,11 +79,11 @@ def _int8_writer(layers: dict[str, Any]) -> Any:
     return apply
 
 
-def _int8_reference(layers: dict[str, Any]) -> Any:
+def _int8_reference(layers: dict[str, Any], prefix: str) -> Any:
     def reference(module: Any) -> Any:
         from edgelvm.quantize.vision_int8 import fake_quant_inputs
 
-        return fake_quant_inputs(dict(module.named_modules()), {n: q.input_scale for n, q in layers.items()})
+        return fake_quant_inputs(dict(module.named_modules()), {prefix + n: q.input_scale for n, q in layers.items()})
 
     return reference
 

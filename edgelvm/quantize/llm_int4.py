@@ -120,12 +120,12 @@ def _divide_producer(group: Any, s: Any) -> None:
         raise ValueError(f"unknown producer kind {group.producer_kind!r}")
 
 
-def _layer_row(name: str, w: Any, effective: Any, gram: Any, q: Int4Weight) -> dict[str, Any]:
+def _layer_row(name: str, w: Any, effective: Any, gram: Any, q: Int4Weight | None) -> dict[str, Any]:
     from edgelvm.quantize.awq import output_error
 
     delta = effective - w
     row = {
-        "name": name, "side": "text", "bits": 4, "K": q.k, "N": q.n,
+        "name": name, "side": "text", "bits": 4, "K": int(w.shape[1]), "N": int(w.shape[0]),
         "weight_error": round(float(delta.norm() / (w.norm() + 1e-12)), 6), "output_error": None,
     }  # fmt: skip
     if gram is not None:

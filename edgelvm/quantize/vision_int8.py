@@ -106,5 +106,32 @@ def sweep_observers(
     return SweepResult(chosen, "feature cosine vs fp32 (mean over image tokens)", scores)
 
 
+def sweep_observers_on_answers(
+    adapter: Any, modules: dict[str, Any], stats: Any, eval_set: Any, batch_size: int,
+    candidates: tuple[str, ...] = OBSERVERS,
+) -> SweepResult:  # fmt: skip
+    """Like :func:`sweep_observers`, scored by the task instead: the whole model's teacher-forced answer-token
+    accuracy on ``eval_set`` (the next-token argmax at each answer position against the reference answer)."""
+    import torch
+
+    from edgelvm.calibration.dataset import iter_labeled_batches
+
+    batches = list(iter_labeled_batches(adapter, eval_set, batch_size))
+    scores = {}
+    for observer in candidates:
+        scales = input_scales_for(stats, list(modules), observer)
+        hits = total = 0
+        with torch.no_grad(), fake_quant_inputs(modules, scales):
+            for inputs, labels, _rows in batches:
+                logits = adapter.model(**inputs).logits[:, :-1]
+                target = labels[:, 1:]
+                valid = target != -100
+                hits += int(((logits.argmax(-1) == target) & valid).sum())
+                total += int(valid.sum())
+        scores[observer] = hits / max(total, 1)
+    chosen = max(scores, key=lambda k: scores[k])
+    return SweepResult(chosen, "answer-token accuracy on the eval data (teacher-forced)", scores)
+
+
 def records(weights: dict[str, tuple[np.ndarray, np.ndarray]], scales: dict[str, float]) -> dict[str, Int8Linear]:
     return {name: Int8Linear(codes, w_scales, float(scales[name])) for name, (codes, w_scales) in weights.items()}
