@@ -15,8 +15,10 @@ Optimization profiles, read from the decoder's dynamic dims in the manifest
   activation scratch for seq × (seq + past) attention — on a Jetson that is memory the KV cache needs);
 - profile 1 "decode": seq 1, past 0..max_length-1 (opt: half the context).
 
-Precision: fp16 by default (``BuilderFlag.FP16`` lets TensorRT pick fp16 kernels for an fp32 graph); INT8 in
-addition when the parsed network holds Quantize/Dequantize layers (an explicitly quantized, QDQ graph).
+Precision: fp16 by default (``BuilderFlag.FP16`` lets TensorRT pick fp16 kernels for an fp32 graph). A graph the
+quantize stage rewrote (manifest precision ``int8`` / ``int4``: Q/DQ layers, block-wise INT4 weights) is built as
+TensorRT documents explicit quantization: a strongly typed network and no precision flags — the Q/DQ layers and the
+graph's own dtypes decide (export ``--dtype fp16`` for fp16 around the quantized matmuls).
 
 Everything that needs no TensorRT (profile shapes, directory naming, writing, the errors) is plain Python and
 tested here; the TensorRT calls follow the documented Python API (Builder, OnnxParser, BuilderConfig,
@@ -279,14 +281,21 @@ def read_engines_manifest(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def resolve_precision(requested: str, has_qdq: bool) -> tuple[str, list[str]]:
-    """(precision label, builder flag names) for a requested precision and whether the graph is QDQ-quantized."""
+#: Manifest precisions of graphs with explicit quantization (written by the quantize stage's rewrites).
+QUANTIZED = ("int8", "int4")
+
+
+def resolve_precision(requested: str, has_qdq: bool, quantized: str | None = None) -> tuple[str, list[str]]:
+    """(precision label, builder flag names) for a requested precision, whether the parsed graph has Q/DQ layers and
+    the manifest's quantized precision. Explicitly quantized graphs take no precision flags (strong typing)."""
     if requested not in PRECISIONS:
         raise EngineBuildError(
             f"unknown precision {requested!r}", where="precision", fix=f"use one of: {', '.join(PRECISIONS)}"
         )
+    if quantized in QUANTIZED:
+        return quantized, []
     flags = [] if requested == "fp32" else ["FP16"]
-    if has_qdq:
+    if has_qdq:  # Q/DQ from elsewhere (a graph edgelvm did not quantize): the weakly typed INT8 path
         flags.append("INT8")
     label = "int8" if has_qdq else ("fp32" if requested == "fp32" else "fp16")
     return label, flags
@@ -329,11 +338,14 @@ def _build_graph(
     profiles: list[OptimizationProfile],
     config: BuildConfig,
     cache_blob: bytes | None,
+    quantized: str | None = None,
 ) -> tuple[bytes, str, list[str], bytes]:
     builder = trt.Builder(logger)
     flags = 0
     if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode (and the default) from TensorRT 10
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if quantized in QUANTIZED:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from a file, so external weight data next to it is found
@@ -346,7 +358,7 @@ def _build_graph(
     inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
     for profile in profiles:
         check_network_inputs(inputs, profile, str(onnx_path))
-    precision, flag_names = resolve_precision(config.precision, network_has_qdq(network, trt))
+    precision, flag_names = resolve_precision(config.precision, network_has_qdq(network, trt), quantized)
     builder_config = builder.create_builder_config()
     if config.workspace_bytes:
         builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_bytes))
@@ -401,7 +413,9 @@ def build_engines(bundle_dir: str | Path, config: BuildConfig | None = None) -> 
         onnx_path = bundle / source
         log.info("building %s engine from %s (%d profile(s))", graph, source, len(profiles))
         t0 = time.perf_counter()
-        blob, precision, flags, cache_blob = _build_graph(trt, logger, onnx_path, profiles, config, cache_blob)
+        quantized = manifest.graphs[graph].precision
+        blob, precision, flags, cache_blob = _build_graph(trt, logger, onnx_path, profiles, config, cache_blob,
+                                                          quantized)  # fmt: skip
         name = f"{graph}.engine"
         blobs[name] = blob
         engines[graph] = EngineInfo(
