@@ -72,6 +72,11 @@ class PreprocessSpec:
     #: Added after format 1.0 and written only when set, so that untiled bundles still load in older runtimes
     #: (which refuse a tiled one: they do not know this field).
     tiling_params: dict[str, Any] | None = None
+    #: Where an image's tokens go in the prompt (``runtime/preprocess.PLACEMENTS``): "placeholder" — each image
+    #: placeholder in the rendered prompt expands to the image's tokens; "prefix" — one image per prompt, its tokens
+    #: before the whole encoded prompt (BOS included) and no placeholder in the text (Q-Former models' processors).
+    #: Written only when not "placeholder", like ``tiling_params``.
+    image_placement: str = "placeholder"
 
 
 @dataclass
@@ -120,6 +125,8 @@ class Manifest:
         data = asdict(self)
         if data["preprocess"].get("tiling_params") is None:
             data["preprocess"].pop("tiling_params", None)
+        if data["preprocess"].get("image_placement") == "placeholder":
+            data["preprocess"].pop("image_placement", None)
         head = {key: data.pop(key) for key in ("format_version", "edgelvm_version", "family", "created_from")}
         return {**head, **data}
 

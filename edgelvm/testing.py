@@ -40,8 +40,11 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer (every string encodes; partial UTF-8 pieces occur) with LLaVA special tokens."""
+def build_tiny_tokenizer(vocab_size: int = 384, *, named_image_token: bool = True):
+    """A byte-level BPE tokenizer (every string encodes; partial UTF-8 pieces occur) with LLaVA special tokens.
+
+    ``named_image_token=False``: ``<image>`` is in the vocabulary but not the tokenizer's ``image_token`` attribute
+    (``Blip2Processor`` fails on a tokenizer whose ``image_token`` is a plain string)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -66,7 +69,7 @@ def build_tiny_tokenizer(vocab_size: int = 384):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>"} if named_image_token else None,
         padding_side="left",
     )
 
@@ -291,3 +294,102 @@ def build_realistic_llava(out_dir: str | Path, seed: int = 0) -> Path:
             rope_theta=100000.0,
         ),
     )
+
+
+#: A BLIP-2 prompt template (BLIP-2 checkpoints ship none; their prompts are plain "Question: ... Answer:" strings).
+#: Image items are not rendered: the BLIP-2 processor puts the query tokens before the whole prompt, BOS included.
+TINY_BLIP2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}Question: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% else %} Answer: {{ message['content'] if message['content'] is string else message['content'][0]['text'] }}"
+    "{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %} Answer:{% endif %}"
+)
+
+
+def build_tiny_blip2(
+    out_dir: str | Path,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_query_tokens: int = 6,
+    chat_template: str | None = TINY_BLIP2_CHAT_TEMPLATE,
+    text: Literal["opt", "t5"] = "opt",
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight BLIP-2 checkpoint (``Blip2ForConditionalGeneration`` + ``Blip2Processor`` with
+    ``BlipImageProcessorPil``) to ``out_dir`` and return it: a 2-layer ViT, a 2-layer Q-Former with
+    ``num_query_tokens`` learned queries (cross-attention in every layer), and a tiny OPT (``text="t5"``: a tiny T5
+    encoder-decoder instead, which edgelvm refuses).
+
+    ``chat_template`` is stored on the tokenizer (``tokenizer_config.json``): ``Blip2Processor`` keeps none of its
+    own. ``None`` leaves the checkpoint without a template, as the Salesforce checkpoints are.
+    """
+    import torch
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessorPil,
+        OPTConfig,
+        T5Config,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(named_image_token=False)
+    vision_config = Blip2VisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, initializer_range=0.02,  # default 1e-10: blind to the pixels
+    )  # fmt: skip
+    qformer_config = Blip2QFormerConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        cross_attention_frequency=1, vocab_size=len(tokenizer),
+        initializer_range=0.2,  # with 0.02 the queries' outputs hardly depend on the image
+    )  # fmt: skip
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    if text == "opt":
+        text_config = OPTConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, word_embed_proj_dim=hidden_size,
+            ffn_dim=hidden_size * 2, num_hidden_layers=num_layers, num_attention_heads=4,
+            max_position_embeddings=512, tie_word_embeddings=False, **ids,
+        )  # fmt: skip
+    else:
+        text_config = T5Config(
+            vocab_size=len(tokenizer), d_model=hidden_size, d_kv=16, d_ff=hidden_size * 2, num_layers=num_layers,
+            num_heads=4, decoder_start_token_id=tokenizer.pad_token_id, **ids,
+        )  # fmt: skip
+    config = Blip2Config(
+        vision_config=vision_config,
+        qformer_config=qformer_config,
+        text_config=text_config,
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.language_model.get_output_embeddings().weight.mul_(8.0)  # as in build_tiny_llava
+        model.query_tokens.normal_(0.0, 1.0)  # initialised to zeros: every query would be the same
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    # Blip2Processor drops a chat_template argument (its __init__ does not pass it on), so the template lives
+    # with the tokenizer, where text-model checkpoints keep theirs; the adapter reads it from there.
+    tokenizer.chat_template = chat_template
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
+    processor.save_pretrained(out)
+    return out

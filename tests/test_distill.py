@@ -243,10 +243,10 @@ def test_student_with_another_tokenizer_is_refused(tiny_checkpoints, shapes_data
 
 
 def test_student_of_an_unsupported_family_is_refused(tiny_checkpoints, shapes_data, tmp_path):
-    bare = tmp_path / "blip"
+    bare = tmp_path / "kosmos"
     bare.mkdir()
-    (bare / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
-    with pytest.raises(UnsupportedModelError, match="blip-2"):
+    (bare / "config.json").write_text(json.dumps({"model_type": "kosmos-2"}))
+    with pytest.raises(UnsupportedModelError, match="kosmos-2"):
         distill(str(tiny_checkpoints["llama-clip"]), str(bare), shapes_data["train"], _cfg(tmp_path / "o"))
 
 

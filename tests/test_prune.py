@@ -154,11 +154,11 @@ def test_bad_input_is_a_clear_error(tiny_checkpoints, gqa8_checkpoint, calib, tm
     empty.write_text("")
     with pytest.raises(DatasetError, match="empty"):
         prune(str(tiny_checkpoints["llama-clip"]), empty, PruneConfig(out=tmp_path / "c", text_heads=0.5))
-    blip = tmp_path / "blip"
-    blip.mkdir()
-    (blip / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
+    unknown = tmp_path / "kosmos"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "kosmos-2"}))  # a family with no adapter
     with pytest.raises(UnsupportedModelError):
-        prune(str(blip), calib, PruneConfig(out=tmp_path / "d", text_heads=0.5))
+        prune(str(unknown), calib, PruneConfig(out=tmp_path / "d", text_heads=0.5))
     for name in "abcd":
         assert not (tmp_path / name).exists()
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 #: model_type -> "module:Class". A new family is one adapter file plus one line here.
 _ADAPTERS: dict[str, str] = {
+    "blip-2": "edgelvm.models.blip2:Blip2Adapter",
     "llava": "edgelvm.models.llava:LlavaAdapter",
     "llava_next": "edgelvm.models.llava_next:LlavaNextAdapter",
 }

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelvm.errors import BundleError
+from edgelvm.errors import BundleError, EdgeLVMError
 from edgelvm.manifest import PreprocessSpec
 from edgelvm.runtime.images import ImageInput, load_image
 from edgelvm.runtime.tiling import AnyresRule, load_newline
@@ -30,6 +30,9 @@ _FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "
 
 #: Tiling rules this runtime implements (``preprocess.tiling``).
 TILINGS = ("none", "anyres")
+#: Where image tokens go in the prompt (``preprocess.image_placement``): at each placeholder of the rendered text, or
+#: (one image) before the whole encoded prompt.
+PLACEMENTS = ("placeholder", "prefix")
 
 
 @dataclass
@@ -58,6 +61,13 @@ class ImagePreprocessor:
                 where="edgelvm.json: preprocess.tiling",
                 fix="upgrade edgelvm (`pip install -U edgelvm`)",
             )
+        if spec.image_placement not in PLACEMENTS:
+            raise BundleError(
+                f"image placement {spec.image_placement!r} is not implemented by this edgelvm (it knows: "
+                f"{', '.join(PLACEMENTS)})",
+                where="edgelvm.json: preprocess.image_placement",
+                fix="upgrade edgelvm (`pip install -U edgelvm`)",
+            )
         self.anyres = AnyresRule.from_params(spec.tiling_params or {}) if spec.tiling == "anyres" else None
         self._newline = load_newline(self.anyres, bundle_dir) if self.anyres is not None else None
 
@@ -80,6 +90,48 @@ class ImagePreprocessor:
         if self.anyres is None:
             return self.spec.tokens_per_image
         return self.anyres.token_count(height, width, self.spec.tokens_per_image)
+
+    # ---- image tokens in the prompt -------------------------------------------------------------------------------
+    @property
+    def images_in_text(self) -> bool:
+        """Whether the rendered prompt carries one placeholder per image (else image items are not rendered)."""
+        return self.spec.image_placement == "placeholder"
+
+    def place_image_tokens(self, ids: list[int], counts: list[int]) -> list[int]:
+        """The encoded prompt with each image's ``counts[i]`` image tokens where the bundle's placement puts them."""
+        spec = self.spec
+        placeholders = sum(1 for i in ids if i == spec.image_token_id)
+        if spec.image_placement == "prefix":
+            if len(counts) > 1:
+                raise EdgeLVMError(
+                    f"{len(counts)} images were given but this model takes one image per prompt",
+                    where="images",
+                    fix="ask about one image at a time (a batch of requests may each have their own image)",
+                )
+            if placeholders:
+                raise EdgeLVMError(
+                    f"the prompt contains the image token {spec.image_token!r}, but this model places the image "
+                    "before the prompt, not at a placeholder",
+                    where="prompt",
+                    fix=f"remove {spec.image_token!r} from the prompt text",
+                )
+            return [spec.image_token_id] * sum(counts) + list(ids)
+        if placeholders != len(counts):
+            raise EdgeLVMError(
+                f"the prompt has {placeholders} image placeholder(s) but {len(counts)} image(s) were given",
+                where="prompt",
+                fix=f"give one image per {spec.image_token!r} placeholder (prompts built from a plain string get one "
+                "placeholder per image automatically)",
+            )
+        expanded: list[int] = []
+        image = 0
+        for token in ids:
+            if token == spec.image_token_id:
+                expanded.extend([token] * counts[image])
+                image += 1
+            else:
+                expanded.append(token)
+        return expanded
 
     def views(self, image: ImageInput) -> np.ndarray:
         """``[n_views, 3, H, W]``: the vision graph's inputs for one image (one view unless the bundle tiles)."""

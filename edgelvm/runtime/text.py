@@ -100,6 +100,17 @@ def _content_items(message: Message) -> list[dict[str, Any]]:
     return list(content)
 
 
+def without_images(messages: list[Message]) -> list[Message]:
+    """``messages`` with their image items removed (for models whose image tokens are not part of the text)."""
+    out = []
+    for message in messages:
+        content = message.get("content", "")
+        if not isinstance(content, str):
+            content = [item for item in content if item.get("type") != "image"]
+        out.append({**message, "content": content})
+    return out
+
+
 def user_message(prompt: str, num_images: int) -> Message:
     """One user turn: the images first, then the text (the llava-hf convention)."""
     return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]}

@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from edgelvm.errors import ConfigError, EdgeLVMError, PromptTooLongError
+from edgelvm.errors import ConfigError, PromptTooLongError
 from edgelvm.manifest import Manifest, verify_bundle_files
 from edgelvm.runtime.images import ImageInput, load_image
 from edgelvm.runtime.ort_backend import OrtBackend
 from edgelvm.runtime.preprocess import ImagePreprocessor, PreparedImage
 from edgelvm.runtime.sampling import Sampler, SamplingConfig
 from edgelvm.runtime.session_settings import SessionSettings
-from edgelvm.runtime.text import ChatTokenizer, Message, StreamDecoder, user_message
+from edgelvm.runtime.text import ChatTokenizer, Message, StreamDecoder, user_message, without_images
 from edgelvm.runtime.vision_cache import VisionCache, pixel_key
 
 log = logging.getLogger(__name__)
@@ -249,10 +249,10 @@ class VLM:
 
     # ---- prompt → embeddings -------------------------------------------------------------------------------------
     def prompt_ids(self, request: Request) -> list[int]:
-        """Token ids of the rendered prompt, each image placeholder expanded to the image's token count."""
+        """Token ids of the rendered prompt with each image's tokens (placeholders expanded to the image's token
+        count, or the image before the prompt: ``preprocess.image_placement``)."""
         messages = request.messages or [user_message(request.prompt or "", len(request.images))]
-        ids = self.tokenizer.encode(self.tokenizer.render(messages))
-        return self._expand_images(ids, self.image_token_counts(request.images))
+        return self._encode(messages, request.images)
 
     def image_token_counts(self, images: list[ImageInput]) -> list[int]:
         """How many prompt positions each image occupies (with tiling it depends on the image's size)."""
@@ -261,26 +261,13 @@ class VLM:
         sizes = [(pil.height, pil.width) for pil in map(load_image, images)]
         return [self.preprocessor.token_count(h, w) for h, w in sizes]
 
-    def _expand_images(self, ids: list[int], counts: list[int]) -> list[int]:
-        spec = self.manifest.preprocess
-        num_images = len(counts)
-        placeholders = sum(1 for i in ids if i == spec.image_token_id)
-        if placeholders != num_images:
-            raise EdgeLVMError(
-                f"the prompt has {placeholders} image placeholder(s) but {num_images} image(s) were given",
-                where="prompt",
-                fix=f"give one image per {spec.image_token!r} placeholder (prompts built from a plain string get one "
-                "placeholder per image automatically)",
-            )
-        expanded: list[int] = []
-        image = 0
-        for token in ids:
-            if token == spec.image_token_id:
-                expanded.extend([token] * counts[image])
-                image += 1
-            else:
-                expanded.append(token)
-        return expanded
+    def _encode(self, messages: list[Message], images: list[ImageInput]) -> list[int]:
+        """Render and encode ``messages``, with the images' tokens placed as the bundle says (at placeholders, or
+        before the prompt)."""
+        if not self.preprocessor.images_in_text:
+            messages = without_images(messages)
+        ids = self.tokenizer.encode(self.tokenizer.render(messages))
+        return self.preprocessor.place_image_tokens(ids, self.image_token_counts(images))
 
     def _check_length(self, prompt_tokens: int, new_tokens: int) -> None:
         if prompt_tokens + new_tokens > self.max_length:
@@ -448,8 +435,7 @@ class ChatSession:
         images = [{"type": "image"}] * (len(self.images) if first_user_turn else 0)
         content = [*images, {"type": "text", "text": prompt}]
         messages = [*self.messages, {"role": "user", "content": content}]
-        rendered = self.vlm.tokenizer.encode(self.vlm.tokenizer.render(messages))
-        ids = self.vlm._expand_images(rendered, self.vlm.image_token_counts(self.images))
+        ids = self.vlm._encode(messages, self.images)
         self.vlm._check_length(len(ids), config.max_new_tokens)
         pieces = self._turn(messages, ids, config)
         if stream:

@@ -1,0 +1,315 @@
+"""BLIP-2 (``blip-2``) with an OPT language model: ViT → Q-Former queries → language projection, the image's
+query tokens before the prompt; export → runtime parity with Hugging Face on a tiny random checkpoint.
+
+Reference: transformers' ``Blip2Processor`` with ``BlipImageProcessorPil`` (the backend transformers picks
+without torchvision; the runtime reproduces that one) and ``Blip2ForConditionalGeneration.generate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgelvm.errors import ConfigError, EdgeLVMError, UnsupportedModelError  # noqa: E402
+from edgelvm.manifest import Manifest  # noqa: E402
+from edgelvm.runtime import VLM, Request  # noqa: E402
+
+PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
+QUERIES = 6  # edgelvm.testing.build_tiny_blip2's num_query_tokens
+
+
+@pytest.fixture(scope="module")
+def images():
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    return {
+        "landscape": Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)),
+        "portrait": Image.fromarray(rng.integers(0, 256, (70, 33, 3), dtype=np.uint8)),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from edgelvm.testing import build_tiny_blip2
+
+    return build_tiny_blip2(tmp_path_factory.mktemp("blip2") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory):
+    from edgelvm.export import ExportConfig, export
+
+    return export(checkpoint, tmp_path_factory.mktemp("blip2_bundle") / "b", ExportConfig(max_length=128)).bundle_dir
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    assert type(processor).__name__ == "Blip2Processor"
+    assert type(processor.image_processor).__name__ == "BlipImageProcessorPil"  # the backend compared against
+    return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+
+
+def _text(processor, prompt: str) -> str:
+    """The prompt as a transformers user builds it: the checkpoint's template (kept on the tokenizer, since
+    ``Blip2Processor`` holds none), whose rendering has no image placeholder."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _trim(ids: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def _hf_generate(processor, model, image, text: str, max_new_tokens: int = 20) -> list[int]:
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id})
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf, images):
+    """HF greedy tokens for 2 images x 2 prompts, computed once."""
+    processor, model = hf
+    return {(name, p): _hf_generate(processor, model, images[name], _text(processor, p)) for name in images
+            for p in PROMPTS}  # fmt: skip
+
+
+# ---- preprocessing ---------------------------------------------------------------------------------------------
+def test_preprocessing_and_prompt_ids_match_the_hf_processor(hf, bundle, images):
+    """Pixels (exact resize, rescale, normalize) and prompt ids: the query tokens first, then BOS and the text."""
+    from PIL import Image
+
+    processor, _ = hf
+    vlm = VLM.load(bundle)
+    rng = np.random.default_rng(3)
+    cases = {
+        **images,
+        "rgba": Image.fromarray(rng.integers(0, 256, (31, 45, 4), dtype=np.uint8), mode="RGBA"),
+        "gray": Image.fromarray(rng.integers(0, 256, (29, 64), dtype=np.uint8), mode="L"),
+        "large": Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)),
+    }
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for name, image in cases.items():
+        inputs = processor(images=[image], text=[_text(processor, "Hi")], return_tensors="np")
+        got = vlm.preprocessor([image])
+        assert got.shape == inputs["pixel_values"].shape == (1, 3, 32, 32), name
+        assert np.abs(got - inputs["pixel_values"]).max() <= 1e-5, name
+        ids = vlm.prompt_ids(Request(prompt="Hi", images=[image]))
+        assert ids == inputs["input_ids"][0].tolist(), name
+        assert ids[:QUERIES] == [image_id] * QUERIES and ids[QUERIES] == processor.tokenizer.bos_token_id
+    # a camera frame (numpy array) and a batch
+    frame = rng.integers(0, 256, (48, 90, 3), dtype=np.uint8)
+    expected = processor.image_processor([Image.fromarray(frame), *images.values()], return_tensors="np")
+    assert np.abs(vlm.preprocessor([frame, *images.values()]) - expected["pixel_values"]).max() <= 1e-5
+
+
+def test_plain_prompt_without_a_template_matches_hf(hf, bundle, images):
+    """Salesforce's BLIP-2 checkpoints have no chat template: the runtime then encodes the prompt as given, as
+    ``processor(images=image, text=prompt)`` does."""
+    processor, model = hf
+    vlm = VLM.load(bundle)
+    vlm.tokenizer.spec = dataclasses.replace(vlm.tokenizer.spec, chat_template=None)
+    prompt = "Question: how many cats are there? Answer:"
+    inputs = processor(images=[images["portrait"]], text=[prompt], return_tensors="np")
+    assert vlm.prompt_ids(Request(prompt=prompt, images=[images["portrait"]])) == inputs["input_ids"][0].tolist()
+    vlm.generate(images["portrait"], prompt, max_new_tokens=12)
+    assert vlm.last_output_ids[0] == _hf_generate(processor, model, images["portrait"], prompt, 12)
+
+
+def test_one_image_per_prompt_and_no_placeholder_in_the_text(bundle, images):
+    vlm = VLM.load(bundle)
+    with pytest.raises(EdgeLVMError, match="one image per prompt"):
+        vlm.generate(list(images.values()), "Compare.", max_new_tokens=2)
+    with pytest.raises(EdgeLVMError, match="places the image before the prompt"):
+        vlm.generate(images["landscape"], "Look at <image> here", max_new_tokens=2)
+    vlm.generate(None, "No image.", max_new_tokens=2)  # text only: no image tokens at all
+    assert vlm.last_stats.prompt_tokens == len(vlm.tokenizer.encode(vlm.tokenizer.render(
+        [{"role": "user", "content": [{"type": "text", "text": "No image."}]}])))  # fmt: skip
+
+
+# ---- bundle ------------------------------------------------------------------------------------------------------
+def test_bundle_is_portable_only_and_says_prefix_placement(hf, bundle, images):
+    """OPT is outside the fused decoder's Llama family: auto mode writes the portable decoder only and the runtime
+    runs it. The vision graph (ViT + Q-Former + projection) equals ``get_image_features``."""
+    processor, model = hf
+    manifest = Manifest.load(bundle)
+    assert manifest.family == "blip-2" and manifest.created_from["text_model_type"] == "opt"
+    assert set(manifest.graphs) == {"vision", "embed", "decoder"}
+    for name in ("vision", "decoder"):
+        assert manifest.graphs[name].parity["max_rel"] < 1e-4, name
+    pre = manifest.preprocess
+    assert (pre.image_placement, pre.tokens_per_image) == ("prefix", QUERIES)
+    assert (pre.resize_mode, pre.center_crop) == ("exact", None)
+    assert manifest.tokenizer.chat_template  # read from the tokenizer
+    vlm = VLM.load(bundle)
+    assert vlm.backend.fused is False
+    with pytest.raises(ConfigError, match="no fused decoder"):
+        VLM.load(bundle, decoder="fused")
+    vlm = VLM.load(bundle, vision_cache_mb=0)
+    pixels = processor.image_processor(list(images.values()), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        reference = model.get_image_features(pixels).pooler_output.numpy()
+    got = np.stack(vlm._image_features(list(images.values())))
+    assert got.shape == reference.shape == (2, QUERIES, 64)
+    assert np.abs(got - reference).max() / np.abs(reference).max() < 1e-4
+    # Compatibility: the field is written only when it is not the default, and a manifest without it loads.
+    data = manifest.to_dict()
+    assert data["preprocess"]["image_placement"] == "prefix"
+    plain = dataclasses.replace(manifest, preprocess=dataclasses.replace(pre, image_placement="placeholder"))
+    data = plain.to_dict()
+    assert "image_placement" not in data["preprocess"]
+    assert Manifest.from_dict(data).preprocess.image_placement == "placeholder"
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+def test_greedy_tokens_equal_hf_generate(bundle, images, hf_greedy):
+    vlm = VLM.load(bundle)
+    compared = 0
+    for (name, prompt), expected in hf_greedy.items():
+        vlm.generate(images[name], prompt, max_new_tokens=20)
+        assert vlm.last_output_ids[0] == expected, (name, prompt)
+        compared += len(expected)
+    assert compared >= len(hf_greedy) * 20 * 0.5  # not a vacuous early-EOS pass
+    for prompt in PROMPTS:  # the image matters to the answer (the test would not notice a dropped image otherwise)
+        assert hf_greedy["landscape", prompt] != hf_greedy["portrait", prompt]
+
+
+def test_padded_batch_equals_hf_batched_generate(hf, bundle, images, hf_greedy):
+    """HF pads between the query tokens and BOS (the processor prepends them after padding the text); OPT's
+    positions come from the mask, so both HF's batch and the runtime's left-padded one equal single requests."""
+    processor, model = hf
+    pairs = [(name, prompt) for name in images for prompt in PROMPTS]
+    texts = [_text(processor, p) for _, p in pairs]
+    inputs = processor(images=[images[n] for n, _ in pairs], text=texts, return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any()  # really padded
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    eos = {processor.tokenizer.eos_token_id}
+    batched = [_trim(row[inputs["input_ids"].shape[1] :].tolist(), eos) for row in out]
+    assert batched == [hf_greedy[pair] for pair in pairs]
+    vlm = VLM.load(bundle)
+    vlm.generate_batch([(images[n], p) for n, p in pairs], max_new_tokens=20)
+    assert vlm.last_output_ids == batched
+
+
+def test_chat_session_first_turn_equals_a_single_request(bundle, images, hf_greedy):
+    vlm = VLM.load(bundle)
+    chat = vlm.chat(images["portrait"])
+    chat.ask(PROMPTS[0], max_new_tokens=20)
+    assert vlm.last_output_ids[0] == hf_greedy["portrait", PROMPTS[0]]
+    chat.ask("And the color?", max_new_tokens=6)
+    assert vlm.last_stats.reused_tokens > QUERIES  # the image's query tokens stayed in the cache
+
+
+def test_runtime_runs_a_blip2_bundle_without_torch(bundle):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from edgelvm.runtime import VLM
+        vlm = VLM.load({str(bundle)!r})
+        frame = np.random.default_rng(0).integers(0, 256, (48, 90, 3), dtype=np.uint8)
+        vlm.generate(frame, "What is on the table?", max_new_tokens=4)
+        assert vlm.last_stats.new_tokens >= 1
+        print("HEAVY=" + ",".join(m for m in ("torch", "transformers", "onnx") if m in sys.modules))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("HEAVY=")
+
+
+# ---- what is refused ---------------------------------------------------------------------------------------------
+def test_t5_blip2_is_a_clear_error_at_load(tmp_path):
+    from edgelvm.models import load_model
+    from edgelvm.testing import build_tiny_blip2
+
+    checkpoint = build_tiny_blip2(tmp_path / "t5", text="t5", num_layers=1)
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder") as info:
+        load_model(str(checkpoint))
+    assert "OPT" in info.value.fix
+
+
+# ---- compression stages ----------------------------------------------------------------------------------------
+def test_awq_scale_groups_fold_exactly(checkpoint, hf, images):
+    """Every scale group the adapter names (LayerNorm → q/k/v, v → out_proj, LayerNorm → fc1, fc1 → ReLU → fc2)
+    absorbs arbitrary positive per-channel scales without changing the model's output."""
+    from edgelvm.models import load_model
+    from edgelvm.quantize.llm_int4 import _divide_producer
+
+    processor, _ = hf
+    adapter = load_model(str(checkpoint))
+    groups = adapter.text_scale_groups()
+    assert len(groups) == 4 * adapter.text_config.num_hidden_layers
+    inputs = processor(images=[images["landscape"]], text=[_text(processor, PROMPTS[0])], return_tensors="pt")
+    with torch.no_grad():
+        before = adapter.model(**inputs).logits
+        generator = torch.Generator().manual_seed(0)
+        for group in groups:
+            width = next(iter(group.linears.values())).in_features
+            s = torch.rand(width, generator=generator) * 3 + 0.25
+            for linear in group.linears.values():
+                linear.weight.mul_(s[None, :])
+            _divide_producer(group, s)
+        after = adapter.model(**inputs).logits
+    assert (after - before).abs().max() / before.abs().max() < 1e-5
+
+
+def test_quantized_checkpoint_exports_and_matches_hf(checkpoint, images, tmp_path):
+    """INT4 AWQ of OPT (block-wise DequantizeLinear in the portable decoder: there is no fused one) and INT8 QDQ of
+    the ViT + Q-Former + projection, calibrated through the processor; the bundle's greedy tokens equal the
+    quantized checkpoint's in transformers, run with the vision linears' inputs fake-quantized as the INT8 graph
+    quantizes them (the reference export checks the graph against)."""
+    from edgelvm.data.jsonl import load_jsonl_dataset
+    from edgelvm.data.shapes import write_split
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.models import load_model
+    from edgelvm.quantize.api import QuantConfig, quantize
+    from edgelvm.quantize.export import quantized_graph_rewrites
+
+    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
+    out = tmp_path / "q"
+    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4, progress=False)
+    report = quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
+    assert {r["side"] for r in report.layers} == {"text", "vision"}
+    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
+    graphs = result.manifest.graphs
+    assert set(graphs) == {"vision", "embed", "decoder"}
+    assert (graphs["vision"].precision, graphs["decoder"].precision) == ("int8", "int4")
+    assert result.manifest.preprocess.image_placement == "prefix"
+    adapter = load_model(str(out))
+    vision_rewrite, encoder = quantized_graph_rewrites(adapter)["vision"], adapter.vision_encoder()
+    vlm = VLM.load(result.bundle_dir)
+    for prompt in PROMPTS:
+        with vision_rewrite.reference_context(encoder):  # the wrapper shares its linears with the model
+            expected = _hf_generate(adapter.processor, adapter.model, images["portrait"],
+                                    _text(adapter.processor, prompt), 12)  # fmt: skip
+        vlm.generate(images["portrait"], prompt, max_new_tokens=12)
+        assert vlm.last_output_ids[0] == expected, prompt
+
+
+def test_prune_and_derived_students_are_clear_errors(checkpoint, tmp_path):
+    from edgelvm.distill.student import StudentSpec, derive_config
+    from edgelvm.models import load_model
+    from edgelvm.prune import PruneConfig, prune
+
+    adapter = load_model(str(checkpoint))
+    with pytest.raises(UnsupportedModelError, match="pruning BLIP-2 is not supported"):
+        prune(adapter, None, PruneConfig(out=tmp_path / "p", text_heads=0.5, importance="magnitude", progress=False))
+    with pytest.raises(UnsupportedModelError, match="derived BLIP-2 students"):
+        derive_config(adapter, StudentSpec(text_layers=1))
