@@ -45,7 +45,7 @@ for name in tiny realistic; do
 done
 
 echo "== parity: TensorRT vs ONNX Runtime CPU greedy tokens"
-# Needs VLM.load(backend="tensorrt") wired to edgelvm.runtime.trt_backend.TrtBackend (see the issue-7 report).
+# VLM.load(backend="tensorrt") runs edgelvm.runtime.trt_backend.TrtBackend on the engines just built.
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path
@@ -70,6 +70,10 @@ print(json.dumps(rows, indent=2))
 sys.exit(1 if failed else 0)
 PYEOF
 
+echo "== tensorrt-marked tests (build + TensorRT backend vs ONNX Runtime on the tiny bundle)"
+STATUS=0
+"$PY" -m pytest -m tensorrt tests/test_build.py -q -rs || { echo "tensorrt-marked tests FAILED (continuing)"; STATUS=1; }
+
 echo "== bench both backends"
 DEVICE_ARG=()
 if [ -n "${DEVICE:-}" ]; then DEVICE_ARG=(--device "$DEVICE"); fi
@@ -80,3 +84,4 @@ if [ -n "${DEVICE:-}" ]; then DEVICE_ARG=(--device "$DEVICE"); fi
 echo "== summary"
 cat "$OUT/bench/report.md"
 cat "$OUT/parity.json"
+exit $STATUS

@@ -108,6 +108,10 @@ def bench(
     runs: Annotated[int, typer.Option(help="Measured runs (after warm-up).")] = 5,
     warmup: Annotated[int, typer.Option(help="Warm-up runs.")] = 1,
     backend: Annotated[list[str] | None, typer.Option(help="Backend (repeatable), e.g. onnxruntime-cpu.")] = None,
+    decoder: Annotated[
+        list[str] | None,
+        typer.Option(help="Decoder graph (repeatable): auto, fused (decoder_ort.onnx) or portable (decoder.onnx)."),
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="Device profile for the roofline bandwidth (default: measure this machine).")
     ] = None,
@@ -117,7 +121,7 @@ def bench(
 ) -> None:
     """Vision ms, prefill ms, TTFT, decode ms/token (median, p90), tokens/s vs roofline, memory and power.
 
-    Example:  edgelvm bench bundles/a bundles/b --backend onnxruntime-cpu --runs 5 -o reports/bench
+    Example:  edgelvm bench bundles/a bundles/b --decoder fused --decoder portable --runs 10 -o reports/bench
     """
     from edgelvm.bench import BenchConfig
     from edgelvm.bench import bench as run_bench
@@ -129,6 +133,7 @@ def bench(
         runs=runs,
         warmup=warmup,
         backends=tuple(backend or ["auto"]),
+        decoders=tuple(decoder or ["auto"]),
         threads=threads,
         device=device,
         profiles_dir=profiles_dir,

@@ -1,4 +1,5 @@
-"""The TensorRT builder's plain-Python parts: profile shapes, engine directory, engines manifest, errors."""
+"""The TensorRT builder's plain-Python parts: profile shapes, engine directory, engines manifest, errors; and, marked
+``tensorrt`` (skipped here: no GPU), the build and the TensorRT backend on hardware."""
 
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def test_network_checks_and_precision():
     assert tb.resolve_precision("auto", has_qdq=False) == ("fp16", ["FP16"])
     assert tb.resolve_precision("auto", has_qdq=True) == ("int8", ["FP16", "INT8"])
     assert tb.resolve_precision("fp32", has_qdq=False) == ("fp32", [])
+    # graphs edgelvm quantized: strongly typed, no precision flags (TensorRT's explicit-quantization guidance)
+    assert tb.resolve_precision("auto", has_qdq=True, quantized="int4") == ("int4", [])
+    assert tb.resolve_precision("auto", has_qdq=True, quantized="int8") == ("int8", [])
     with pytest.raises(EngineBuildError, match="unknown precision"):
         tb.resolve_precision("int3", has_qdq=False)
     fake_trt = SimpleNamespace(LayerType=SimpleNamespace(QUANTIZE="Q", DEQUANTIZE="DQ", MATRIX_MULTIPLY="MM"))
@@ -110,9 +114,41 @@ def test_missing_tensorrt_is_a_clear_error(tiny_bundles, monkeypatch):
     assert "pip install tensorrt" in str(err.value) and "JetPack" in str(err.value)
 
 
-@pytest.mark.tensorrt
-def test_build_engines_on_hardware(tiny_bundles, copy_bundle):
+# ---- on hardware (skipped without TensorRT + an NVIDIA GPU; `benchmarks/gpu_check.sh` runs the same on a device) ----
+@pytest.fixture(scope="module")
+def built(tiny_bundles, tmp_path_factory):
+    """A copy of the tiny bundle with engines built on this GPU (once per module)."""
+    import shutil
+
     pytest.importorskip("tensorrt")
-    report = build_engines(copy_bundle(tiny_bundles["llama-clip"]), BuildConfig())
+    bundle = tmp_path_factory.mktemp("trt") / "bundle"
+    shutil.copytree(tiny_bundles["llama-clip"], bundle)
+    return bundle, build_engines(bundle, BuildConfig())
+
+
+@pytest.mark.tensorrt
+def test_build_engines_on_hardware(built):
+    _, report = built
     assert (report.engine_dir / "decoder.engine").stat().st_size > 0
     assert [p.name for p in report.engines["decoder"].profiles] == ["prefill", "decode"]
+    assert tb.read_engines_manifest(report.engine_dir)["engines"]["decoder"]["source"] == "decoder.onnx"
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_greedy_tokens_match_onnxruntime_on_hardware(built):
+    """The TensorRT backend (fp16 engines) against ONNX Runtime CPU (fp32): the same criterion as gpu_check.sh —
+    a random-weight model may flip a near-tie late, but the first 8 greedy tokens must agree."""
+    import numpy as np
+
+    pytest.importorskip("cuda")  # cuda-python
+    from edgelvm.runtime import VLM
+
+    bundle, _ = built
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    ids = {}
+    for backend in ("onnxruntime-cpu", "tensorrt"):
+        vlm = VLM.load(bundle, backend=backend)
+        assert vlm.backend.name == backend
+        vlm.generate(image, "Describe the image.", max_new_tokens=16, min_new_tokens=16)
+        ids[backend] = vlm.last_output_ids[0]
+    assert ids["tensorrt"][:8] == ids["onnxruntime-cpu"][:8]

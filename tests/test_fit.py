@@ -86,9 +86,52 @@ def test_int4_7b_at_2048_with_todays_ping_pong_cache_suggests_1024(nano):
             precision="int4",
         )
     # 6_807_169_104 + 1 GiB (second KV buffer) = 7_880_910_928 > 6_979_321_856
-    assert "7.34 GiB" in str(err.value)
-    assert "--max-length 1024 (from 2048) saves 1.00 GiB of KV cache: fits" in str(err.value)
-    assert "INT4 the LLM" not in str(err.value)  # already INT4
+    text = str(err.value)
+    assert "needs 7.34 GiB" in text and "KV cache (2048 tok × 1 × 2 buf)" in text and "2.00 GiB" in text
+    # longest with 2 buffers: (6_979_321_856 − 5_733_430_272) / (524_288 × 2) = 1188 → 1024
+    assert "--max-length 1024 (from 2048) saves 1.00 GiB of KV cache: fits" in text
+    assert "INT4 the LLM" not in text  # already INT4
+    # and the refusal says what it is that does not fit: with one buffer it would need 6_807_169_104 B = 6.34 GiB
+    assert "with an in-place cache (1 buffer" in text and "would need 6.34 GiB — fits" in text
+
+
+def test_gqa_7b_llava_in_int4_fits_at_2048_with_todays_ping_pong_cache(nano):
+    """A 7B-class LLaVA whose LLM has grouped-query attention fits at 2048 even with two KV buffers.
+
+    BakLLaVA-1-shaped (llava-hf/bakLlava-v1-hf: the LLaVA-1.5 layout, CLIP-L/336 + Mistral-7B): 32 layers, 8 KV heads
+    (not 32), head_dim 128 → a quarter of Llama-2-7B's KV bytes per token."""
+    llm_int4 = int(7.24e9 * 4.5 / 8)  # Mistral-7B, 7.24e9 params incl. the embedding table = 4_072_500_000 bytes
+    kv_per_token = 32 * 2 * 8 * 128 * 2  # = 131_072 bytes (128 KiB)
+    assert llm_int4 == 4_072_500_000 and kv_per_token == 131_072
+    plan = plan_for_target(
+        nano,
+        vision_weight_bytes=VISION_BYTES,
+        llm_weight_bytes=llm_int4,
+        kv_bytes_per_token=kv_per_token,
+        max_length=2048,
+        precision="int4",
+    )
+    assert plan.kv_buffers == 2
+    # 600_000_000 + 4_072_500_000 + 131_072 × 2048 × 2 (0.5 GiB) + 0.5 GiB + 0.75 GiB = 6_551_548_192 B = 6.10 GiB
+    assert plan.total_bytes == 600_000_000 + 4_072_500_000 + 536_870_912 + 536_870_912 + 805_306_368 == 6_551_548_192
+    assert plan.fits and plan.headroom_bytes == 6_979_321_856 - 6_551_548_192 == 427_773_664  # 0.40 GiB
+    # roofline: 68e9 / 4.0725e9 = 16.70 tok/s; at 2048: 68e9 / (4.0725e9 + 131_072 × 2048) = 15.66 tok/s
+    assert plan.decode_tokens_per_s == pytest.approx(16.697, abs=1e-3)
+    assert plan.decode_tokens_per_s_at_max_length == pytest.approx(15.665, abs=1e-3)
+    # 4096 does not: 6_014_677_280 (all but KV) + 1 GiB = 7_088_419_104 B = 6.60 GiB; the longest that fits is
+    # (6_979_321_856 − 6_014_677_280) / 262_144 = 3679 → 3584, saving 512 × 262_144 = 0.125 GiB
+    with pytest.raises(FitError) as err:
+        plan_for_target(
+            nano,
+            vision_weight_bytes=VISION_BYTES,
+            llm_weight_bytes=llm_int4,
+            kv_bytes_per_token=kv_per_token,
+            max_length=4096,
+            precision="int4",
+        )
+    text = str(err.value)
+    assert "needs 6.60 GiB" in text and "--max-length 3584 (from 4096) saves 0.12 GiB of KV cache: fits" in text
+    assert "would need 6.10 GiB — fits" in text  # 6_014_677_280 + 0.5 GiB with one buffer
 
 
 def test_strict_build_refuses_what_cannot_be_built(nano):

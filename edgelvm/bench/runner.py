@@ -4,7 +4,12 @@ Each (bundle, backend) is loaded once, warmed up, then run ``runs`` times with a
 (``min_new_tokens = max_new_tokens = gen_len``, so EOS never shortens a run). Per-token times come from a thin
 proxy around ``vlm.backend`` that timestamps every ``step`` call (vlm.py is not modified): the gap between two
 consecutive step ends is one token's full loop time (sampling, detokenizing, embedding lookup and the decoder).
-TTFT is measured from the call to the first streamed text piece. Torch-free.
+TTFT is reported twice, both from the call: to the first token (the end of the prefill step, whose logits give it)
+and to the first streamed text piece (``no text`` when none came: a random-weight model's ids may all decode to
+nothing, and a piece waits for a complete UTF-8 character). Several bundles × backends × decoder graphs
+(``decoders``: ``auto``, ``fused``, ``portable``) are compared in one report; the roofline of each row counts the
+bytes of the decoder graph that row actually ran (an INT4 fused decoder is much smaller than the portable one).
+Torch-free.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from edgelvm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 NOT_REPORTED = "not reported"
+DECODERS = ("auto", "fused", "portable")
 _WORD = " the"
 
 
@@ -40,10 +46,11 @@ class BenchConfig:
     runs: int = 5
     warmup: int = 1
     backends: tuple[str, ...] = ("auto",)
+    decoders: tuple[str, ...] = ("auto",)
     threads: int | None = None
     device: str | None = None
     profiles_dir: Path | None = None
-    bandwidth_mb: int = 256
+    bandwidth_mb: int = 512
     probe_interval_s: float = 0.05
 
     def __post_init__(self) -> None:
@@ -52,19 +59,23 @@ class BenchConfig:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}", where=name, fix="pass ≥ 1")
         if self.gen_len < 2:
             raise ConfigError("gen_len must be ≥ 2 to time decode steps", where="gen_len", fix="pass ≥ 2")
+        for decoder in self.decoders:
+            if decoder not in DECODERS:
+                raise ConfigError(f"unknown decoder {decoder!r}", where="decoders", fix=f"use {', '.join(DECODERS)}")
 
 
 @dataclass
 class BenchResult:
     bundle: str
     backend: str
+    decoder: str  # the graph that ran: "fused" (decoder_ort.onnx), "portable" (decoder.onnx) or "engine" (TensorRT)
     prompt_tokens: int
     gen_len: int
     runs: int
     vision_ms: float
     prefill_ms: float
-    ttft_ms: float | None
-    first_token_ms: float
+    ttft_ms: float | None  # to the first streamed text piece; None when no run streamed any text
+    first_token_ms: float  # to the first token (end of the prefill step)
     decode_ms_per_token_median: float
     decode_ms_per_token_p90: float
     decode_tokens_per_s: float
@@ -82,34 +93,51 @@ class BenchReport:
     config: dict[str, Any]
     bandwidth_bytes_per_s: float
     bandwidth_source: str
+    skipped: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "environment": self.environment,
             "config": self.config,
             "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
             "bandwidth_source": self.bandwidth_source,
             "results": [asdict(r) for r in self.results],
+            "skipped": list(self.skipped),
         }
 
     def markdown(self) -> str:
+        env = self.environment
+        load = env.get("load_average_1m") or {}
+        where = (
+            f"measured {env.get('date_utc', '?')} on {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores), "
+            f"onnxruntime {env.get('onnxruntime', '?')}; 1-min load average {load.get('before')} before, "
+            f"{load.get('after')} after\n\n"
+            if env
+            else ""
+        )
         lines = [
-            f"# edgelvm bench\n\nroofline bandwidth: {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s "
+            f"# edgelvm bench\n\n{where}roofline bandwidth: {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s "
             f"({self.bandwidth_source}); "
             f"gen_len {self.config['gen_len']}, runs {self.config['runs']} (medians; decode per token: median / p90)\n",
-            "| bundle | backend | prompt tok | vision ms | prefill ms | TTFT ms | decode ms/tok (p50 / p90) | tok/s "
-            "| roofline tok/s | of roofline | peak RSS MB | device mem MB | power W | mJ/token |",
-            "|" + " --- |" * 14,
+            "| bundle | backend | decoder | prompt tok | vision ms | prefill ms | TTFT ms (token / text) "
+            "| decode ms/tok (p50 / p90) | tok/s | roofline tok/s | of roofline | peak RSS MB | device mem MB "
+            "| power W | mJ/token |",
+            "|" + " --- |" * 15,
         ]
         for r in self.results:
             p = r.probe
             lines.append(
-                f"| {Path(r.bundle).name} | {r.backend} | {r.prompt_tokens} | {r.vision_ms:.1f} | {r.prefill_ms:.1f} | "
-                f"{_fmt(r.ttft_ms, '.1f')} | {r.decode_ms_per_token_median:.2f} / {r.decode_ms_per_token_p90:.2f} | "
+                f"| {bundle_label(r.bundle)} | {r.backend} | {r.decoder} | {r.prompt_tokens} | {r.vision_ms:.1f} | "
+                f"{r.prefill_ms:.1f} | "
+                f"{r.first_token_ms:.1f} / {'no text' if r.ttft_ms is None else format(r.ttft_ms, '.1f')} | "
+                f"{r.decode_ms_per_token_median:.2f} / {r.decode_ms_per_token_p90:.2f} | "
                 f"{r.decode_tokens_per_s:.1f} | {r.roofline_tokens_per_s:.1f} | {r.roofline_fraction:.0%} | "
                 f"{_fmt(r.peak_rss_bytes, 'mb')} | {_fmt(p.get('peak_memory_bytes'), 'mb')} | "
                 f"{_fmt(p.get('mean_power_w'), '.1f')} | "
                 f"{_fmt(None if r.energy_j_per_token is None else r.energy_j_per_token * 1e3, '.1f')} |"
             )
+        lines += [f"\nskipped: {reason}" for reason in self.skipped]
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
@@ -122,6 +150,12 @@ class BenchReport:
         paths["markdown"].write_text(self.markdown(), encoding="utf-8")
         latency_chart(self.results).save(paths["chart"])
         return paths
+
+
+def bundle_label(bundle: str | Path) -> str:
+    """The bundle's directory name, or ``parent/bundle`` for directories just named ``bundle``."""
+    path = Path(bundle)
+    return f"{path.parent.name}/{path.name}" if path.name == "bundle" and path.parent.name else path.name
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -146,11 +180,10 @@ class _StepTimer:
         return out
 
 
-def decoder_weight_bytes(bundle_dir: Path, manifest: Any) -> int:
-    """Bytes of the decoder graph and its external data files: what one decode step reads (the roofline's numerator).
-
-    The embedding table is excluded (a gather reads one row per token)."""
-    decoder = manifest.graphs["decoder"].file
+def decoder_weight_bytes(bundle_dir: Path, manifest: Any, graph: str = "decoder") -> int:
+    """Bytes of a decoder graph (``decoder`` or ``decoder_ort``) and its external data files: what one decode step
+    reads (the roofline's numerator). The embedding table is excluded (a gather reads one row per token)."""
+    decoder = manifest.graphs[graph].file
     stem = Path(decoder).name
     files = [f for f in (manifest.files or {}) if f == decoder or (Path(f).name.startswith(stem) and f != decoder)]
     return sum((bundle_dir / f).stat().st_size for f in files) or (bundle_dir / decoder).stat().st_size
@@ -182,15 +215,30 @@ def _image_size(manifest: Any) -> int:
     return int(size.get("shortest_edge") or size.get("height") or 224)
 
 
-def bench_one(bundle: Path, backend: str, config: BenchConfig, bandwidth: float) -> BenchResult:
-    import inspect
+def decoder_ran(backend: Any) -> str:
+    """Which decoder graph a loaded backend runs: ``fused``, ``portable`` or ``engine`` (TensorRT)."""
+    if getattr(backend, "name", "") == "tensorrt" or not hasattr(backend, "fused"):
+        return "engine"
+    return "fused" if backend.fused else "portable"
 
+
+def _bytes_per_token(bundle: Path, manifest: Any, backend: Any, ran: str) -> int:
+    """The roofline's numerator for the graph that ran: the fused or portable decoder's file bytes, or for TensorRT
+    the decoder engine's file (weights in the engine's precision, e.g. fp16 from an fp32 graph)."""
+    if ran == "engine":
+        engine_dir = getattr(backend, "engine_dir", None)
+        entry = (getattr(backend, "info", None) or {}).get("engines", {}).get("decoder", {})
+        engine = Path(engine_dir) / entry.get("file", "decoder.engine") if engine_dir else None
+        if engine is not None and engine.is_file():
+            return engine.stat().st_size
+    return decoder_weight_bytes(bundle, manifest, "decoder_ort" if ran == "fused" else "decoder")
+
+
+def bench_one(bundle: Path, backend: str, config: BenchConfig, bandwidth: float, decoder: str = "auto") -> BenchResult:
     from edgelvm.runtime import VLM
 
-    extra = {}
-    if "vision_cache_mb" in inspect.signature(VLM.load).parameters:
-        extra["vision_cache_mb"] = 0  # every run must encode its image: a feature cache would hide the vision time
-    vlm = VLM.load(bundle, backend=backend, threads=config.threads, **extra)
+    # vision_cache_mb=0: every run must encode its image (a feature cache would hide the vision time)
+    vlm = VLM.load(bundle, backend=backend, threads=config.threads, vision_cache_mb=0, decoder=decoder)
     image = _load_image(config, _image_size(vlm.manifest))
     prompt, prompt_tokens = make_prompt(vlm, image, config.prompt_len)
     if prompt_tokens + config.gen_len > vlm.max_length:
@@ -229,12 +277,14 @@ def bench_one(bundle: Path, backend: str, config: BenchConfig, bandwidth: float)
     finally:
         vlm.backend = real_backend
     per_token = float(np.median(gaps))
-    weight_bytes = decoder_weight_bytes(Path(bundle), vlm.manifest)
+    ran = decoder_ran(real_backend)
+    weight_bytes = _bytes_per_token(Path(bundle), vlm.manifest, real_backend, ran)
     roofline = bandwidth / weight_bytes
     measured = 1e3 / per_token
     return BenchResult(
         bundle=str(bundle),
         backend=getattr(real_backend, "name", backend),
+        decoder=ran,
         prompt_tokens=prompt_tokens,
         gen_len=config.gen_len,
         runs=config.runs,
@@ -260,9 +310,14 @@ def resolve_bandwidth(config: BenchConfig) -> tuple[float, str]:
 
         profile = load_profile(config.device, config.profiles_dir)
         return profile.bandwidth_bytes_per_s, f"profile {profile.name} datasheet"
-    from edgelvm.devices.roofline import measure_read_bandwidth
+    from edgelvm.devices.roofline import measure_host_bandwidth
 
-    return measure_read_bandwidth(config.bandwidth_mb, repeats=5), "measured here (numpy copy, host memory)"
+    rates = measure_host_bandwidth(config.bandwidth_mb, repeats=5)
+    which = "numpy copy, read + write bytes" if rates["copy"] >= rates["read"] else "threaded read-only sum"
+    return rates["max"], (
+        f"measured here, host memory: the larger of a numpy copy ({rates['copy'] / 1e9:.1f} GB/s) and a threaded "
+        f"read-only sum ({rates['read'] / 1e9:.1f} GB/s), i.e. the {which}"
+    )
 
 
 def bench(bundles: list[str | Path], config: BenchConfig | None = None) -> BenchReport:
@@ -270,16 +325,75 @@ def bench(bundles: list[str | Path], config: BenchConfig | None = None) -> Bench
     config = config or BenchConfig()
     if not bundles:
         raise ConfigError("no bundle given", where="bench", fix="pass at least one bundle directory")
+    load_before = _load_average()
     bandwidth, source = resolve_bandwidth(config)
-    results = []
+    results, skipped = [], []
     for bundle in bundles:
         for backend in config.backends:
-            log.info("bench %s on %s", bundle, backend)
-            results.append(bench_one(Path(bundle), backend, config, bandwidth))
+            for decoder in config.decoders:
+                if decoder == "fused" and not _has_fused(Path(bundle)):
+                    skipped.append(f"{bundle_label(bundle)} / {backend} / fused: the bundle has no decoder_ort.onnx")
+                    log.warning("skipping %s", skipped[-1])
+                    continue
+                log.info("bench %s on %s (decoder %s)", bundle, backend, decoder)
+                results.append(bench_one(Path(bundle), backend, config, bandwidth, decoder))
     cfg = asdict(config)
     cfg.update(
         image=str(config.image) if config.image else None,
         profiles_dir=str(config.profiles_dir) if config.profiles_dir else None,
         backends=list(config.backends),
+        decoders=list(config.decoders),
     )
-    return BenchReport(results, cfg, bandwidth, source)
+    env = environment()
+    env["load_average_1m"] = {"before": load_before, "after": _load_average()}
+    return BenchReport(results, cfg, bandwidth, source, skipped, env)
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: other work on the machine is the largest source of noise in these numbers."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers were measured: date, CPU, core count, memory and library versions."""
+    import os
+    import platform
+    from datetime import datetime, timezone
+
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    return {
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_bytes": memory,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers": onnxruntime.get_available_providers(),
+    }
+
+
+def _has_fused(bundle: Path) -> bool:
+    from edgelvm.manifest import Manifest
+
+    return "decoder_ort" in Manifest.load(bundle).graphs

@@ -10,9 +10,13 @@ Budget (all resident at once during generation)::
       + runtime overhead (RUNTIME_OVERHEAD_BYTES: CUDA context, TensorRT/cuBLAS kernels, the Python process)
     ≤ profile.usable_memory_bytes
 
-``kv_buffers`` defaults to 2 because today's decoder graph concatenates past and new keys (a plain transformers
-export), so both runtimes keep two full-length buffers per layer and ping-pong between them (the present output
-cannot alias the past input: its stride along the sequence differs). An in-place cache (issue 10) makes it 1.
+``kv_buffers`` defaults to 2 because every GPU path today runs the portable decoder graph, which concatenates past
+and new keys (a plain transformers export): the TensorRT backend keeps two full-length device buffers per layer and
+ping-pongs between them (the present output cannot alias the past input: its stride along the sequence differs), and
+ONNX Runtime's CUDA provider allocates each step's present while the past is still bound (at least two at the
+peak). The fused decoder (``decoder_ort.onnx``) writes its cache in place — one buffer — but the runtime runs it on
+ONNX Runtime CPU only (its cache is bound from host memory; TensorRT cannot parse its contrib ops). Pass
+``kv_buffers=1`` for that path; a refusal that only the second buffer causes says so in its suggestions.
 
 The TensorRT *build* is checked separately: the builder holds about 3-4x the parameter bytes of the graph it builds
 (DESIGN.md §8, from TensorRT-Edge-LLM), and edgelvm builds on the device. Graphs are built one at a time, so the peak
@@ -312,7 +316,17 @@ def _suggestions(plan: TargetPlan, inputs: _Inputs, candidates: Sequence[DeviceP
         rows = (usable - fixed) // per_batch if usable > fixed else 0
         if 1 <= rows < inputs.max_batch:
             out.append(f"--max-batch {rows}: fits (KV cache {gib(rows * per_batch)})")
-    # 4. A lower-precision KV cache is not offered: the bundle's KV dtype follows the graph's.
+    # 4. An in-place cache: named when the second buffer alone is what does not fit, so the reader sees why (it is
+    #    not an option on a GPU today). A lower-precision KV cache is not offered: the KV dtype follows the graph's.
+    if inputs.kv_buffers > 1:
+        one = inputs.kv_bytes_per_token * inputs.max_length * inputs.max_batch
+        in_place = fixed + one
+        if in_place <= usable:
+            out.append(
+                f"the KV cache above counts {inputs.kv_buffers} buffers (GPU runtimes today ping-pong past and "
+                f"present); with an in-place cache (1 buffer: the fused decoder, ONNX Runtime CPU only so far) it "
+                f"would need {gib(in_place)} — fits"
+            )
     # 5. A larger device, same numbers.
     bigger = [
         p
