@@ -34,7 +34,7 @@ def _bundle_bytes(bundle: Path, decoder: str) -> int:
     return sum(p.stat().st_size for p in bundle.iterdir() if p.is_file() and p.name not in skip)
 
 
-def _vision_ms(bundle: Path, threads: int, repeats: int = 30) -> float:
+def _vision_ms(bundle: Path, threads: int, repeats: int = 300) -> float:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
