@@ -7,8 +7,10 @@ activations it sees while generating, not on text alone.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -74,6 +76,7 @@ def _shapes_records(n: int) -> list[Any]:
 
     # The records reference image files, and the encoder reads them as it goes: keep the directory for the process.
     root = Path(tempfile.mkdtemp(prefix="edgelvm-calib-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     write_split(root / "val", SPLIT_SEEDS["val"], n, force=True)
     return load_jsonl_dataset(root / "val")
 
