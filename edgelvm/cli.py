@@ -202,7 +202,7 @@ def demo(
     ] = Path("runs/demo"),
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate in the demo answer.")] = 24,
     distill_steps: Annotated[int, typer.Option(help="Distillation steps of the demo's student.")] = 300,
-    compress: Annotated[bool, typer.Option(help="Also distil and prune the teacher (a few minutes).")] = True,
+    compress: Annotated[bool, typer.Option(help="Also distil, prune and quantize the teacher (a few minutes).")] = True,
 ) -> None:
     """Run the pipeline end to end on the default model: export → eval → distill + prune → comparison table."""
     from edgelvm.demo import run_demo

@@ -195,7 +195,8 @@ def _questions(out: Path) -> Path:
 def _parameters(model_dir: Path) -> int:
     from safetensors.numpy import load_file
 
-    return sum(a.size for f in model_dir.glob("*.safetensors") for a in load_file(str(f)).values())
+    # model*.safetensors only: a quantized checkpoint keeps its integer codes in sidecars next to the weights
+    return sum(a.size for f in model_dir.glob("model*.safetensors") for a in load_file(str(f)).values())
 
 
 def _speed(bundle: Path, model_dir: Path, record: Any, tokens: int) -> dict[str, float]:

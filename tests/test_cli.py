@@ -59,3 +59,28 @@ def test_errors_are_short_messages_with_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert "edgelvm.json is missing" in result.stderr and "Fix:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_quantize_then_export(tiny_checkpoints, tmp_path):
+    """`edgelvm quantize` (INT4 RTN, no calibration) → `edgelvm export` writes the INT4 decoders; a method that needs
+    calibration data without it is a short error from the real entry point."""
+    out = tmp_path / "q"
+    model = str(tiny_checkpoints["llama-clip"])
+    result = runner.invoke(
+        app, ["quantize", model, "-o", str(out), "--llm", "rtn", "--vision", "none", "--group-size", "32"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "int4.safetensors").is_file() and (out / "quant_report.json").is_file()
+    result = runner.invoke(app, ["export", str(out), "-o", str(tmp_path / "bundle"), "--max-length", "64"])
+    assert result.exit_code == 0, result.output
+    manifest = (tmp_path / "bundle" / "edgelvm.json").read_text()
+    assert '"precision": "int4"' in manifest
+
+    failed = subprocess.run(
+        [sys.executable, "-m", "edgelvm.cli", "quantize", model, "-o", str(tmp_path / "x"), "--llm", "awq"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode == 2
+    assert "need calibration data" in failed.stderr and "Fix:" in failed.stderr and "Traceback" not in failed.stderr
