@@ -280,6 +280,24 @@ def test_smoothquant_w8a8_language_model_runs_as_qdq_in_the_portable_decoder(
         assert vlm.last_output_ids[0] == ids[0, inputs["input_ids"].shape[1] :].tolist()
 
 
+def test_calibration_in_several_passes_when_the_gram_matrices_exceed_the_memory_budget(
+    tiny_checkpoints, calib_records, tmp_path
+):
+    """A budget below one layer's Gram matrices: one calibration pass per decoder layer (each after the previous
+    layers were quantized), every layer still quantized and the bundle still exact against its torch side."""
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.quantize import QuantConfig, quantize
+
+    config = QuantConfig(out=tmp_path / "q", llm="gptq", vision="int8", group_size=32, stats_memory_gb=1e-9)
+    report = quantize(str(tiny_checkpoints["llama-clip"]), calib_records[:16], config)
+    assert report.calibration_passes == 2  # the tiny model's 2 decoder layers
+    text = [r for r in report.layers if r["side"] == "text"]
+    assert len(text) == 14 and all(0 < r["output_error"] < 0.3 for r in text)
+    assert report.calibrator is not None  # the vision sweep used the first pass's statistics
+    graphs = export(config.out, tmp_path / "bundle", ExportConfig(max_length=64)).manifest.graphs
+    assert graphs["decoder"].precision == "int4" and graphs["decoder"].parity["max_rel"] < 1e-4
+
+
 def test_observer_sweep_by_task_accuracy_on_eval_data(tiny_checkpoints, calib_records, tmp_path):
     from edgelvm.quantize import QuantConfig, quantize
 

@@ -60,6 +60,11 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     smoothquant_alpha: float = 0.5
+    #: Memory for the language model's Gram matrices (float64 ``K×K`` per layer input). When all layers' do not fit,
+    #: the layers are calibrated and quantized in consecutive groups, one calibration pass each — later groups then
+    #: see the outputs of already-quantized earlier layers (as GPTQ's sequential variant does). A 7B Llama needs
+    #: ~1.4 GB per layer: the default 4 GB makes 2-layer passes.
+    stats_memory_gb: float = 4.0
     seed: int = 0
     force: bool = False
     progress: bool = False
@@ -81,6 +86,9 @@ class QuantConfig:
         if not 0.0 < self.smoothquant_alpha < 1.0:
             raise ConfigError(f"smoothquant_alpha {self.smoothquant_alpha} not in (0, 1)", where="--smoothquant-alpha",
                               fix="use e.g. 0.5 (the paper's default for most models)")  # fmt: skip
+        if self.stats_memory_gb <= 0:
+            raise ConfigError(f"stats_memory_gb {self.stats_memory_gb} <= 0", where="--stats-memory-gb",
+                              fix="give the memory (GB) the Gram matrices may take, e.g. 4")  # fmt: skip
         if not 0.0 < self.gptq_damp < 1.0:
             raise ConfigError(f"gptq_damp {self.gptq_damp} not in (0, 1)", where="--gptq-damp", fix="use e.g. 0.01")
 
@@ -98,6 +106,7 @@ class QuantReport:
     calibrator: str | None = None
     observer_scores: dict[str, float] = field(default_factory=dict)
     observer_metric: str | None = None
+    calibration_passes: int = 0
     calibration: dict[str, Any] = field(default_factory=dict)
     #: name, side, bits, K, N, relative weight error, relative output error on the calibration tokens (when known)
     layers: list[dict[str, Any]] = field(default_factory=list)
@@ -171,35 +180,40 @@ def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfi
     int8: dict[str, Any] = {}
     text = text_linears(adapter) if cfg.llm != "none" else {}
     vision = _vision_modules(adapter) if cfg.vision == "int8" else {}
-    stats = None
+    vision_stats = None
     sweep_inputs = None
     if calib is not None:
-        from edgelvm.calibration.stats import collect_stats
-
         report.calibration = calib.describe()
         if vision:
             sweep_inputs = _sweep_inputs(adapter, calib, cfg.batch_size)  # float references, before any change
-        gram = set(text)  # also for RTN: its output error on the calibration tokens goes in the report
-        stats = _with_progress(cfg, len(calib), "calibration", lambda tick: collect_stats(
-            adapter, calib, {**text, **vision}, gram=gram, text=set(text), batch_size=cfg.batch_size, progress=tick,
-        ))  # fmt: skip
-
     llm_int8: dict[str, Any] = {}
-    if text and cfg.llm == "smoothquant":
-        from edgelvm.quantize.smoothquant import smooth_and_quantize
+    passes = _layer_passes(text, cfg.stats_memory_gb) if calib is not None else [text]
+    for index, chunk in enumerate(passes):
+        stats = None
+        if calib is not None:  # the vision statistics ride along with the first pass (the float model's)
+            stats = _calibrate(adapter, calib, chunk, vision if index == 0 else {}, cfg, index, len(passes))
+            report.calibration_passes += 1
+            if index == 0:
+                vision_stats = stats
+        if chunk and cfg.llm == "smoothquant":
+            from edgelvm.quantize.smoothquant import smooth_and_quantize
 
-        llm_int8 = smooth_and_quantize(adapter, text, stats, cfg.smoothquant_alpha, report)
+            llm_int8.update(smooth_and_quantize(adapter, chunk, stats, cfg.smoothquant_alpha, report))
+        elif chunk:
+            from edgelvm.quantize.llm_int4 import quantize_llm
+
+            int4.update(quantize_llm(adapter, chunk, stats, cfg, report))
+        if stats is not None:
+            stats.grams.clear()  # free this pass's Gram matrices (the vision histograms stay)
+    if text and cfg.llm == "smoothquant":
         record["llm"] = {"method": "smoothquant", "bits": 8, "alpha": cfg.smoothquant_alpha, "file": LLM_INT8_SIDECAR}
     elif text:
-        from edgelvm.quantize.llm_int4 import quantize_llm
-
-        int4 = quantize_llm(adapter, text, stats, cfg, report)
         record["llm"] = {"method": cfg.llm, "bits": 4, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
                          "file": SIDECAR}  # fmt: skip
     else:
         report.kept_float.append("language model (--llm none)")
     if vision:
-        int8 = _quantize_vision(adapter, vision, stats, sweep_inputs, cfg, report)
+        int8 = _quantize_vision(adapter, vision, vision_stats, sweep_inputs, cfg, report)
         record["vision"] = {"method": "int8", "calibrator": report.calibrator, "file": VISION_SIDECAR}
     else:
         report.kept_float.append("vision encoder and projector (--vision none)")
@@ -210,6 +224,34 @@ def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfi
     _write(adapter, out, {SIDECAR: int4_tensors(int4), VISION_SIDECAR: int8_tensors(int8),
                           LLM_INT8_SIDECAR: int8_tensors(llm_int8)}, report)  # fmt: skip
     return report
+
+
+def _layer_passes(text: dict[str, Any], memory_gb: float) -> list[dict[str, Any]]:
+    """The language model's linears in consecutive groups of whole decoder layers whose Gram matrices (float64,
+    counted per linear: an over-estimate where q/k/v share one) fit ``memory_gb``; at least one layer per group."""
+    by_layer: dict[str, dict[str, Any]] = {}
+    for name, module in text.items():
+        by_layer.setdefault(".".join(name.split(".")[:2]), {})[name] = module  # "layers.{i}"
+    budget = memory_gb * 1e9
+    passes: list[dict[str, Any]] = [{}]
+    used = 0.0
+    for layer in by_layer.values():
+        need = sum(8.0 * m.in_features**2 for m in layer.values())
+        if passes[-1] and used + need > budget:
+            passes.append({})
+            used = 0.0
+        passes[-1].update(layer)
+        used += need
+    return passes
+
+
+def _calibrate(adapter: Any, calib: Any, text: dict, vision: dict, cfg: QuantConfig, index: int, total: int) -> Any:
+    from edgelvm.calibration.stats import collect_stats
+
+    label = "calibration" if total == 1 else f"calibration pass {index + 1}/{total}"
+    return _with_progress(cfg, len(calib), label, lambda tick: collect_stats(
+        adapter, calib, {**text, **vision}, gram=set(text), text=set(text), batch_size=cfg.batch_size, progress=tick,
+    ))  # fmt: skip
 
 
 def _vision_modules(adapter: Any) -> dict[str, Any]:

@@ -32,6 +32,9 @@ def quantize_command(
     gptq_damp: Annotated[float, typer.Option(help="GPTQ: Hessian damping, a fraction of its mean diagonal.")] = 0.01,
     no_act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns in their natural order.")] = False,
     smoothquant_alpha: Annotated[float, typer.Option(help="SmoothQuant: migration strength α.")] = 0.5,
+    stats_memory_gb: Annotated[
+        float, typer.Option(help="Memory for the LLM's Gram matrices; beyond it, layers are calibrated in groups.")
+    ] = 4.0,
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """INT4 weight-only language model (AWQ / GPTQ / RTN) and INT8 W8A8 vision encoder, calibrated on image+text.
@@ -52,7 +55,8 @@ def quantize_command(
             out=out, llm=llm, group_size=group_size, symmetric=not asymmetric, vision=vision, calibrator=calibrator,
             eval_data=eval_data,
             calib_limit=calib_limit, batch_size=batch_size, awq_clip=not no_awq_clip, gptq_damp=gptq_damp,
-            gptq_act_order=not no_act_order, smoothquant_alpha=smoothquant_alpha, force=force, progress=True,
+            gptq_act_order=not no_act_order, smoothquant_alpha=smoothquant_alpha, stats_memory_gb=stats_memory_gb,
+            force=force, progress=True,
         ),
     )  # fmt: skip
     console = Console(stderr=True)
