@@ -269,7 +269,9 @@ def _sweep_inputs(adapter: Any, calib: Any, batch_size: int) -> tuple[list[Any],
     pixels, refs, n = [], [], 0
     with torch.no_grad():
         for inputs, _rows in iter_batches(adapter, calib, batch_size):
-            if "pixel_values" not in inputs or n >= SWEEP_IMAGES:
+            if n >= SWEEP_IMAGES:
+                break
+            if "pixel_values" not in inputs:
                 continue
             batch = _encoder_views(inputs["pixel_values"])[: SWEEP_IMAGES - n]
             pixels.append(batch)
