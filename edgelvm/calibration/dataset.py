@@ -67,7 +67,7 @@ def load_calibration_set(data: str | Path | list, limit: int = 256, seed: int = 
             "only %d calibration records (from %s): activation ranges will be noisy; %d or more are recommended",
             len(chosen), source, MIN_RECOMMENDED,
         )  # fmt: skip
-    return CalibrationSet(chosen, _digest(chosen), source)
+    return CalibrationSet(chosen, records_digest(chosen), source)
 
 
 def _shapes_records(n: int) -> list[Any]:
@@ -81,7 +81,8 @@ def _shapes_records(n: int) -> list[Any]:
     return load_jsonl_dataset(root / "val")
 
 
-def _digest(records: list[Any]) -> str:
+def records_digest(records: list[Any]) -> str:
+    """sha256 of the records' ids, conversations and image bytes: what a calibration was computed from."""
     h = hashlib.sha256()
     for r in records:
         h.update(repr((r.id, r.conversations)).encode())

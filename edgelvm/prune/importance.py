@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,35 +152,27 @@ def calibration_scores(adapter: Any, records: list, method: str, batch_size: int
     """Run the calibration records through the model (with gradients for ``gradient``) and score every unit."""
     import torch
 
-    from edgelvm.distill.batches import ConversationEncoder, collate
+    from edgelvm.calibration.dataset import CalibrationSet, iter_labeled_batches, records_digest
 
-    encoder = ConversationEncoder(adapter.processor)
-    pad = encoder.tokenizer.pad_token_id or 0
+    calib = CalibrationSet(records, records_digest(records), "records")
     model = adapter.model
     model.eval()
     collector = _Collector(adapter, method)
-    digest = hashlib.sha256()
     try:
-        for lo in range(0, len(records), batch_size):
-            chunk = records[lo : lo + batch_size]
-            for r in chunk:
-                digest.update(repr((r.id, r.conversations)).encode())
-                if r.image_path is not None:
-                    digest.update(r.image_path.read_bytes())
-            batch = collate([encoder.encode(r) for r in chunk], list(range(len(chunk))), pad)
-            collector.mask = batch.inputs["attention_mask"]
+        for inputs, labels, rows in iter_labeled_batches(adapter, calib, batch_size):
+            collector.mask = inputs["attention_mask"]
             if method == "gradient":
                 model.zero_grad(set_to_none=True)
-                loss = model(**batch.inputs, labels=batch.labels).loss
+                loss = model(**inputs, labels=labels).loss
                 loss.backward()
             else:
                 with torch.no_grad():
-                    model(**batch.inputs)
+                    model(**inputs)
             if progress:
-                progress(len(chunk))
+                progress(rows)
     finally:
         collector.close()
         model.zero_grad(set_to_none=True)
     scores = collector.scores()
-    scores.calibration = {"records": len(records), "sha256": digest.hexdigest()}
+    scores.calibration = {"records": len(records), "sha256": calib.sha256}
     return scores
