@@ -250,7 +250,7 @@ def test_awq_scale_groups_fold_exactly(checkpoint, hf, images):
     """Every scale group the adapter names (LayerNorm → q/k/v, v → out_proj, LayerNorm → fc1, fc1 → ReLU → fc2)
     absorbs arbitrary positive per-channel scales without changing the model's output."""
     from edgelvm.models import load_model
-    from edgelvm.quantize.llm_int4 import _divide_producer
+    from edgelvm.quantize.folding import fold_scales
 
     processor, _ = hf
     adapter = load_model(str(checkpoint))
@@ -263,9 +263,7 @@ def test_awq_scale_groups_fold_exactly(checkpoint, hf, images):
         for group in groups:
             width = next(iter(group.linears.values())).in_features
             s = torch.rand(width, generator=generator) * 3 + 0.25
-            for linear in group.linears.values():
-                linear.weight.mul_(s[None, :])
-            _divide_producer(group, s)
+            fold_scales(group, list(group.linears), s)
         after = adapter.model(**inputs).logits
     assert (after - before).abs().max() / before.abs().max() < 1e-5
 

@@ -118,7 +118,7 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
     kv = adapter.kv_cache_spec(max_length=max_length, dtype=kv_dtype)
     target = _plan_target(adapter, kv, config) if config.target else None  # fail fast: before minutes of tracing
     rewrites = quantized_graph_rewrites(adapter)  # {} for a float checkpoint; a missing sidecar fails here
-    quantized = quantization_recipe(adapter, rewrites)
+    quantized = quantization_recipe(adapter)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))

@@ -19,9 +19,6 @@ from edgelvm.quantize.api import LLM_INT8_SIDECAR, RECORD, SIDECAR, VISION_SIDEC
 
 log = logging.getLogger(__name__)
 
-#: QDQ vs fake-quant torch: the same arithmetic, but an activation at a rounding boundary may land one step apart
-#: (different float evaluation order), which then propagates through the following layers.
-INT8_TOLERANCE = INT8_ACTIVATION_TOLERANCE
 #: Dequantized INT4 weights are exact in fp32: only float evaluation order differs.
 INT4_TOLERANCE = 1e-4
 
@@ -34,25 +31,21 @@ def quantized_graph_rewrites(adapter: Any) -> dict[str, GraphRewrite]:
     rewrites: dict[str, GraphRewrite] = {}
     if "vision" in record:
         layers = load_int8(_sidecar(source, VISION_SIDECAR))
-        rewrites["vision"] = GraphRewrite("int8", INT8_TOLERANCE, _int8_writer(layers), _int8_reference(layers, ""))
+        rewrites["vision"] = _int8_rewrite(layers, "")
     if record.get("llm", {}).get("method") == "smoothquant":
         layers = load_int8(_sidecar(source, LLM_INT8_SIDECAR), LLM_INT8_SIDECAR)
-        rewrites["decoder"] = GraphRewrite(
-            "int8", INT8_TOLERANCE, _int8_writer(layers), _int8_reference(layers, DECODER_PREFIX)
-        )
+        rewrites["decoder"] = _int8_rewrite(layers, DECODER_PREFIX)
     elif "llm" in record:
         weights = load_int4(_sidecar(source, SIDECAR))
         rewrites["decoder"] = GraphRewrite("int4", INT4_TOLERANCE, _int4_writer(weights))
     return rewrites
 
 
-def quantization_recipe(adapter: Any, rewrites: dict[str, GraphRewrite]) -> dict[str, Any]:
-    """The manifest's recipe entry for the quantize stage (``{}`` for a float checkpoint); what each rewrite did is
-    added once the graphs are written."""
+def quantization_recipe(adapter: Any) -> dict[str, Any]:
+    """The manifest's recipe entry for the quantize stage (``{}`` for a float checkpoint); export adds what each
+    rewrite did once the graphs are written."""
     record = getattr(adapter.config, RECORD, None)
-    if not record:
-        return {}
-    return {"stage": "quantize", **record, "graphs": {name: r.summary for name, r in rewrites.items()}}
+    return {"stage": "quantize", **record} if record else {}
 
 
 def _sidecar(source: Path | None, name: str) -> Path:
@@ -63,6 +56,12 @@ def _sidecar(source: Path | None, name: str) -> Path:
             fix="export the directory `edgelvm quantize` wrote, with all its files",
         )
     return source
+
+
+def _int8_rewrite(layers: dict[str, Any], prefix: str) -> GraphRewrite:
+    """QDQ W8A8, checked against the torch module with the same layers' inputs fake-quantized (``prefix``: where the
+    traced wrapper keeps them)."""
+    return GraphRewrite("int8", INT8_ACTIVATION_TOLERANCE, _int8_writer(layers), _int8_reference(layers, prefix))
 
 
 def _int8_writer(layers: dict[str, Any]) -> Any:

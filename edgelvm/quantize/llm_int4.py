@@ -52,7 +52,7 @@ def quantize_llm(adapter: Any, linears: dict[str, Any], stats: Any, cfg: Any, re
             linear.weight.copy_(deq.to(linear.weight.dtype))
         out[name] = q
         effective = deq if s is None else deq / s  # in the original input space
-        report.layers.append(_layer_row(name, originals[name], effective, grams.get(name), q))
+        report.layers.append(layer_error_row(name, originals[name], effective, grams.get(name)))
         report.weight_bytes_before += originals[name].numel() * 4
         zero_point_bytes = 0 if q.zero_points is None else q.zero_points_packed().size
         report.weight_bytes_after += q.packed.size + q.scales.size * 4 + zero_point_bytes
@@ -67,9 +67,8 @@ def _is_query_or_key(name: str) -> bool:
 def _apply_awq_scales(adapter: Any, linears: dict[str, Any], stats: Any, cfg: Any) -> tuple[dict, dict]:
     """Search and fold the per-channel scales of every group. Returns each scaled layer's input scale ``s`` and,
     for producers that are linear layers, the scale their output rows were divided by."""
-    import torch
-
     from edgelvm.quantize.awq import search_scales
+    from edgelvm.quantize.folding import fold_scales, producer_name
 
     applied: dict[str, Any] = {}
     rows: dict[str, Any] = {}
@@ -84,14 +83,10 @@ def _apply_awq_scales(adapter: Any, linears: dict[str, Any], stats: Any, cfg: An
                                stats.layers[first].abs_mean, cfg.group_size, cfg.symmetric)  # fmt: skip
         s = result.scales
         alphas.append(result.alpha)
-        with torch.no_grad():
-            for n in names:
-                lin = group.linears[n]
-                lin.weight.mul_(s[None, :].to(lin.weight.dtype))
-            _divide_producer(group, s)
+        fold_scales(group, names, s)
         for n in names:
             applied[n] = s
-        producer = _producer_name(group, linears)
+        producer = producer_name(group, linears)
         if producer is not None:
             rows[producer] = s
     if alphas:
@@ -99,28 +94,9 @@ def _apply_awq_scales(adapter: Any, linears: dict[str, Any], stats: Any, cfg: An
     return applied, rows
 
 
-def _producer_name(group: Any, linears: dict[str, Any]) -> str | None:
-    for name, module in linears.items():
-        if module is group.producer:
-            return name
-    return None
-
-
-def _divide_producer(group: Any, s: Any) -> None:
-    p = group.producer
-    if group.producer_kind == "norm":
-        p.weight.div_(s.to(p.weight.dtype))
-        if getattr(p, "bias", None) is not None:
-            p.bias.div_(s.to(p.bias.dtype))
-    elif group.producer_kind == "linear":
-        p.weight.div_(s[:, None].to(p.weight.dtype))
-        if p.bias is not None:
-            p.bias.div_(s.to(p.bias.dtype))
-    else:  # pragma: no cover - adapters only declare the two kinds
-        raise ValueError(f"unknown producer kind {group.producer_kind!r}")
-
-
-def _layer_row(name: str, w: Any, effective: Any, gram: Any, q: Int4Weight | None) -> dict[str, Any]:
+def layer_error_row(name: str, w: Any, effective: Any, gram: Any) -> dict[str, Any]:
+    """The report row of one quantized linear: relative weight error and (with ``gram``) relative output error on
+    the calibration tokens, ``w`` the reference and ``effective`` the quantized weight in the same input space."""
     from edgelvm.quantize.awq import output_error
 
     delta = effective - w

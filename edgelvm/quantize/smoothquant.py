@@ -22,7 +22,8 @@ from edgelvm.quantize.int8 import Int8Linear, activation_scale, quantize_weight_
 def smooth_and_quantize(adapter: Any, linears: dict[str, Any], stats: Any, alpha: float, report: Any) -> dict:
     import torch
 
-    from edgelvm.quantize.llm_int4 import _divide_producer, _layer_row
+    from edgelvm.quantize.folding import fold_scales, producer_name
+    from edgelvm.quantize.llm_int4 import layer_error_row
 
     originals = {name: m.weight.detach().float().clone() for name, m in linears.items()}
     smoothing: dict[str, Any] = {}
@@ -34,15 +35,12 @@ def smooth_and_quantize(adapter: Any, linears: dict[str, Any], stats: Any, alpha
         w_max = torch.stack([group.linears[n].weight.detach().float().abs().amax(0) for n in names]).amax(0)
         s = (x_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
         s = torch.where(x_max > 0, s, torch.ones_like(s))
-        with torch.no_grad():
-            for n in names:
-                group.linears[n].weight.mul_(s[None, :].to(group.linears[n].weight.dtype))
-            _divide_producer(group, s)
+        fold_scales(group, names, s)
         for n in names:
             smoothing[n] = s
-        for name, module in linears.items():  # a producer that is itself a linear: its float rows were divided
-            if module is group.producer:
-                originals[name] = originals[name] / s[:, None]
+        producer = producer_name(group, linears)
+        if producer is not None:  # its float rows were divided: that is the reference now
+            originals[producer] = originals[producer] / s[:, None]
 
     out: dict[str, Int8Linear] = {}
     for name, linear in linears.items():
@@ -56,7 +54,7 @@ def smooth_and_quantize(adapter: Any, linears: dict[str, Any], stats: Any, alpha
         out[name] = Int8Linear(codes, w_scales, activation_scale(smoothed_max))
         effective = deq if s is None else deq / s
         gram = stats.gram(name) if stats.layers[name].gram_key is not None else None
-        row = _layer_row(name, originals[name], effective, gram, None)
+        row = layer_error_row(name, originals[name], effective, gram)
         row.update(bits=8, K=int(codes.shape[0]), N=int(codes.shape[1]), input_scale=out[name].input_scale)
         report.layers.append(row)
         report.weight_bytes_before += originals[name].numel() * 4
