@@ -139,7 +139,7 @@ def test_preprocessing_and_token_counts_match_the_hf_processor(hf, bundle, image
         assert vlm.prompt_ids(Request(prompt="Hi", images=[image])) == inputs["input_ids"][0].tolist(), name
         if name in SIZES:
             (h, w), grid = SIZES[name]
-            assert vlm.preprocessor.anyres.grid(h, w) == grid
+            assert vlm.preprocessor.tiling.grid(h, w) == grid
             assert got.shape[1] == 1 + grid[0] * grid[1]  # base view + tiles
     counts = vlm.image_token_counts([images["landscape"], images["square"]])
     assert counts[0] < counts[1]  # same 2x2 grid: the landscape image's padding rows were removed

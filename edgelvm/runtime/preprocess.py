@@ -16,20 +16,40 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from edgelvm.errors import BundleError, EdgeLVMError
 from edgelvm.manifest import PreprocessSpec
 from edgelvm.runtime.images import ImageInput, load_image
-from edgelvm.runtime.tiling import AnyresRule, load_newline
+from edgelvm.runtime.tiling import AnyresRule
 
 _FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
+class TilingRule(Protocol):
+    """What a tiling rule (``preprocess.tiling``, parameters in ``tiling_params``) does for the preprocessor.
+
+    A rule may also define ``segment(height, width, image_token_id) -> list[int]``: the image's prompt tokens, where
+    they are more than ``token_count`` image tokens (start/end markers, per-tile text tokens). The image token marks
+    the positions its features fill, in order."""
+
+    def views(self, rgb: Any, resample: int) -> list[Any]:
+        """PIL RGB image -> the PIL views the vision graph encodes (before the per-view resize / crop / normalize)."""
+
+    def token_count(self, height: int, width: int, tokens_per_view: int) -> int:
+        """How many image-feature positions an image of this size fills."""
+
+    def pack(self, features: np.ndarray, height: int, width: int) -> np.ndarray:
+        """The vision graph's ``[n_views, T, E]`` for one image -> its ``[tokens, E]`` prompt features."""
+
+
+#: ``preprocess.tiling`` -> a factory ``(tiling_params, bundle_dir) -> TilingRule``. A new rule is a module of its
+#: own under ``edgelvm/runtime/`` and one line here.
+TILING_RULES: dict[str, Any] = {"anyres": AnyresRule.load}
 #: Tiling rules this runtime implements (``preprocess.tiling``).
-TILINGS = ("none", "anyres")
+TILINGS = ("none", *TILING_RULES)
 #: Where image tokens go in the prompt (``preprocess.image_placement``): at each placeholder of the rendered text, or
 #: (one image) before the whole encoded prompt.
 PLACEMENTS = ("placeholder", "prefix")
@@ -68,11 +88,11 @@ class ImagePreprocessor:
                 where="edgelvm.json: preprocess.image_placement",
                 fix="upgrade edgelvm (`pip install -U edgelvm`)",
             )
-        self.anyres = AnyresRule.from_params(spec.tiling_params or {}) if spec.tiling == "anyres" else None
-        self._newline = load_newline(self.anyres, bundle_dir) if self.anyres is not None else None
+        factory = TILING_RULES.get(spec.tiling)
+        self.tiling: TilingRule | None = factory(spec.tiling_params or {}, bundle_dir) if factory else None
 
     def __call__(self, images: list[ImageInput]) -> np.ndarray:
-        if self.anyres is None:
+        if self.tiling is None:
             return np.stack([self.one(image) for image in images], axis=0)
         views = [self.views(image) for image in images]
         batch = np.zeros((len(views), max(len(v) for v in views), *views[0].shape[1:]), dtype=np.float32)
@@ -84,12 +104,20 @@ class ImagePreprocessor:
     @property
     def size_dependent(self) -> bool:
         """Whether an image's token count depends on its size (then the image must be opened to count)."""
-        return self.anyres is not None
+        return self.tiling is not None
 
     def token_count(self, height: int, width: int) -> int:
-        if self.anyres is None:
+        if self.tiling is None:
             return self.spec.tokens_per_image
-        return self.anyres.token_count(height, width, self.spec.tokens_per_image)
+        return self.tiling.token_count(height, width, self.spec.tokens_per_image)
+
+    def image_segment(self, height: int, width: int) -> list[int]:
+        """The prompt token ids one image of this size becomes: ``token_count`` image tokens, or what the tiling
+        rule's ``segment`` says (image tokens between markers the rule adds)."""
+        segment = getattr(self.tiling, "segment", None)
+        if segment is not None:
+            return list(segment(height, width, self.spec.image_token_id))
+        return [self.spec.image_token_id] * self.token_count(height, width)
 
     # ---- image tokens in the prompt -------------------------------------------------------------------------------
     @property
@@ -97,14 +125,15 @@ class ImagePreprocessor:
         """Whether the rendered prompt carries one placeholder per image (else image items are not rendered)."""
         return self.spec.image_placement == "placeholder"
 
-    def place_image_tokens(self, ids: list[int], counts: list[int]) -> list[int]:
-        """The encoded prompt with each image's ``counts[i]`` image tokens where the bundle's placement puts them."""
+    def place_image_tokens(self, ids: list[int], segments: list[list[int]]) -> list[int]:
+        """The encoded prompt with each image's token ids (:meth:`image_segment`) where the bundle's placement puts
+        them: at its placeholder, or before the prompt."""
         spec = self.spec
         placeholders = sum(1 for i in ids if i == spec.image_token_id)
         if spec.image_placement == "prefix":
-            if len(counts) > 1:
+            if len(segments) > 1:
                 raise EdgeLVMError(
-                    f"{len(counts)} images were given but this model takes one image per prompt",
+                    f"{len(segments)} images were given but this model takes one image per prompt",
                     where="images",
                     fix="ask about one image at a time (a batch of requests may each have their own image)",
                 )
@@ -115,10 +144,10 @@ class ImagePreprocessor:
                     where="prompt",
                     fix=f"remove {spec.image_token!r} from the prompt text",
                 )
-            return [spec.image_token_id] * sum(counts) + list(ids)
-        if placeholders != len(counts):
+            return [token for segment in segments for token in segment] + list(ids)
+        if placeholders != len(segments):
             raise EdgeLVMError(
-                f"the prompt has {placeholders} image placeholder(s) but {len(counts)} image(s) were given",
+                f"the prompt has {placeholders} image placeholder(s) but {len(segments)} image(s) were given",
                 where="prompt",
                 fix=f"give one image per {spec.image_token!r} placeholder (prompts built from a plain string get one "
                 "placeholder per image automatically)",
@@ -127,7 +156,7 @@ class ImagePreprocessor:
         image = 0
         for token in ids:
             if token == spec.image_token_id:
-                expanded.extend([token] * counts[image])
+                expanded.extend(segments[image])
                 image += 1
             else:
                 expanded.append(token)
@@ -135,10 +164,10 @@ class ImagePreprocessor:
 
     def views(self, image: ImageInput) -> np.ndarray:
         """``[n_views, 3, H, W]``: the vision graph's inputs for one image (one view unless the bundle tiles)."""
-        if self.anyres is None:
+        if self.tiling is None:
             return self.one(image)[None]
         pil = self._rgb(image)
-        return np.stack([self._pipeline(view) for view in self.anyres.views(pil, self._filter)])
+        return np.stack([self._pipeline(view) for view in self.tiling.views(pil, self._filter)])
 
     def prepare(self, image: ImageInput) -> PreparedImage:
         pil = load_image(image)
@@ -146,9 +175,9 @@ class ImagePreprocessor:
 
     def pack(self, features: np.ndarray, image: PreparedImage) -> np.ndarray:
         """The vision graph's ``[n_views, T, E]`` for one image -> its ``[tokens, E]`` prompt features."""
-        if self.anyres is None:
+        if self.tiling is None:
             return features.reshape(-1, features.shape[-1])
-        return self.anyres.pack(features, image.height, image.width, self._newline)
+        return self.tiling.pack(features, image.height, image.width)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         spec = self.spec

@@ -19,7 +19,7 @@ functions so that later tiling families (LLaVA-OneVision's anyres-max, InternVL'
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,14 @@ class AnyresRule:
     base_size: tuple[int, int]  # (h, w) the whole image is resized to for the base view
     feature_grid: tuple[int, int]  # (rows, cols) of feature vectors one tile yields
     newline: str | None = None  # bundle file holding the image_newline vector appended after each grid row
+    #: the vector itself, once loaded from the bundle (:meth:`load`)
+    newline_vector: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def load(cls, params: dict[str, Any], bundle_dir: str | Path | None) -> AnyresRule:
+        """The rule from the manifest's ``tiling_params``, with its newline vector read from the bundle."""
+        rule = cls.from_params(params)
+        return replace(rule, newline_vector=load_newline(rule, bundle_dir))
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> AnyresRule:
@@ -146,8 +154,15 @@ class AnyresRule:
         return [base, *tiles]
 
     # ---- features ----------------------------------------------------------------------------------------------
-    def pack(self, features: np.ndarray, height: int, width: int, newline: np.ndarray | None) -> np.ndarray:
+    def pack(self, features: np.ndarray, height: int, width: int) -> np.ndarray:
         """``[n_views, T, E]`` (base view first) -> ``[tokens, E]`` in the order the language model reads them."""
+        newline = self.newline_vector
+        if self.newline is not None and newline is None:
+            raise BundleError(
+                "the anyres rule's image_newline vector was not loaded",
+                where="preprocess.tiling_params.newline",
+                fix="build the rule with AnyresRule.load(params, bundle_dir)",
+            )
         if len(features) == 1:  # no tiles (transformers' single-view branch)
             base = features[0]
             return base if newline is None else np.concatenate([base, newline[None].astype(base.dtype)])

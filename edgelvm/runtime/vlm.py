@@ -255,11 +255,16 @@ class VLM:
         return self._encode(messages, request.images)
 
     def image_token_counts(self, images: list[ImageInput]) -> list[int]:
-        """How many prompt positions each image occupies (with tiling it depends on the image's size)."""
+        """How many image-feature positions each image fills (with tiling it depends on the image's size)."""
         if not self.preprocessor.size_dependent:
             return [self.manifest.preprocess.tokens_per_image] * len(images)
         sizes = [(pil.height, pil.width) for pil in map(load_image, images)]
         return [self.preprocessor.token_count(h, w) for h, w in sizes]
+
+    def image_segments(self, images: list[ImageInput]) -> list[list[int]]:
+        """The prompt token ids each image becomes (its image tokens, and any markers its tiling rule adds)."""
+        sizes = [(pil.height, pil.width) for pil in map(load_image, images)]
+        return [self.preprocessor.image_segment(h, w) for h, w in sizes]
 
     def _encode(self, messages: list[Message], images: list[ImageInput]) -> list[int]:
         """Render and encode ``messages``, with the images' tokens placed as the bundle says (at placeholders, or
@@ -267,7 +272,7 @@ class VLM:
         if not self.preprocessor.images_in_text:
             messages = without_images(messages)
         ids = self.tokenizer.encode(self.tokenizer.render(messages))
-        return self.preprocessor.place_image_tokens(ids, self.image_token_counts(images))
+        return self.preprocessor.place_image_tokens(ids, self.image_segments(images))
 
     def _check_length(self, prompt_tokens: int, new_tokens: int) -> None:
         if prompt_tokens + new_tokens > self.max_length:
