@@ -77,6 +77,16 @@ class PreprocessSpec:
     #: before the whole encoded prompt (BOS included) and no placeholder in the text (Q-Former models' processors).
     #: Written only when not "placeholder", like ``tiling_params``.
     image_placement: str = "placeholder"
+    #: Set when the vision graph also reads the prompt (InstructBLIP's Q-Former): ``{"tokenizer": file in the
+    #: bundle, "max_length": int, "inputs": [ids input name, mask input name]}``. The runtime tokenizes each
+    #: request's rendered prompt with that tokenizer and feeds it with the request's images. Written only when set.
+    vision_text: dict[str, Any] | None = None
+    #: Set with ``image_placement = "cross_attention"`` (Flamingo-style models: image features are not spliced into
+    #: the embeddings; the decoder graph cross-attends to them every step): ``{"inputs": [states input name, mask
+    #: input name], "mask_rule": a rule of runtime/cross_attention.py, "reset_token_ids": [...], "feature_dim": D}``.
+    #: The decoder then takes ``states [B, images, tokens_per_image, D]`` and ``mask [B, seq, images]`` (which
+    #: image each position attends to). Written only when set.
+    cross_attention: dict[str, Any] | None = None
 
 
 @dataclass
@@ -88,6 +98,10 @@ class TokenizerSpec:
     pad_token: str | None
     special_tokens: dict[str, str]
     add_special_tokens: bool = True
+    #: Text the model's processor puts around every rendered prompt (after the chat template, or the plain prompt
+    #: when there is none), e.g. PaliGemma's BOS before and "\n" after. Written only when not empty.
+    prompt_prefix: str = ""
+    prompt_suffix: str = ""
 
 
 @dataclass
@@ -117,6 +131,12 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     #: Device target chosen at export (``--target``): profile name, limits, fit check, predicted tokens/s.
     target: dict[str, Any] | None = None
+    #: How the decoder graph masks attention (``ATTENTION_KINDS``): "causal"; or "prefix_lm" — all real tokens of
+    #: one decoder step attend to each other (and to the cache), so a prompt prefilled in ONE step from an empty
+    #: cache is one bidirectional block (PaliGemma's image + prompt prefix) and one-token decode steps are causal.
+    #: The runtime then never splits a prompt's prefill (no shared batch prefix, no chat-cache reuse). Written
+    #: only when not "causal" (a runtime older than the field ignores it: it would split prefills).
+    attention: str = "causal"
     format_version: str = FORMAT_VERSION
     edgelvm_version: str = ""
 
@@ -127,6 +147,15 @@ class Manifest:
             data["preprocess"].pop("tiling_params", None)
         if data["preprocess"].get("image_placement") == "placeholder":
             data["preprocess"].pop("image_placement", None)
+        for key in ("prompt_prefix", "prompt_suffix"):
+            if not data["tokenizer"].get(key):
+                data["tokenizer"].pop(key, None)
+        if data.get("attention") == "causal":
+            data.pop("attention")
+        if data["preprocess"].get("vision_text") is None:
+            data["preprocess"].pop("vision_text", None)
+        if data["preprocess"].get("cross_attention") is None:
+            data["preprocess"].pop("cross_attention", None)
         head = {key: data.pop(key) for key in ("format_version", "edgelvm_version", "family", "created_from")}
         return {**head, **data}
 
@@ -158,6 +187,7 @@ class Manifest:
                 created_from=data.get("created_from", {}),
                 files=data.get("files", {}),
                 target=data.get("target"),
+                attention=_attention_kind(data.get("attention", "causal"), where),
                 format_version=data["format_version"],
                 edgelvm_version=data.get("edgelvm_version", ""),
             )
@@ -194,6 +224,20 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError("top level must be a JSON object", where=path, fix="re-export the bundle")
         return cls.from_dict(data, where=path)
+
+
+#: ``Manifest.attention`` values this runtime implements.
+ATTENTION_KINDS = ("causal", "prefix_lm")
+
+
+def _attention_kind(kind: Any, where: str | Path) -> str:
+    if kind not in ATTENTION_KINDS:
+        raise ManifestError(
+            f"attention {kind!r} is not one this edgelvm implements ({', '.join(ATTENTION_KINDS)})",
+            where=where,
+            fix="upgrade edgelvm (`pip install -U edgelvm`), or re-export the bundle with this version",
+        )
+    return str(kind)
 
 
 def _check_version(data: dict[str, Any], where: str | Path) -> None:

@@ -65,6 +65,12 @@ def test_vision_profile_and_unknown_dim(manifest):
     odd.graphs["decoder"].inputs[0].shape = ["batch", "chunk", 64]
     with pytest.raises(EngineBuildError, match="'chunk' has no rule"):
         tb.decoder_profiles(odd, BuildConfig())
+    text_conditioned = copy.deepcopy(manifest)  # e.g. InstructBLIP: the Q-Former reads the prompt
+    text_conditioned.graphs["vision"].inputs.append(copy.deepcopy(spec))
+    text_conditioned.graphs["vision"].inputs[-1].name = "vision_text_ids"
+    with pytest.raises(EngineBuildError, match=r"besides pixel_values \(vision_text_ids\)") as info:
+        tb.vision_profiles(text_conditioned, BuildConfig())
+    assert "onnxruntime" in info.value.fix
 
 
 def test_network_checks_and_precision():

@@ -179,6 +179,14 @@ def vision_profiles(manifest: Manifest, config: BuildConfig) -> list[Optimizatio
     views = int((manifest.preprocess.tiling_params or {}).get("max_views", 1))
     batch = config.vision_max_batch or config.max_batch * views
     spec = manifest.graphs["vision"]
+    extra = [t.name for t in spec.inputs if t.name != "pixel_values"]
+    if extra:  # native-resolution patches, a Q-Former's prompt: the TensorRT backend does not feed those yet
+        raise EngineBuildError(
+            f"the vision graph takes inputs besides pixel_values ({', '.join(extra)}), which edgelvm's TensorRT "
+            "path does not support yet",
+            where=f"vision ({spec.file})",
+            fix="run this bundle with onnxruntime (`VLM.load(bundle)`, CUDA or CPU)",
+        )
     dims = {"batch": (1, 1, batch)}
     where = f"vision ({spec.file})"
     return [OptimizationProfile("vision", {t.name: _shape(t.shape, dims, where) for t in spec.inputs})]

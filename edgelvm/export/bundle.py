@@ -136,6 +136,8 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
         adapter.processor.tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
         for name, array in adapter.bundle_arrays().items():  # read by the runtime, named in the manifest
             np.save(staging / name, array)
+        for name, tokenizer in adapter.bundle_tokenizers().items():  # likewise (e.g. a Q-Former's tokenizer)
+            tokenizer.backend_tokenizer.save(str(staging / name))
 
         manifest = Manifest(
             family=adapter.family,
@@ -144,6 +146,7 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
             tokenizer=adapter.tokenizer_spec("tokenizer.json"),
             kv_cache=kv,
             positions=adapter.positions_spec(),
+            attention=adapter.attention_kind(),
             generation=adapter.generation_spec(),
             created_from={
                 "source": str(adapter.source),

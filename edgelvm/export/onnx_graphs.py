@@ -20,7 +20,6 @@ import torch
 
 from edgelvm.errors import ExportError
 from edgelvm.export.rewrite import GraphRewrite
-from edgelvm.export.wrappers import DecoderForExport
 from edgelvm.manifest import GraphSpec, KVCacheSpec, TensorSpec
 from edgelvm.models.base import VLMAdapter
 
@@ -31,7 +30,8 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 OPSET = 20
 #: Max relative error (max |onnx - torch| / max |torch|) accepted at export, per precision.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
-#: Where DecoderForExport keeps the language model: the module-path prefix of its layers in the traced graph.
+#: Where the decoder module (``VLMAdapter.decoder_module``) keeps the language model: the module-path prefix of its
+#: layers in the traced graph.
 DECODER_PREFIX = "language_model."
 #: A graph that quantizes activations to int8 (INT8 QDQ vision, MatMulNBits accuracy_level 4) against its float or
 #: fake-quantized reference: values at a rounding boundary may land one step apart and propagate.
@@ -145,27 +145,38 @@ def _check(
 
 
 def export_vision(adapter: VLMAdapter, path: Path, precision: str, rewrite: GraphRewrite | None = None) -> GraphSpec:
-    """``pixel_values [batch, C, H, W] -> image_features [batch, tokens, hidden]`` with a dynamic batch.
+    """The adapter's vision encoder, e.g. ``pixel_values [batch, C, H, W] -> image_features [batch, tokens, hidden]``,
+    with the inputs and dynamic axes the adapter names (:meth:`VLMAdapter.vision_input_dims`).
 
     ``rewrite`` (e.g. INT8 QDQ) is applied to the traced graph before the parity check, which then compares with the
     module in the rewrite's reference state."""
     module = adapter.vision_encoder()
-    example = adapter.example_pixel_values(2)
-    batch = torch.export.Dim("batch", min=1, max=256)
-    _export(module, (example,), ({0: batch},), ["pixel_values"], ["image_features"], path, _weight_bytes(module))
+    example = adapter.example_vision_inputs(2)
+    names = list(example)
+    dims: dict[str, Any] = {}
+    for axes in adapter.vision_input_dims().values():
+        for label in axes.values():
+            dims.setdefault(label, torch.export.Dim(label, min=1, max=_VISION_DIM_MAX.get(label, 4096)))
+    shapes = tuple({axis: dims[label] for axis, label in adapter.vision_input_dims()[n].items()} for n in names)
+    args = tuple(example[n] for n in names)
+    _export(module, args, shapes, names, ["image_features"], path, _weight_bytes(module))
     if rewrite is not None:
         rewrite.rewrite_file(path, "")
 
     session = _ort_session(path)
-    fresh = adapter.example_pixel_values(3)
+    fresh = adapter.example_vision_inputs(3)
     with torch.no_grad(), _reference(rewrite, module):
-        reference = module(fresh)
-    got = session.run(None, {"pixel_values": fresh.numpy()})
+        reference = module(*(fresh[n] for n in names))
+    got = session.run(None, {n: fresh[n].numpy() for n in names})
     parity = _compare(got, [reference])
     _check("vision", parity, precision, rewrite)
     inputs, outputs = _specs(session)
     return GraphSpec(file=path.name, precision=rewrite.precision if rewrite else precision, inputs=inputs,
                      outputs=outputs, parity=parity.as_dict())  # fmt: skip
+
+
+#: Upper bounds of the vision graph's named dynamic axes (others: 4096).
+_VISION_DIM_MAX = {"batch": 256}
 
 
 def _reference(rewrite: GraphRewrite | None, module: torch.nn.Module) -> Any:
@@ -180,8 +191,12 @@ def _decoder_example(
     for row in range(min(pad_rows, batch)):
         mask[row, : row + 1] = 0  # left padding of different lengths
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    rows = adapter.positions_spec().get("rows")
+    if rows:  # [rows, batch, seq] (M-RoPE): different per row so that a row mix-up shows in the parity check
+        positions = torch.stack([positions + 3 * r for r in range(int(rows))])
     tensors = [torch.randn(batch, kv.num_kv_heads, past, kv.head_dim, dtype=dtype) for _ in range(2 * kv.num_layers)]
-    return (torch.randn(batch, seq, hidden, dtype=dtype), mask, positions, *tensors)
+    extras = adapter.decoder_example_inputs(batch, seq, dtype).values()  # e.g. cross-attention inputs; usually none
+    return (torch.randn(batch, seq, hidden, dtype=dtype), mask, positions, *extras, *tensors)
 
 
 def decoder_io_names(kv: KVCacheSpec) -> tuple[list[str], list[str]]:
@@ -195,18 +210,28 @@ def export_decoder(
 ) -> GraphSpec:
     """The KV-cache decoder; one graph serves prefill (past_len 0) and decode (seq 1). ``rewrite`` as for the vision
     graph (the module-path prefix of the language model inside the wrapper is ``language_model.``)."""
-    module = DecoderForExport(adapter.language_model(), adapter.lm_head(), adapter.text_config).eval()
+    module = adapter.decoder_module()
     dtype = next(module.parameters()).dtype
     names_in, names_out = decoder_io_names(kv)
+    extra_names = list(adapter.decoder_example_inputs(1, 1, dtype))  # between position_ids and the past tensors
+    names_in = [*names_in[:3], *extra_names, *names_in[3:]]
 
     batch = torch.export.Dim("batch", min=1, max=256)
     seq = torch.export.Dim("seq", min=1, max=kv.max_length)
     past = torch.export.Dim("past", min=1, max=kv.max_length)
     total = torch.export.Dim("total", min=2, max=2 * kv.max_length)
+    positions = {1: batch, 2: seq} if adapter.positions_spec().get("rows") else {0: batch, 1: seq}
+    labels = {"batch": batch, "seq": seq}
+    extra_dims = adapter.decoder_input_dims()
+    for axes in extra_dims.values():
+        for label in axes.values():
+            labels.setdefault(label, torch.export.Dim(label, min=1, max=256))
+    extra_shapes = [{axis: labels[label] for axis, label in extra_dims.get(n, {}).items()} for n in extra_names]
     shapes = (
         {0: batch, 1: seq},
         {0: batch, 1: total},
-        {0: batch, 1: seq},
+        positions,
+        *extra_shapes,
         tuple({0: batch, 2: past} for _ in range(2 * kv.num_layers)),
     )
     example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype)
@@ -246,7 +271,7 @@ def export_fused_decoder(adapter: VLMAdapter, path: Path, kv: KVCacheSpec, accur
     from edgelvm.export.gqa_decoder import build_gqa_decoder
 
     spec = build_gqa_decoder(adapter.decoder_weights(kv.max_length), kv, path, accuracy_level)
-    module = DecoderForExport(adapter.language_model(), adapter.lm_head(), adapter.text_config).eval()
+    module = adapter.decoder_module()
     session = _ort_session(path)
     hidden = adapter.text_config.hidden_size
     generator = torch.Generator().manual_seed(3)
@@ -314,10 +339,18 @@ def _run_in_place(session: Any, feeds: dict[str, np.ndarray], buffers: dict[str,
     return binding.copy_outputs_to_cpu()[0]
 
 
+_EMBED_CHUNK = 16384
+
+
 def export_embedding_table(adapter: VLMAdapter, path: Path, precision: str) -> GraphSpec:
     """The token embedding as a plain ``.npy`` table: the runtime memory-maps it and gathers rows."""
-    weight = adapter.input_embeddings().weight.detach()
-    array = weight.float().numpy().astype(np.float16 if precision == "fp16" else np.float32)
+    embedding = adapter.input_embeddings()
+    vocab, width = embedding.weight.shape
+    array = np.empty((vocab, width), dtype=np.float16 if precision == "fp16" else np.float32)
+    with torch.no_grad():  # the module's output, not its weight: Gemma's embedding scales by sqrt(hidden)
+        for start in range(0, vocab, _EMBED_CHUNK):  # in chunks: no second full-size copy of a large table
+            ids = torch.arange(start, min(start + _EMBED_CHUNK, vocab))
+            array[start : start + len(ids)] = embedding(ids).float().numpy()
     np.save(path, array)
     dtype = "float16" if precision == "fp16" else "float32"
     return GraphSpec(

@@ -75,7 +75,7 @@ class VLMAdapter(ABC):
     @classmethod
     def from_pretrained(cls, source: str, *, dtype: str = "float32") -> VLMAdapter:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # edgelvm shows its own progress
@@ -87,8 +87,15 @@ class VLMAdapter(ABC):
 
             return load_pruned(cls, source, torch_dtype)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype).eval()
-        processor = AutoProcessor.from_pretrained(source)
-        return cls(model, processor, source=source)
+        return cls(model, cls.load_processor(source), source=source)
+
+    @classmethod
+    def load_processor(cls, source: str) -> Any:
+        """The checkpoint's processor (``AutoProcessor``); a family whose processor needs more than this machine
+        has (e.g. torchvision for a video part it does not use) may build it from its parts instead."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source)
 
     def _check_text_model(self) -> None:
         text_type = self.text_config.model_type
@@ -133,6 +140,28 @@ class VLMAdapter(ABC):
     @abstractmethod
     def example_pixel_values(self, batch: int) -> Any:
         """Random pixel inputs of the right shape, for tracing and parity checks."""
+
+    def vision_inputs(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """The vision encoder's keyword inputs for a processor batch, one dict per encoder call (quantize runs the
+        encoder on calibration data with them). Default: the pixel values as ``[N, 3, H, W]`` views; tiled
+        processors batch ``[B, views, 3, H, W]`` with the missing views of smaller grids zero-padded, which are
+        dropped."""
+        pixels = batch.get("pixel_values")
+        if pixels is None:
+            return []
+        if pixels.dim() > 4:
+            pixels = pixels.flatten(0, pixels.dim() - 4)
+            pixels = pixels[pixels.abs().amax(dim=(1, 2, 3)) > 0]
+        return [{"pixel_values": pixels}]
+
+    def example_vision_inputs(self, batch: int) -> dict[str, Any]:
+        """Random inputs of the vision encoder by name, for tracing and parity checks (the graph's input names, in
+        the encoder's argument order)."""
+        return {"pixel_values": self.example_pixel_values(batch)}
+
+    def vision_input_dims(self) -> dict[str, dict[int, str]]:
+        """The vision graph's dynamic axes per input: axis -> label (axes with one label share their size)."""
+        return {"pixel_values": {0: "batch"}}
 
     # ---- structure for the compression stages ------------------------------------------------------------------
     def layer_stacks(self) -> dict[str, Any]:
@@ -180,11 +209,37 @@ class VLMAdapter(ABC):
         ONNX Runtime decoder; families whose text model has no such description raise UnsupportedModelError."""
         raise UnsupportedModelError(f"no fused decoder for {self.family}", fix="export with --decoder portable")
 
+    def decoder_module(self) -> Any:
+        """The torch module the decoder graphs are traced from and checked against: ``(inputs_embeds,
+        attention_mask [batch, past + seq], position_ids, *past) -> (last logits, *present)``
+        (:class:`~edgelvm.export.wrappers.DecoderForExport`), with the language model at ``.language_model`` (graph
+        rewrites find its layers by that prefix). A family whose decoder masks or offsets positions differently
+        returns its own module with that interface; the manifest says so as data (:meth:`attention_kind`)."""
+        from edgelvm.export.wrappers import DecoderForExport
+
+        return DecoderForExport(self.language_model(), self.lm_head(), self.text_config).eval()
+
+    def decoder_example_inputs(self, batch: int, seq: int, dtype: Any) -> dict[str, Any]:
+        """Random values of the decoder module's inputs between ``position_ids`` and the past tensors, by name (the
+        graph's input names, in the module's argument order), for a step of ``seq`` tokens; default none. A family
+        whose decoder reads more every step (cross-attention image states and mask) returns them."""
+        return {}
+
+    def decoder_input_dims(self) -> dict[str, dict[int, str]]:
+        """The dynamic axes of :meth:`decoder_example_inputs` per input: axis -> label (``batch`` and ``seq`` are
+        the decoder's own; other labels are new dims shared by the inputs that name them)."""
+        return {}
+
+    def attention_kind(self) -> str:
+        """How the decoder graph masks one step's tokens (``Manifest.attention``): ``causal``, or ``prefix_lm``."""
+        return "causal"
+
     def max_positions(self) -> int:
         return int(getattr(self.text_config, "max_position_embeddings", 4096))
 
     def positions_spec(self) -> dict[str, Any]:
-        """Plain 1-D positions (``cumsum(attention_mask) - 1``); M-RoPE families override."""
+        """Plain 1-D positions (``cumsum(attention_mask) - 1``); M-RoPE families override. A spec with ``rows``
+        makes the decoder graph take ``position_ids [rows, batch, seq]`` (else ``[batch, seq]``)."""
         return {"kind": "1d"}
 
     def image_token(self) -> tuple[str, int]:
@@ -202,6 +257,12 @@ class VLMAdapter(ABC):
         """Arrays besides the graphs that the runtime needs (file name -> numpy array, saved as ``.npy`` in the
         bundle and hashed with it), e.g. a learned separator vector the runtime inserts between image features.
         The manifest section that uses one names its file."""
+        return {}
+
+    def bundle_tokenizers(self) -> dict[str, Any]:
+        """Tokenizers besides the language model's that the runtime needs (file name -> a transformers fast
+        tokenizer, saved as ``tokenizer.json``-format files in the bundle), e.g. a Q-Former's own tokenizer. The
+        manifest section that uses one names its file."""
         return {}
 
     def tokenizer_spec(self, file: str) -> TokenizerSpec:

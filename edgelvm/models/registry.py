@@ -18,8 +18,17 @@ if TYPE_CHECKING:
 #: model_type -> "module:Class". A new family is one adapter file plus one line here.
 _ADAPTERS: dict[str, str] = {
     "blip-2": "edgelvm.models.blip2:Blip2Adapter",
+    "instructblip": "edgelvm.models.instructblip:InstructBlipAdapter",
+    "internvl": "edgelvm.models.internvl:InternVLAdapter",
+    "idefics": "edgelvm.models.idefics:IdeficsAdapter",
+    "idefics3": "edgelvm.models.idefics3:Idefics3Adapter",
     "llava": "edgelvm.models.llava:LlavaAdapter",
     "llava_next": "edgelvm.models.llava_next:LlavaNextAdapter",
+    "paligemma": "edgelvm.models.paligemma:PaliGemmaAdapter",
+    "llava_onevision": "edgelvm.models.llava_onevision:LlavaOnevisionAdapter",
+    "smolvlm": "edgelvm.models.idefics3:Idefics3Adapter",
+    "qwen2_5_vl": "edgelvm.models.qwen2_vl:Qwen25VLAdapter",
+    "qwen2_vl": "edgelvm.models.qwen2_vl:Qwen2VLAdapter",
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
 

@@ -20,12 +20,15 @@ SCORES = "prune_scores.json"
 def model_stats(adapter: Any) -> dict[str, Any]:
     """Parameters per part, and matmul FLOPs (2 x multiply-adds of the linear layers, attention scores excluded)
     per image (vision tower + projector over its patches) and per generated token (language model + LM head)."""
-    vision = sum(p.numel() for p in adapter.model.model.vision_tower.parameters())
+    inner = adapter.model.model
+    tower = inner.vision_tower if hasattr(inner, "vision_tower") else inner.vision_model  # both names occur
+    vision = sum(p.numel() for p in tower.parameters())
     projector = sum(p.numel() for p in adapter.image_feature_module().parameters())
     text_layers = sum(p.numel() for p in adapter.layer_stacks()["text"].parameters())
     head = adapter.lm_head().weight.numel()
     vc = adapter.sub_configs()["vision"]
-    patches = (vc.image_size // vc.patch_size) ** 2 + 1
+    image, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (vc.image_size, vc.patch_size))
+    patches = (image // patch) ** 2 + 1  # sizes may be (h, w) pairs: square tiles use one side
     vision_layers = sum(p.numel() for p in adapter.layer_stacks()["vision"].parameters())
     return {
         "parameters": sum(p.numel() for p in adapter.model.parameters()),

@@ -191,12 +191,12 @@ def _write_loadable_text_fields(config_file: Any) -> None:
 def load_pruned(adapter_cls: Any, source: str, dtype: Any) -> Any:
     """Build the skeleton from ``config.json``, shrink it to the recorded shapes, load the weights (strict)."""
     from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(source)
     record = getattr(config, RECORD)
     model = AutoModelForImageTextToText.from_config(config)  # random init, then overwritten by the weights
-    processor = AutoProcessor.from_pretrained(source)
+    processor = adapter_cls.load_processor(source)
     adapter = adapter_cls(model, processor, source=source)
     shrink_to_record(adapter, record)
     load_model(model, f"{source}/model.safetensors", strict=True)

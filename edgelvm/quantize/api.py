@@ -261,32 +261,22 @@ def _vision_modules(adapter: Any) -> dict[str, Any]:
 
 
 def _sweep_inputs(adapter: Any, calib: Any, batch_size: int) -> tuple[list[Any], list[Any]]:
+    """About ``SWEEP_IMAGES`` calibration images as the vision encoder's keyword inputs, and its float outputs."""
     import torch
 
     from edgelvm.calibration.dataset import iter_batches
 
     encoder = adapter.vision_encoder()
-    pixels, refs, n = [], [], 0
+    calls, refs, n = [], [], 0
     with torch.no_grad():
         for inputs, _rows in iter_batches(adapter, calib, batch_size):
             if n >= SWEEP_IMAGES:
                 break
-            if "pixel_values" not in inputs:
-                continue
-            batch = _encoder_views(inputs["pixel_values"])[: SWEEP_IMAGES - n]
-            pixels.append(batch)
-            refs.append(encoder(batch).float())
-            n += batch.shape[0]
-    return pixels, refs
-
-
-def _encoder_views(pixels: Any) -> Any:
-    """The vision encoder's own inputs ``[N, 3, H, W]``: tiled processors batch ``[B, views, 3, H, W]`` with the
-    missing views of smaller grids zero-padded; those padding views are dropped."""
-    if pixels.dim() == 4:
-        return pixels
-    views = pixels.flatten(0, pixels.dim() - 4)
-    return views[views.abs().amax(dim=(1, 2, 3)) > 0]
+            for call in adapter.vision_inputs(inputs):
+                calls.append(call)
+                refs.append(encoder(**call).float())
+                n += next(iter(call.values())).shape[0]
+    return calls, refs
 
 
 def _quantize_vision(

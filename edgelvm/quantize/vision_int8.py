@@ -85,7 +85,7 @@ class SweepResult:
 
 
 def sweep_observers(
-    adapter: Any, modules: dict[str, Any], stats: Any, pixel_batches: list[Any], reference: list[Any],
+    adapter: Any, modules: dict[str, Any], stats: Any, encoder_inputs: list[dict[str, Any]], reference: list[Any],
     candidates: tuple[str, ...] = OBSERVERS,
 ) -> SweepResult:  # fmt: skip
     """Try each observer on the calibration images and keep the one whose features are closest (mean cosine per
@@ -98,8 +98,8 @@ def sweep_observers(
         scales = input_scales_for(stats, list(modules), observer)
         cosines = []
         with torch.no_grad(), fake_quant_inputs(modules, scales):
-            for pixels, ref in zip(pixel_batches, reference):
-                got = encoder(pixels).float()
+            for inputs, ref in zip(encoder_inputs, reference):
+                got = encoder(**inputs).float()
                 cosines.append(torch.nn.functional.cosine_similarity(got, ref, dim=-1).flatten())
         scores[observer] = float(torch.cat(cosines).mean())
     chosen = max(scores, key=lambda k: scores[k])

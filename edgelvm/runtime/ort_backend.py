@@ -174,9 +174,11 @@ class OrtBackend:
         return self._embed_dtype
 
     # ---- vision --------------------------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_images(self, pixel_values: np.ndarray, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Run the vision graph; ``inputs``: its inputs besides ``pixel_values`` (native-resolution graphs take the
+        patches' rotary positions), by name."""
         dtype = _NP_DTYPES[self.manifest.graphs["vision"].inputs[0].dtype]
-        return self.vision.run(None, {"pixel_values": pixel_values.astype(dtype, copy=False)})[0]
+        return self.vision.run(None, {"pixel_values": pixel_values.astype(dtype, copy=False), **(inputs or {})})[0]
 
     # ---- decoder -------------------------------------------------------------------------------------------------
     def new_cache(self, batch: int) -> Any:
@@ -186,17 +188,42 @@ class OrtBackend:
             return KVCache(self.kv_spec, batch, self._kv_dtype)
         return _DeviceCache(self.kv_spec, batch, self._kv_dtype)
 
-    def step(self, rows: list[np.ndarray], cache: Any) -> np.ndarray:
-        """Append ``rows[r]`` (``[S_r, E]`` embeddings) to row ``r`` of the cache; return each row's last logits."""
+    def step(
+        self,
+        rows: list[np.ndarray],
+        cache: Any,
+        positions: list[np.ndarray] | None = None,
+        inputs: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Append ``rows[r]`` (``[S_r, E]`` embeddings) to row ``r`` of the cache; return each row's last logits.
+
+        ``positions``: explicit per-row position ids ``[P, S_r]`` for bundles whose positions are not 1-D
+        (``manifest.positions``); without them the positions count the real tokens of each row.
+        ``inputs``: the decoder graph's further inputs by name, already batched (cross-attention image states and
+        mask, ``runtime/cross_attention.py``)."""
         if self.fused:
+            if inputs:
+                raise BackendError(
+                    f"the fused decoder has no inputs {', '.join(inputs)}",
+                    where="decoder_ort",
+                    fix="load the bundle with decoder='portable'",
+                )
+            if positions is not None:
+                raise BackendError(
+                    "the fused decoder takes 1-D positions only",
+                    where="decoder_ort",
+                    fix="load the bundle with decoder='portable'",
+                )
             return self._fused_step(rows, cache)
-        embeds, attention_mask, positions = cache.pad.pack(rows, self._embed_dtype)
+        embeds, attention_mask, positions = cache.pad.pack(rows, self._embed_dtype, positions)
         batch, seq = embeds.shape[:2]
         new_length = cache.length + seq
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("attention_mask", attention_mask)
         binding.bind_cpu_input("position_ids", positions)
+        for name, value in (inputs or {}).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
         logits = np.empty((batch, self._vocab), dtype=self._logits_dtype)
         binding.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
         if isinstance(cache, KVCache):

@@ -5,16 +5,20 @@ convert to RGB → PIL resize (same filter, same output-size rule) → center cr
 normalize. transformers' torchvision backend resizes slightly differently; the runtime matches the PIL one
 (tested to ≤ 1e-5 against it).
 
-With ``tiling == "anyres"`` (LLaVA-NeXT) one image becomes several views — a base view and high-resolution tiles
-(``runtime/tiling.py``) — each of which goes through the same per-view steps, and the number of image tokens
-depends on the image's size. :meth:`ImagePreprocessor.prepare` returns the views with their token count, and
-:meth:`ImagePreprocessor.pack` turns the vision graph's per-view features into the image's token features.
+With a tiling rule (``preprocess.tiling``, one module each) one image becomes several views, each of which goes
+through the same per-view steps, and the number of image tokens depends on the image's size: "anyres" /
+"anyres_max" (a base view + high-resolution tiles, unpadding, newline rows, a capped grid; ``runtime/tiling.py``),
+"dynamic_tiles" (aspect-ratio grid + thumbnail last; ``runtime/dynamic_tiles.py``), "split" (row × column tiles +
+a global view, per-tile marker tokens; ``runtime/image_splitting.py``), "native" (the image at its own resolution as
+flattened patches; ``runtime/native_resolution.py``). :meth:`ImagePreprocessor.prepare` returns the views with
+their token count, and :meth:`ImagePreprocessor.pack` turns the vision graph's per-view features into the image's
+token features.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,8 +26,11 @@ import numpy as np
 
 from edgelvm.errors import BundleError, EdgeLVMError
 from edgelvm.manifest import PreprocessSpec
+from edgelvm.runtime.dynamic_tiles import DynamicTilesRule
+from edgelvm.runtime.image_splitting import ImageSplittingRule
 from edgelvm.runtime.images import ImageInput, load_image
-from edgelvm.runtime.tiling import AnyresRule
+from edgelvm.runtime.native_resolution import NativeResolutionRule
+from edgelvm.runtime.tiling import AnyresMaxRule, AnyresRule
 
 _FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
@@ -31,9 +38,17 @@ _FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "
 class TilingRule(Protocol):
     """What a tiling rule (``preprocess.tiling``, parameters in ``tiling_params``) does for the preprocessor.
 
-    A rule may also define ``segment(height, width, image_token_id) -> list[int]``: the image's prompt tokens, where
-    they are more than ``token_count`` image tokens (start/end markers, per-tile text tokens). The image token marks
-    the positions its features fill, in order."""
+    Optional members, looked up by name (each family's rule adds only what it needs):
+
+    - ``segment(height, width, image_token_id) -> list[int]``: the image's prompt tokens, where they are more than
+      ``token_count`` image tokens (start/end markers, per-tile text tokens); the image token marks the positions
+      its features fill, in order;
+    - ``flatten(views) -> array``: the normalized ``[n_views, 3, H, W]`` in the layout the vision graph takes
+      (e.g. flattened patches);
+    - ``graph_inputs(height, width) -> {name: array}``: the vision graph's inputs besides ``pixel_values`` for an
+      image of this size (patch positions, window order); the image is then encoded in a call of its own;
+    - ``grid(height, width)``: the image's feature grid, for position rules that need it (``runtime/positions.py``);
+    - ``max_images_per_prompt``: more images in one prompt are refused (a rule that lays several out differently)."""
 
     def views(self, rgb: Any, resample: int) -> list[Any]:
         """PIL RGB image -> the PIL views the vision graph encodes (before the per-view resize / crop / normalize)."""
@@ -47,12 +62,19 @@ class TilingRule(Protocol):
 
 #: ``preprocess.tiling`` -> a factory ``(tiling_params, bundle_dir) -> TilingRule``. A new rule is a module of its
 #: own under ``edgelvm/runtime/`` and one line here.
-TILING_RULES: dict[str, Any] = {"anyres": AnyresRule.load}
+TILING_RULES: dict[str, Any] = {
+    "anyres": AnyresRule.load,
+    "anyres_max": AnyresMaxRule.load,
+    "native": NativeResolutionRule.load,
+    "dynamic_tiles": DynamicTilesRule.load,
+    "split": ImageSplittingRule.load,
+}
 #: Tiling rules this runtime implements (``preprocess.tiling``).
 TILINGS = ("none", *TILING_RULES)
 #: Where image tokens go in the prompt (``preprocess.image_placement``): at each placeholder of the rendered text, or
-#: (one image) before the whole encoded prompt.
-PLACEMENTS = ("placeholder", "prefix")
+#: (one image) before the whole encoded prompt; "cross_attention": one image token at each placeholder, and the
+#: features go to the decoder's cross-attention inputs instead of the embeddings (``runtime/cross_attention.py``).
+PLACEMENTS = ("placeholder", "prefix", "cross_attention")
 
 
 @dataclass
@@ -64,6 +86,9 @@ class PreparedImage:
     height: int
     width: int
     tokens: int
+    #: The vision graph's inputs besides ``pixel_values`` (a rule's ``graph_inputs``); with any, the image is
+    #: encoded in a graph call of its own.
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class ImagePreprocessor:
@@ -114,6 +139,8 @@ class ImagePreprocessor:
     def image_segment(self, height: int, width: int) -> list[int]:
         """The prompt token ids one image of this size becomes: ``token_count`` image tokens, or what the tiling
         rule's ``segment`` says (image tokens between markers the rule adds)."""
+        if self.spec.image_placement == "cross_attention":  # a marker only: the features are not spliced in
+            return [self.spec.image_token_id]
         segment = getattr(self.tiling, "segment", None)
         if segment is not None:
             return list(segment(height, width, self.spec.image_token_id))
@@ -123,13 +150,20 @@ class ImagePreprocessor:
     @property
     def images_in_text(self) -> bool:
         """Whether the rendered prompt carries one placeholder per image (else image items are not rendered)."""
-        return self.spec.image_placement == "placeholder"
+        return self.spec.image_placement in ("placeholder", "cross_attention")
 
     def place_image_tokens(self, ids: list[int], segments: list[list[int]]) -> list[int]:
         """The encoded prompt with each image's token ids (:meth:`image_segment`) where the bundle's placement puts
         them: at its placeholder, or before the prompt."""
         spec = self.spec
         placeholders = sum(1 for i in ids if i == spec.image_token_id)
+        most = getattr(self.tiling, "max_images_per_prompt", None)  # a rule that treats several images differently
+        if most is not None and len(segments) > most:
+            raise EdgeLVMError(
+                f"{len(segments)} images were given in one prompt but this bundle's tiling takes at most {most}",
+                where="images",
+                fix="ask about one image at a time (a batch of requests may each have their own image)",
+            )
         if spec.image_placement == "prefix":
             if len(segments) > 1:
                 raise EdgeLVMError(
@@ -167,11 +201,15 @@ class ImagePreprocessor:
         if self.tiling is None:
             return self.one(image)[None]
         pil = self._rgb(image)
-        return np.stack([self._pipeline(view) for view in self.tiling.views(pil, self._filter)])
+        views = np.stack([self._pipeline(view) for view in self.tiling.views(pil, self._filter)])
+        flatten = getattr(self.tiling, "flatten", None)  # a rule whose graph takes another layout (patches)
+        return flatten(views) if flatten is not None else views
 
     def prepare(self, image: ImageInput) -> PreparedImage:
         pil = load_image(image)
-        return PreparedImage(self.views(pil), pil.height, pil.width, self.token_count(pil.height, pil.width))
+        graph_inputs = getattr(self.tiling, "graph_inputs", None)
+        inputs = graph_inputs(pil.height, pil.width) if graph_inputs is not None else {}
+        return PreparedImage(self.views(pil), pil.height, pil.width, self.token_count(pil.height, pil.width), inputs)
 
     def pack(self, features: np.ndarray, image: PreparedImage) -> np.ndarray:
         """The vision graph's ``[n_views, T, E]`` for one image -> its ``[tokens, E]`` prompt features."""

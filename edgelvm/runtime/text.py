@@ -61,7 +61,11 @@ class ChatTokenizer:
             ) from None
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt string for ``messages`` (OpenAI/HF style: content is a string or a list of typed items)."""
+        """The prompt string for ``messages`` (OpenAI/HF style: content is a string or a list of typed items),
+        inside the processor's ``prompt_prefix`` / ``prompt_suffix`` where the bundle has them."""
+        return self.spec.prompt_prefix + self._render(messages, add_generation_prompt) + self.spec.prompt_suffix
+
+    def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         if not self.spec.chat_template:
             # No template: plain concatenation of text with image placeholders, as a base model expects.
             parts = []

@@ -154,6 +154,11 @@ class AnyresRule:
         return [base, *tiles]
 
     # ---- features ----------------------------------------------------------------------------------------------
+    def resize_grid(self, grid: np.ndarray) -> np.ndarray:
+        """The unpadded ``[rows, cols, E]`` feature grid as the language model reads it (here unchanged; a
+        subclass may resample it, see :class:`AnyresMaxRule`)."""
+        return grid
+
     def pack(self, features: np.ndarray, height: int, width: int) -> np.ndarray:
         """``[n_views, T, E]`` (base view first) -> ``[tokens, E]`` in the order the language model reads them."""
         newline = self.newline_vector
@@ -179,7 +184,7 @@ class AnyresRule:
             )
         grid = tiles.reshape(rows, cols, fh, fw, dim).transpose(0, 2, 1, 3, 4).reshape(rows * fh, cols * fw, dim)
         r0, r1, c0, c1 = unpad_bounds(height, width, rows * fh, cols * fw)
-        grid = grid[r0:r1, c0:c1]
+        grid = self.resize_grid(grid[r0:r1, c0:c1])
         if newline is not None:
             column = np.broadcast_to(newline.astype(grid.dtype), (grid.shape[0], 1, dim))
             grid = np.concatenate([grid, column], axis=1)
@@ -199,3 +204,87 @@ def load_newline(rule: AnyresRule, bundle_dir: str | Path | None) -> np.ndarray 
     if not path.is_file():
         raise BundleError(f"{rule.newline!r} is missing", where=bundle_dir, fix="copy the complete bundle again")
     return np.load(path)
+
+
+# ---- LLaVA-OneVision: anyres with a cap on the packed grid ("anyres_max_N") ----------------------------------------
+def capped_grid_size(rows: int, cols: int, feature_grid: tuple[int, int], max_num_patches: int) -> tuple[int, int]:
+    """The size an unpadded ``rows x cols`` feature grid is downscaled to under "anyres_max_N": unchanged unless it
+    holds more than about ``N`` tiles' worth of features (ratio > 1.1), else both sides divided by the ratio and
+    floored (``LlavaOnevisionModel.pack_image_features`` / ``LlavaOnevisionProcessor._get_unpadded_features``)."""
+    ratio = math.sqrt(rows * cols / (max_num_patches * feature_grid[0] * feature_grid[1]))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
+def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of torch's bilinear resize with ``align_corners=False`` along one axis (float32
+    arithmetic, as its CPU kernel: ``src = scale * (dst + 0.5) - 0.5`` clamped at 0, ``scale = in / out``; the
+    multiply-add is rounded once, as the compiled kernel's fused multiply-add does)."""
+    scale = np.float64(np.float32(size_in / size_out))
+    src = np.maximum(scale * (np.arange(size_out, dtype=np.float64) + 0.5) - 0.5, 0).astype(np.float32)
+    low = np.minimum(src.astype(np.int64), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    weight = (src - low.astype(np.float32)).astype(np.float32)
+    return low, high, weight
+
+
+def resize_bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``[H, W, E] -> [height, width, E]`` like ``torch.nn.functional.interpolate(mode="bilinear")`` (align_corners
+    False, no antialiasing) on the ``[1, E, H, W]`` tensor."""
+    y0, y1, wy = _bilinear_taps(grid.shape[0], height)
+    x0, x1, wx = _bilinear_taps(grid.shape[1], width)
+    wy, wx = wy.astype(grid.dtype)[:, None, None], wx.astype(grid.dtype)[None, :, None]
+    top = grid[y0][:, x0] * (1 - wx) + grid[y0][:, x1] * wx
+    bottom = grid[y1][:, x0] * (1 - wx) + grid[y1][:, x1] * wx
+    return (top * (1 - wy) + bottom * wy).astype(grid.dtype)
+
+
+@dataclass(frozen=True)
+class AnyresMaxRule(AnyresRule):
+    """``tiling == "anyres_max"``: :class:`AnyresRule` (same views, best resolution, unpadding, newline rows, base
+    view first) whose unpadded feature grid is bilinearly downscaled when it exceeds ``max_num_patches`` tiles'
+    worth of features (LLaVA-OneVision's ``vision_aspect_ratio = "anyres_max_N"``).
+
+    ``max_images_per_prompt``: transformers lays out a prompt of several images differently (one untiled view each),
+    which this rule does not reproduce; the preprocessor refuses more images than this in one prompt."""
+
+    max_num_patches: int = 0
+    max_images_per_prompt: int | None = None
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> AnyresMaxRule:
+        rule = super().from_params(params)
+        try:
+            cap = int(params["max_num_patches"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(
+                f"preprocess.tiling_params is incomplete for anyres_max tiling ({err!r})",
+                where="edgelvm.json",
+                fix="re-export the bundle with `edgelvm export`",
+            ) from None
+        if cap < 1:
+            raise BundleError(
+                f"max_num_patches must be >= 1, not {cap}", where="edgelvm.json", fix="re-export the bundle"
+            )
+        most = params.get("max_images_per_prompt")
+        return replace(rule, max_num_patches=cap, max_images_per_prompt=None if most is None else int(most))
+
+    def to_params(self) -> dict[str, Any]:
+        params = {**super().to_params(), "max_num_patches": self.max_num_patches}
+        if self.max_images_per_prompt is not None:
+            params["max_images_per_prompt"] = self.max_images_per_prompt
+        return params
+
+    def packed_size(self, height: int, width: int) -> tuple[int, int]:
+        """Rows and columns of the packed feature grid (before the newline column) for an image of this size."""
+        r0, r1, c0, c1 = self.packed_grid(height, width)
+        return capped_grid_size(r1 - r0, c1 - c0, self.feature_grid, self.max_num_patches)
+
+    def token_count(self, height: int, width: int, base_tokens: int) -> int:
+        rows, cols = self.packed_size(height, width)
+        return base_tokens + rows * (cols + (1 if self.newline else 0))
+
+    def resize_grid(self, grid: np.ndarray) -> np.ndarray:
+        rows, cols = capped_grid_size(grid.shape[0], grid.shape[1], self.feature_grid, self.max_num_patches)
+        return grid if (rows, cols) == grid.shape[:2] else resize_bilinear(grid, rows, cols)

@@ -151,6 +151,13 @@ class TrtBackend:
     name = "tensorrt"
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, *, engine_dir: Path | None = None) -> None:
+        if manifest.preprocess.image_placement == "cross_attention":
+            raise BackendError(
+                "the TensorRT backend does not feed a cross-attention decoder's image inputs yet "
+                "(preprocess.image_placement 'cross_attention', e.g. Idefics)",
+                where="backend",
+                fix="use backend='auto' (ONNX Runtime)",
+            )
         try:
             import tensorrt as trt
         except ImportError as err:
@@ -184,7 +191,8 @@ class TrtBackend:
         self._bufs = {
             "inputs_embeds": self.cuda.malloc(self.max_batch * length * hidden * np.dtype(self._embed_dtype).itemsize),
             "attention_mask": self.cuda.malloc(self.max_batch * length * 8),
-            "position_ids": self.cuda.malloc(self.max_batch * length * 8),
+            # position_ids: [B, S], or [rows, B, S] for M-RoPE (manifest.positions.rows)
+            "position_ids": self.cuda.malloc(int(manifest.positions.get("rows", 1)) * self.max_batch * length * 8),
             "logits": self.cuda.malloc(self.max_batch * vocab * np.dtype(self._logits_dtype).itemsize),
         }
         self._vocab = vocab
@@ -239,7 +247,14 @@ class TrtBackend:
     def embed_dtype(self) -> Any:
         return self._embed_dtype
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_images(self, pixel_values: np.ndarray, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        if inputs:
+            raise BackendError(
+                f"vision graphs with inputs besides pixel_values ({', '.join(inputs)}) are not supported by the "
+                "TensorRT backend yet",
+                where=self.engine_dir,
+                fix="use backend='auto' (onnxruntime) for this bundle",
+            )
         trt, ctx = self.trt, self._vision_ctx
         in_name = self.manifest.graphs["vision"].inputs[0].name
         out_name = self.manifest.graphs["vision"].outputs[0].name
@@ -269,9 +284,10 @@ class TrtBackend:
             )
         return TrtKVCache(self.cuda, self.kv_spec, batch, self._kv_dtype)
 
-    def step(self, rows: list[np.ndarray], cache: TrtKVCache) -> Any:
-        """Append ``rows[r]`` (``[S_r, E]``) to row ``r`` of the cache; return each row's last-position logits."""
-        embeds, attention_mask, positions = cache.pad.pack(rows, self._embed_dtype)
+    def step(self, rows: list[np.ndarray], cache: TrtKVCache, positions: list[np.ndarray] | None = None) -> Any:
+        """Append ``rows[r]`` (``[S_r, E]``) to row ``r`` of the cache; return each row's last-position logits.
+        ``positions``: explicit per-row position ids (see :meth:`OrtBackend.step`)."""
+        embeds, attention_mask, positions = cache.pad.pack(rows, self._embed_dtype, positions)
         batch, seq = embeds.shape[:2]
         past, new_length = cache.length, cache.length + seq
         profile = DECODE if seq == 1 else PREFILL

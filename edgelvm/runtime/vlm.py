@@ -18,15 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from edgelvm.errors import ConfigError, PromptTooLongError
+from edgelvm.errors import BundleError, ConfigError, PromptTooLongError
 from edgelvm.manifest import Manifest, verify_bundle_files
+from edgelvm.runtime.cross_attention import cross_attention_inputs
 from edgelvm.runtime.images import ImageInput, load_image
 from edgelvm.runtime.ort_backend import OrtBackend
+from edgelvm.runtime.positions import positions_rule
 from edgelvm.runtime.preprocess import ImagePreprocessor, PreparedImage
 from edgelvm.runtime.sampling import Sampler, SamplingConfig
 from edgelvm.runtime.session_settings import SessionSettings
 from edgelvm.runtime.text import ChatTokenizer, Message, StreamDecoder, user_message, without_images
 from edgelvm.runtime.vision_cache import VisionCache, pixel_key
+from edgelvm.runtime.vision_text import VisionTextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,13 @@ class VLM:
         self.backend = backend
         self.tokenizer = ChatTokenizer(manifest.tokenizer, bundle_dir)
         self.preprocessor = ImagePreprocessor(manifest.preprocess, bundle_dir)
+        #: the vision graph's text input (``preprocess.vision_text``: InstructBLIP's Q-Former reads the prompt)
+        vision_text = manifest.preprocess.vision_text
+        self.vision_text = VisionTextTokenizer(vision_text, bundle_dir) if vision_text else None
+        #: None for 1-D positions (the backend derives them from the mask), else the rule computing them per token
+        self.positions = positions_rule(manifest.positions)
+        #: None unless the decoder cross-attends to the images (``preprocess.image_placement = "cross_attention"``)
+        self.cross = cross_attention_inputs(manifest.preprocess)
         self.vision_cache = VisionCache(int(vision_cache_mb * 2**20))
         self._embed_table = np.load(bundle_dir / manifest.graphs["embed"].file, mmap_mode="r")
         self._eos = set(manifest.generation["eos_token_ids"])
@@ -229,6 +239,14 @@ class VLM:
 
     def chat(self, images: Images = None, *, system: str | None = None) -> ChatSession:
         """A multi-turn conversation that keeps its KV cache: each turn prefills only its new tokens."""
+        if self.manifest.attention == "prefix_lm":
+            raise ConfigError(
+                "this bundle's model attends bidirectionally over its whole prompt (manifest attention "
+                "'prefix_lm', e.g. PaliGemma): a chat turn's new tokens cannot extend a cached conversation",
+                where="chat()",
+                fix="ask each question with generate() (one prompt per call, as the model was trained)",
+            )
+        self._refuse_cross_attention("chat()")
         return ChatSession(self, [load_image(i) for i in _as_list(images)], system=system)
 
     def forced_logits(self, images: Images, prompt: str, continuation: Sequence[int]) -> np.ndarray:
@@ -237,22 +255,26 @@ class VLM:
 
         Used by ``edgelvm eval --reference`` for top-1 agreement and KL against a teacher.
         """
+        self._refuse_cross_attention("forced_logits()")
         request = Request(prompt=prompt, images=[load_image(i) for i in _as_list(images)])
         ids = self.prompt_ids(request)
         self._check_length(len(ids), len(continuation))
+        positions = self._positions(ids, request.images)
         with self._lock:
             cache = self.backend.new_cache(1)
-            rows = [self.backend.step([self._embed(ids, self._image_features(request.images))], cache)[0]]
-            for token in continuation[:-1]:
-                rows.append(self.backend.step([self._token_embeds(np.array([token]))], cache)[0])
+            embeds = self._embed(ids, self._image_features(request.images, self._texts_for([request])))
+            rows = [self._step([embeds], cache, None if positions is None else [positions])[0]]
+            start = None if positions is None else self.positions.next_position(positions)
+            for i, token in enumerate(continuation[:-1]):
+                step = None if start is None else [self.positions.decode(start + i)]
+                rows.append(self._step([self._token_embeds(np.array([token]))], cache, step)[0])
         return np.stack(rows).astype(np.float32)
 
     # ---- prompt → embeddings -------------------------------------------------------------------------------------
     def prompt_ids(self, request: Request) -> list[int]:
         """Token ids of the rendered prompt with each image's tokens (placeholders expanded to the image's token
         count, or the image before the prompt: ``preprocess.image_placement``)."""
-        messages = request.messages or [user_message(request.prompt or "", len(request.images))]
-        return self._encode(messages, request.images)
+        return self._encode(_messages(request), request.images)
 
     def image_token_counts(self, images: list[ImageInput]) -> list[int]:
         """How many image-feature positions each image fills (with tiling it depends on the image's size)."""
@@ -269,10 +291,19 @@ class VLM:
     def _encode(self, messages: list[Message], images: list[ImageInput]) -> list[int]:
         """Render and encode ``messages``, with the images' tokens placed as the bundle says (at placeholders, or
         before the prompt)."""
+        ids = self.tokenizer.encode(self._render(messages))
+        return self.preprocessor.place_image_tokens(ids, self.image_segments(images))
+
+    def _render(self, messages: list[Message]) -> str:
         if not self.preprocessor.images_in_text:
             messages = without_images(messages)
-        ids = self.tokenizer.encode(self.tokenizer.render(messages))
-        return self.preprocessor.place_image_tokens(ids, self.image_segments(images))
+        return self.tokenizer.render(messages)
+
+    def _texts_for(self, requests: list[Request]) -> list[str] | None:
+        """For a text-conditioned vision graph: each image's text, its request's rendered prompt (else None)."""
+        if self.vision_text is None:
+            return None
+        return [self._render(_messages(r)) for r in requests for _ in r.images]
 
     def _check_length(self, prompt_tokens: int, new_tokens: int) -> None:
         if prompt_tokens + new_tokens > self.max_length:
@@ -283,22 +314,40 @@ class VLM:
                 fix="shorten the prompt, lower max_new_tokens, or re-export with a larger --max-length",
             )
 
-    def _image_features(self, images: list[ImageInput]) -> list[np.ndarray]:
+    def _image_features(self, images: list[ImageInput], texts: list[str] | None = None) -> list[np.ndarray]:
         """Per image ``[tokens, hidden]``: cached features where the pixels were seen before, one encoder run over
-        the views of the rest (duplicates within the call are encoded once)."""
+        the views of the rest (duplicates within the call are encoded once).
+
+        ``texts``: with a text-conditioned vision graph (``preprocess.vision_text``), each image's prompt; the
+        features then depend on both, and so does the cache key."""
         if not images:
             return []
         prepared = [self.preprocessor.prepare(image) for image in images]
         keys = [self._feature_key(p) for p in prepared]
+        text_ids: dict[str, list[int]] = {}
+        if self.vision_text is not None:
+            if texts is None or len(texts) != len(images):
+                raise ConfigError(
+                    "this bundle's vision encoder reads the prompt: pass one text per image",
+                    where="_image_features(texts=...)",
+                    fix="call it through generate() / generate_batch() / chat()",
+                )
+            encoded_texts = [self.vision_text.encode(t) for t in texts]
+            keys = [f"{k}-t{pixel_key(np.asarray(ids, dtype=np.int64))}" for k, ids in zip(keys, encoded_texts)]
+            text_ids = dict(zip(keys, encoded_texts))
         found = {k: f for k in dict.fromkeys(keys) if (f := self.vision_cache.get(k)) is not None}
         missing = [k for k in dict.fromkeys(keys) if k not in found]
         stats = self.last_stats
         stats.image_cache_hits += len(found)
         if missing:
             chosen = [prepared[keys.index(k)] for k in missing]
-            encoded = self.backend.encode_images(np.concatenate([p.pixels for p in chosen]))
-            splits = np.cumsum([len(p.pixels) for p in chosen])[:-1]
-            for key, image, views in zip(missing, chosen, np.split(encoded, splits)):
+            if any(p.inputs for p in chosen):  # graphs with per-image inputs (native resolution): one call each
+                outputs = [self.backend.encode_images(p.pixels, p.inputs) for p in chosen]
+            else:
+                extra = self.vision_text.batch([text_ids[k] for k in missing]) if text_ids else None
+                encoded = self.backend.encode_images(np.concatenate([p.pixels for p in chosen]), extra)
+                outputs = np.split(encoded, np.cumsum([len(p.pixels) for p in chosen])[:-1])
+            for key, image, views in zip(missing, chosen, outputs):
                 found[key] = self.preprocessor.pack(views, image)
                 self.vision_cache.put(key, found[key])
             stats.images_encoded += len(missing)
@@ -319,6 +368,40 @@ class VLM:
     def _token_embeds(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self._embed_table[ids], dtype=self.backend.embed_dtype)
 
+    # ---- positions -------------------------------------------------------------------------------------------------
+    def _positions(self, ids: list[int], images: list[ImageInput]) -> np.ndarray | None:
+        """Explicit ``[P, len(ids)]`` positions of a prompt (``manifest.positions``), or None for 1-D positions."""
+        if self.positions is None:
+            return None
+        grid = getattr(self.preprocessor.tiling, "grid", None)
+        if grid is None and images:
+            raise BundleError(
+                f"positions of kind {self.manifest.positions.get('kind')!r} need image grids, which preprocess.tiling "
+                f"{self.manifest.preprocess.tiling!r} does not give",
+                where="edgelvm.json",
+                fix="re-export the bundle with `edgelvm export`",
+            )
+        grids = [grid(pil.height, pil.width) for pil in map(load_image, images)] if images else []
+        return self.positions.prompt(ids, grids)
+
+    def _step(
+        self, rows: list[np.ndarray], cache: Any, positions: list[np.ndarray] | None, inputs: Any = None
+    ) -> np.ndarray:
+        if inputs is not None:  # the decoder graph's extra inputs (cross-attention: image states and mask), by name
+            return self.backend.step(rows, cache, positions=positions, inputs=inputs)
+        if positions is None:  # 1-D: the backend counts the real tokens (the interface every backend has)
+            return self.backend.step(rows, cache)
+        return self.backend.step(rows, cache, positions=positions)
+
+    def _refuse_cross_attention(self, what: str) -> None:
+        if self.cross is not None:
+            raise ConfigError(
+                f"{what} is not supported yet for bundles whose decoder cross-attends to the images "
+                "(preprocess.image_placement 'cross_attention', e.g. Idefics)",
+                where=what,
+                fix="use generate() / generate_batch() (one stateless request each)",
+            )
+
     # ---- the loop --------------------------------------------------------------------------------------------------
     def _generate(
         self, requests: list[Request], prompts: list[list[int]], config: GenerationConfig, control: Control
@@ -327,21 +410,34 @@ class VLM:
             self.last_stats = stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
             started = time.perf_counter()
             # One encoder call for the whole batch: the same frame in several requests is encoded once.
-            features = self._image_features([image for r in requests for image in r.images])
+            features = self._image_features([image for r in requests for image in r.images], self._texts_for(requests))
             per_request, start = [], 0
             for r in requests:
                 per_request.append(features[start : start + len(r.images)])
                 start += len(r.images)
+            cross = None
+            if self.cross is not None:  # features go to the decoder's cross-attention, not into the embeddings
+                cross = self.cross.batch(prompts, per_request, self.backend.embed_dtype)
+                per_request = [[] for _ in requests]
             rows = [self._embed(ids, feats) for ids, feats in zip(prompts, per_request)]
+            positions = [self._positions(ids, r.images) for ids, r in zip(prompts, requests)]
+            explicit = None if self.positions is None else positions
             stats.vision_ms = (time.perf_counter() - started) * 1e3
-            cache, cached = self._shared_prefix_cache(rows)
-            yield from self._decode(rows, cache, cached, config, control)
+            cache, cached = self._shared_prefix_cache(rows, explicit) if cross is None else (None, 0)
+            yield from self._decode(rows, cache, cached, config, control, positions=explicit, cross=cross)
 
-    def _shared_prefix_cache(self, rows: list[np.ndarray]) -> tuple[Any, int]:
+    def _shared_prefix_cache(
+        self, rows: list[np.ndarray], positions: list[np.ndarray] | None = None
+    ) -> tuple[Any, int]:
         """A batch cache pre-filled with the longest prefix all rows share (bitwise-equal embeddings, so the same
-        images too); ``(None, 0)`` when there is nothing worth sharing."""
+        images too, and with explicit positions equal positions); ``(None, 0)`` when there is nothing worth
+        sharing."""
         batch = len(rows)
+        if self.manifest.attention == "prefix_lm":  # a prompt is one bidirectional block: never split its prefill
+            return None, 0
         shared = _common_prefix(rows) if batch > 1 else 0
+        if positions is not None and batch > 1:
+            shared = min(shared, _common_prefix([p.T for p in positions]))
         shared = min(shared, min(len(r) for r in rows) - 1)  # every row needs ≥ 1 own position for its logits
         if shared < MIN_SHARED_PREFIX:
             return None, 0
@@ -349,7 +445,7 @@ class VLM:
         if not probe.supports_reuse:
             return None, 0
         started = time.perf_counter()
-        self.backend.step([rows[0][:shared]], probe)
+        self._step([rows[0][:shared]], probe, None if positions is None else [positions[0][:, :shared]])
         cache = self.backend.new_cache(batch)
         cache.fill_from(probe)
         self.last_stats.prefill_ms += (time.perf_counter() - started) * 1e3
@@ -365,10 +461,14 @@ class VLM:
         config: GenerationConfig,
         control: Control,
         on_fed: Any = None,
+        positions: list[np.ndarray] | None = None,
+        cross: Any = None,
     ) -> Iterator[tuple[int, str]]:
         """Prefill ``rows[r][cached:]`` after the ``cached`` positions already in ``cache``, then decode.
 
         ``on_fed(row, token)`` is told each sampled token once it is in the cache (chat sessions track them).
+        ``positions``: each row's explicit ``[P, len(rows[r])]`` positions (None: 1-D, counted by the backend);
+        generated tokens continue at the row's largest position + 1.
         """
         stats = self.last_stats
         batch = len(rows)
@@ -381,7 +481,11 @@ class VLM:
 
         step_started = time.perf_counter()
         suffixes = [r[cached:] for r in rows]
-        logits = self.backend.step(suffixes, cache)
+        next_positions = None if positions is None else [self.positions.next_position(p) for p in positions]
+        prefill_inputs = None if cross is None else cross.prefill(cached)  # cross-attention: every step
+        logits = self._step(
+            suffixes, cache, None if positions is None else [p[:, cached:] for p in positions], prefill_inputs
+        )
         stats.prefill_ms += (time.perf_counter() - step_started) * 1e3
         stats.prefill_tokens += max(len(s) for s in suffixes)
         decode_started = time.perf_counter()
@@ -412,7 +516,11 @@ class VLM:
                 reasons = [r or interrupted for r in reasons]
             if all(r is not None for r in reasons):
                 break
-            logits = self.backend.step(list(self._token_embeds(tokens)[:, None, :]), cache)
+            step_positions = None
+            if next_positions is not None:
+                step_positions = [self.positions.decode(n + step) for n in next_positions]
+            step_inputs = None if cross is None else cross.decode()
+            logits = self._step(list(self._token_embeds(tokens)[:, None, :]), cache, step_positions, step_inputs)
             if on_fed is not None:
                 for row in range(batch):
                     on_fed(row, int(tokens[row]))
@@ -452,7 +560,8 @@ class ChatSession:
         with vlm._lock:
             vlm.last_stats = stats = GenerationStats(prompt_tokens=len(ids))
             reuse = 0
-            if self._cache is not None and self._cache.supports_reuse:
+            # A text-conditioned vision encoder sees the whole conversation: its image features change every turn.
+            if self._cache is not None and self._cache.supports_reuse and vlm.vision_text is None:
                 reuse = _common_prefix_ids(self._cached_ids, ids)
                 reuse = min(reuse, len(ids) - 1)
                 self._cache.crop(reuse)
@@ -462,18 +571,23 @@ class ChatSession:
             started = time.perf_counter()
             image_id = vlm.manifest.preprocess.image_token_id
             if image_id in ids[reuse:]:
-                row = vlm._embed(ids, vlm._image_features(self.images))
+                texts = [vlm._render(messages)] * len(self.images) if vlm.vision_text is not None else None
+                row = vlm._embed(ids, vlm._image_features(self.images, texts))
             else:  # the images are already in the cache: embed only the new text (rows are sliced at `reuse`)
                 row = np.zeros((len(ids), vlm._embed_table.shape[1]), dtype=vlm.backend.embed_dtype)
                 row[reuse:] = vlm._token_embeds(np.asarray(ids[reuse:], dtype=np.int64))
             stats.vision_ms = (time.perf_counter() - started) * 1e3
+            # explicit positions of the whole conversation: the reused prefix's are the ones already in the cache
+            positions = vlm._positions(ids, self.images)
             fed_ids = list(ids)
 
             def record(_row: int, token: int) -> None:
                 fed_ids.append(token)
 
             answer = ""
-            for _, piece in vlm._decode([row], self._cache, reuse, config, Control(), on_fed=record):
+            explicit = None if positions is None else [positions]
+            turn = vlm._decode([row], self._cache, reuse, config, Control(), on_fed=record, positions=explicit)
+            for _, piece in turn:
                 answer += piece
                 yield piece
             self._cached_ids = fed_ids
@@ -540,6 +654,10 @@ class _RowText:
         piece = self.decoder.text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return piece
+
+
+def _messages(request: Request) -> list[Message]:
+    return request.messages or [user_message(request.prompt or "", len(request.images))]
 
 
 def _as_list(images: Images) -> list[ImageInput]:

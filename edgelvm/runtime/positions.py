@@ -1,0 +1,125 @@
+"""Position ids as plain data (``manifest.positions``), computed in numpy: 1-D or M-RoPE.
+
+``kind == "1d"`` (every family but Qwen2-VL): the backends compute ``cumsum(attention_mask) - 1`` themselves
+(``runtime/padding.py``); no rule object exists and nothing here runs.
+
+``kind == "mrope"`` (Qwen2-VL's multimodal rotary embedding): each token has ``rows`` (3) positions — temporal,
+height, width. A port of transformers' ``Qwen2VLModel.get_rope_index`` for images and text:
+
+- a run of text tokens counts up from the current position, equal in all three rows;
+- an image of ``(t, grid_h, grid_w)`` patches, merged ``m x m`` into ``grid_h/m x grid_w/m`` tokens, gets
+  ``(start + t_i, start + row, start + col)``;
+- the text after an image starts at ``start + max(grid_h, grid_w) / m`` — the image's largest position + 1.
+
+Positions are explicit per token, so left padding, a gap between a shared prefix and a row's suffix, and a chat
+history reused from the KV cache need nothing special: a token's positions depend only on the tokens (and image
+grids) before it. Generated tokens continue at the sequence's largest position + 1, + 2, ... — which is also what
+``get_rope_index`` gives them as text when the next chat turn re-renders them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgelvm.errors import BundleError, EdgeLVMError
+
+#: Position kinds this runtime implements (``manifest.positions.kind``).
+POSITION_KINDS = ("1d", "mrope")
+
+
+@dataclass(frozen=True)
+class MRopePositions:
+    """``positions`` for ``kind == "mrope"``."""
+
+    image_token_id: int
+    spatial_merge_size: int
+    rows: int = 3
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> MRopePositions:
+        try:
+            rule = cls(
+                image_token_id=int(params["image_token_id"]),
+                spatial_merge_size=int(params["spatial_merge_size"]),
+                rows=int(params.get("rows", 3)),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(
+                f"positions is incomplete for M-RoPE ({err!r})",
+                where="edgelvm.json: positions",
+                fix="re-export the bundle with `edgelvm export`",
+            ) from None
+        if rule.rows != 3:
+            raise BundleError(
+                f"M-RoPE with {rule.rows} position rows is not implemented (this edgelvm knows 3: t, h, w)",
+                where="edgelvm.json: positions.rows",
+                fix="upgrade edgelvm (`pip install -U edgelvm`)",
+            )
+        return rule
+
+    def prompt(self, ids: list[int] | np.ndarray, grids: list[tuple[int, int, int]]) -> np.ndarray:
+        """``[3, len(ids)]`` int64 positions of a token sequence whose image-token runs belong, in order, to images
+        of these ``(t, grid_h, grid_w)`` patch grids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        m = self.spatial_merge_size
+        out = np.zeros((self.rows, len(ids)), dtype=np.int64)
+        current, index, image = 0, 0, 0
+        is_image = ids == self.image_token_id
+        while index < len(ids):
+            if not is_image[index]:
+                end = index
+                while end < len(ids) and not is_image[end]:
+                    end += 1
+                out[:, index:end] = current + np.arange(end - index)
+                current += end - index
+                index = end
+                continue
+            if image >= len(grids):
+                raise EdgeLVMError(
+                    f"the prompt has more image-token runs than the {len(grids)} image(s) given",
+                    where="prompt",
+                    fix="do not write the image token into the prompt text; pass images instead",
+                )
+            t, grid_h, grid_w = (int(v) for v in grids[image])
+            gh, gw = grid_h // m, grid_w // m
+            count = t * gh * gw
+            if index + count > len(ids) or not is_image[index : index + count].all():
+                raise EdgeLVMError(
+                    f"image {image} needs {count} consecutive image tokens in the prompt",
+                    where="prompt",
+                    fix="do not write the image token into the prompt text; pass images instead",
+                )
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            out[0, index : index + count] = current + tt.reshape(-1)
+            out[1, index : index + count] = current + hh.reshape(-1)
+            out[2, index : index + count] = current + ww.reshape(-1)
+            current += max(grid_h, grid_w) // m
+            index += count
+            image += 1
+        return out
+
+    @staticmethod
+    def next_position(positions: np.ndarray) -> int:
+        """Where generation continues after a sequence with these positions."""
+        return int(positions.max()) + 1 if positions.size else 0
+
+    def decode(self, position: int) -> np.ndarray:
+        """``[3, 1]`` positions of one generated token at ``position``."""
+        return np.full((self.rows, 1), position, dtype=np.int64)
+
+
+def positions_rule(spec: dict[str, Any] | None) -> MRopePositions | None:
+    """The rule for ``manifest.positions``: ``None`` for 1-D positions (the backends derive them from the mask)."""
+    kind = (spec or {}).get("kind", "1d")
+    if kind == "1d":
+        return None
+    if kind == "mrope":
+        return MRopePositions.from_params(spec or {})
+    raise BundleError(
+        f"position kind {kind!r} is not implemented by this edgelvm (it knows: {', '.join(POSITION_KINDS)})",
+        where="edgelvm.json: positions.kind",
+        fix="upgrade edgelvm (`pip install -U edgelvm`)",
+    )

@@ -1,0 +1,261 @@
+"""InstructBLIP (``instructblip``): BLIP-2 whose Q-Former also reads the prompt; export → runtime parity with
+Hugging Face on tiny random checkpoints (a Vicuna-style Llama, with the fused decoder too, and an OPT).
+
+Reference: transformers' ``InstructBlipProcessor`` (``BlipImageProcessorPil`` + the language model's tokenizer + the
+Q-Former's own WordPiece tokenizer) and ``InstructBlipForConditionalGeneration.generate``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgelvm.errors import PromptTooLongError, UnsupportedModelError  # noqa: E402
+from edgelvm.manifest import Manifest  # noqa: E402
+from edgelvm.runtime import VLM, Request  # noqa: E402
+
+PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
+QUERIES = 6  # edgelvm.testing.build_tiny_instructblip's num_query_tokens
+
+
+@pytest.fixture(scope="module")
+def images():
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    return {
+        "landscape": Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)),
+        "portrait": Image.fromarray(rng.integers(0, 256, (70, 33, 3), dtype=np.uint8)),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from edgelvm.testing import build_tiny_instructblip
+
+    return build_tiny_instructblip(tmp_path_factory.mktemp("instructblip") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory):
+    from edgelvm.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("instructblip_bundle") / "b"
+    return export(checkpoint, out, ExportConfig(max_length=128)).bundle_dir
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    assert type(processor).__name__ == "InstructBlipProcessor"
+    assert type(processor.image_processor).__name__ == "BlipImageProcessorPil"  # the backend compared against
+    return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+
+
+def _text(processor, prompt: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _trim(ids: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def _hf_generate(processor, model, image, text: str, max_new_tokens: int = 20) -> list[int]:
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id})
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf, images):
+    processor, model = hf
+    return {(name, p): _hf_generate(processor, model, images[name], _text(processor, p)) for name in images
+            for p in PROMPTS}  # fmt: skip
+
+
+# ---- preprocessing and the Q-Former's text --------------------------------------------------------------------
+def test_pixels_prompt_ids_and_qformer_ids_match_the_hf_processor(hf, bundle, images):
+    processor, _ = hf
+    vlm = VLM.load(bundle)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for name, image in images.items():
+        for prompt in PROMPTS:
+            text = _text(processor, prompt)
+            inputs = processor(images=[image], text=[text], return_tensors="np")
+            assert np.abs(vlm.preprocessor([image]) - inputs["pixel_values"]).max() <= 1e-5, name
+            ids = vlm.prompt_ids(Request(prompt=prompt, images=[image]))
+            assert ids == inputs["input_ids"][0].tolist(), name
+            assert ids[:QUERIES] == [image_id] * QUERIES
+            assert vlm.vision_text.encode(text) == inputs["qformer_input_ids"][0].tolist(), (name, prompt)
+
+
+def test_bundle_ships_the_qformer_tokenizer_and_a_text_conditioned_vision_graph(hf, bundle, images):
+    """The vision graph takes the prompt's Q-Former ids; its features equal ``get_image_features`` with the same
+    ids, and depend on the question (else the text input would be decoration)."""
+    processor, model = hf
+    manifest = Manifest.load(bundle)
+    assert manifest.family == "instructblip" and manifest.created_from["text_model_type"] == "llama"
+    assert set(manifest.graphs) == {"vision", "embed", "decoder", "decoder_ort"}  # Vicuna-style Llama: fused too
+    assert [t.name for t in manifest.graphs["vision"].inputs] == ["pixel_values", "vision_text_ids", "vision_text_mask"]
+    vision_text = manifest.preprocess.vision_text
+    assert vision_text["tokenizer"] in manifest.files  # hashed with the bundle
+    vlm = VLM.load(bundle, vision_cache_mb=0)
+    features = {}
+    for prompt in PROMPTS:
+        text = _text(processor, prompt)
+        inputs = processor(images=[images["landscape"]], text=[text], return_tensors="pt")
+        with torch.no_grad():
+            reference = model.get_image_features(
+                inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
+            ).pooler_output[0].numpy()
+        got = vlm._image_features([images["landscape"]], [text])[0]
+        assert got.shape == reference.shape == (QUERIES, 64)
+        assert np.abs(got - reference).max() / np.abs(reference).max() < 1e-4
+        features[prompt] = got
+    assert np.abs(features[PROMPTS[0]] - features[PROMPTS[1]]).max() > 1e-3
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("decoder", ["portable", "fused"])
+def test_greedy_tokens_equal_hf_generate(bundle, images, hf_greedy, decoder):
+    vlm = VLM.load(bundle, decoder=decoder)
+    compared = 0
+    for (name, prompt), expected in hf_greedy.items():
+        vlm.generate(images[name], prompt, max_new_tokens=20)
+        assert vlm.last_output_ids[0] == expected, (name, prompt, decoder)
+        compared += len(expected)
+    assert compared >= len(hf_greedy) * 20 * 0.5  # not a vacuous early-EOS pass
+    for prompt in PROMPTS:
+        assert hf_greedy["landscape", prompt] != hf_greedy["portrait", prompt]
+
+
+def test_batch_of_mixed_questions_equals_single_requests(bundle, images, hf_greedy):
+    """One left-padded batch (one vision call with right-padded Q-Former texts) gives each request's own answer.
+    (HF's batched ``generate`` is not the reference here: the processor left-pads the Q-Former ids too, which shifts
+    the Q-Former's absolute positions, so its padded rows differ from the same requests alone.)"""
+    vlm = VLM.load(bundle)
+    pairs = [(name, prompt) for name in images for prompt in PROMPTS]
+    vlm.generate_batch([(images[n], p) for n, p in pairs], max_new_tokens=20)
+    assert vlm.last_output_ids == [hf_greedy[pair] for pair in pairs]
+    assert vlm.last_stats.images_encoded == 4  # the same image with another question is another encoding
+
+
+def test_chat_session_turns_equal_stateless_requests(bundle, images, hf_greedy):
+    """The image features depend on the whole rendered conversation, so a later turn re-encodes the image with the
+    new text and re-prefills (as a stateless request with that conversation would)."""
+    vlm = VLM.load(bundle)
+    chat = vlm.chat(images["portrait"])
+    chat.ask(PROMPTS[0], max_new_tokens=20)
+    assert vlm.last_output_ids[0] == hf_greedy["portrait", PROMPTS[0]]
+    second = chat.ask("And the color?", max_new_tokens=8)
+    reference = VLM.load(bundle)
+    messages = chat.messages[:-1]
+    expected_ids = reference._encode(messages, [images["portrait"]])
+    assert vlm.last_stats.reused_tokens == 0
+    rows = reference.stream_requests([Request(messages=messages, images=[images["portrait"]])],
+                                     reference_config(8))  # fmt: skip
+    assert "".join(piece for _, piece in rows) == second
+    assert len(expected_ids) == vlm.last_stats.prompt_tokens
+
+
+def reference_config(max_new_tokens: int):
+    from edgelvm.runtime.vlm import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens)
+
+
+def test_too_long_qformer_prompt_is_a_clear_error(bundle, images):
+    vlm = VLM.load(bundle)
+    vlm.vision_text.max_length = 8
+    with pytest.raises(PromptTooLongError, match="vision encoder's text input"):
+        vlm.generate(images["portrait"], PROMPTS[1], max_new_tokens=2)
+
+
+def test_runtime_runs_an_instructblip_bundle_without_torch(bundle):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from edgelvm.runtime import VLM
+        vlm = VLM.load({str(bundle)!r})
+        frame = np.random.default_rng(0).integers(0, 256, (48, 90, 3), dtype=np.uint8)
+        vlm.generate(frame, "What is on the table?", max_new_tokens=4)
+        assert vlm.last_stats.new_tokens >= 1
+        print("HEAVY=" + ",".join(m for m in ("torch", "transformers", "onnx") if m in sys.modules))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("HEAVY=")
+
+
+# ---- OPT, compression stages, refusals --------------------------------------------------------------------------
+def test_opt_instructblip_exports_portable_only_and_matches_hf(tmp_path, images):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.testing import build_tiny_instructblip
+
+    checkpoint = build_tiny_instructblip(tmp_path / "opt", text="opt", seed=1)
+    result = export(checkpoint, tmp_path / "b", ExportConfig(max_length=96))
+    assert set(result.manifest.graphs) == {"vision", "embed", "decoder"}  # OPT: no fused decoder
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    vlm = VLM.load(result.bundle_dir)
+    for prompt in PROMPTS:
+        vlm.generate(images["landscape"], prompt, max_new_tokens=12)
+        expected = _hf_generate(processor, model, images["landscape"], _text(processor, prompt), 12)
+        assert vlm.last_output_ids[0] == expected, prompt
+
+
+def test_quantized_checkpoint_exports_and_matches_hf(checkpoint, images, tmp_path):
+    """INT4 AWQ of the Llama (MatMulNBits fused, DequantizeLinear portable) and INT8 QDQ of ViT + Q-Former +
+    projection, calibrated through the processor (the Q-Former reads the calibration prompts); greedy tokens equal
+    the quantized checkpoint's in transformers with the vision linears' inputs fake-quantized as in the graph."""
+    from edgelvm.data.jsonl import load_jsonl_dataset
+    from edgelvm.data.shapes import write_split
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.models import load_model
+    from edgelvm.quantize.api import QuantConfig, quantize
+    from edgelvm.quantize.export import quantized_graph_rewrites
+
+    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
+    out = tmp_path / "q"
+    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4, progress=False)
+    report = quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
+    assert {r["side"] for r in report.layers} == {"text", "vision"}
+    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
+    graphs = result.manifest.graphs
+    assert (graphs["vision"].precision, graphs["decoder"].precision) == ("int8", "int4")
+    adapter = load_model(str(out))
+    vision_rewrite, encoder = quantized_graph_rewrites(adapter)["vision"], adapter.vision_encoder()
+    for decoder in ("portable", "fused"):
+        vlm = VLM.load(result.bundle_dir, decoder=decoder)
+        for prompt in PROMPTS:
+            with vision_rewrite.reference_context(encoder):  # the wrapper shares its linears with the model
+                expected = _hf_generate(adapter.processor, adapter.model, images["portrait"],
+                                        _text(adapter.processor, prompt), 12)  # fmt: skip
+            vlm.generate(images["portrait"], prompt, max_new_tokens=12)
+            assert vlm.last_output_ids[0] == expected, (prompt, decoder)
+
+
+def test_prune_is_a_clear_error(checkpoint, tmp_path):
+    from edgelvm.models import load_model
+    from edgelvm.prune import PruneConfig, prune
+
+    adapter = load_model(str(checkpoint))
+    with pytest.raises(UnsupportedModelError, match="pruning InstructBLIP is not supported"):
+        prune(adapter, None, PruneConfig(out=tmp_path / "p", text_heads=0.5, importance="magnitude", progress=False))

@@ -1,0 +1,329 @@
+"""PaliGemma (``paligemma``): SigLIP → linear projector → Gemma (PaliGemma 1) or Gemma2 (PaliGemma 2), image tokens
+before BOS + prompt + "\\n", prefix-LM attention over image + prompt; export → runtime parity with Hugging Face on
+tiny random checkpoints.
+
+Reference: transformers' ``PaliGemmaProcessor`` with ``SiglipImageProcessorPil`` (the backend transformers picks
+without torchvision; the runtime reproduces that one) and ``PaliGemmaForConditionalGeneration.generate`` (which
+passes the processor's ``token_type_ids``: the prompt is one bidirectional block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgelvm.errors import ConfigError, EdgeLVMError, ManifestError, UnsupportedModelError  # noqa: E402
+from edgelvm.manifest import Manifest  # noqa: E402
+from edgelvm.runtime import VLM, Request  # noqa: E402
+
+PROMPTS = ["What is on the table?", "caption en"]
+TOKENS = 16  # edgelvm.testing.build_tiny_paligemma: (32 / 8)^2 image tokens
+
+
+@pytest.fixture(scope="module")
+def images():
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    return {
+        "landscape": Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)),
+        "portrait": Image.fromarray(rng.integers(0, 256, (70, 33, 3), dtype=np.uint8)),
+        "rgba": Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), "RGBA"),
+        "gray": Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), "L"),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from edgelvm.testing import build_tiny_paligemma
+
+    return build_tiny_paligemma(tmp_path_factory.mktemp("paligemma") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory):
+    from edgelvm.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("paligemma_bundle") / "b"
+    return export(checkpoint, out, ExportConfig(max_length=128)).bundle_dir
+
+
+@pytest.fixture(scope="module")
+def vlm(bundle):
+    return VLM.load(bundle)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    assert type(processor).__name__ == "PaliGemmaProcessor"
+    assert type(processor.image_processor).__name__ == "SiglipImageProcessorPil"  # the backend compared against
+    assert processor.chat_template is None  # as the google checkpoints
+    return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+
+
+def _trim(ids: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def _hf_generate(processor, model, images, texts, max_new_tokens: int = 12) -> list[list[int]]:
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    assert "token_type_ids" in inputs  # what makes HF's first forward prefix-LM
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = {processor.tokenizer.eos_token_id}
+    return [_trim(row[inputs["input_ids"].shape[1] :].tolist(), eos) for row in ids]
+
+
+def test_manifest_says_prefix_lm_prefix_images_and_the_prompt_wrapping(bundle):
+    manifest = Manifest.load(bundle)
+    assert manifest.family == "paligemma"
+    assert manifest.attention == "prefix_lm"
+    assert manifest.positions == {"kind": "1d"}  # the graph adds PaliGemma's 1-based offset
+    assert manifest.preprocess.image_placement == "prefix"
+    assert manifest.preprocess.tokens_per_image == TOKENS
+    tokenizer = manifest.tokenizer
+    assert (tokenizer.prompt_prefix, tokenizer.prompt_suffix, tokenizer.add_special_tokens) == ("<s>", "\n", False)
+    assert tokenizer.chat_template is None  # the calibration-only template is not shipped
+    # Gemma is outside the fused decoder's Llama family: `--decoder auto` skipped it
+    assert set(manifest.graphs) == {"vision", "embed", "decoder"}
+    # the new fields are written only when set, and an attention kind this runtime does not know is refused
+    data = manifest.to_dict()
+    assert data["attention"] == "prefix_lm" and Manifest.from_dict(data).tokenizer.prompt_suffix == "\n"
+    bare = dataclasses.replace(tokenizer, prompt_prefix="", prompt_suffix="")
+    plain = dataclasses.replace(manifest, attention="causal", tokenizer=bare)
+    data = plain.to_dict()
+    assert "attention" not in data and "prompt_prefix" not in data["tokenizer"]
+    assert Manifest.from_dict(data).attention == "causal"
+    with pytest.raises(ManifestError, match="attention 'sliding'"):
+        Manifest.from_dict({**data, "attention": "sliding"})
+
+
+def test_preprocessing_and_prompt_ids_match_the_processor(hf, vlm, images):
+    processor, _ = hf
+    for name, image in images.items():
+        expected = processor.image_processor(images=[image], return_tensors="np")["pixel_values"]
+        got = vlm.preprocessor.prepare(image).pixels
+        assert got.shape == expected.shape, name
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=name)
+    for prompt in [*PROMPTS, "answer en où est le chat ?"]:
+        expected = processor(images=[images["landscape"]], text=[prompt], return_tensors="np")["input_ids"][0]
+        ids = vlm.prompt_ids(Request(prompt=prompt, images=[images["landscape"]]))
+        assert ids == expected.tolist(), prompt
+        assert ids[:TOKENS] == [vlm.manifest.preprocess.image_token_id] * TOKENS and ids[-1] != ids[-2]
+    with pytest.raises(EdgeLVMError, match="one image per prompt"):
+        vlm.prompt_ids(Request(prompt=PROMPTS[0], images=[images["landscape"], images["portrait"]]))
+    with pytest.raises(EdgeLVMError, match="places the image before the prompt"):
+        vlm.prompt_ids(Request(prompt="<image>" + PROMPTS[0], images=[images["landscape"]]))
+
+
+def test_embedding_table_and_vision_graph_equal_what_the_decoder_gets_in_hf(hf, vlm, images):
+    """The table holds Gemma's scaled embeddings (its module multiplies by sqrt(hidden)); the vision graph returns
+    the projector's output unscaled, as ``get_image_features`` (HF splices it into the scaled embeddings)."""
+    _, model = hf
+    embedding = model.get_input_embeddings()
+    with torch.no_grad():
+        scaled = embedding(torch.arange(embedding.weight.shape[0])).numpy()
+    table = np.load(vlm.bundle_dir / vlm.manifest.graphs["embed"].file)
+    np.testing.assert_array_equal(table, scaled)
+    assert not np.allclose(table, embedding.weight.detach().numpy())
+    pixels = np.concatenate([vlm.preprocessor.prepare(images[n]).pixels for n in ("landscape", "portrait", "gray")])
+    got = vlm.backend.encode_images(pixels)
+    with torch.no_grad():
+        expected = model.get_image_features(torch.from_numpy(pixels)).pooler_output.numpy()
+    assert got.shape == (3, TOKENS, model.config.text_config.hidden_size)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_tokens_equal_hf_generate(hf, vlm, images):
+    processor, model = hf
+    answers = set()
+    for name in ("landscape", "portrait"):
+        for prompt in PROMPTS:
+            expected = _hf_generate(processor, model, [images[name]], [prompt])[0]
+            vlm.generate(images[name], prompt, max_new_tokens=12)
+            assert vlm.last_output_ids[0] == expected, (name, prompt)
+            answers.add(tuple(expected))
+    assert len(answers) == 4  # the answers depend on both the image and the prompt
+
+
+def test_padded_batch_equals_hf_batched_generate_and_shares_no_prefix(hf, vlm, images):
+    """HF pads on the left (pads carry token_type_ids 0 but are masked out); the runtime's padded batch gives the
+    same tokens. Two requests share their image and the start of their prompt — more than the runtime's shared-
+    prefix threshold — yet nothing is prefilled separately: that would split the bidirectional prompt block."""
+    processor, model = hf
+    requests = [
+        (images["landscape"], "What is on the table?"),
+        (images["portrait"], "caption en"),
+        (images["landscape"], "What is on the chair today?"),
+        (images["gray"], "answer en how many?"),
+    ]
+    expected = _hf_generate(processor, model, [r[0] for r in requests], [r[1] for r in requests])
+    vlm.generate_batch(requests, max_new_tokens=12)
+    assert vlm.last_output_ids == expected
+    assert vlm.last_stats.reused_tokens == 0
+
+
+def test_prefix_lm_attention_is_what_makes_the_runtime_match(hf, vlm, images):
+    """The evidence that the decoder's mask matters: the prompt prefilled in one step (one bidirectional block)
+    gives HF's next-token logits; the same prompt fed one token per step — a causal prefill, what a plain causal
+    decoder or a split prefill computes — is far from them."""
+    processor, model = hf
+    image = images["portrait"]
+    inputs = processor(images=[image], text=[PROMPTS[0]], return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**inputs).logits[0, -1].numpy()
+    ids = vlm.prompt_ids(Request(prompt=PROMPTS[0], images=[image]))
+    row = vlm._embed(ids, vlm._image_features([image]))
+    one_step = vlm.backend.step([row], vlm.backend.new_cache(1))[0]
+    cache = vlm.backend.new_cache(1)
+    for position in range(len(row)):
+        causal = vlm.backend.step([row[position : position + 1]], cache)[0]
+    scale = float(np.abs(reference).max())
+    assert float(np.abs(one_step - reference).max()) < 1e-4 * scale
+    assert float(np.abs(causal - reference).max()) > 1e-2 * scale
+
+
+def test_chat_is_refused_clearly(vlm, images):
+    with pytest.raises(ConfigError, match="prefix_lm"):
+        vlm.chat(images["landscape"])
+
+
+def test_runtime_runs_without_torch(bundle):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from edgelvm.runtime import VLM
+        vlm = VLM.load({str(bundle)!r})
+        image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        vlm.generate(image, "caption en", max_new_tokens=4)
+        assert len(vlm.last_output_ids[0]) >= 1
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_paligemma2_gemma2_exports_and_matches_hf(images, tmp_path):
+    """PaliGemma 2: Gemma2 (attention and final logit soft-capping, sliding-window layers) through the same prefix-LM
+    decoder; a context longer than the sliding window is refused (transformers' cache would stop growing)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.models import load_model
+    from edgelvm.testing import build_tiny_paligemma
+
+    checkpoint = build_tiny_paligemma(tmp_path / "ckpt", text="gemma2")
+    adapter = load_model(str(checkpoint))
+    assert adapter.text_config.model_type == "gemma2"
+    with pytest.raises(UnsupportedModelError, match="sliding window"):
+        adapter.kv_cache_spec(adapter.text_config.sliding_window + 1, "float32")
+    vlm = VLM.load(export(adapter, tmp_path / "bundle", ExportConfig(max_length=96)).bundle_dir)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    for prompt in PROMPTS:
+        expected = _hf_generate(processor, model, [images["landscape"]], [prompt])[0]
+        vlm.generate(images["landscape"], prompt, max_new_tokens=12)
+        assert vlm.last_output_ids[0] == expected, prompt
+    requests = [(images["landscape"], PROMPTS[0]), (images["portrait"], "answer en how many?")]
+    expected = _hf_generate(processor, model, [r[0] for r in requests], [r[1] for r in requests])
+    vlm.generate_batch(requests, max_new_tokens=12)
+    assert vlm.last_output_ids == expected
+
+
+def test_prune_reloads_exports_and_matches_hf(checkpoint, images, tmp_path):
+    """Activation importance on calibration data (rendered with the adapter's calibration-only template, the
+    checkpoint having none), heads + MLP neurons of SigLIP and Gemma (explicit head_dim, one KV head kept); the result
+    reloads as paligemma without a template, exports, and greedy tokens equal HF's."""
+    from edgelvm.data import write_split
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.models import load_model
+    from edgelvm.prune import PruneConfig, prune
+
+    calib = write_split(tmp_path / "calib", seed=31, n=6)
+    out = tmp_path / "pruned"
+    cfg = PruneConfig(out=out, vision_heads=0.5, text_heads=0.5, text_mlp=0.25, vision_mlp=0.25, progress=False)
+    report = prune(str(checkpoint), calib, cfg)
+    assert report.kept["text"][0] == {"heads": 2, "kv_heads": 1, "head_dim": 16, "intermediate": 96}
+    assert report.kept["vision"][0]["heads"] == 2
+    adapter = load_model(str(out))
+    assert adapter.family == "paligemma"
+    result = export(adapter, tmp_path / "bundle", ExportConfig(max_length=128))
+    assert result.manifest.tokenizer.chat_template is None
+    vlm = VLM.load(result.bundle_dir)
+    for prompt in PROMPTS:
+        expected = _hf_generate(adapter.processor, adapter.model, [images["portrait"]], [prompt])[0]
+        vlm.generate(images["portrait"], prompt, max_new_tokens=12)
+        assert vlm.last_output_ids[0] == expected, prompt
+
+
+def test_quantized_checkpoint_exports_and_matches_hf(checkpoint, images, tmp_path):
+    """INT4 AWQ of Gemma (DequantizeLinear in the portable decoder; scale groups up → down only — Gemma's
+    ``1 + weight`` RMSNorm does not fold a scale exactly, and v → o needs no GQA) and INT8 QDQ of SigLIP + projector;
+    the bundle's greedy tokens equal the quantized checkpoint's in transformers, run with the vision linears' inputs
+    fake-quantized as the INT8 graph quantizes them."""
+    from edgelvm.data.jsonl import load_jsonl_dataset
+    from edgelvm.data.shapes import write_split
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.models import load_model
+    from edgelvm.quantize.api import QuantConfig, quantize
+    from edgelvm.quantize.export import quantized_graph_rewrites
+
+    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
+    out = tmp_path / "q"
+    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4, progress=False)
+    report = quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
+    assert {r["side"] for r in report.layers} == {"text", "vision"}
+    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
+    graphs = result.manifest.graphs
+    assert set(graphs) == {"vision", "embed", "decoder"}
+    assert (graphs["vision"].precision, graphs["decoder"].precision) == ("int8", "int4")
+    assert result.manifest.attention == "prefix_lm"
+    adapter = load_model(str(out))
+    vision_rewrite, encoder = quantized_graph_rewrites(adapter)["vision"], adapter.vision_encoder()
+    vlm = VLM.load(result.bundle_dir)
+    for prompt in PROMPTS:
+        with vision_rewrite.reference_context(encoder):  # the wrapper shares its linears with the model
+            expected = _hf_generate(adapter.processor, adapter.model, [images["portrait"]], [prompt])[0]
+        vlm.generate(images["portrait"], prompt, max_new_tokens=12)
+        assert vlm.last_output_ids[0] == expected, prompt
+
+
+def test_distilled_student_is_paligemma_and_matches_hf(checkpoint, images, tmp_path):
+    """PaliGemma as teacher and (derived, one text layer) student, with the image-position and projector-feature
+    losses on batches rendered by the calibration-only template; the student exports and its bundle matches HF."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from edgelvm.data import write_split
+    from edgelvm.distill import DistillConfig, StudentSpec, distill
+    from edgelvm.export import ExportConfig, export
+
+    data = write_split(tmp_path / "data", seed=5, n=6)
+    out = tmp_path / "student"
+    cfg = DistillConfig(out=str(out), steps=3, batch_size=2, visual_kd_weight=1.0, feature_weight=1.0)
+    report = distill(str(checkpoint), StudentSpec(text_layers=1), data, cfg)
+    assert report.finished and report.student_params < report.teacher_params
+    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
+    assert (result.manifest.family, result.manifest.attention) == ("paligemma", "prefix_lm")
+    assert result.manifest.tokenizer.chat_template is None
+    processor = AutoProcessor.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert model.config.text_config.num_hidden_layers == 1
+    vlm = VLM.load(result.bundle_dir)
+    for prompt in PROMPTS:
+        expected = _hf_generate(processor, model, [images["landscape"]], [prompt])[0]
+        vlm.generate(images["landscape"], prompt, max_new_tokens=12)
+        assert vlm.last_output_ids[0] == expected, prompt
