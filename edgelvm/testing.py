@@ -536,17 +536,18 @@ def build_tiny_llava_onevision(
     32-px tiles of 4 x 4 features, :data:`TINY_ONEVISION_PINPOINTS` and ``vision_aspect_ratio = "anyres_max_2"``: an
     unpadded grid of more than ~2 tiles' features (a 2 x 2 grid of a landscape image already) is downscaled, as
     anyres_max_9 does for large images at 384 px. The processor is saved without a video processor (transformers
-    builds none without torchvision) in the llava-hf layout (see
-    :func:`edgelvm.models.llava_onevision.image_only_processor`).
+    builds none without torchvision) as ``LlavaOnevisionProcessor`` (see
+    :func:`edgelvm.models.processors.image_only_class`).
     """
     import torch
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
     )
 
-    from edgelvm.models.llava_onevision import image_only_processor
+    from edgelvm.models.processors import image_only_class
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -575,9 +576,9 @@ def build_tiny_llava_onevision(
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
     )
-    processor = image_only_processor(
-        image_processor,
-        tokenizer,
+    processor = image_only_class(LlavaOnevisionProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
         num_image_tokens=(image_size // patch_size) ** 2,
         vision_feature_select_strategy=strategy,
         vision_aspect_ratio=aspect,
@@ -821,13 +822,14 @@ def build_tiny_internvl(
         GotOcr2ImageProcessorPil,
         InternVLConfig,
         InternVLForConditionalGeneration,
+        InternVLProcessor,
         InternVLVisionConfig,
         LlamaConfig,
         Qwen2Config,
     )
     from transformers.utils import logging as hf_logging
 
-    from edgelvm.models.internvl import image_text_processor_class
+    from edgelvm.models.processors import image_only_class
 
     hf_logging.disable_progress_bar()
     out = Path(out_dir)
@@ -873,7 +875,7 @@ def build_tiny_internvl(
     )  # crop_to_patches as the InternVL-hf checkpoints store it: InternVLProcessor turns it on
 
     # InternVLProcessor less its video processor (which needs torchvision); it saves as InternVLProcessor
-    processor = image_text_processor_class()(
+    processor = image_only_class(InternVLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_tile,
         chat_template=TINY_INTERNVL_CHAT_TEMPLATE,
     )  # fmt: skip
@@ -920,9 +922,9 @@ def build_tiny_idefics3(
     longest_edge`` (96 px: images of a few dozen pixels split into 1 x 3, 2 x 3, 3 x 2, 3 x 3 ... grids), a
     tokenizer with the family's special tokens and the ``<row_i_col_j>`` markers, and SmolVLM's chat template.
 
-    SmolVLM's processor wants a video processor, which needs torchvision: without it the checkpoint is written with
-    the image-only processor of :mod:`edgelvm.models.idefics3` (the files a real checkpoint holds, less the video
-    processor's)."""
+    SmolVLM's processor wants a video processor, which needs torchvision: the checkpoint is written with
+    ``SmolVLMProcessor`` less its video processor (:func:`edgelvm.models.processors.image_only_class`; the files a
+    real checkpoint holds, less the video processor's)."""
     import torch
     from tokenizers import AddedToken
     from transformers import (
@@ -934,8 +936,11 @@ def build_tiny_idefics3(
         SmolVLMConfig,
         SmolVLMForConditionalGeneration,
         SmolVLMImageProcessorPil,
+        SmolVLMProcessor,
     )
     from transformers.utils import logging as hf_logging
+
+    from edgelvm.models.processors import image_only_class
 
     hf_logging.disable_progress_bar()
     out = Path(out_dir)
@@ -978,17 +983,11 @@ def build_tiny_idefics3(
         do_image_splitting=do_image_splitting,
     )
     seq = (tile // patch_size) ** 2 // scale_factor**2
-    if smol:
-        from edgelvm.models.idefics3 import smolvlm_image_only_processor
-
-        processor = smolvlm_image_only_processor(
-            image_processor, tokenizer, image_seq_len=seq, chat_template=TINY_IDEFICS3_CHAT_TEMPLATE
-        )
-    else:
-        processor = Idefics3Processor(
-            image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq,
-            chat_template=TINY_IDEFICS3_CHAT_TEMPLATE,
-        )  # fmt: skip
+    processor_cls = image_only_class(SmolVLMProcessor) if smol else Idefics3Processor
+    processor = processor_cls(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq,
+        chat_template=TINY_IDEFICS3_CHAT_TEMPLATE,
+    )  # fmt: skip
     processor.save_pretrained(out)
     return out
 

@@ -71,6 +71,11 @@ def test_vision_profile_and_unknown_dim(manifest):
     with pytest.raises(EngineBuildError, match=r"besides pixel_values \(vision_text_ids\)") as info:
         tb.vision_profiles(text_conditioned, BuildConfig())
     assert "onnxruntime" in info.value.fix
+    cross = copy.deepcopy(manifest)  # e.g. Idefics: the decoder cross-attends to image states every step
+    cross.graphs["decoder"].inputs.insert(3, copy.deepcopy(cross.graphs["decoder"].inputs[0]))
+    cross.graphs["decoder"].inputs[3].name = "cross_states"
+    with pytest.raises(EngineBuildError, match=r"\(cross_states\)"):
+        tb.decoder_profiles(cross, BuildConfig())
 
 
 def test_network_checks_and_precision():

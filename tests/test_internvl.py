@@ -59,9 +59,9 @@ def bundle(checkpoint, tmp_path_factory):
 def hf(checkpoint):
     from transformers import AutoModelForImageTextToText
 
-    from edgelvm.models.internvl import load_internvl_processor
+    from edgelvm.models.internvl import InternVLAdapter
 
-    processor = load_internvl_processor(str(checkpoint))
+    processor = InternVLAdapter.load_processor(str(checkpoint))
     assert type(processor.image_processor).__name__ == "GotOcr2ImageProcessorPil"  # the backend compared against
     return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
 
@@ -102,13 +102,13 @@ def test_tiling_arithmetic_matches_transformers_at_internvl_geometry():
     """Candidate grids, the chosen grid (ties included) and the prompt's token count vs transformers' own functions
     and ``InternVLProcessor``'s counting, at the real InternVL2.5/3 geometry (448-px tiles, 256 tokens a tile, at
     most 12 tiles) over many image sizes — pure arithmetic."""
-    from transformers import GotOcr2ImageProcessorPil
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
         get_all_supported_aspect_ratios,
         get_optimal_tiled_canvas,
     )
 
-    from edgelvm.models.internvl import image_text_processor_class
+    from edgelvm.models.processors import image_only_class
     from edgelvm.runtime.dynamic_tiles import DynamicTilesRule, supported_grids
     from edgelvm.testing import INTERNVL_TOKENS, build_tiny_tokenizer
 
@@ -117,8 +117,8 @@ def test_tiling_arithmetic_matches_transformers_at_internvl_geometry():
     tokenizer = build_tiny_tokenizer(named_tokens=INTERNVL_TOKENS)
     image_processor = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=False,
                                                min_patches=1, max_patches=12)  # fmt: skip
-    processor = image_text_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
-                                             image_seq_length=256)  # fmt: skip
+    processor = image_only_class(InternVLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                    image_seq_length=256)  # fmt: skip
     rule = DynamicTilesRule((448, 448), 1, 12, 256, start_token_id=1, end_token_id=2)
     rng = np.random.default_rng(0)
     sizes = [(int(h), int(w)) for h, w in rng.integers(10, 4000, (200, 2))]
@@ -266,12 +266,12 @@ def test_llama_text_model_matches_hf(images, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from edgelvm.export import ExportConfig, export
-    from edgelvm.models.internvl import load_internvl_processor
+    from edgelvm.models.internvl import InternVLAdapter
     from edgelvm.testing import build_tiny_internvl
 
     checkpoint = build_tiny_internvl(tmp_path / "ckpt", text="llama", seed=1)
     bundle = export(checkpoint, tmp_path / "bundle", ExportConfig(max_length=256)).bundle_dir
-    processor = load_internvl_processor(str(checkpoint))
+    processor = InternVLAdapter.load_processor(str(checkpoint))
     model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
     assert model.config.text_config.model_type == "llama"
     vlms = [VLM.load(bundle, decoder=d) for d in ("portable", "fused")]
@@ -376,7 +376,7 @@ def test_distilled_student_is_internvl_and_exports(checkpoint, images, tmp_path)
     from edgelvm.data import write_split
     from edgelvm.distill import DistillConfig, StudentSpec, distill
     from edgelvm.export import ExportConfig, export
-    from edgelvm.models.internvl import load_internvl_processor
+    from edgelvm.models.internvl import InternVLAdapter
 
     data = write_split(tmp_path / "data", seed=5, n=6)
     out = tmp_path / "student"
@@ -386,7 +386,7 @@ def test_distilled_student_is_internvl_and_exports(checkpoint, images, tmp_path)
     bundle = export(out, tmp_path / "bundle", ExportConfig(max_length=384)).bundle_dir
     manifest = Manifest.load(bundle)
     assert manifest.family == "internvl" and manifest.preprocess.tiling == "dynamic_tiles"
-    processor = load_internvl_processor(str(out))
+    processor = InternVLAdapter.load_processor(str(out))
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     assert model.config.text_config.hidden_size == 32
     inputs = processor(images=[images["portrait"]], text=[_text(processor, PROMPTS[0])], return_tensors="pt")

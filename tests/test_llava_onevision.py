@@ -92,10 +92,13 @@ def hf_greedy(hf, images):
 
 
 def _onevision_processor(image_processor, **fields):
-    from edgelvm.models.llava_onevision import image_only_processor
+    from transformers import LlavaOnevisionProcessor
+
+    from edgelvm.models.processors import image_only_class
     from edgelvm.testing import build_tiny_tokenizer
 
-    return image_only_processor(image_processor, build_tiny_tokenizer(), **fields)
+    return image_only_class(LlavaOnevisionProcessor)(image_processor=image_processor, tokenizer=build_tiny_tokenizer(),
+                                                     **fields)  # fmt: skip
 
 
 # ---- the rule's arithmetic and interpolation -------------------------------------------------------------------
@@ -286,6 +289,7 @@ def test_processor_loading_with_and_without_torchvision(checkpoint, monkeypatch)
     """Without torchvision AutoProcessor cannot build the video processor; the adapter then builds the processor
     from the checkpoint's parts. Where AutoProcessor works (a real checkpoint with torchvision), its result is used."""
     import importlib.util
+    from types import SimpleNamespace
 
     import transformers
 
@@ -295,9 +299,9 @@ def test_processor_loading_with_and_without_torchvision(checkpoint, monkeypatch)
         with pytest.raises(ImportError):
             transformers.AutoProcessor.from_pretrained(checkpoint)
     processor = LlavaOnevisionAdapter.load_processor(str(checkpoint))
-    assert processor.video_processor is None and processor.vision_aspect_ratio == "anyres_max_2"
+    assert getattr(processor, "video_processor", None) is None and processor.vision_aspect_ratio == "anyres_max_2"
     assert processor.num_image_tokens == 16 and processor.chat_template
-    sentinel = object()
+    sentinel = SimpleNamespace(image_processor=object(), tokenizer=object())  # a processor, not a bare tokenizer
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: sentinel)
     assert LlavaOnevisionAdapter.load_processor(str(checkpoint)) is sentinel
 

@@ -168,6 +168,15 @@ def decoder_profiles(manifest: Manifest, config: BuildConfig) -> list[Optimizati
     }
     inputs = manifest.graphs["decoder"].inputs
     where = f"decoder ({manifest.graphs['decoder'].file})"
+    standard = ("inputs_embeds", "attention_mask", "position_ids")
+    extra = [t.name for t in inputs if t.name not in standard and not t.name.startswith("past")]
+    if extra:  # e.g. cross-attention states: the TensorRT backend does not feed those yet
+        raise EngineBuildError(
+            f"the decoder graph takes inputs besides embeddings, mask, positions and the cache ({', '.join(extra)}), "
+            "which edgelvm's TensorRT path does not support yet",
+            where=where,
+            fix="run this bundle with onnxruntime (`VLM.load(bundle)`, CUDA or CPU)",
+        )
     return [
         OptimizationProfile(name, {spec.name: _shape(spec.shape, dims, where) for spec in inputs})
         for name, dims in (("prefill", prefill), ("decode", decode))

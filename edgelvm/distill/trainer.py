@@ -147,6 +147,7 @@ def distill(
 
     records = train_data if isinstance(train_data, list) else load_jsonl_dataset(train_data)
     teacher_adapter = teacher if hasattr(teacher, "processor") else load_model(str(teacher))
+    teacher_adapter.check_stage("distill", cfg)  # a family that cannot be distilled says so before any work
     teacher_name = str(getattr(teacher_adapter, "source", "") or teacher)
 
     student_desc: str

@@ -164,6 +164,12 @@ class VLMAdapter(ABC):
         return {"pixel_values": {0: "batch"}}
 
     # ---- structure for the compression stages ------------------------------------------------------------------
+    def check_stage(self, stage: str, config: Any = None, data: Any = None) -> None:
+        """Raise UnsupportedModelError when this family cannot go through ``stage`` (``"quantize"``, ``"distill"``)
+        with this stage ``config`` and ``data`` (calibration / training data, or None), before the stage does any
+        work; default: every stage is possible (its own checks still apply)."""
+        return None
+
     def layer_stacks(self) -> dict[str, Any]:
         """The repeated blocks: ``{"vision": ModuleList, "text": ModuleList}`` (distill maps student layers to
         teacher layers through these; prune walks them)."""

@@ -12,25 +12,19 @@ and their token ids are plain data in the manifest (``preprocess.tiling = "split
 :class:`~edgelvm.runtime.image_splitting.ImageSplittingRule`). Positions are plain 1-D.
 
 ``SmolVLMProcessor`` holds a video processor, which transformers only builds with torchvision. Where
-``AutoProcessor`` fails for that reason, :meth:`Idefics3Adapter.load_processor` builds the processor from the
-checkpoint's image processor (PIL backend) and tokenizer without one (image and text paths are transformers' own).
+``AutoProcessor`` fails for that reason, :meth:`Idefics3Adapter.load_processor` loads the processor without one
+(:func:`edgelvm.models.processors.load_processor_without_video`; image and text paths are transformers' own).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import json
-import logging
-from pathlib import Path
 from typing import Any
 
 from edgelvm.errors import ExportError, UnsupportedModelError
 from edgelvm.manifest import PreprocessSpec
 from edgelvm.models.base import _RESAMPLE_NAMES
 from edgelvm.models.llava import LlavaAdapter
-
-log = logging.getLogger(__name__)
+from edgelvm.models.processors import load_processor_without_video
 
 _FAKE, _GLOBAL, _IMAGE = "<fake_token_around_image>", "<global-img>", "<image>"
 
@@ -56,67 +50,6 @@ class _Idefics3VisionEncoder:
         return Idefics3VisionEncoder(model.model).eval()
 
 
-@functools.cache
-def _smolvlm_image_only_processor_class() -> type:
-    from transformers import SmolVLMProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
-        """``SmolVLMProcessor`` without its video processor (transformers builds none without torchvision). Only the
-        constructor's class check, ``apply_chat_template`` (no video defaults) and ``save_pretrained`` differ; it
-        saves the checkpoint layout (``preprocessor_config.json``, tokenizer files, ``processor_config.json``,
-        ``chat_template.jinja``) that ``AutoProcessor`` loads where torchvision is installed."""
-
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-        def apply_chat_template(self, conversation: Any, chat_template: Any = None, **kwargs: Any) -> Any:
-            # SmolVLMProcessor's own reads video defaults (num_frames, fps) from the video processor: images only.
-            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
-
-        def save_pretrained(self, save_directory: Any, **kwargs: Any) -> list[str]:
-            out = Path(save_directory)
-            out.mkdir(parents=True, exist_ok=True)
-            self.image_processor.save_pretrained(out)
-            self.tokenizer.save_pretrained(out)
-            config = {"processor_class": "SmolVLMProcessor", "image_seq_len": self.image_seq_len}
-            (out / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            if self.chat_template:
-                (out / "chat_template.jinja").write_text(self.chat_template)
-            return [str(out)]
-
-    return SmolVLMImageOnlyProcessor
-
-
-def smolvlm_image_only_processor(image_processor: Any, tokenizer: Any, **fields: Any) -> Any:
-    """A ``SmolVLMProcessor`` from its image processor and tokenizer, without a video processor."""
-    cls = _smolvlm_image_only_processor_class()
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **fields)
-
-
-def load_smolvlm_image_only_processor(source: str | Path) -> Any:
-    """A local SmolVLM checkpoint's processor from its image processor (PIL backend), tokenizer, ``image_seq_len``
-    and chat template, without the video processor."""
-    from transformers import AutoTokenizer, SmolVLMImageProcessorPil
-
-    path = Path(source)
-    config_file = path / "processor_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    fields = {"image_seq_len": int(config["image_seq_len"])} if config.get("image_seq_len") is not None else {}
-    template = config.get("chat_template")
-    for name in ("chat_template.jinja", "chat_template.json"):
-        file = path / name
-        if template is None and file.is_file():
-            text = file.read_text()
-            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    template = template or getattr(tokenizer, "chat_template", None)
-    image_processor = SmolVLMImageProcessorPil.from_pretrained(path)
-    return smolvlm_image_only_processor(image_processor, tokenizer, chat_template=template, **fields)
-
-
 class Idefics3Adapter(LlavaAdapter):
     """Idefics3 and SmolVLM. The layer structure (SigLIP-style q/k/v/out_proj + fc1/fc2 vision blocks, Llama text
     blocks) has LLaVA's names, so attention / MLP blocks, scale groups and the fused decoder are inherited."""
@@ -127,15 +60,9 @@ class Idefics3Adapter(LlavaAdapter):
 
     @classmethod
     def load_processor(cls, source: str) -> Any:
-        """``AutoProcessor`` (a checkpoint's normal path); where it fails for a SmolVLM checkpoint because
-        torchvision is missing (its video processor needs it), the processor without its video part."""
-        try:
-            return super().load_processor(source)
-        except ImportError as err:
-            if importlib.util.find_spec("torchvision") is not None or not Path(source).is_dir():
-                raise
-            log.info("AutoProcessor failed without torchvision (%s); building the image-only processor", err)
-            return load_smolvlm_image_only_processor(source)
+        from transformers import SmolVLMProcessor
+
+        return load_processor_without_video(source, SmolVLMProcessor)  # Idefics3Processor has no video part
 
     def _check_text_model(self) -> None:
         super()._check_text_model()  # text model kind, image token id

@@ -13,8 +13,9 @@ tile x views) + ``</img>``, and the features fill the ``<IMG_CONTEXT>`` position
 ``<IMG_CONTEXT>`` (placeholder and feature positions alike); ``<img>`` / ``</img>`` ids are in ``tiling_params``.
 
 Loading without torchvision: ``InternVLProcessor`` holds a video processor that exists only with torchvision; then
-the processor is built from the checkpoint's image processor and tokenizer (``processor_config.json`` still gives
-``image_seq_length`` and the chat template) — it processes images and text exactly as the full one does.
+the processor is loaded without it (:func:`edgelvm.models.processors.load_processor_without_video`;
+``processor_config.json`` still gives ``image_seq_length`` and the chat template) — it processes images and text
+exactly as the full one does.
 
 Pruning: the vision attention has separate q/k/v projections and ``projection_layer``, so heads are cut as CLIP's
 (its ``embed_dim`` follows the kept heads); a tower with q/k RMSNorm over all heads (``use_qk_norm``, InternViT-6B)
@@ -23,49 +24,17 @@ is refused. The text side is LLaVA's (inherited, as the fused decoder and AWQ sc
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from edgelvm.errors import UnsupportedModelError
 from edgelvm.manifest import PreprocessSpec
 from edgelvm.models.base import AttentionBlock, MLPBlock
 from edgelvm.models.llava import LlavaAdapter
+from edgelvm.models.processors import load_processor_without_video
 
 
 def _pair(value: Any) -> tuple[int, int]:
     return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
-
-def load_internvl_processor(source: str) -> Any:
-    """``AutoProcessor.from_pretrained(source)``; without torchvision (no video processor), an ``InternVLProcessor``
-    with only its image processor and tokenizer, read from the same files."""
-    from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
-
-    try:
-        processor = AutoProcessor.from_pretrained(source)
-        if hasattr(processor, "image_processor"):  # not the bare tokenizer AutoProcessor falls back to
-            return processor
-    except Exception:
-        if is_torchvision_available():
-            raise
-    return image_text_processor_class().from_pretrained(source)
-
-
-@functools.cache
-def image_text_processor_class() -> Any:
-    """``InternVLProcessor`` without its video processor (which needs torchvision). It is named
-    ``InternVLProcessor``, so that the files it saves (``processor_class``) load as the full processor where
-    torchvision is installed."""
-    from transformers import InternVLProcessor
-
-    class ImageTextInternVLProcessor(InternVLProcessor):
-        @classmethod
-        def get_attributes(cls) -> list[str]:
-            return ["image_processor", "tokenizer"]
-
-    ImageTextInternVLProcessor.__name__ = "InternVLProcessor"
-    return ImageTextInternVLProcessor
 
 
 class _InternVLVisionEncoder:
@@ -136,7 +105,9 @@ class InternVLAdapter(LlavaAdapter):
 
     @classmethod
     def load_processor(cls, source: str) -> Any:
-        return load_internvl_processor(source)
+        from transformers import InternVLProcessor
+
+        return load_processor_without_video(source, InternVLProcessor)
 
     def _check_text_model(self) -> None:
         super()._check_text_model()  # the text model, and config.image_token_id == the tokenizer's <IMG_CONTEXT>

@@ -12,79 +12,16 @@ from edgelvm.errors import ExportError
 from edgelvm.models.base import AttentionBlock, MLPBlock, VLMAdapter
 
 
-class _LlavaVisionEncoder:
-    """Factory for the export-facing vision module (kept lazy so that importing this file never imports torch)."""
+class LlavaLayout:
+    """The compression stages' view of a llava-hf layout, for adapters of such models (a mixin, before
+    :class:`VLMAdapter`): ``model.model.vision_tower`` a CLIP / SigLIP-style tower (q/k/v/out_proj attention,
+    fc1 → fc2 MLPs), ``model.model.multi_modal_projector`` the projector and a Llama-style language model
+    (q/k/v/o_proj attention, gate/up → down MLPs)."""
 
-    @staticmethod
-    def build(llava_model: Any) -> Any:
-        import torch
-
-        class LlavaVisionEncoder(torch.nn.Module):
-            """pixel_values -> projected image features ``[N, T, E]``.
-
-            Mirrors ``LlavaModel.get_image_features`` but keeps the batch as a tensor dimension (transformers
-            returns a per-image list, which would make torch.export specialise the batch size).
-            """
-
-            def __init__(self, inner: Any) -> None:
-                super().__init__()
-                self.vision_tower = inner.vision_tower
-                self.projector = inner.multi_modal_projector
-                layer = inner.config.vision_feature_layer
-                self.layers = [layer] if isinstance(layer, int) else list(layer)
-                self.drop_cls = inner.config.vision_feature_select_strategy == "default"
-
-            def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-                out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-                selected = [out.hidden_states[i] for i in self.layers]
-                if self.drop_cls:
-                    selected = [h[:, 1:] for h in selected]
-                features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
-                return self.projector(features)
-
-        return LlavaVisionEncoder(llava_model.model).eval()
-
-
-class LlavaAdapter(VLMAdapter):
-    family = "llava"
-    model_types = ("llava",)
-    supported_text_models = ("llama", "qwen2", "mistral")
-
-    def _check_text_model(self) -> None:
-        super()._check_text_model()
-        _, token_id = self.image_token()
-        if self.config.image_token_id != token_id:
-            # transformers then finds no placeholder and silently ignores the image; the export would not.
-            raise ExportError(
-                f"config.image_token_id is {self.config.image_token_id} but the tokenizer's image token is id "
-                f"{token_id}",
-                where=self.source or None,
-                fix="set image_token_id in config.json to the tokenizer's <image> id",
-            )
-
-    def vision_encoder(self) -> Any:
-        return _LlavaVisionEncoder.build(self.model)
+    model: Any
 
     def language_model(self) -> Any:
         return self.model.model.language_model
-
-    def lm_head(self) -> Any:
-        return self.model.lm_head
-
-    def input_embeddings(self) -> Any:
-        return self.model.get_input_embeddings()
-
-    def decoder_weights(self, max_length: int) -> Any:
-        from edgelvm.models.llama_family import describe_llama_decoder
-        from edgelvm.quantize.api import fused_decoder_int4
-
-        int4 = fused_decoder_int4(self.config, self.source)
-        return describe_llama_decoder(self.language_model(), self.lm_head(), self.text_config, max_length, int4)
-
-    def text_scale_groups(self) -> list[Any]:
-        from edgelvm.models.llama_family import llama_scale_groups
-
-        return llama_scale_groups(self.language_model())
 
     def layer_stacks(self) -> dict[str, Any]:
         tower = self.model.model.vision_tower
@@ -121,6 +58,78 @@ class LlavaAdapter(VLMAdapter):
     def sub_configs(self, config: Any | None = None) -> dict[str, Any]:
         config = config if config is not None else self.model.config
         return {"vision": config.vision_config, "text": config.text_config}
+
+
+class _LlavaVisionEncoder:
+    """Factory for the export-facing vision module (kept lazy so that importing this file never imports torch)."""
+
+    @staticmethod
+    def build(llava_model: Any) -> Any:
+        import torch
+
+        class LlavaVisionEncoder(torch.nn.Module):
+            """pixel_values -> projected image features ``[N, T, E]``.
+
+            Mirrors ``LlavaModel.get_image_features`` but keeps the batch as a tensor dimension (transformers
+            returns a per-image list, which would make torch.export specialise the batch size).
+            """
+
+            def __init__(self, inner: Any) -> None:
+                super().__init__()
+                self.vision_tower = inner.vision_tower
+                self.projector = inner.multi_modal_projector
+                layer = inner.config.vision_feature_layer
+                self.layers = [layer] if isinstance(layer, int) else list(layer)
+                self.drop_cls = inner.config.vision_feature_select_strategy == "default"
+
+            def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+                out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+                selected = [out.hidden_states[i] for i in self.layers]
+                if self.drop_cls:
+                    selected = [h[:, 1:] for h in selected]
+                features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+                return self.projector(features)
+
+        return LlavaVisionEncoder(llava_model.model).eval()
+
+
+class LlavaAdapter(LlavaLayout, VLMAdapter):
+    family = "llava"
+    model_types = ("llava",)
+    supported_text_models = ("llama", "qwen2", "mistral")
+
+    def _check_text_model(self) -> None:
+        super()._check_text_model()
+        _, token_id = self.image_token()
+        if self.config.image_token_id != token_id:
+            # transformers then finds no placeholder and silently ignores the image; the export would not.
+            raise ExportError(
+                f"config.image_token_id is {self.config.image_token_id} but the tokenizer's image token is id "
+                f"{token_id}",
+                where=self.source or None,
+                fix="set image_token_id in config.json to the tokenizer's <image> id",
+            )
+
+    def vision_encoder(self) -> Any:
+        return _LlavaVisionEncoder.build(self.model)
+
+    def lm_head(self) -> Any:
+        return self.model.lm_head
+
+    def input_embeddings(self) -> Any:
+        return self.model.get_input_embeddings()
+
+    def decoder_weights(self, max_length: int) -> Any:
+        from edgelvm.models.llama_family import describe_llama_decoder
+        from edgelvm.quantize.api import fused_decoder_int4
+
+        int4 = fused_decoder_int4(self.config, self.source)
+        return describe_llama_decoder(self.language_model(), self.lm_head(), self.text_config, max_length, int4)
+
+    def text_scale_groups(self) -> list[Any]:
+        from edgelvm.models.llama_family import llama_scale_groups
+
+        return llama_scale_groups(self.language_model())
 
     def vision_config(self) -> Any:
         return self.model.config.vision_config

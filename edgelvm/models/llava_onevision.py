@@ -17,29 +17,19 @@ a flat list tiles every image. The runtime does not reproduce that layout, so th
 image in a prompt (``tiling_params.max_images_per_prompt = 1``). Videos are not supported.
 
 ``LlavaOnevisionProcessor`` holds a video processor, which transformers only builds with torchvision. Where
-``AutoProcessor`` fails for that reason, :meth:`LlavaOnevisionAdapter.load_processor` builds the processor from the
-checkpoint's image processor (PIL backend) and tokenizer without one; the image and text paths are transformers'
-own (:func:`image_only_processor`).
+``AutoProcessor`` fails for that reason, :meth:`LlavaOnevisionAdapter.load_processor` loads the processor without
+one (:func:`edgelvm.models.processors.load_processor_without_video`: the checkpoint's image processor with its PIL
+backend, tokenizer, processor fields and chat template); the image and text paths are transformers' own.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import json
-import logging
-from pathlib import Path
 from typing import Any
 
 from edgelvm.errors import UnsupportedModelError
 from edgelvm.manifest import PreprocessSpec
 from edgelvm.models.llava_next import NEWLINE_FILE, LlavaNextAdapter
-
-log = logging.getLogger(__name__)
-
-#: processor_config.json fields that LlavaOnevisionProcessor takes besides its sub-processors.
-_PROCESSOR_FIELDS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token",
-                     "video_token")  # fmt: skip
+from edgelvm.models.processors import load_processor_without_video
 
 
 def max_num_patches(vision_aspect_ratio: Any, *, where: Any = None) -> int:
@@ -55,80 +45,15 @@ def max_num_patches(vision_aspect_ratio: Any, *, where: Any = None) -> int:
     return int(text[len(prefix) :])
 
 
-@functools.cache
-def _image_only_processor_class() -> type:
-    from transformers import LlavaOnevisionProcessor
-
-    class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
-        """``LlavaOnevisionProcessor`` without its video processor (transformers builds none without torchvision).
-
-        Only the constructor's class check and ``save_pretrained`` differ; image and text processing are
-        transformers' own. It saves the llava-hf checkpoint layout (``preprocessor_config.json``, tokenizer files,
-        ``processor_config.json`` with the processor's fields, ``chat_template.jinja``), which
-        ``AutoProcessor`` loads where torchvision is installed."""
-
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-        def save_pretrained(self, save_directory: Any, **kwargs: Any) -> list[str]:
-            out = Path(save_directory)
-            out.mkdir(parents=True, exist_ok=True)
-            self.image_processor.save_pretrained(out)
-            self.tokenizer.save_pretrained(out)
-            fields = {name: getattr(self, name) for name in _PROCESSOR_FIELDS}
-            config = {"processor_class": "LlavaOnevisionProcessor", **fields}
-            (out / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            if self.chat_template:
-                (out / "chat_template.jinja").write_text(self.chat_template)
-            return [str(out)]
-
-    return LlavaOnevisionImageOnlyProcessor
-
-
-def image_only_processor(image_processor: Any, tokenizer: Any, **fields: Any) -> Any:
-    """A ``LlavaOnevisionProcessor`` from its image processor and tokenizer, without a video processor."""
-    return _image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                                         **fields)  # fmt: skip
-
-
-def load_image_only_processor(source: str | Path) -> Any:
-    """The processor of a local checkpoint built from its image processor (PIL backend), tokenizer, processor fields
-    and chat template, without the video processor."""
-    from transformers import AutoTokenizer, LlavaOnevisionImageProcessorPil
-
-    path = Path(source)
-    config_file = path / "processor_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    fields = {name: config[name] for name in _PROCESSOR_FIELDS if config.get(name) is not None}
-    template = config.get("chat_template")
-    for name in ("chat_template.jinja", "chat_template.json"):
-        file = path / name
-        if template is None and file.is_file():
-            text = file.read_text()
-            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    template = template or getattr(tokenizer, "chat_template", None)
-    image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path)
-    return image_only_processor(image_processor, tokenizer, chat_template=template, **fields)
-
-
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision",)
 
     @classmethod
     def load_processor(cls, source: str) -> Any:
-        """``AutoProcessor`` (a checkpoint's normal path); where it fails because torchvision is missing (the video
-        processor needs it), the processor without its video part (:func:`load_image_only_processor`)."""
-        try:
-            return super().load_processor(source)
-        except ImportError as err:
-            if importlib.util.find_spec("torchvision") is not None or not Path(source).is_dir():
-                raise
-            log.info("AutoProcessor failed without torchvision (%s); building the image-only processor", err)
-            return load_image_only_processor(source)
+        from transformers import LlavaOnevisionProcessor
+
+        return load_processor_without_video(source, LlavaOnevisionProcessor)
 
     def _check_text_model(self) -> None:
         super()._check_text_model()  # LLaVA's checks and the anyres geometry (tile, pinpoints)

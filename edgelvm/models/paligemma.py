@@ -29,7 +29,8 @@ from typing import Any
 
 from edgelvm.errors import UnsupportedModelError
 from edgelvm.manifest import PreprocessSpec, TokenizerSpec
-from edgelvm.models.base import AttentionBlock, MLPBlock, ScaleGroup, VLMAdapter
+from edgelvm.models.base import ScaleGroup, VLMAdapter
+from edgelvm.models.llava import LlavaLayout
 
 
 class _PaliGemmaVisionEncoder:
@@ -110,7 +111,7 @@ CALIBRATION_TEMPLATE = (
 )
 
 
-class PaliGemmaAdapter(VLMAdapter):
+class PaliGemmaAdapter(LlavaLayout, VLMAdapter):
     family = "paligemma"
     model_types = ("paligemma",)
     supported_text_models = ("gemma", "gemma2")
@@ -155,9 +156,6 @@ class PaliGemmaAdapter(VLMAdapter):
     # ---- structure ----------------------------------------------------------------------------------------------
     def vision_encoder(self) -> Any:
         return _PaliGemmaVisionEncoder.build(self.model)
-
-    def language_model(self) -> Any:
-        return self.model.model.language_model  # GemmaModel / Gemma2Model
 
     def lm_head(self) -> Any:
         return self.model.lm_head
@@ -208,43 +206,7 @@ class PaliGemmaAdapter(VLMAdapter):
         spec.add_special_tokens = False
         return spec
 
-    # ---- structure for the compression stages ------------------------------------------------------------------
-    def layer_stacks(self) -> dict[str, Any]:
-        tower = self.model.model.vision_tower
-        encoder = getattr(tower, "vision_model", tower).encoder  # transformers 5 dropped the .vision_model level
-        return {"vision": encoder.layers, "text": self.language_model().layers}
-
-    def image_feature_module(self) -> Any:
-        return self.model.model.multi_modal_projector
-
-    def sub_configs(self, config: Any | None = None) -> dict[str, Any]:
-        config = config if config is not None else self.model.config
-        return {"vision": config.vision_config, "text": config.text_config}
-
-    def attention_blocks(self) -> list[AttentionBlock]:
-        blocks = []
-        for side, stack in self.layer_stacks().items():
-            for i, layer in enumerate(stack):
-                attn = layer.self_attn
-                head_dim = int(attn.head_dim)
-                o = attn.o_proj if side == "text" else attn.out_proj
-                heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
-                blocks.append(
-                    AttentionBlock(side, i, attn, attn.q_proj, attn.k_proj, attn.v_proj, o, heads, kv_heads, head_dim)
-                )
-        return blocks
-
-    def mlp_blocks(self) -> list[MLPBlock]:
-        blocks = []
-        for side, stack in self.layer_stacks().items():
-            for i, layer in enumerate(stack):
-                mlp = layer.mlp
-                if side == "text":
-                    blocks.append(MLPBlock(side, i, [mlp.gate_proj, mlp.up_proj], mlp.down_proj))
-                else:
-                    blocks.append(MLPBlock(side, i, [mlp.fc1], mlp.fc2))
-        return blocks
-
+    # ---- structure for the compression stages: the llava-hf layout (LlavaLayout), SigLIP's and Gemma's names ----
     def text_scale_groups(self) -> list[ScaleGroup]:
         """Per Gemma layer: up → down (the GeLU gate multiplies up's output elementwise) and, without GQA, v → o.
         No norm → q/k/v or norm → gate/up groups: Gemma's RMSNorm multiplies by ``1 + weight``, which dividing its

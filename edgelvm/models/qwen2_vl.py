@@ -22,13 +22,11 @@ Qwen2.5-VL (``qwen2_5_vl``, :class:`Qwen25VLAdapter`) is the same layout with wi
 graph also takes ``window_index`` / ``window_ids`` (computed by the runtime from ``tiling_params.window_size``).
 
 Loading without torchvision: ``Qwen2VLProcessor`` holds a video processor that exists only with torchvision; then
-the processor is built from the checkpoint's image processor, tokenizer and chat template (images and text only).
+the processor is loaded without it (:func:`edgelvm.models.processors.load_processor_without_video`).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,57 +40,10 @@ from edgelvm.models.base import (
     ScaleGroup,
     VLMAdapter,
 )
+from edgelvm.models.processors import load_processor_without_video
 
 #: Graph input names of the vision graph, in order (the runtime's native-resolution rule produces the second one).
 VISION_INPUTS = ("pixel_values", "vision_position_ids")
-
-
-def load_qwen_vl_processor(source: str, module: str = "qwen2_vl") -> Any:
-    """``AutoProcessor.from_pretrained(source)``; without torchvision (no video processor), a ``Qwen2VLProcessor``
-    built from the image processor, tokenizer and chat template — it processes images and text exactly as the full
-    one does (and saves as a ``Qwen2VLProcessor``, so that a machine with torchvision loads the full one)."""
-    from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
-
-    try:
-        processor = AutoProcessor.from_pretrained(source)
-    except Exception:
-        if is_torchvision_available():
-            raise
-        processor = None
-    if processor is not None and hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
-        return processor
-    import importlib
-
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    name = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[module]
-    full = getattr(importlib.import_module(f"transformers.models.{module}.processing_{module}"), name)
-
-    class ImagesOnly(full):
-        """The family's processor without its video processor (which needs torchvision)."""
-
-        images_only = True
-
-        @classmethod
-        def get_attributes(cls) -> list[str]:
-            return ["image_processor", "tokenizer"]
-
-    ImagesOnly.__name__ = ImagesOnly.__qualname__ = name  # saves as the full processor (processor_class)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    image_processor = AutoImageProcessor.from_pretrained(source)
-    return ImagesOnly(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=_chat_template(source, tokenizer)
-    )
-
-
-def _chat_template(source: str, tokenizer: Any) -> str | None:
-    path = Path(source)
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
-    if (path / "chat_template.json").is_file():
-        return json.loads((path / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-    return getattr(tokenizer, "chat_template", None)
 
 
 class _QwenVisionEncoder:
@@ -167,7 +118,9 @@ class Qwen2VLAdapter(VLMAdapter):
 
     @classmethod
     def load_processor(cls, source: str) -> Any:
-        return load_qwen_vl_processor(source)
+        from transformers import Qwen2VLProcessor
+
+        return load_processor_without_video(source, Qwen2VLProcessor)
 
     def _check_text_model(self) -> None:
         where = self.source or None
@@ -379,7 +332,9 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 
     @classmethod
     def load_processor(cls, source: str) -> Any:
-        return load_qwen_vl_processor(source, "qwen2_5_vl")
+        from transformers import Qwen2_5_VLProcessor
+
+        return load_processor_without_video(source, Qwen2_5_VLProcessor)
 
     def _check_text_model(self) -> None:
         super()._check_text_model()

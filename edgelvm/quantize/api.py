@@ -169,6 +169,7 @@ def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfi
     if calib_data is not None:  # RTN needs none, but with it the report has each layer's output error
         calib = load_calibration_set(calib_data, cfg.calib_limit, cfg.seed)  # fails on an empty set, before loading
     adapter = model if hasattr(model, "processor") else load_model(str(model))
+    adapter.check_stage("quantize", cfg, calib_data)  # a family that cannot be quantized so says it before any work
     if getattr(adapter.config, RECORD, None):
         raise ConfigError("the checkpoint is already quantized", where=adapter.source or None,
                           fix="quantize the float checkpoint it came from")  # fmt: skip

@@ -255,19 +255,22 @@ class VLM:
 
         Used by ``edgelvm eval --reference`` for top-1 agreement and KL against a teacher.
         """
-        self._refuse_cross_attention("forced_logits()")
         request = Request(prompt=prompt, images=[load_image(i) for i in _as_list(images)])
         ids = self.prompt_ids(request)
         self._check_length(len(ids), len(continuation))
         positions = self._positions(ids, request.images)
         with self._lock:
             cache = self.backend.new_cache(1)
-            embeds = self._embed(ids, self._image_features(request.images, self._texts_for([request])))
-            rows = [self._step([embeds], cache, None if positions is None else [positions])[0]]
+            features = self._image_features(request.images, self._texts_for([request]))
+            cross = None if self.cross is None else self.cross.batch([ids], [features], self.backend.embed_dtype)
+            embeds = self._embed(ids, features if cross is None else [])
+            first = None if cross is None else cross.prefill(0)
+            rows = [self._step([embeds], cache, None if positions is None else [positions], first)[0]]
             start = None if positions is None else self.positions.next_position(positions)
             for i, token in enumerate(continuation[:-1]):
                 step = None if start is None else [self.positions.decode(start + i)]
-                rows.append(self._step([self._token_embeds(np.array([token]))], cache, step)[0])
+                inputs = None if cross is None else cross.decode()
+                rows.append(self._step([self._token_embeds(np.array([token]))], cache, step, inputs)[0])
         return np.stack(rows).astype(np.float32)
 
     # ---- prompt → embeddings -------------------------------------------------------------------------------------
@@ -277,7 +280,10 @@ class VLM:
         return self._encode(_messages(request), request.images)
 
     def image_token_counts(self, images: list[ImageInput]) -> list[int]:
-        """How many image-feature positions each image fills (with tiling it depends on the image's size)."""
+        """How many image-feature positions each image fills in the prompt (with tiling it depends on the image's
+        size; with cross-attention, none: the features go to the decoder's cross-attention inputs)."""
+        if self.manifest.preprocess.image_placement == "cross_attention":
+            return [0] * len(images)
         if not self.preprocessor.size_dependent:
             return [self.manifest.preprocess.tokens_per_image] * len(images)
         sizes = [(pil.height, pil.width) for pil in map(load_image, images)]
@@ -468,7 +474,8 @@ class VLM:
 
         ``on_fed(row, token)`` is told each sampled token once it is in the cache (chat sessions track them).
         ``positions``: each row's explicit ``[P, len(rows[r])]`` positions (None: 1-D, counted by the backend);
-        generated tokens continue at the row's largest position + 1.
+        generated tokens continue at the row's largest position + 1. ``cross``: the decoder's cross-attention inputs
+        (:class:`~edgelvm.runtime.cross_attention.CrossBatch`), fed every step; None where features are spliced.
         """
         stats = self.last_stats
         batch = len(rows)

@@ -1,0 +1,332 @@
+"""Idefics v1 (``idefics``): CLIP-like tower → perceiver resampler → gated cross-attention in a Llama-style decoder;
+export → runtime parity with Hugging Face on tiny random checkpoints.
+
+The bundle's decoder takes the images' states and a per-position image mask every step
+(``preprocess.image_placement = "cross_attention"``); the runtime never splices features into the embeddings.
+Reference: ``IdeficsProcessor`` with ``IdeficsImageProcessorPil`` (the backend transformers picks without
+torchvision) and ``IdeficsForVisionText2Text.generate``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgelvm.errors import BackendError, BundleError, ConfigError, UnsupportedModelError  # noqa: E402
+from edgelvm.manifest import Manifest  # noqa: E402
+from edgelvm.runtime import VLM, Request  # noqa: E402
+
+PROMPTS = ["What is on the table?", "Describe the picture"]
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def images():
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    return {
+        "landscape": Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)),
+        "portrait": Image.fromarray(rng.integers(0, 256, (70, 33, 3), dtype=np.uint8)),
+        "rgba": Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), "RGBA"),
+        "gray": Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), "L"),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from edgelvm.testing import build_tiny_idefics
+
+    return build_tiny_idefics(tmp_path_factory.mktemp("idefics") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory):
+    from edgelvm.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("idefics_bundle") / "b"
+    return export(checkpoint, out, ExportConfig(max_length=128)).bundle_dir
+
+
+@pytest.fixture(scope="module")
+def vlm(bundle):
+    return VLM.load(bundle)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    assert type(processor).__name__ == "IdeficsProcessor"
+    assert type(processor.image_processor).__name__ == "IdeficsImageProcessorPil"  # the backend compared against
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    assert type(model).__name__ == "IdeficsForVisionText2Text"
+    return processor, model
+
+
+def _trim(ids: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def _hf_generate(hf, items: list[list], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
+    processor, model = hf
+    inputs = processor(text=items, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    eos = {processor.tokenizer.eos_token_id}
+    return [_trim(row[inputs["input_ids"].shape[1] :].tolist(), eos) for row in out]
+
+
+# ---- preprocessing ---------------------------------------------------------------------------------------------------
+def test_pixels_match_pil_image_processor(vlm, hf, images):
+    processor, _ = hf
+    for name, image in images.items():
+        ours = vlm.preprocessor([image])
+        ref = processor.image_processor([image], return_tensors="pt").numpy()
+        assert ours.shape == ref.shape == (1, 3, 32, 32), name
+        assert float(np.abs(ours - ref).max()) <= 1e-5, name
+
+
+def test_prompt_ids_and_image_mask_match_processor(vlm, hf, images):
+    """Prompt ids (BOS, fake tokens around each image, one ``<image>`` each, consecutive images sharing a fake token)
+    and the cross-attention mask rule vs the processor's ``image_attention_mask``, with an end-of-document token in
+    the text (positions after it attend to no image)."""
+    processor, _ = hf
+    cross = vlm.cross
+    eos = processor.tokenizer.eos_token
+    cases = [
+        ([images["landscape"]], PROMPTS[0]),
+        ([images["portrait"], images["gray"]], PROMPTS[1]),
+        ([images["rgba"]], f"first part{eos} after the end"),
+        ([], "no image at all"),
+    ]
+    for pics, prompt in cases:
+        ref = processor(text=[[*pics, prompt]], return_tensors="pt")
+        ids = vlm.prompt_ids(Request(prompt=prompt, images=pics))
+        assert ids == ref["input_ids"][0].tolist(), prompt
+        columns = ref["image_attention_mask"].shape[-1]
+        mask = cross.rule(ids, len(pics), columns, cross.image_token_id, cross.reset_token_ids)
+        assert np.array_equal(mask, ref["image_attention_mask"][0].numpy()), prompt
+    # the fake token is an added token past vocab_size: the table carries the decoupled rows
+    fake = processor.tokenizer.convert_tokens_to_ids("<fake_token_around_image>")
+    assert fake >= hf[1].config.vocab_size and vlm._embed_table.shape[0] == len(processor.tokenizer)
+
+
+# ---- graphs ----------------------------------------------------------------------------------------------------------
+def test_manifest_and_graph_parity(bundle):
+    manifest = Manifest.load(bundle)
+    pre = manifest.preprocess
+    assert pre.image_placement == "cross_attention" and pre.cross_attention["mask_rule"] == "latest_image"
+    names = [t.name for t in manifest.graphs["decoder"].inputs]
+    assert names[3:5] == pre.cross_attention["inputs"] == ["cross_states", "cross_mask"]
+    assert manifest.graphs["decoder"].inputs[3].shape == ["batch", "images", pre.tokens_per_image, 48]
+    assert "decoder_ort" not in manifest.graphs  # no fused decoder for cross-attention models
+    for graph in ("vision", "decoder"):
+        assert manifest.graphs[graph].parity["max_rel"] < 1e-4, graph
+
+
+def test_vision_graph_matches_transformers(vlm, hf, images):
+    _, model = hf
+    pixels = vlm.preprocessor([images["landscape"], images["portrait"]])
+    ours = vlm.backend.encode_images(pixels)
+    with torch.no_grad():
+        states = model.model.vision_model(pixel_values=torch.from_numpy(pixels)).last_hidden_state
+        ref = model.model.perceiver_resampler(states).numpy()
+    assert ours.shape == ref.shape == (2, 4, 48)
+    assert float(np.abs(ours - ref).max()) <= 1e-4 * float(np.abs(ref).max())
+
+
+def test_prefill_logits_match_transformers(vlm, hf, images):
+    """The whole contract in one step: vision graph → states, the mask rule → mask, the decoder graph's last logits
+    equal ``IdeficsForVisionText2Text(**processor(...)).logits[:, -1]``; and the image changes them."""
+    processor, model = hf
+    got = []
+    for image in (images["landscape"], images["gray"]):
+        request = Request(prompt=PROMPTS[0], images=[image])
+        ids = vlm.prompt_ids(request)
+        cross = vlm.cross.batch([ids], [vlm._image_features([image])], np.float32)
+        logits = vlm._step([vlm._embed(ids, [])], vlm.backend.new_cache(1), None, cross.prefill(0))
+        with torch.no_grad():
+            ref = model(**processor(text=[[image, PROMPTS[0]]], return_tensors="pt")).logits[:, -1].numpy()
+        assert float(np.abs(logits - ref).max()) <= 1e-4 * float(np.abs(ref).max())
+        got.append(logits)
+    assert float(np.abs(got[0] - got[1]).max()) > 1e-2  # the answer depends on the image
+
+
+# ---- runtime vs generate ---------------------------------------------------------------------------------------------
+def test_greedy_matches_hf_generate(vlm, hf, images):
+    answers = set()
+    for name in ("landscape", "portrait"):
+        for prompt in PROMPTS:
+            ref = _hf_generate(hf, [[images[name], prompt]])[0]
+            vlm.generate(images[name], prompt, max_new_tokens=NEW_TOKENS)
+            assert vlm.last_output_ids[0] == ref, (name, prompt)
+            answers.add(tuple(ref))
+    assert len(answers) == 4  # images and prompts both change the answer
+
+
+def test_two_images_in_one_prompt_and_text_only(vlm, hf, images):
+    pics = [images["portrait"], images["gray"]]
+    ref = _hf_generate(hf, [[*pics, PROMPTS[1]]])[0]
+    vlm.generate(pics, PROMPTS[1], max_new_tokens=NEW_TOKENS)
+    assert vlm.last_output_ids[0] == ref
+    ref = _hf_generate(hf, [["Tell me a story"]])[0]  # HF encodes an all-zero image that no position attends to
+    vlm.generate(None, "Tell me a story", max_new_tokens=NEW_TOKENS)
+    assert vlm.last_output_ids[0] == ref
+
+
+def test_padded_batch_matches_hf_batched_generate(vlm, hf, images):
+    """Left-padded rows with 1, 2 and 0 images (states zero-padded to 2 images, mask columns off) equal HF's batched
+    ``generate`` (which pads pixel_values / image_attention_mask the same way) and the single requests."""
+    requests = [
+        ([images["landscape"]], PROMPTS[0]),
+        ([images["portrait"], images["rgba"]], "Compare them"),
+        ([], PROMPTS[1]),
+    ]
+    ref = _hf_generate(hf, [[*pics, prompt] for pics, prompt in requests])
+    vlm.generate_batch([Request(prompt=p, images=pics) for pics, p in requests], max_new_tokens=NEW_TOKENS)
+    assert vlm.last_output_ids == ref
+    for (pics, prompt), row in zip(requests, ref):
+        vlm.generate(pics or None, prompt, max_new_tokens=NEW_TOKENS)
+        assert vlm.last_output_ids[0] == row
+
+
+def test_no_resampler_interval_two_variant(images, tmp_path):
+    """Tower states straight into cross-attention (``use_resampler=False``: CLS + patches) and a cross-attention
+    block every second layer."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.testing import build_tiny_idefics
+
+    checkpoint = build_tiny_idefics(tmp_path / "ckpt", use_resampler=False, cross_layer_interval=2, num_layers=4)
+    bundle = export(checkpoint, tmp_path / "b", ExportConfig(max_length=64)).bundle_dir
+    vlm = VLM.load(bundle)
+    assert vlm.manifest.preprocess.tokens_per_image == 17  # (32 / 8)^2 patches + CLS
+    hf = AutoProcessor.from_pretrained(checkpoint), AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    for name in ("landscape", "gray"):
+        ref = _hf_generate(hf, [[images[name], PROMPTS[0]]])[0]
+        vlm.generate(images[name], PROMPTS[0], max_new_tokens=NEW_TOKENS)
+        assert vlm.last_output_ids[0] == ref, name
+
+
+def test_teacher_forced_logits_match_transformers(vlm, hf, images):
+    """``forced_logits`` (``edgelvm eval --reference``): every continuation position's logits equal HF's forward over
+    prompt + continuation, whose ``image_attention_mask`` rows for the continuation repeat the prompt's last row (what
+    ``generate`` feeds its new tokens)."""
+    processor, model = hf
+    continuation = [200, 17, 301, 2, 45]  # EOS inside: the mask is not reset for fed tokens, as in generate
+    inputs = processor(text=[[images["portrait"], PROMPTS[1]]], return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([continuation])], dim=1)
+    mask = inputs["image_attention_mask"]
+    mask = torch.cat([mask, mask[:, -1:].expand(-1, len(continuation), -1)], dim=1)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                    image_attention_mask=mask).logits[0, n - 1 : -1].numpy()  # fmt: skip
+    got = vlm.forced_logits(images["portrait"], PROMPTS[1], continuation)
+    assert got.shape == ref.shape
+    assert float(np.abs(got - ref).max()) <= 1e-4 * float(np.abs(ref).max())
+
+
+# ---- what is refused -------------------------------------------------------------------------------------------------
+def test_chat_tensorrt_build_and_fused_refused(vlm, bundle, images):
+    from edgelvm.build.tensorrt_builder import BuildConfig, EngineBuildError, decoder_profiles
+    from edgelvm.runtime.trt_backend import TrtBackend
+
+    with pytest.raises(ConfigError, match="cross-attends"):
+        vlm.chat(images["landscape"])
+    with pytest.raises(BackendError, match="cross-attention"):
+        TrtBackend(bundle, vlm.manifest)
+    with pytest.raises(EngineBuildError, match="'images'"):  # `edgelvm build`: before TensorRT is even imported
+        decoder_profiles(vlm.manifest, BuildConfig())
+    with pytest.raises(ConfigError, match="no fused decoder"):
+        VLM.load(bundle, decoder="fused")
+
+
+def test_unknown_mask_rule_is_a_bundle_error(vlm):
+    import dataclasses
+
+    from edgelvm.runtime.cross_attention import cross_attention_inputs
+
+    spec = vlm.manifest.preprocess
+    broken = dataclasses.replace(spec, cross_attention={**spec.cross_attention, "mask_rule": "every_image_v9"})
+    with pytest.raises(BundleError, match="every_image_v9"):
+        cross_attention_inputs(broken)
+    with pytest.raises(BundleError, match="no 'cross_attention' entry"):
+        cross_attention_inputs(dataclasses.replace(spec, cross_attention=None))
+
+
+def test_prune_and_distill_refused(checkpoint, tmp_path):
+    from edgelvm.distill import DistillConfig, StudentSpec, distill
+    from edgelvm.models import load_model
+    from edgelvm.prune import PruneConfig, prune
+
+    adapter = load_model(checkpoint)
+    with pytest.raises(UnsupportedModelError, match="cross-attention"):
+        prune(adapter, None, PruneConfig(out=tmp_path / "p", text_heads=0.5, importance="magnitude", progress=False))
+    with pytest.raises(UnsupportedModelError, match="cross-attention"):
+        adapter.sub_configs()  # what a derived student is built from
+    with pytest.raises(UnsupportedModelError, match="distilling"):
+        distill(adapter, StudentSpec(text_layers=1), [], DistillConfig(out=str(tmp_path / "d"), steps=1))
+
+
+def test_quantized_checkpoint_exports_and_matches_hf(checkpoint, hf, images, tmp_path):
+    """INT4 AWQ of the decoder layers (Llama scale groups; the gated cross-attention blocks and the LM head stay
+    float) and INT8 QDQ of the tower + resampler, calibrated on batches rendered by the calibration-only template;
+    the bundle's greedy tokens equal the quantized checkpoint's ``generate``, run with the vision linears' inputs
+    fake-quantized as the INT8 graph quantizes them, and quantization changed some answer."""
+    from edgelvm.data.jsonl import load_jsonl_dataset
+    from edgelvm.data.shapes import write_split
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.models import load_model
+    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize.export import quantized_graph_rewrites
+
+    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
+    out = tmp_path / "q"
+    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4, progress=False)
+    report = quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
+    assert len([r for r in report.layers if r["side"] == "text"]) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert any(r["side"] == "vision" for r in report.layers)
+    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
+    graphs = result.manifest.graphs
+    assert (graphs["vision"].precision, graphs["decoder"].precision) == ("int8", "int4")
+    adapter = load_model(str(out))
+    vision_rewrite, encoder = quantized_graph_rewrites(adapter)["vision"], adapter.vision_encoder()
+    vlm = VLM.load(result.bundle_dir)
+    changed = 0
+    for name in ("landscape", "portrait"):
+        for prompt in PROMPTS:
+            with vision_rewrite.reference_context(encoder):  # the wrapper shares its linears with the model
+                expected = _hf_generate((adapter.processor, adapter.model), [[images[name], prompt]])[0]
+            vlm.generate(images[name], prompt, max_new_tokens=NEW_TOKENS)
+            assert vlm.last_output_ids[0] == expected, (name, prompt)
+            changed += expected != _hf_generate(hf, [[images[name], prompt]])[0]
+    assert changed >= 1
+
+
+def test_runtime_runs_without_torch(bundle):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from edgelvm.runtime import VLM
+        vlm = VLM.load({str(bundle)!r})
+        image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        vlm.generate(image, "What is this?", max_new_tokens=4)
+        assert len(vlm.last_output_ids[0]) >= 1
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
