@@ -34,10 +34,7 @@ class DecoderForExport(torch.nn.Module):
         position_ids: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        from transformers.cache_utils import DynamicCache
-
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.text_config)
+        cache = self.cache_from(past)
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -45,7 +42,19 @@ class DecoderForExport(torch.nn.Module):
             cache=cache,
             use_cache=True,
         )
-        logits = self.lm_head(out.last_hidden_state[:, -1, :])
+        return self.outputs(self.lm_head(out.last_hidden_state[:, -1, :]), cache)
+
+    # ---- for subclasses (adapters' own decoder modules: other masks, extra inputs) ---------------------------------
+    def cache_from(self, past: tuple[torch.Tensor, ...]) -> Any:
+        """The transformers cache holding the flat ``[key_0, value_0, ...]`` tensors."""
+        from transformers.cache_utils import DynamicCache
+
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+        return DynamicCache(ddp_cache_data=pairs, config=self.text_config)
+
+    @staticmethod
+    def outputs(logits: torch.Tensor, cache: Any) -> tuple[torch.Tensor, ...]:
+        """``(logits, *present)`` with the cache flattened back to ``[key_0, value_0, ...]``."""
         present: list[torch.Tensor] = []
         for layer in cache.layers:
             present.extend((layer.keys, layer.values))

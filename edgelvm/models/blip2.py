@@ -57,6 +57,8 @@ class Blip2Adapter(VLMAdapter):
     family = "blip-2"
     model_types = ("blip-2",)
     supported_text_models = ("opt",)
+    #: The family's name in messages.
+    display_name = "BLIP-2"
 
     def __init__(self, model: Any, processor: Any, source: str = "") -> None:
         # Blip2Processor drops a chat_template (its __init__ does not pass it on); a template kept with the tokenizer
@@ -146,18 +148,18 @@ class Blip2Adapter(VLMAdapter):
 
     def sub_configs(self, config: Any | None = None) -> dict[str, Any]:
         raise UnsupportedModelError(
-            "derived BLIP-2 students are not supported yet (the Q-Former's cross-attention width and OPT's ffn_dim "
-            "would have to follow the new sizes)",
+            f"derived {self.display_name} students are not supported yet (the Q-Former's cross-attention width and "
+            "the language model's sizes would have to follow the new sizes)",
             where=self.source or None,
-            fix="distil a LLaVA / LLaVA-NeXT model; BLIP-2 supports export and quantize (--llm, --vision int8)",
+            fix=f"distil a LLaVA-family model; {self.display_name} supports export and quantize (--llm, --vision int8)",
         )
 
     def attention_blocks(self) -> list[AttentionBlock]:
         raise UnsupportedModelError(
-            "pruning BLIP-2 is not supported yet (its ViT has one fused qkv projection, its Q-Former and OPT "
-            "derive head_dim from hidden / heads, so a pruned model has no config to reload from)",
+            f"pruning {self.display_name} is not supported yet (its ViT has one fused qkv projection and its "
+            "Q-Former derives head_dim from hidden / heads, so a pruned model has no config to reload from)",
             where=self.source or None,
-            fix="prune a LLaVA / LLaVA-NeXT model; BLIP-2 supports export and quantize (--llm, --vision int8)",
+            fix=f"prune a LLaVA-family model; {self.display_name} supports export and quantize (--llm, --vision int8)",
         )
 
     def mlp_blocks(self) -> list[MLPBlock]:

@@ -111,10 +111,7 @@ class _Modules:
             def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                         cross_states: torch.Tensor, cross_mask: torch.Tensor,
                         *past: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
-                from transformers.cache_utils import DynamicCache
-
-                pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
-                cache = DynamicCache(ddp_cache_data=pairs, config=self.text_config)
+                cache = self.cache_from(past)
                 if config.use_resampler:
                     images = {"perceiver_embeddings": cross_states.flatten(0, 1)}
                 else:
@@ -128,11 +125,7 @@ class _Modules:
                     image_attention_mask=cross_mask,
                     **images,
                 )
-                logits = self.lm_head(out.last_hidden_state[:, -1, :])
-                present: list[torch.Tensor] = []
-                for layer in cache.layers:
-                    present.extend((layer.keys, layer.values))
-                return (logits, *present)
+                return self.outputs(self.lm_head(out.last_hidden_state[:, -1, :]), cache)
 
         return IdeficsDecoder(language_model, lm_head, config).eval()
 

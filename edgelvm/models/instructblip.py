@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgelvm.errors import UnsupportedModelError
 from edgelvm.manifest import PreprocessSpec
-from edgelvm.models.base import AttentionBlock, MLPBlock, ScaleGroup
+from edgelvm.models.base import ScaleGroup
 from edgelvm.models.blip2 import Blip2Adapter
 
 #: The Q-Former tokenizer's file in the bundle.
@@ -68,6 +67,7 @@ class InstructBlipAdapter(Blip2Adapter):
     family = "instructblip"
     model_types = ("instructblip",)
     supported_text_models = ("llama", "opt")
+    display_name = "InstructBLIP"
 
     def _is_llama(self) -> bool:
         return self.text_config.model_type == "llama"
@@ -125,15 +125,3 @@ class InstructBlipAdapter(Blip2Adapter):
         from edgelvm.models.llama_family import llama_scale_groups
 
         return llama_scale_groups(self.language_model())
-
-    # ---- what is not supported --------------------------------------------------------------------------------
-    def attention_blocks(self) -> list[AttentionBlock]:
-        raise UnsupportedModelError(
-            "pruning InstructBLIP is not supported yet (its ViT has one fused qkv projection and its Q-Former "
-            "derives head_dim from hidden / heads, so a pruned model has no config to reload from)",
-            where=self.source or None,
-            fix="prune a LLaVA-family model; InstructBLIP supports export and quantize (--llm, --vision int8)",
-        )
-
-    def mlp_blocks(self) -> list[MLPBlock]:
-        return self.attention_blocks()  # raises, as for BLIP-2

@@ -72,14 +72,11 @@ def _prefix_lm_decoder(language_model: Any, lm_head: Any, text_config: Any) -> A
 
         def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                     *past: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
-            from transformers.cache_utils import DynamicCache
-
             seq, total = inputs_embeds.shape[1], attention_mask.shape[1]
             real = attention_mask.bool()[:, None, None, :].expand(-1, 1, seq, total)
             zero = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
             mask = torch.where(real, zero, torch.finfo(inputs_embeds.dtype).min)  # a 4-D mask is used as given
-            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
-            cache = DynamicCache(ddp_cache_data=pairs, config=self.text_config)
+            cache = self.cache_from(past)
             out = self.language_model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=mask,
@@ -90,10 +87,7 @@ def _prefix_lm_decoder(language_model: Any, lm_head: Any, text_config: Any) -> A
             logits = self.lm_head(out.last_hidden_state[:, -1, :])
             if self.softcap is not None:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            present: list[torch.Tensor] = []
-            for layer in cache.layers:
-                present.extend((layer.keys, layer.values))
-            return (logits, *present)
+            return self.outputs(logits, cache)
 
     return PrefixLMDecoder().eval()
 
