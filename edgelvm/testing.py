@@ -40,6 +40,14 @@ _CORPUS = [
 ]
 
 
+def trim_after_eos(ids: list[int], eos: set[int]) -> list[int]:
+    """``ids`` up to and including the first EOS: what a greedy ``generate`` row means, whatever it padded after."""
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    return ids
+
+
 def build_tiny_tokenizer(
     vocab_size: int = 384, *, named_image_token: bool = True, named_tokens: dict[str, str] | None = None
 ):

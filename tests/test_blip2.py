@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 from edgelvm.errors import ConfigError, EdgeLVMError, UnsupportedModelError  # noqa: E402
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
+from edgelvm.testing import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 QUERIES = 6  # edgelvm.testing.build_tiny_blip2's num_query_tokens
@@ -67,18 +68,11 @@ def _text(processor, prompt: str) -> str:
     return processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _trim(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
-
-
 def _hf_generate(processor, model, image, text: str, max_new_tokens: int = 20) -> list[int]:
     inputs = processor(images=[image], text=[text], return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id})
+    return trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id})
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +194,7 @@ def test_padded_batch_equals_hf_batched_generate(hf, bundle, images, hf_greedy):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     eos = {processor.tokenizer.eos_token_id}
-    batched = [_trim(row[inputs["input_ids"].shape[1] :].tolist(), eos) for row in out]
+    batched = [trim_after_eos(row[inputs["input_ids"].shape[1] :].tolist(), eos) for row in out]
     assert batched == [hf_greedy[pair] for pair in pairs]
     vlm = VLM.load(bundle)
     vlm.generate_batch([(images[n], p) for n, p in pairs], max_new_tokens=20)

@@ -9,6 +9,7 @@ from conftest import PROMPTS
 
 from edgelvm.manifest import Manifest
 from edgelvm.runtime import VLM, Request
+from edgelvm.testing import trim_after_eos
 
 
 def _hf(checkpoint):
@@ -22,13 +23,6 @@ def _hf(checkpoint):
 def _chat(processor, prompt: str) -> str:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
-def _trim_after_eos(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
 
 
 def test_vision_graph_matches_transformers_fp32(variant, tiny_checkpoints, tiny_bundles):
@@ -97,7 +91,7 @@ def test_greedy_tokens_equal_hf_generate_batch1(variant, decoder, tiny_checkpoin
             inputs = processor(images=[image], text=[_chat(processor, prompt)], return_tensors="pt")
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-            expected = _trim_after_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), eos)
+            expected = trim_after_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), eos)
             text = vlm.generate(image, prompt, max_new_tokens=20)
             assert vlm.last_output_ids[0] == expected, (prompt, image.size)
             assert text == processor.tokenizer.decode(expected, skip_special_tokens=True)
@@ -122,7 +116,7 @@ def test_greedy_tokens_equal_hf_generate_padded_batch(variant, decoder, tiny_che
         out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     texts = vlm.generate_batch(pairs, max_new_tokens=20)
     for row, ids in enumerate(vlm.last_output_ids):
-        expected = _trim_after_eos(out[row, inputs["input_ids"].shape[1] :].tolist(), eos)
+        expected = trim_after_eos(out[row, inputs["input_ids"].shape[1] :].tolist(), eos)
         assert ids == expected, f"row {row}"
         assert texts[row] == processor.tokenizer.decode(expected, skip_special_tokens=True)
     # Batching does not change answers: each row equals its batch-1 run.
@@ -160,7 +154,7 @@ def test_two_images_in_one_prompt_match_hf(tiny_checkpoints, tiny_bundles, test_
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     eos = set(vlm.manifest.generation["eos_token_ids"])
     vlm.generate(test_images, "Compare.", max_new_tokens=12)
-    assert vlm.last_output_ids[0] == _trim_after_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), eos)
+    assert vlm.last_output_ids[0] == trim_after_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), eos)
 
 
 @pytest.mark.slow
@@ -214,7 +208,7 @@ def test_mistral_text_model_with_list_feature_layers(tmp_path, test_images):
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
             vlm.generate(image, prompt, max_new_tokens=20)
-            assert vlm.last_output_ids[0] == _trim_after_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), eos)
+            assert vlm.last_output_ids[0] == trim_after_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), eos)
 
 
 def test_fused_decoder_is_used_and_can_be_declined(tiny_bundles, tmp_path, tiny_checkpoints):

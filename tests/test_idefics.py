@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 from edgelvm.errors import BackendError, BundleError, ConfigError, UnsupportedModelError  # noqa: E402
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
+from edgelvm.testing import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the picture"]
 NEW_TOKENS = 10
@@ -71,20 +72,13 @@ def hf(checkpoint):
     return processor, model
 
 
-def _trim(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
-
-
 def _hf_generate(hf, items: list[list], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
     processor, model = hf
     inputs = processor(text=items, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
     eos = {processor.tokenizer.eos_token_id}
-    return [_trim(row[inputs["input_ids"].shape[1] :].tolist(), eos) for row in out]
+    return [trim_after_eos(row[inputs["input_ids"].shape[1] :].tolist(), eos) for row in out]
 
 
 # ---- preprocessing ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ pytest.importorskip("num2words")  # SmolVLMProcessor imports it
 
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
+from edgelvm.testing import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 #: (height, width) -> (tile rows, tile columns) with the default tiny geometry (32-px tiles, longest edge 96 px);
@@ -86,19 +87,12 @@ def _eos(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
-def _trim(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
-
-
 def _hf_generate(processor, model, pictures, prompt, max_new_tokens=20, **image_kwargs):
     inputs = processor(images=pictures, text=[_text(processor, prompt, len(pictures))], return_tensors="pt",
                        **image_kwargs)  # fmt: skip
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
+    return trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 from edgelvm.errors import PromptTooLongError, UnsupportedModelError  # noqa: E402
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
+from edgelvm.testing import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 QUERIES = 6  # edgelvm.testing.build_tiny_instructblip's num_query_tokens
@@ -65,18 +66,11 @@ def _text(processor, prompt: str) -> str:
     return processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _trim(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
-
-
 def _hf_generate(processor, model, image, text: str, max_new_tokens: int = 20) -> list[int]:
     inputs = processor(images=[image], text=[text], return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id})
+    return trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id})
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +112,13 @@ def test_bundle_ships_the_qformer_tokenizer_and_a_text_conditioned_vision_graph(
         text = _text(processor, prompt)
         inputs = processor(images=[images["landscape"]], text=[text], return_tensors="pt")
         with torch.no_grad():
-            reference = model.get_image_features(
-                inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
-            ).pooler_output[0].numpy()
+            reference = (
+                model.get_image_features(
+                    inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
+                )
+                .pooler_output[0]
+                .numpy()
+            )
         got = vlm._image_features([images["landscape"]], [text])[0]
         assert got.shape == reference.shape == (QUERIES, 64)
         assert np.abs(got - reference).max() / np.abs(reference).max() < 1e-4

@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
+from edgelvm.testing import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 #: (height, width) -> (tile rows, tile columns) that transformers picks with 32-px tiles and max_patches 6
@@ -71,13 +72,6 @@ def _text(processor, prompt: str, n_images: int = 1) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def _trim(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
-
-
 def _eos(model) -> set[int]:
     eos = model.generation_config.eos_token_id
     return set(eos if isinstance(eos, list) else [eos])
@@ -93,7 +87,7 @@ def hf_greedy(hf, images):
             inputs = processor(images=[images[name]], text=[_text(processor, prompt)], return_tensors="pt")
             with torch.no_grad():
                 ids = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-            out[name, prompt] = _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
+            out[name, prompt] = trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
     return out
 
 
@@ -258,7 +252,7 @@ def test_two_differently_tiled_images_in_one_prompt_match_hf(hf, bundle, images)
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert vlm.prompt_ids(Request(prompt="Compare.", images=pair)) == inputs["input_ids"][0].tolist()
     vlm.generate(pair, "Compare.", max_new_tokens=12)
-    assert vlm.last_output_ids[0] == _trim(out[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
+    assert vlm.last_output_ids[0] == trim_after_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
 
 
 def test_llama_text_model_matches_hf(images, tmp_path):
@@ -279,7 +273,7 @@ def test_llama_text_model_matches_hf(images, tmp_path):
         inputs = processor(images=[images[name]], text=[_text(processor, PROMPTS[0])], return_tensors="pt")
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        expected = _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
+        expected = trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
         for vlm in vlms:
             vlm.generate(images[name], PROMPTS[0], max_new_tokens=12)
             assert vlm.last_output_ids[0] == expected, (name, vlm.backend.fused)
@@ -350,7 +344,8 @@ def test_prune_reloads_exports_and_matches_hf(checkpoint, images, tmp_path):
     with torch.no_grad():
         ids = adapter.model.generate(**inputs, max_new_tokens=12, do_sample=False)
     vlm.generate(images["square"], PROMPTS[0], max_new_tokens=12)
-    assert vlm.last_output_ids[0] == _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(adapter.model))
+    expected = trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(adapter.model))
+    assert vlm.last_output_ids[0] == expected
 
 
 def test_prune_refuses_a_qk_norm_vision_tower(checkpoint, tmp_path):
@@ -394,7 +389,7 @@ def test_distilled_student_is_internvl_and_exports(checkpoint, images, tmp_path)
         ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     vlm = VLM.load(bundle)
     vlm.generate(images["portrait"], PROMPTS[0], max_new_tokens=12)
-    assert vlm.last_output_ids[0] == _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
+    assert vlm.last_output_ids[0] == trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
 
 
 def test_quantized_checkpoint_exports_with_its_tiling(checkpoint, images, tmp_path):

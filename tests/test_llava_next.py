@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
+from edgelvm.testing import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 #: (height, width) -> tiles per column x per row that transformers picks with edgelvm.testing.TINY_GRID_PINPOINTS
@@ -65,13 +66,6 @@ def _text(processor, prompt: str, n_images: int = 1) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def _trim(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
-
-
 @pytest.fixture(scope="module")
 def hf_greedy(hf, images):
     """HF greedy tokens for 3 images (2x2 grid unpadded, 3x1 grid, 1x1 grid) x 2 prompts, computed once."""
@@ -83,7 +77,7 @@ def hf_greedy(hf, images):
             inputs = processor(images=[images[name]], text=[_text(processor, prompt)], return_tensors="pt")
             with torch.no_grad():
                 ids = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-            out[name, prompt] = _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)
+            out[name, prompt] = trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)
     return out
 
 
@@ -228,7 +222,7 @@ def test_two_differently_tiled_images_in_one_prompt_match_hf(hf, bundle, images)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     vlm.generate(pair, "Compare.", max_new_tokens=12)
-    expected = _trim(out[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id})
+    expected = trim_after_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id})
     assert vlm.last_output_ids[0] == expected
 
 
@@ -274,7 +268,7 @@ def test_prune_reloads_exports_and_matches_hf(checkpoint, images, tmp_path):
     with torch.no_grad():
         ids = adapter.model.generate(**inputs, max_new_tokens=12, do_sample=False)
     vlm.generate(images["landscape"], PROMPTS[0], max_new_tokens=12)
-    assert vlm.last_output_ids[0] == _trim(
+    assert vlm.last_output_ids[0] == trim_after_eos(
         ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id}
     )
 
@@ -303,7 +297,7 @@ def test_distilled_student_is_llava_next_and_exports(checkpoint, images, tmp_pat
     vlm = VLM.load(bundle)
     vlm.generate(images["portrait"], PROMPTS[0], max_new_tokens=12)
     eos = {processor.tokenizer.eos_token_id}
-    assert vlm.last_output_ids[0] == _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)
+    assert vlm.last_output_ids[0] == trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)
 
 
 def test_quantized_checkpoint_exports_with_its_tiling(checkpoint, images, tmp_path):

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
+from edgelvm.testing import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 #: (height, width) -> (tiles per column x per row, whether anyres_max_2 downscales the unpadded grid), for
@@ -70,13 +71,6 @@ def _text(processor, prompt: str, n_images: int = 1) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def _trim(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
-
-
 @pytest.fixture(scope="module")
 def hf_greedy(hf, images):
     processor, model = hf
@@ -87,7 +81,7 @@ def hf_greedy(hf, images):
             inputs = processor(images=[images[name]], text=[_text(processor, prompt)], return_tensors="pt")
             with torch.no_grad():
                 ids = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-            out[name, prompt] = _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)
+            out[name, prompt] = trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)
     return out
 
 
@@ -352,7 +346,7 @@ def test_prune_reloads_exports_and_matches_hf(checkpoint, images, tmp_path):
     with torch.no_grad():
         ids = adapter.model.generate(**inputs, max_new_tokens=12, do_sample=False)
     vlm.generate(images["landscape"], PROMPTS[0], max_new_tokens=12)
-    assert vlm.last_output_ids[0] == _trim(
+    assert vlm.last_output_ids[0] == trim_after_eos(
         ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id}
     )
 
@@ -405,4 +399,4 @@ def test_distilled_student_is_llava_onevision_and_exports(checkpoint, images, tm
     vlm = VLM.load(bundle)
     vlm.generate(images["portrait"], PROMPTS[0], max_new_tokens=12)
     eos = {processor.tokenizer.eos_token_id}
-    assert vlm.last_output_ids[0] == _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)
+    assert vlm.last_output_ids[0] == trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)

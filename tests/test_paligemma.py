@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 from edgelvm.errors import ConfigError, EdgeLVMError, ManifestError, UnsupportedModelError  # noqa: E402
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
+from edgelvm.testing import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "caption en"]
 TOKENS = 16  # edgelvm.testing.build_tiny_paligemma: (32 / 8)^2 image tokens
@@ -71,20 +72,13 @@ def hf(checkpoint):
     return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
 
 
-def _trim(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
-
-
 def _hf_generate(processor, model, images, texts, max_new_tokens: int = 12) -> list[list[int]]:
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
     assert "token_type_ids" in inputs  # what makes HF's first forward prefix-LM
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     eos = {processor.tokenizer.eos_token_id}
-    return [_trim(row[inputs["input_ids"].shape[1] :].tolist(), eos) for row in ids]
+    return [trim_after_eos(row[inputs["input_ids"].shape[1] :].tolist(), eos) for row in ids]
 
 
 def test_manifest_says_prefix_lm_prefix_images_and_the_prompt_wrapping(bundle):

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 from edgelvm.errors import ConfigError, UnsupportedModelError  # noqa: E402
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
+from edgelvm.testing import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 
@@ -69,13 +70,6 @@ def _text(processor, messages) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _trim(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
-
-
 def _eos(model) -> set[int]:
     return set(model.generation_config.eos_token_id)
 
@@ -85,7 +79,7 @@ def _hf_generate(adapter, image_list, messages, max_new_tokens: int = 20) -> lis
     inputs = processor(images=image_list or None, text=[_text(processor, messages)], return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
+    return trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +248,7 @@ def test_left_padded_batch_equals_hf_batched_generate(adapter, vlm, images, hf_g
     assert (inputs["attention_mask"] == 0).any()  # really padded
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    batched = [_trim(row[inputs["input_ids"].shape[1] :].tolist(), _eos(model)) for row in out]
+    batched = [trim_after_eos(row[inputs["input_ids"].shape[1] :].tolist(), _eos(model)) for row in out]
     assert batched == [hf_greedy[pair] for pair in pairs]
     vlm.generate_batch([(images[n], p) for n, p in pairs], max_new_tokens=20)
     assert vlm.last_output_ids == batched
@@ -462,7 +456,7 @@ def test_qwen25_padded_batch_and_chat_equal_hf(adapter25, bundle25, images):
     assert (inputs["attention_mask"] == 0).any()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    batched = [_trim(row[inputs["input_ids"].shape[1] :].tolist(), _eos(model)) for row in out]
+    batched = [trim_after_eos(row[inputs["input_ids"].shape[1] :].tolist(), _eos(model)) for row in out]
     vlm = VLM.load(bundle25)
     vlm.generate_batch([(images[n], p) for n, p in pairs], max_new_tokens=16)
     assert vlm.last_output_ids == batched
