@@ -93,9 +93,9 @@ def hf_greedy(hf, images):
 
 # ---- preprocessing ---------------------------------------------------------------------------------------------
 def test_tiling_arithmetic_matches_transformers_at_internvl_geometry():
-    """Candidate grids, the chosen grid (ties included) and the prompt's token count vs transformers' own functions
-    and ``InternVLProcessor``'s counting, at the real InternVL2.5/3 geometry (448-px tiles, 256 tokens a tile, at
-    most 12 tiles) over many image sizes — pure arithmetic."""
+    """Candidate grids and the chosen grid (ties included) vs transformers' own functions over many image sizes, and
+    the whole image segment (``<img>``, 256 context tokens a view, ``</img>``) vs the ids ``InternVLProcessor``
+    returns for a sample of them, at the real InternVL2.5/3 geometry (448-px tiles, at most 12 tiles)."""
     from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
         get_all_supported_aspect_ratios,
@@ -105,21 +105,23 @@ def test_tiling_arithmetic_matches_transformers_at_internvl_geometry():
     from edgelvm.models.processors import image_only_class
     from edgelvm.runtime.dynamic_tiles import DynamicTilesRule, supported_grids
     from edgelvm.testing import INTERNVL_TOKENS, build_tiny_tokenizer
+    from processor_prompts import processor_prompt_ids, spread_sample
 
     for lo, hi in ((1, 12), (1, 6), (2, 9), (1, 1), (4, 4)):
         assert supported_grids(lo, hi) == get_all_supported_aspect_ratios(lo, hi)
     tokenizer = build_tiny_tokenizer(named_tokens=INTERNVL_TOKENS)
-    image_processor = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=False,
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True,
                                                min_patches=1, max_patches=12)  # fmt: skip
     processor = image_only_class(InternVLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
                                                     image_seq_length=256)  # fmt: skip
-    rule = DynamicTilesRule((448, 448), 1, 12, 256, start_token_id=1, end_token_id=2)
+    start, end, ctx = tokenizer.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"])
+    rule = DynamicTilesRule((448, 448), 1, 12, 256, start_token_id=start, end_token_id=end)
     rng = np.random.default_rng(0)
     sizes = [(int(h), int(w)) for h, w in rng.integers(10, 4000, (200, 2))]
     sizes += [(448, 448), (896, 448), (448, 896), (600, 600), (700, 700), (1000, 1000), (500, 1500), (1, 900)]
-    expected = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
-    ctx = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    assert [len(rule.segment(h, w, ctx)) for h, w in sizes] == expected  # <img> + 256 per view + </img>
+    sample = spread_sample(sizes, 32)
+    prompts = processor_prompt_ids(processor, sample, processor.image_token)
+    assert [ids[1:] for ids in prompts] == [[int(i) for i in rule.segment(h, w, ctx)] for h, w in sample]  # after BOS
     for h, w in sizes:
         cols, rows = get_optimal_tiled_canvas((h, w), (448, 448), 1, 12)
         assert rule.grid(h, w) == (rows, cols)

@@ -92,6 +92,7 @@ def test_tiling_arithmetic_matches_transformers_at_llava_v16_geometry():
 
     from edgelvm.runtime import tiling
     from edgelvm.testing import build_tiny_tokenizer
+    from processor_prompts import processor_image_token_counts, spread_sample
 
     pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     image_processor = LlavaNextImageProcessorPil(
@@ -104,9 +105,11 @@ def test_tiling_arithmetic_matches_transformers_at_llava_v16_geometry():
     rule = tiling.AnyresRule(pinpoints, 336, (336, 336), (24, 24), newline="image_newline.npy")
     rng = np.random.default_rng(0)
     sizes = [(int(h), int(w)) for h, w in rng.integers(20, 2400, (150, 2))] + [(336, 336), (672, 336), (1, 900)]
-    expected = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
-    assert [rule.token_count(h, w, 576) for h, w in sizes] == expected
-    for (h, w), _ in zip(sizes, expected):
+    sample = spread_sample(sizes, 32)
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    counts = processor_image_token_counts(processor, sample, processor.image_token, image_token)
+    assert [rule.token_count(h, w, 576) for h, w in sample] == counts
+    for h, w in sizes:
         best = select_best_resolution((h, w), pinpoints)
         assert tiling.select_best_resolution(h, w, pinpoints) == tuple(best)
         probe = np.zeros((3, h, w))

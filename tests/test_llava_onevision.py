@@ -122,6 +122,7 @@ def test_token_counts_and_packing_match_transformers_at_onevision_geometry():
     from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
     from edgelvm.runtime import tiling
+    from processor_prompts import processor_image_token_counts, spread_sample
 
     config = LlavaOnevisionConfig()  # llava-onevision-qwen2-*-ov: SigLIP 384 / 14, 36 pinpoints, anyres_max_9
     pinpoints = config.image_grid_pinpoints
@@ -134,8 +135,10 @@ def test_token_counts_and_packing_match_transformers_at_onevision_geometry():
     rng = np.random.default_rng(0)
     sizes = [(int(h), int(w)) for h, w in rng.integers(20, 4000, (200, 2))]
     sizes += [(384, 384), (768, 1152), (2304, 2304), (1, 900), (900, 1), (3000, 400), (480, 640), (1080, 1920)]
-    expected = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
-    assert [rule.token_count(h, w, 729) for h, w in sizes] == expected
+    sample = spread_sample(sizes, 32)
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    counts = processor_image_token_counts(processor, sample, processor.image_token, image_token)
+    assert [rule.token_count(h, w, 729) for h, w in sample] == counts
     downscaled = [rule.packed_size(h, w) != (r1 - r0, c1 - c0) for h, w in sizes
                   for r0, r1, c0, c1 in [rule.packed_grid(h, w)]]  # fmt: skip
     assert 20 < sum(downscaled) < len(sizes) - 20  # both branches taken many times
