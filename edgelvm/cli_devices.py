@@ -76,7 +76,15 @@ def build(
     max_batch: Annotated[int, typer.Option(help="Largest batch the engines accept.")] = 1,
     max_length: Annotated[int | None, typer.Option(help="Longest context (default: the bundle's).")] = None,
     precision: Annotated[str, typer.Option(help="auto (fp16, + int8 for QDQ graphs) | fp16 | fp32.")] = "auto",
-    workspace_gb: Annotated[float | None, typer.Option(help="TensorRT workspace limit in GiB.")] = None,
+    workspace_gb: Annotated[
+        float | None, typer.Option(help="TensorRT workspace limit in GiB (default: from the device; 0: TensorRT's).")
+    ] = None,
+    tactic_dram_gb: Annotated[
+        float | None, typer.Option(help="TensorRT tactic DRAM limit in GiB (default: sized from the device).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Device profile sizing the memory limits (default: the detected GPU's memory).")
+    ] = None,
     timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file shared across builds.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild engines that already exist for this GPU.")] = False,
 ) -> None:
@@ -90,7 +98,9 @@ def build(
         max_batch=max_batch,
         max_length=max_length,
         precision=precision,
-        workspace_bytes=int(workspace_gb * (1 << 30)) if workspace_gb else None,
+        workspace_bytes=None if workspace_gb is None else int(workspace_gb * (1 << 30)),
+        tactic_dram_bytes=None if tactic_dram_gb is None else int(tactic_dram_gb * (1 << 30)),
+        device=device,
         timing_cache=timing_cache,
         force=force,
     )
@@ -145,8 +155,108 @@ def bench(
         print("written: " + ", ".join(str(p) for p in paths.values()))
 
 
+def plan(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory (config.json is enough) or a hub id (online).")],
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", help="Device profile(s) to check in detail (default: a table of all)."),
+    ] = None,
+    precision: Annotated[
+        str, typer.Option(help="LLM weights: fp16 | int8 | int4 (4.5 bits/param) | fp32 | bf16.")
+    ] = "fp16",
+    vision_precision: Annotated[
+        str | None, typer.Option(help="Vision encoder weights (default fp16; fp32 with --precision fp32).")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Context the KV cache is sized for (default: as export, ≤ 4096).")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Rows decoded together (KV cache per row).")] = 1,
+    profiles_dir: Annotated[
+        Path | None, typer.Option(help="Extra directory of NAME.json profiles (also: EDGELVM_DEVICE_PROFILES).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")] = False,
+) -> None:
+    """Will it fit? Memory, headroom, roofline tokens/s and TensorRT build peak per device — from the config alone.
+
+    No weights are read and no model is built: the byte counts come from config.json through the family's adapter
+    (the same numbers `edgelvm export --target` computes from the loaded model). With --target, the budget and the
+    suggestions for each named device, and exit code 1 when one does not fit.
+
+    Example:  edgelvm plan ./llava-1.5-7b-hf --precision int4 --max-length 2048
+    """
+    from edgelvm.devices.plan import footprint_from_config, plan_model
+    from edgelvm.devices.profiles import list_profiles, load_profile
+
+    profiles = list_profiles(profiles_dir)
+    chosen = [load_profile(name, profiles_dir) for name in target] if target else profiles
+    footprint = footprint_from_config(model)
+    result = plan_model(footprint, chosen, precision=precision, vision_precision=vision_precision,
+                        max_length=max_length, max_batch=batch, candidates=profiles)  # fmt: skip
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_plan(result, detailed=bool(target))
+    if target and any(row.plan is None or not row.plan.fits for row in result.rows):
+        raise typer.Exit(1)
+
+
+def _print_plan(result, detailed: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = _console()
+    fp = result.footprint
+    gib = 1 << 30
+    kv_token = fp.kv_bytes_per_token(result.kv_dtype)
+
+    def params(n: int) -> str:
+        return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+    console.print(
+        f"{escape(fp.source)} ({fp.family}): vision {params(fp.vision_params)} params ({result.vision_precision}), "
+        f"decoder {params(fp.decoder_params)} ({result.precision}, embedding table excluded: memory-mapped), "
+        f"KV {kv_token / 1024:.0f} KiB/token ({fp.kv_layers} layers × {fp.kv_heads} KV heads × {fp.head_dim}, "
+        f"{result.kv_dtype}, 2 buffers); max_length {result.max_length}, batch {result.max_batch}"
+    )
+    for note in fp.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    table = Table(title="will it fit? (GiB; decode tok/s ≤ bandwidth / bytes read per token; build = TensorRT peak)")
+    for column in ("device", "fits", "needs", "usable", "headroom", "tok/s", "tok/s@max", "build", "max ctx"):
+        table.add_column(column, justify="left" if column in ("device", "fits") else "right")
+    for row in result.rows:
+        if row.plan is None:
+            table.add_row(row.profile.name, "[red]no[/] (precision)", *["—"] * 7)
+            continue
+        p = row.plan
+        fits = "[green]yes[/]" if p.fits else "[red]no[/]"
+        if p.fits and not p.build_fits:
+            fits += " (build: swap)"
+        table.add_row(
+            row.profile.name,
+            fits,
+            f"{p.total_bytes / gib:.2f}",
+            f"{p.usable_bytes / gib:.2f}",
+            f"{p.headroom_bytes / gib:+.2f}",
+            f"{row.tokens_per_s_short:.1f}",
+            f"{row.tokens_per_s_at_max:.1f}",
+            f"{p.build_peak_bytes / gib:.2f}",
+            str(row.longest_context),
+        )
+    console.print(table)
+    if not detailed:
+        return
+    for row in result.rows:
+        if row.plan is None:
+            console.print(f"[red]{row.profile.name}:[/] {escape(row.error or '')}")
+            continue
+        console.print(escape(row.plan.summary()))
+        for suggestion in row.plan.suggestions:
+            console.print(f"  - {escape(suggestion)}")
+
+
 def register(app: typer.Typer) -> None:
-    """Mount ``devices``, ``build`` and ``bench`` on ``app``."""
+    """Mount ``devices``, ``plan``, ``build`` and ``bench`` on ``app``."""
     app.command()(devices)
+    app.command()(plan)
     app.command()(build)
     app.command()(bench)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import tempfile
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from edgelvm.errors import BundleError, ManifestError
+from edgelvm.fsutil import current_umask
 
 MANIFEST_NAME = "edgelvm.json"
 #: Bumped in its major part whenever an older runtime could misread a newer bundle.
@@ -164,48 +168,71 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str | Path = MANIFEST_NAME) -> Manifest:
+        """Build from parsed JSON, checking every field's presence and type first: a malformed manifest raises
+        :class:`ManifestError` naming the field (e.g. ``graphs.vision.file``), never a bare Python error."""
+        if not isinstance(data, dict):
+            raise ManifestError("top level must be a JSON object", where=where, fix="re-export the bundle")
         _check_version(data, where)
-        try:
-            graphs = {
-                name: GraphSpec(
-                    **{
-                        **g,
-                        "inputs": [TensorSpec(**t) for t in g.get("inputs", [])],
-                        "outputs": [TensorSpec(**t) for t in g.get("outputs", [])],
-                    }
-                )
-                for name, g in data["graphs"].items()
-            }
-            return cls(
-                family=data["family"],
-                graphs=graphs,
-                preprocess=PreprocessSpec(**data["preprocess"]),
-                tokenizer=TokenizerSpec(**data["tokenizer"]),
-                kv_cache=KVCacheSpec(**data["kv_cache"]),
-                positions=data["positions"],
-                generation=data["generation"],
-                created_from=data.get("created_from", {}),
-                files=data.get("files", {}),
-                target=data.get("target"),
-                attention=_attention_kind(data.get("attention", "causal"), where),
-                format_version=data["format_version"],
-                edgelvm_version=data.get("edgelvm_version", ""),
-            )
-        except KeyError as err:
-            raise ManifestError(
-                f"required field {err.args[0]!r} is missing",
-                where=where,
-                fix="re-export the bundle with `edgelvm export`; do not edit edgelvm.json by hand",
-            ) from None
-        except TypeError as err:
-            raise ManifestError(
-                f"a section has unexpected or missing fields ({err})",
-                where=where,
-                fix="re-export the bundle with this edgelvm version (`edgelvm export`)",
-            ) from None
+        sections = _check_top(data, where)
+        _check_any_sections(data, where)
+        graphs = data["graphs"]
+        if not isinstance(graphs, dict):
+            raise _field_error("graphs", "must be an object of named graphs", where)
+        built = {name: _build_graph(g, f"graphs.{name}", where) for name, g in graphs.items()}
+        for name, graph in built.items():
+            _check_rel_path(graph.file, f"graphs.{name}.file", where)
+        for name in REQUIRED_GRAPHS:
+            if name not in built:
+                raise ManifestError(f"required field 'graphs.{name}' is missing", where=where, fix=_FIX)
+            if (built[name].kind == "table") != (name == "embed"):
+                kind = "'table'" if name == "embed" else "an ONNX graph kind (not 'table')"
+                raise _field_error(f"graphs.{name}.kind", f"must be {kind}, got {built[name].kind!r}", where)
+        for name, graph in built.items():
+            if name not in ("vision", "decoder", "decoder_ort"):
+                continue
+            if graph.kind == "table":
+                raise _field_error(f"graphs.{name}.kind", "must be an ONNX graph kind (not 'table')", where)
+            for io in ("inputs", "outputs"):  # the runtime reads the first input's and output's type
+                specs = getattr(graph, io)
+                if not specs:
+                    raise _field_error(f"graphs.{name}.{io}", "must list the graph's tensors, got none", where)
+                if specs[0].dtype not in GRAPH_IO_DTYPES:
+                    raise _field_error(
+                        f"graphs.{name}.{io}[0].dtype", f"must be one of {', '.join(GRAPH_IO_DTYPES)}", where
+                    )
+            if name != "vision" and not isinstance((graph.outputs[0].shape or ["?"])[-1], int):
+                raise _field_error(f"graphs.{name}.outputs[0].shape", "must end with the vocabulary size", where)
+        if sections["kv_cache"]["dtype"] not in ("float32", "float16"):
+            raise _field_error("kv_cache.dtype", "must be float32 or float16", where)
+        if sections["preprocess"]["resample"] not in RESAMPLE_FILTERS:
+            raise _field_error("preprocess.resample", f"must be one of {', '.join(RESAMPLE_FILTERS)}", where)
+        tokenizer = TokenizerSpec(**sections["tokenizer"])
+        _check_rel_path(tokenizer.file, "tokenizer.file", where)
+        files = data.get("files", {})
+        for rel, digest in files.items():
+            _check_rel_path(rel, f"files[{rel!r}]", where)
+            if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+                raise _field_error(f"files[{rel!r}]", f"must be a lowercase hex sha256, got {digest!r}", where)
+        return cls(
+            family=data["family"],
+            graphs=built,
+            preprocess=PreprocessSpec(**sections["preprocess"]),
+            tokenizer=tokenizer,
+            kv_cache=KVCacheSpec(**sections["kv_cache"]),
+            positions=data["positions"],
+            generation=data["generation"],
+            created_from=data.get("created_from", {}),
+            files=dict(files),
+            target=data.get("target"),
+            attention=_attention_kind(data.get("attention", "causal"), where),
+            format_version=data["format_version"],
+            edgelvm_version=data.get("edgelvm_version", ""),
+        )
 
     @classmethod
-    def load(cls, bundle_dir: str | Path) -> Manifest:
+    def load(cls, bundle_dir: str | Path, *, expected_sha256: str | None = None) -> Manifest:
+        """Read ``bundle_dir/edgelvm.json``. ``expected_sha256``: the manifest's own digest, pinned by the user
+        (the hashes inside a manifest only protect the files it lists; pinning the manifest pins the whole bundle)."""
         path = Path(bundle_dir) / MANIFEST_NAME
         if not Path(bundle_dir).is_dir():
             raise BundleError(
@@ -217,13 +244,197 @@ class Manifest:
                 where=bundle_dir,
                 fix="pass the directory written by `edgelvm export -o DIR`, or re-export",
             )
+        raw = path.read_bytes()  # read once: the bytes hashed are the bytes parsed
+        if expected_sha256 is not None:
+            actual = hashlib.sha256(raw).hexdigest()
+            if actual != expected_sha256.strip().lower():
+                raise BundleError(
+                    f"{MANIFEST_NAME} has sha256 {actual}, not the pinned {expected_sha256.strip()}",
+                    where=path,
+                    fix="use the bundle the digest was taken from, or pin this one's digest "
+                    f"(`sha256sum {path}`) if you trust where it came from",
+                )
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise ManifestError(f"not valid JSON ({err})", where=path, fix="re-export the bundle") from None
         if not isinstance(data, dict):
             raise ManifestError("top level must be a JSON object", where=path, fix="re-export the bundle")
         return cls.from_dict(data, where=path)
+
+
+# ---- field checks: every manifest field's presence and JSON type, named on failure --------------------------------
+#: Dataclass-typed sections of the manifest.
+_SECTIONS: dict[str, type] = {"preprocess": PreprocessSpec, "tokenizer": TokenizerSpec, "kv_cache": KVCacheSpec}
+_FIX = "re-export the bundle with `edgelvm export` (do not edit edgelvm.json by hand)"
+
+
+def _field_error(name: str, problem: str, where: str | Path) -> ManifestError:
+    return ManifestError(f"field {name!r} {problem}", where=where, fix=_FIX)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """None when ``value`` (parsed JSON) fits the annotation ``hint``, else what is wrong (with a sub-path)."""
+    if hint is Any:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        problems = [_type_problem(value, arg) for arg in args]
+        if any(p is None for p in problems):
+            return None
+        names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+        return f"must be {names}, got {_json_type(value)}"
+    if origin is list:
+        if not isinstance(value, list):
+            return f"must be an array, got {_json_type(value)}"
+        for i, item in enumerate(value):
+            if (problem := _type_problem(item, args[0] if args else Any)) is not None:
+                return f"[{i}] {problem}"
+        return None
+    if origin is dict:
+        if not isinstance(value, dict):
+            return f"must be an object, got {_json_type(value)}"
+        for key, item in value.items():
+            if (problem := _type_problem(item, args[1] if args else Any)) is not None:
+                return f"[{key!r}] {problem}"
+        return None
+    if hint is type(None):
+        return None if value is None else f"must be null, got {_json_type(value)}"
+    if is_dataclass(hint):  # its fields are checked when it is built
+        return None if isinstance(value, dict) else f"must be an object, got {_json_type(value)}"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"must be a boolean, got {_json_type(value)}"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"must be an integer, got {_json_type(value)}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"must be a number, got {_json_type(value)}"
+    if hint is str:
+        return None if isinstance(value, str) else f"must be a string, got {_json_type(value)}"
+    return None if isinstance(value, hint) else f"must be {hint.__name__}, got {_json_type(value)}"
+
+
+def _check_fields(cls: type, data: Any, prefix: str, where: str | Path) -> dict[str, Any]:
+    """``data`` as keyword arguments for dataclass ``cls``: an object, no unknown fields, every required one, each
+    of its annotated type."""
+    section = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise _field_error(section, f"must be an object, got {_json_type(data)}", where)
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ManifestError(
+                f"field {prefix}{key!r} is not one this edgelvm knows",
+                where=where,
+                fix="upgrade edgelvm (`pip install -U edgelvm`), or re-export the bundle with this version",
+            )
+    for name, spec in known.items():
+        required = spec.default is MISSING and spec.default_factory is MISSING
+        if name not in data:
+            if required:
+                raise ManifestError(f"required field {prefix + name!r} is missing", where=where, fix=_FIX)
+            continue
+        problem = _type_problem(data[name], hints[name])
+        if problem is not None:
+            raise _field_error(prefix + name, problem, where)
+    return data
+
+
+#: Top-level fields the dataclass types as ``dict[str, Any]`` / sections with their own dataclass: checked by hand.
+_TOP_HINTS: dict[str, Any] = {
+    "family": str,
+    "positions": dict[str, Any],
+    "generation": dict[str, Any],
+    "created_from": dict[str, Any],
+    "files": dict[str, str],
+    "target": dict[str, Any] | None,
+    "format_version": str,
+    "edgelvm_version": str,
+}
+
+
+def _check_top(data: dict[str, Any], where: str | Path) -> dict[str, dict[str, Any]]:
+    """Required top-level fields and their types; the dataclass-typed sections checked field by field. Unknown
+    top-level fields are ignored (newer optional fields, e.g. ``attention``, are designed to be)."""
+    for key in ("family", "graphs", "preprocess", "tokenizer", "kv_cache", "positions", "generation"):
+        if key not in data:
+            raise ManifestError(f"required field {key!r} is missing", where=where, fix=_FIX)
+    for key, hint in _TOP_HINTS.items():
+        if key in data and (problem := _type_problem(data[key], hint)) is not None:
+            raise _field_error(key, problem, where)
+    return {name: _check_fields(section, data[name], f"{name}.", where) for name, section in _SECTIONS.items()}
+
+
+def _check_any_sections(data: dict[str, Any], where: str | Path) -> None:
+    """The free-form sections' fields that the runtime reads directly."""
+    generation = data["generation"]
+    for key, hint in (("eos_token_ids", list[int]), ("pad_token_id", int)):
+        if key not in generation:
+            raise ManifestError(f"required field 'generation.{key}' is missing", where=where, fix=_FIX)
+        if (problem := _type_problem(generation[key], hint)) is not None:
+            raise _field_error(f"generation.{key}", problem, where)
+    preprocess = data["preprocess"]
+    vision_text = preprocess.get("vision_text")
+    if vision_text is not None:
+        if not isinstance(vision_text.get("tokenizer"), str):
+            raise _field_error("preprocess.vision_text.tokenizer", "must be a string (a file in the bundle)", where)
+        _check_rel_path(vision_text["tokenizer"], "preprocess.vision_text.tokenizer", where)
+    params = preprocess.get("tiling_params")
+    if params is not None and params.get("newline") is not None:
+        if not isinstance(params["newline"], str):
+            raise _field_error("preprocess.tiling_params.newline", "must be a string (a file in the bundle)", where)
+        _check_rel_path(params["newline"], "preprocess.tiling_params.newline", where)
+
+
+def _build_graph(g: Any, prefix: str, where: str | Path) -> GraphSpec:
+    spec = dict(_check_fields(GraphSpec, g, prefix + ".", where))
+    for io in ("inputs", "outputs"):
+        specs = spec.get(io, [])
+        spec[io] = [
+            TensorSpec(**_check_fields(TensorSpec, t, f"{prefix}.{io}[{i}].", where)) for i, t in enumerate(specs)
+        ]
+    return GraphSpec(**spec)
+
+
+#: Element types of a graph's first input / output that the runtime feeds and reads.
+GRAPH_IO_DTYPES = ("float32", "float16", "int64")
+#: ``preprocess.resample`` values (PIL filters, as runtime/preprocess maps them).
+RESAMPLE_FILTERS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
+#: Graphs every bundle has (the runtime opens them by these names): the embedding is a ``table`` (a ``.npy``
+#: array), the others ONNX graphs (kind ``onnx``, or a variant such as ``onnx-ort-gqa``).
+REQUIRED_GRAPHS = ("vision", "embed", "decoder")
+
+
+def _check_rel_path(rel: Any, name: str, where: str | Path) -> str:
+    """A path inside the bundle, as the manifest must spell it: relative, '/'-separated, no '.', '..' or empty parts
+    (so that one file has one spelling and none can name a file outside the bundle)."""
+    if not isinstance(rel, str):
+        raise _field_error(name, f"must be a string (a file in the bundle), got {_json_type(rel)}", where)
+    parts = rel.split("/")
+    bad = (
+        not rel
+        or "\\" in rel
+        or "\0" in rel
+        or rel.startswith("/")
+        or (len(rel) > 1 and rel[1] == ":")  # a Windows drive
+        or any(part in ("", ".", "..") for part in parts)
+    )
+    if bad:
+        raise ManifestError(
+            f"field {name!r} names {rel!r}, which is not a plain relative path inside the bundle (absolute paths, "
+            "'..', '.', empty parts and backslashes are refused)",
+            where=where,
+            fix="use a bundle written by `edgelvm export`; a bundle may only name files inside its own directory",
+        )
+    return rel
 
 
 #: ``Manifest.attention`` values this runtime implements.
@@ -270,32 +481,205 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def hash_bundle_files(bundle_dir: str | Path) -> dict[str, str]:
-    """sha256 of every file in the bundle (recursively) except the manifest itself, keyed by relative posix path."""
+    """sha256 of every file in the bundle (recursively) except the manifest itself (and the staging owner note
+    ``.edgelvm-partial.json`` that ``fsutil`` removes at the swap), keyed by relative posix path."""
     root = Path(bundle_dir)
     return {
         p.relative_to(root).as_posix(): sha256_file(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_NAME and "engines" not in p.relative_to(root).parts
+        if p.is_file()
+        and p.name not in (MANIFEST_NAME, ".edgelvm-partial.json")
+        and "engines" not in p.relative_to(root).parts
     }
 
 
+def bundle_references(manifest: Manifest) -> dict[str, str]:
+    """Every file the runtime opens, as named by the manifest: ``{relative path: the field naming it}`` (external
+    data files of ONNX graphs are found by :func:`onnx_external_data` and are not included)."""
+    refs: dict[str, str] = {}
+    for name, graph in manifest.graphs.items():
+        refs.setdefault(graph.file, f"graphs.{name}.file")
+    refs.setdefault(manifest.tokenizer.file, "tokenizer.file")
+    vision_text = manifest.preprocess.vision_text or {}
+    if isinstance(vision_text.get("tokenizer"), str):
+        refs.setdefault(vision_text["tokenizer"], "preprocess.vision_text.tokenizer")
+    params = manifest.preprocess.tiling_params or {}
+    if isinstance(params.get("newline"), str):
+        refs.setdefault(params["newline"], "preprocess.tiling_params.newline")
+    return refs
+
+
 def verify_bundle_files(bundle_dir: str | Path, manifest: Manifest, *, check_hashes: bool = True) -> None:
-    """Every listed file exists and (optionally) has its recorded sha256; raise naming the first that does not."""
-    root = Path(bundle_dir)
-    for rel, expected in manifest.files.items():
-        path = root / rel
-        if not path.is_file():
+    """The bundle's trust check, before the runtime opens anything:
+
+    - every path the manifest names (``files`` keys, graphs, tokenizers, arrays, external data of ONNX graphs) is a
+      plain relative path that resolves inside the bundle directory, symlinks included;
+    - every file the runtime will open is listed in ``files`` (so removing an entry, or ``"files": {}``, does not
+      turn verification off) and exists;
+    - with ``check_hashes``, every listed file has its recorded sha256.
+
+    Raises :class:`BundleError` naming the first file that fails. The hashes detect corruption and careless edits;
+    they cannot detect a deliberate edit of the manifest itself (see ``Manifest.load(expected_sha256=...)``).
+    """
+    given = Path(bundle_dir)
+    root = given.resolve()
+    where = given / MANIFEST_NAME
+    for rel in manifest.files:
+        _check_rel_path(rel, f"files[{rel!r}]", where)
+    for rel, name in bundle_references(manifest).items():
+        _check_rel_path(rel, name, where)
+        if rel not in manifest.files:
             raise BundleError(
-                f"file {rel!r} listed in {MANIFEST_NAME} is missing",
-                where=root,
-                fix="copy the complete bundle directory again, or re-export it",
+                f"{name} names {rel!r}, which is not listed in {MANIFEST_NAME}'s 'files' (it would be loaded "
+                "without its sha256 being checked)",
+                where=given,
+                fix="copy the complete bundle again or re-export it; do not edit edgelvm.json by hand",
             )
+    for rel, expected in manifest.files.items():
+        path = _resolve_inside(root, rel, given)
         if check_hashes and sha256_file(path) != expected:
             raise BundleError(
                 f"file {rel!r} does not match its sha256 in {MANIFEST_NAME} (modified or corrupted)",
                 where=root,
                 fix="copy the bundle again or re-export it; do not edit bundle files in place",
             )
+    for name, graph in manifest.graphs.items():
+        if graph.kind == "table":
+            continue
+        for location in onnx_external_data(_resolve_inside(root, graph.file, given)):
+            rel = posixpath.join(posixpath.dirname(graph.file), location)
+            field_name = f"external data of graphs.{name} ({graph.file})"
+            _check_rel_path(location, field_name, given)
+            if rel not in manifest.files:
+                raise BundleError(
+                    f"{field_name} names {location!r}, which is not listed in {MANIFEST_NAME}'s 'files' (it would "
+                    "be loaded without its sha256 being checked)",
+                    where=given,
+                    fix="copy the complete bundle again or re-export it",
+                )
+
+
+def _resolve_inside(root: Path, rel: str, given: Path) -> Path:
+    """``root / rel`` with symlinks resolved; it must be a regular file inside ``root``."""
+    path = root / rel
+    if not path.is_file():
+        raise BundleError(
+            f"file {rel!r} listed in {MANIFEST_NAME} is missing",
+            where=given,
+            fix="copy the complete bundle directory again, or re-export it",
+        )
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise BundleError(
+            f"file {rel!r} is a symbolic link to {resolved}, outside the bundle",
+            where=given,
+            fix="copy the bundle with its files (e.g. `cp -rL`), not links to files elsewhere",
+        )
+    return resolved
+
+
+# ---- ONNX external data, without the onnx package (the runtime does not depend on it) -------------------------------
+# Field numbers from onnx.proto: which length-delimited fields of each message can lead to a TensorProto.
+_PROTO_PATHS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 25: "function"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {13: "entry"},  # TensorProto.external_data: StringStringEntryProto {key = 1, value = 2}
+    "entry": {},
+}
+
+
+def onnx_external_data(path: str | Path) -> set[str]:
+    """The ``location`` of every external-data tensor in the ONNX model at ``path`` (as written: relative to the
+    model's directory)."""
+    return {location for location, _, _ in onnx_external_regions(path)}
+
+
+def onnx_external_regions(path: str | Path) -> list[tuple[str, int, int]]:
+    """``(location, offset, length)`` of every external-data tensor in the ONNX model at ``path`` (length -1: to the
+    end of the file). Reads the protobuf wire format directly, skipping tensor payloads without copying them."""
+    import mmap
+
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return []
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            buf = memoryview(mapped)
+            try:
+                found: list[tuple[str, int, int]] = []
+                _scan(buf, 0, size, "model", found, 0)
+                return found
+            except (ValueError, IndexError, UnicodeDecodeError, RecursionError):
+                raise BundleError(
+                    "not a readable ONNX file (its protobuf structure is malformed)",
+                    where=path,
+                    fix="copy the bundle again or re-export it",
+                ) from None
+            finally:
+                buf.release()
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _scan(
+    buf: memoryview,
+    pos: int,
+    end: int,
+    message: str,
+    found: list[tuple[str, int, int]],
+    depth: int,
+    fields: dict[str, str] | None = None,
+) -> None:
+    """Walk one message; a tensor's external-data entries go to its own ``fields``, and a tensor with a location is
+    appended to ``found``."""
+    if depth > 64:
+        raise ValueError("nested too deeply")
+    paths = _PROTO_PATHS[message]
+    entry: dict[int, str] = {}
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            start, pos = pos, pos + length
+            if pos > end:
+                raise ValueError("field past the end of its message")
+            if message == "entry" and number in (1, 2):
+                entry[number] = bytes(buf[start:pos]).decode("utf-8")
+            elif number in paths and paths[number] == "tensor":
+                tensor: dict[str, str] = {}
+                _scan(buf, start, pos, "tensor", found, depth + 1, tensor)
+                if "location" in tensor:
+                    found.append((tensor["location"], int(tensor.get("offset") or 0), int(tensor.get("length") or -1)))
+            elif number in paths:
+                _scan(buf, start, pos, paths[number], found, depth + 1, fields)
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > end:
+            raise ValueError("field past the end of its message")
+    if message == "entry" and fields is not None and 1 in entry:
+        fields[entry[1]] = entry.get(2, "")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -305,7 +689,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; bundles are shared read-only artifacts
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give what open(path, 'w') would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

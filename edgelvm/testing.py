@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from edgelvm.models.blip2 import QA_TEMPLATE as BLIP2_QA_TEMPLATE
+
 TextKind = Literal["llama", "qwen2", "mistral"]
 VisionKind = Literal["clip", "siglip"]
 
@@ -310,20 +312,9 @@ def build_realistic_llava(out_dir: str | Path, seed: int = 0) -> Path:
     )
 
 
-#: A BLIP-2 prompt template (BLIP-2 checkpoints ship none; their prompts are plain "Question: ... Answer:" strings).
-#: Image items are not rendered: the BLIP-2 processor puts the query tokens before the whole prompt, BOS included.
-TINY_BLIP2_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}Question: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% else %} Answer: {{ message['content'] if message['content'] is string else message['content'][0]['text'] }}"
-    "{{ eos_token }}\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %} Answer:{% endif %}"
-)
+#: BLIP-2's own "Question: ... Answer:" prompting (its checkpoints ship no template), for test checkpoints that keep
+#: a template with the tokenizer (the InstructBLIP Llama one by default).
+TINY_BLIP2_CHAT_TEMPLATE = BLIP2_QA_TEMPLATE
 
 
 def build_tiny_blip2(
@@ -334,7 +325,7 @@ def build_tiny_blip2(
     hidden_size: int = 64,
     num_layers: int = 2,
     num_query_tokens: int = 6,
-    chat_template: str | None = TINY_BLIP2_CHAT_TEMPLATE,
+    chat_template: str | None = None,
     text: Literal["opt", "t5"] = "opt",
     seed: int = 0,
 ) -> Path:
@@ -343,8 +334,9 @@ def build_tiny_blip2(
     ``num_query_tokens`` learned queries (cross-attention in every layer), and a tiny OPT (``text="t5"``: a tiny T5
     encoder-decoder instead, which edgelvm refuses).
 
-    ``chat_template`` is stored on the tokenizer (``tokenizer_config.json``): ``Blip2Processor`` keeps none of its
-    own. ``None`` leaves the checkpoint without a template, as the Salesforce checkpoints are.
+    By default the checkpoint has no chat template, as the published Salesforce checkpoints; a ``chat_template``
+    (e.g. :data:`TINY_BLIP2_CHAT_TEMPLATE`) is stored on the tokenizer (``tokenizer_config.json``):
+    ``Blip2Processor`` keeps none of its own.
     """
     import torch
     from transformers import (
@@ -627,13 +619,15 @@ def build_tiny_instructblip(
     hidden_size: int = 64,
     num_layers: int = 2,
     num_query_tokens: int = 6,
-    chat_template: str | None = TINY_BLIP2_CHAT_TEMPLATE,
+    chat_template: str | Literal["default"] | None = "default",
     seed: int = 0,
 ) -> Path:
     """Write a random-weight InstructBLIP checkpoint (``InstructBlipForConditionalGeneration`` +
     ``InstructBlipProcessor``) to ``out_dir`` and return it: BLIP-2's ViT → Q-Former → projection, where the
     Q-Former also reads the prompt (its own WordPiece tokenizer, :func:`build_tiny_qformer_tokenizer`), and a tiny
-    Llama (Vicuna-style) or OPT language model. ``chat_template`` as for :func:`build_tiny_blip2`."""
+    Llama (Vicuna-style) or OPT language model. ``chat_template`` as for :func:`build_tiny_blip2`; ``"default"``:
+    none for OPT (as the published BLIP-family OPT checkpoints), :data:`TINY_BLIP2_CHAT_TEMPLATE` kept with the
+    tokenizer for Llama (so that the template path stays covered)."""
     import torch
     from transformers import (
         BlipImageProcessorPil,
@@ -691,6 +685,8 @@ def build_tiny_instructblip(
     model.save_pretrained(out)
 
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    if chat_template == "default":
+        chat_template = None if text == "opt" else TINY_BLIP2_CHAT_TEMPLATE
     tokenizer.chat_template = chat_template  # kept with the tokenizer, as for BLIP-2
     processor = InstructBlipProcessor(
         image_processor=image_processor,

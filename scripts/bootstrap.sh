@@ -11,8 +11,15 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${EDGELVM_VENV:-.venv}
 LOCK=${EDGELVM_LOCK:-constraints.txt}
+# On a Jetson the venv must see JetPack's TensorRT (python3-libnvinfer, a system package): EDGELVM_SYSTEM_SITE_PACKAGES
+# (default: 1 where /etc/nv_tegra_release exists, else 0) makes it with --system-site-packages (docs/hardware.md).
+SYSTEM_SITE=${EDGELVM_SYSTEM_SITE_PACKAGES:-$([ -e /etc/nv_tegra_release ] && echo 1 || echo 0)}
 if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
+  if [ "$SYSTEM_SITE" = "1" ]; then
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 CONSTRAINTS=()

@@ -17,6 +17,16 @@ from edgelvm.cli_devices import register
 from edgelvm.errors import ConfigError
 
 
+def _external_bytes(graph: Path) -> int:
+    """What the graph's external-data tensors point at (each region once), read with onnx itself."""
+    import onnx
+
+    from edgelvm.export.external_data import external_info
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    return sum(region.length for region in {external_info(t) for t in proto.graph.initializer} - {None})
+
+
 @pytest.fixture(scope="module")
 def report(tiny_bundles):
     config = BenchConfig(prompt_len=12, gen_len=6, runs=2, backends=("onnxruntime-cpu",), threads=1, bandwidth_mb=16)
@@ -30,8 +40,8 @@ def test_bench_measures_every_phase(report, tiny_bundles):
     assert r.vision_ms > 0 and r.prefill_ms > 0 and r.first_token_ms >= r.prefill_ms
     assert 0 < r.decode_ms_per_token_median <= r.decode_ms_per_token_p90
     assert r.decode_tokens_per_s == pytest.approx(1e3 / r.decode_ms_per_token_median)
-    decoder = tiny_bundles["llama-clip"] / "decoder_ort.onnx"  # the graph that ran
-    assert r.decoder_weight_bytes == decoder.stat().st_size
+    decoder = tiny_bundles["llama-clip"] / "decoder_ort.onnx"  # the graph that ran: its protobuf and weight regions
+    assert r.decoder_weight_bytes == decoder.stat().st_size + _external_bytes(decoder) > decoder.stat().st_size
     assert r.roofline_tokens_per_s == pytest.approx(report.bandwidth_bytes_per_s / r.decoder_weight_bytes)
     assert report.bandwidth_source.startswith("measured here")
     assert "numpy copy (" in report.bandwidth_source and "threaded read-only sum (" in report.bandwidth_source
@@ -73,8 +83,9 @@ def test_decoder_graphs_compared_in_one_run_each_against_its_own_bytes(tiny_bund
     assert rows == [("llama-clip", "fused"), ("llama-clip", "portable"), ("bundle", "portable")]
     fused, portable, _ = report.results
     source = tiny_bundles["llama-clip"]
-    assert fused.decoder_weight_bytes == (source / "decoder_ort.onnx").stat().st_size
-    assert portable.decoder_weight_bytes == (source / "decoder.onnx").stat().st_size
+    fused_graph, portable_graph = source / "decoder_ort.onnx", source / "decoder.onnx"
+    assert fused.decoder_weight_bytes == fused_graph.stat().st_size + _external_bytes(fused_graph)
+    assert portable.decoder_weight_bytes == portable_graph.stat().st_size + _external_bytes(portable_graph)
     assert fused.decoder_weight_bytes != portable.decoder_weight_bytes
     assert portable.roofline_tokens_per_s == pytest.approx(300e9 / portable.decoder_weight_bytes)  # L4: 300 GB/s
     assert report.skipped == [f"{portable_only.parent.name}/bundle / auto / fused: the bundle has no decoder_ort.onnx"]
@@ -179,3 +190,19 @@ def test_tensorrt_roofline_counts_the_engine_bytes(tiny_bundles, tmp_path):
     assert decoder_ran(backend) == "engine"
     assert _bytes_per_token(bundle, manifest, backend, "engine") == 12345
     assert _bytes_per_token(bundle, manifest, backend, "portable") == (bundle / "decoder.onnx").stat().st_size
+
+
+def test_interleaved_timing_runs_every_bundle_once_per_round_rotating_the_first():
+    """The order the demo's speed column (and any interleaved comparison) times its bundles in: each round runs
+    every bundle once, rounds in sequence, and the bundle that starts a round rotates."""
+    from edgelvm.bench.runner import interleaved_order
+    from edgelvm.errors import ConfigError
+
+    order = interleaved_order(3, 4)
+    assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
+    rounds = [order[i : i + 3] for i in range(0, len(order), 3)]
+    assert all(sorted(r) == [0, 1, 2] for r in rounds)
+    assert [r[0] for r in rounds] == [0, 1, 2, 0]
+    assert interleaved_order(1, 3) == [0, 0, 0]
+    with pytest.raises(ConfigError):
+        interleaved_order(0, 3)

@@ -62,8 +62,10 @@ def hf(checkpoint):
 
 
 def _text(processor, prompt: str) -> str:
-    """The prompt as a transformers user builds it: the checkpoint's template (kept on the tokenizer, since
-    ``Blip2Processor`` holds none), whose rendering has no image placeholder."""
+    """The prompt as a transformers user builds it: as given (the published checkpoints, like the test one, have no
+    chat template), or rendered by a template kept on the tokenizer (``Blip2Processor`` holds none)."""
+    if not processor.tokenizer.chat_template:
+        return prompt
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -149,7 +151,7 @@ def test_bundle_is_portable_only_and_says_prefix_placement(hf, bundle, images):
     pre = manifest.preprocess
     assert (pre.image_placement, pre.tokens_per_image) == ("prefix", QUERIES)
     assert (pre.resize_mode, pre.center_crop) == ("exact", None)
-    assert manifest.tokenizer.chat_template  # read from the tokenizer
+    assert manifest.tokenizer.chat_template is None  # none in the checkpoint, and none added
     vlm = VLM.load(bundle)
     assert vlm.backend.fused is False
     with pytest.raises(ConfigError, match="no fused decoder"):
@@ -293,6 +295,46 @@ def test_quantized_checkpoint_exports_and_matches_hf(checkpoint, images, tmp_pat
                                     _text(adapter.processor, prompt), 12)  # fmt: skip
         vlm.generate(images["portrait"], prompt, max_new_tokens=12)
         assert vlm.last_output_ids[0] == expected, prompt
+
+
+def test_quantize_cli_calibrates_a_checkpoint_without_a_template(checkpoint, images, tmp_path):
+    """`edgelvm quantize BLIP2 --calib shapes --llm awq --vision int8` on a checkpoint shaped as the published ones
+    (no chat template): the records are rendered as BLIP-2 is prompted ("Question: … Answer: …", the answer the
+    target), and the output keeps the source's processor (no template added, the same prompt ids)."""
+    from transformers import AutoProcessor
+    from typer.testing import CliRunner
+
+    from edgelvm.calibration.dataset import load_calibration_set
+    from edgelvm.cli import app
+    from edgelvm.distill.batches import ConversationEncoder
+    from edgelvm.models import load_model
+
+    source = AutoProcessor.from_pretrained(checkpoint)
+    assert source.tokenizer.chat_template is None and source.chat_template is None  # as Salesforce/blip2-opt-*
+    record = load_calibration_set("shapes", 1).records[0]
+    (question, answer) = (text for _, text in record.turns)
+    encoded = ConversationEncoder.for_adapter(load_model(str(checkpoint))).encode(record)
+    tokenizer = source.tokenizer
+    assert tokenizer.decode(encoded.input_ids, skip_special_tokens=True).strip() == (
+        f"Question: {question} Answer: {answer}"
+    )
+    target = [i for i, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != -100]
+    assert tokenizer.decode(target, skip_special_tokens=True).strip() == answer
+
+    out = tmp_path / "q"
+    args = ["quantize", str(checkpoint), "-o", str(out), "--calib", "shapes", "--calib-limit", "6", "--llm", "awq",
+            "--vision", "int8", "--calibrator", "minmax", "--group-size", "32", "--batch-size", "3"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "int4.safetensors").is_file() and (out / "int8.safetensors").is_file()
+    assert not list(out.glob("chat_template*"))
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.tokenizer.chat_template is None
+    prompt = "Question: how many cats are there? Answer:"
+    want = source(images=[images["landscape"]], text=[prompt], return_tensors="np")["input_ids"]
+    assert processor(images=[images["landscape"]], text=[prompt], return_tensors="np")["input_ids"].tolist() == (
+        want.tolist()
+    )
 
 
 def test_prune_and_derived_students_are_clear_errors(checkpoint, tmp_path):

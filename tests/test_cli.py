@@ -84,3 +84,49 @@ def test_quantize_then_export(tiny_checkpoints, tmp_path):
     )
     assert failed.returncode == 2
     assert "need calibration data" in failed.stderr and "Fix:" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_prune_takes_calib_shapes_as_quantize_does(tiny_checkpoints, tmp_path):
+    """`--calib shapes` means the shipped task's validation records to both stages (one resolver)."""
+    import json
+
+    model = str(tiny_checkpoints["llama-clip"])
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["prune", model, "-o", str(out), "--calib", "shapes", "--calib-limit", "4",
+                                 "--text-mlp", "0.25"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["importance"] == "activation" and report["calibration"]["records"] == 4
+
+
+def test_help_names_every_gqa_mode_and_clean_bool_flags():
+    import re
+
+    def help_text(command: str) -> str:
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        return re.sub(r"\x1b\[[0-9;]*m", "", result.output)  # no terminal colours
+
+    prune_help = help_text("prune")
+    assert all(mode in prune_help for mode in ("per_group", "kv_groups", "expand"))
+    quantize_help = help_text("quantize")
+    assert "--no-no-" not in quantize_help
+    for flag in ("--awq-clip", "--no-awq-clip", "--act-order", "--no-act-order"):
+        assert flag in quantize_help, flag
+
+
+def test_quantize_bool_flags_reach_the_config(monkeypatch, tmp_path):
+    """`--no-awq-clip` / `--no-act-order` turn the options off; without them they are on."""
+    import edgelvm.quantize
+
+    seen = []
+
+    class Report:
+        def summary(self) -> str:
+            return ""
+
+    monkeypatch.setattr(edgelvm.quantize, "quantize", lambda model, calib, config: seen.append(config) or Report())
+    for flags, expected in (([], True), (["--no-awq-clip", "--no-act-order"], False)):
+        result = runner.invoke(app, ["quantize", "m", "-o", str(tmp_path / "q"), *flags])
+        assert result.exit_code == 0, result.output
+        assert (seen[-1].awq_clip, seen[-1].gptq_act_order) == (expected, expected)

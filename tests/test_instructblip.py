@@ -62,6 +62,10 @@ def hf(checkpoint):
 
 
 def _text(processor, prompt: str) -> str:
+    """The tokenizer's template (the Llama test checkpoint keeps one), or the prompt as given (the OPT one has none,
+    as the published checkpoints)."""
+    if not processor.tokenizer.chat_template:
+        return prompt
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

@@ -96,6 +96,7 @@ def test_tiling_arithmetic_matches_transformers_at_internvl_geometry():
     """Candidate grids and the chosen grid (ties included) vs transformers' own functions over many image sizes, and
     the whole image segment (``<img>``, 256 context tokens a view, ``</img>``) vs the ids ``InternVLProcessor``
     returns for a sample of them, at the real InternVL2.5/3 geometry (448-px tiles, at most 12 tiles)."""
+    from processor_prompts import processor_prompt_ids, spread_sample
     from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
         get_all_supported_aspect_ratios,
@@ -105,7 +106,6 @@ def test_tiling_arithmetic_matches_transformers_at_internvl_geometry():
     from edgelvm.models.processors import image_only_class
     from edgelvm.runtime.dynamic_tiles import DynamicTilesRule, supported_grids
     from edgelvm.testing import INTERNVL_TOKENS, build_tiny_tokenizer
-    from processor_prompts import processor_prompt_ids, spread_sample
 
     for lo, hi in ((1, 12), (1, 6), (2, 9), (1, 1), (4, 4)):
         assert supported_grids(lo, hi) == get_all_supported_aspect_ratios(lo, hi)

@@ -85,6 +85,7 @@ def hf_greedy(hf, images):
 def test_tiling_arithmetic_matches_transformers_at_llava_v16_geometry():
     """Best resolution, fit-inside size, unpadding and the token count vs transformers' own functions, at the real
     llava-v1.6 geometry (336-px tiles, 14-px patches, the default pinpoints) over many image sizes."""
+    from processor_prompts import processor_image_token_counts, spread_sample
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
     from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
     from transformers.image_utils import ChannelDimension
@@ -92,7 +93,6 @@ def test_tiling_arithmetic_matches_transformers_at_llava_v16_geometry():
 
     from edgelvm.runtime import tiling
     from edgelvm.testing import build_tiny_tokenizer
-    from processor_prompts import processor_image_token_counts, spread_sample
 
     pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     image_processor = LlavaNextImageProcessorPil(

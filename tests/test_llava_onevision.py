@@ -118,11 +118,11 @@ def test_token_counts_and_packing_match_transformers_at_onevision_geometry():
     ``LlavaOnevisionModel.pack_image_features`` on random features (no model needed)."""
     from types import SimpleNamespace
 
+    from processor_prompts import processor_image_token_counts, spread_sample
     from transformers import LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil
     from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
     from edgelvm.runtime import tiling
-    from processor_prompts import processor_image_token_counts, spread_sample
 
     config = LlavaOnevisionConfig()  # llava-onevision-qwen2-*-ov: SigLIP 384 / 14, 36 pinpoints, anyres_max_9
     pinpoints = config.image_grid_pinpoints

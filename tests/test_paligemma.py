@@ -321,3 +321,30 @@ def test_distilled_student_is_paligemma_and_matches_hf(checkpoint, images, tmp_p
         expected = _hf_generate(processor, model, [images["landscape"]], [prompt])[0]
         vlm.generate(images["landscape"], prompt, max_new_tokens=12)
         assert vlm.last_output_ids[0] == expected, prompt
+
+
+def test_prune_and_quantize_keep_the_source_processor_files(checkpoint, images, tmp_path):
+    """A stage does not change the processor it was given: the google-style source has no chat template, and
+    neither has the pruned or the quantized checkpoint; their processor files are the source's and give the same
+    ids (and pixels) for the same inputs."""
+    from transformers import AutoProcessor
+
+    from edgelvm.prune import PruneConfig, prune
+    from edgelvm.quantize.api import QuantConfig, quantize
+
+    pruned, quantized = tmp_path / "pruned", tmp_path / "q"
+    prune(str(checkpoint), None, PruneConfig(out=pruned, text_mlp=0.25, importance="magnitude", progress=False))
+    quantize(str(checkpoint), None, QuantConfig(out=quantized, llm="rtn", vision="none", group_size=32, progress=False))
+    source = AutoProcessor.from_pretrained(checkpoint)
+    files = ("tokenizer.json", "tokenizer_config.json", "processor_config.json")
+    for out in (pruned, quantized):
+        assert not list(out.glob("chat_template*")), out
+        for name in files:
+            assert (out / name).read_bytes() == (checkpoint / name).read_bytes(), (out, name)
+        processor = AutoProcessor.from_pretrained(out)
+        assert processor.chat_template is None and processor.tokenizer.chat_template is None
+        for prompt in PROMPTS:
+            want = source(images=[images["landscape"]], text=[prompt], return_tensors="np")
+            got = processor(images=[images["landscape"]], text=[prompt], return_tensors="np")
+            assert got["input_ids"].tolist() == want["input_ids"].tolist(), (out, prompt)
+            assert np.array_equal(got["pixel_values"], want["pixel_values"])

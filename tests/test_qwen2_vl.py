@@ -310,14 +310,56 @@ def test_runtime_runs_a_qwen2_vl_bundle_without_torch(bundle):
 
 
 # ---- compression stages ----------------------------------------------------------------------------------------
-def test_prune_and_derived_students_are_clear_errors(adapter, tmp_path):
+@pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl"])
+def test_language_model_mlp_pruning_reloads_with_from_pretrained_and_exports(variant, checkpoint, adapter25, images,
+                                                                             tmp_path):  # fmt: skip
+    """`edgelvm prune --text-mlp 0.25` (no heads asked for; activation importance on `--calib shapes` for 2-VL,
+    magnitude for 2.5-VL): plain `from_pretrained` reloads the result (uniform per layer), it exports, and the
+    bundle's greedy tokens equal HF's on the pruned model."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+    from typer.testing import CliRunner
+
+    from edgelvm.cli import app
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.models import load_model
+
+    source = str(checkpoint) if variant == "qwen2_vl" else adapter25.source
+    out = tmp_path / "pruned"
+    how = ["--calib", "shapes", "--calib-limit", "4"] if variant == "qwen2_vl" else ["--importance", "magnitude"]
+    result = CliRunner().invoke(app, ["prune", source, "-o", str(out), "--text-mlp", "0.25", *how])
+    assert result.exit_code == 0, result.output
+    width = json.loads((checkpoint / "config.json").read_text())["text_config"]["intermediate_size"]
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.config.model_type == variant
+    assert model.config.text_config.intermediate_size == width * 3 // 4
+    assert {layer.mlp.down_proj.in_features for layer in model.model.language_model.layers} == {width * 3 // 4}
+    pruned = load_model(str(out))
+    bundle = export(pruned, tmp_path / "bundle", ExportConfig(max_length=256)).bundle_dir
+    vlm = VLM.load(bundle)
+    expected = _hf_generate(pruned, [images["landscape"]], _messages(PROMPTS[0]), 12)
+    vlm.generate(images["landscape"], PROMPTS[0], max_new_tokens=12)
+    assert vlm.last_output_ids[0] == expected
+
+
+@pytest.mark.parametrize("variant, name", [("qwen2_vl", "Qwen2-VL"), ("qwen2_5_vl", "Qwen2.5-VL")])
+def test_prune_refusals_name_the_family_and_the_real_reason(variant, name, checkpoint, adapter, adapter25, tmp_path):
     from edgelvm.distill.student import StudentSpec, derive_config
     from edgelvm.prune import PruneConfig, prune
 
-    with pytest.raises(UnsupportedModelError, match="pruning Qwen2-VL is not supported"):
-        prune(adapter, None, PruneConfig(out=tmp_path / "p", text_heads=0.5, importance="magnitude", progress=False))
-    with pytest.raises(UnsupportedModelError, match="derived Qwen2-VL students"):
-        derive_config(adapter, StudentSpec(text_layers=1))
+    source = str(checkpoint) if variant == "qwen2_vl" else adapter25.source
+    reasons = {"vision_heads": "vision blocks have one fused qkv", "text_heads": "head_dim as hidden_size",
+               "vision_mlp": "packed as \\[patches, dim\\]"}  # fmt: skip
+    for option, reason in reasons.items():
+        config = PruneConfig(out=tmp_path / option, importance="magnitude", progress=False, **{option: 0.25})
+        with pytest.raises(UnsupportedModelError, match=reason) as info:
+            prune(source, None, config)
+        assert f"pruning {name}'s" in info.value.problem and "--text-mlp" in info.value.fix, option
+        assert not (tmp_path / option).exists()  # refused before any work
+    with pytest.raises(UnsupportedModelError, match=f"derived {name} students") as info:
+        derive_config(adapter25 if variant == "qwen2_5_vl" else adapter, StudentSpec(text_layers=1))
+    assert "--vision int8" in info.value.fix
 
 
 def test_awq_scale_groups_fold_exactly(checkpoint, adapter, images):

@@ -261,7 +261,7 @@ def test_declared_oversized_body_is_refused_before_reading(port):
     """413 from the Content-Length alone: the server answers without waiting for 100 MB that never come."""
     with socket.create_connection((HOST, port), timeout=HTTP_TIMEOUT) as sock:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b'Content-Length: 104857600\r\n\r\n{"model":'
         )
         response = b""
@@ -403,7 +403,7 @@ def test_client_disconnect_cancels_the_job(stalling_server, stream):
     body = json.dumps(chat("?", max_tokens=50, stream=stream)).encode()
     with socket.create_connection((HOST, port), timeout=HTTP_TIMEOUT) as sock:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )

@@ -181,12 +181,16 @@ class _StepTimer:
 
 
 def decoder_weight_bytes(bundle_dir: Path, manifest: Any, graph: str = "decoder") -> int:
-    """Bytes of a decoder graph (``decoder`` or ``decoder_ort``) and its external data files: what one decode step
-    reads (the roofline's numerator). The embedding table is excluded (a gather reads one row per token)."""
-    decoder = manifest.graphs[graph].file
-    stem = Path(decoder).name
-    files = [f for f in (manifest.files or {}) if f == decoder or (Path(f).name.startswith(stem) and f != decoder)]
-    return sum((bundle_dir / f).stat().st_size for f in files) or (bundle_dir / decoder).stat().st_size
+    """Bytes of a decoder graph (``decoder`` or ``decoder_ort``) and the external-data regions it reads: what one
+    decode step reads (the roofline's numerator). Regions, not files: the fused decoder's weights lie in the portable
+    decoder's data file and a tied LM head in the embedding table (each counted once, as much as the graph reads)."""
+    from edgelvm.manifest import onnx_external_regions
+
+    path = bundle_dir / manifest.graphs[graph].file
+    regions = set()
+    for location, offset, length in onnx_external_regions(path):
+        regions.add((location, offset, length if length >= 0 else (bundle_dir / location).stat().st_size - offset))
+    return path.stat().st_size + sum(length for _, _, length in regions)
 
 
 def make_prompt(vlm: Any, image: Any, text_tokens: int) -> tuple[str, int]:
@@ -302,6 +306,43 @@ def bench_one(bundle: Path, backend: str, config: BenchConfig, bandwidth: float,
         probe=summary.to_dict(),
         energy_j_per_token=summary.energy_j / tokens if summary.energy_j is not None and tokens else None,
     )
+
+
+def interleaved_order(n: int, rounds: int) -> list[int]:
+    """Which of ``n`` items each timed run belongs to when they are compared interleaved: every item once per round,
+    rounds one after another, the first item rotating from round to round. Load that comes and goes on a shared
+    machine then falls on every item alike, and no item always runs first (after the previous round's last)."""
+    if n < 1 or rounds < 1:
+        raise ConfigError(f"interleaving needs ≥ 1 item and round, got {n} and {rounds}", where="rounds",
+                          fix="pass at least one bundle and rounds ≥ 1")  # fmt: skip
+    return [(r + i) % n for r in range(rounds) for i in range(n)]
+
+
+def decode_rates_interleaved(
+    bundles: list[str | Path], image: Any, prompt: str, gen_len: int, rounds: int = 5, threads: int | None = None
+) -> list[float]:
+    """Decode tokens/s of each bundle on one fixed-length request, timed as :func:`bench_one` times decode (the
+    step-end gaps of :class:`_StepTimer`, median per run), with the bundles interleaved in rounds
+    (:func:`interleaved_order`); per bundle, the median over its rounds. Every bundle is loaded and warmed first."""
+    from edgelvm.runtime import VLM
+
+    options = dict(max_new_tokens=gen_len, min_new_tokens=gen_len)
+    vlms = [VLM.load(b, threads=threads, vision_cache_mb=0) for b in bundles]
+    timers = []
+    for vlm in vlms:
+        timers.append(_StepTimer(vlm.backend))
+        vlm.backend = timers[-1]
+        vlm.generate(image, prompt, **options)  # warm-up
+    per_run: list[list[float]] = [[] for _ in vlms]  # median ms per decode step of each run
+    try:
+        for i in interleaved_order(len(vlms), rounds):
+            timers[i].ends.clear()
+            vlms[i].generate(image, prompt, **options)
+            per_run[i].append(float(np.median(np.diff(timers[i].ends) * 1e3)))
+    finally:
+        for vlm, timer in zip(vlms, timers):
+            vlm.backend = timer._backend
+    return [1e3 / statistics.median(ms) for ms in per_run]
 
 
 def resolve_bandwidth(config: BenchConfig) -> tuple[float, str]:

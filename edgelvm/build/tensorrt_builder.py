@@ -18,7 +18,15 @@ Optimization profiles, read from the decoder's dynamic dims in the manifest
 Precision: fp16 by default (``BuilderFlag.FP16`` lets TensorRT pick fp16 kernels for an fp32 graph). A graph the
 quantize stage rewrote (manifest precision ``int8`` / ``int4``: Q/DQ layers, block-wise INT4 weights) is built as
 TensorRT documents explicit quantization: a strongly typed network and no precision flags — the Q/DQ layers and the
-graph's own dtypes decide (export ``--dtype fp16`` for fp16 around the quantized matmuls).
+graph's own dtypes decide (export ``--dtype fp16`` for fp16 around the quantized matmuls). TensorRT 11 removed the
+precision flags and builds every network strongly typed: there the graph's dtype is the engine's precision (an fp32
+graph gives an fp32 engine; ``precision="fp16"`` on an fp32 graph is refused with the fix — export ``--dtype fp16``).
+What differs between TensorRT 10.x and 11.x lives in ``edgelvm.tensorrt_compat``; TensorRT < 10 is refused.
+
+Memory: the builder's WORKSPACE and TACTIC_DRAM pools default to TensorRT's own limits (all device memory, 75% of
+it) — on an 8 GB Jetson that is memory the builder's copy of the weights needs. Unless given, both limits are sized
+from the device (``BuildConfig.device`` profile, else the detected GPU's memory, else the bundle's export target):
+:func:`default_pool_limits`, an estimate that has not been measured on a device.
 
 Everything that needs no TensorRT (profile shapes, directory naming, writing, the errors) is plain Python and
 tested here; the TensorRT calls follow the documented Python API (Builder, OnnxParser, BuilderConfig,
@@ -40,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelvm import __version__
+from edgelvm import tensorrt_compat as compat
 from edgelvm.errors import EdgeLVMError
 from edgelvm.manifest import Manifest, sha256_file, verify_bundle_files
 
@@ -66,9 +75,11 @@ class BuildConfig:
 
     ``max_length``: the longest context the decoder engine accepts (default and upper bound: the bundle's KV cache
     length). ``max_batch``: largest batch of both engines (``vision_max_batch`` overrides it for the vision engine:
-    images per call). ``workspace_bytes``: TensorRT's scratch pool limit (None: TensorRT's default, the device's
-    memory). ``timing_cache``: a file reused across builds (default: ``timing.cache`` beside the engines; pass a
-    shared path to reuse it across bundles on the same device). ``fingerprint``: override the detected one.
+    images per call). ``workspace_bytes`` / ``tactic_dram_bytes``: TensorRT's WORKSPACE / TACTIC_DRAM pool limits
+    (None: sized from the device, :func:`default_pool_limits`; 0: TensorRT's own default). ``device``: a device
+    profile name (``edgelvm devices``) whose usable memory sizes those limits. ``timing_cache``: a file reused
+    across builds (default: ``timing.cache`` beside the engines; pass a shared path to reuse it across bundles on
+    the same device). ``fingerprint``: override the detected one.
     """
 
     max_batch: int = 1
@@ -78,6 +89,8 @@ class BuildConfig:
     prefill_past_max: int = 0
     precision: str = "auto"
     workspace_bytes: int | None = None
+    tactic_dram_bytes: int | None = None
+    device: str | None = None
     timing_cache: Path | None = None
     fingerprint: str | None = None
     force: bool = False
@@ -233,7 +246,12 @@ def engine_dir(bundle_dir: str | Path, fingerprint: str) -> Path:
 
 
 def engines_manifest(
-    fingerprint: str, trt_version: str, engines: dict[str, EngineInfo], config: BuildConfig, gpu: dict | None = None
+    fingerprint: str,
+    trt_version: str,
+    engines: dict[str, EngineInfo],
+    config: BuildConfig,
+    gpu: dict | None = None,
+    memory_pool_limits: dict[str, int | None] | None = None,
 ) -> dict[str, Any]:
     cfg = asdict(config)
     cfg["timing_cache"] = str(config.timing_cache) if config.timing_cache else None
@@ -245,6 +263,7 @@ def engines_manifest(
         "gpu": gpu or {},
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": cfg,
+        "memory_pool_limits": dict(memory_pool_limits or {}),
         "engines": {name: info.to_dict() for name, info in engines.items()},
     }
 
@@ -302,15 +321,43 @@ def read_engines_manifest(directory: str | Path) -> dict[str, Any]:
 QUANTIZED = ("int8", "int4")
 
 
-def resolve_precision(requested: str, has_qdq: bool, quantized: str | None = None) -> tuple[str, list[str]]:
-    """(precision label, builder flag names) for a requested precision, whether the parsed graph has Q/DQ layers and
-    the manifest's quantized precision. Explicitly quantized graphs take no precision flags (strong typing)."""
+def resolve_precision(
+    requested: str,
+    has_qdq: bool,
+    quantized: str | None = None,
+    *,
+    graph_dtype: str = "float32",
+    trt_major: int = 10,
+) -> tuple[str, list[str]]:
+    """(precision label, builder flag names) for a requested precision, whether the parsed graph has Q/DQ layers,
+    the manifest's quantized precision, the graph's float dtype and the TensorRT major version. Explicitly quantized
+    graphs take no precision flags (strong typing); TensorRT 11 has no precision flags at all (always strongly typed:
+    the graph's dtype is the engine's)."""
     if requested not in PRECISIONS:
         raise EngineBuildError(
             f"unknown precision {requested!r}", where="precision", fix=f"use one of: {', '.join(PRECISIONS)}"
         )
     if quantized in QUANTIZED:
         return quantized, []
+    if trt_major >= 11:
+        graph_precision = "fp16" if graph_dtype == "float16" else "fp32"
+        if requested != "auto" and requested != graph_precision:
+            raise EngineBuildError(
+                f"TensorRT {trt_major} builds strongly typed networks only (no FP16 builder flag), so this "
+                f"{graph_dtype} graph gives a {graph_precision} engine, not the {requested} one asked for",
+                where="precision",
+                fix="re-export the bundle with `--dtype fp16` for an fp16 engine (or `--dtype fp32` for fp32), "
+                "build with --precision auto, or use TensorRT 10.x, whose FP16 flag lowers an fp32 graph",
+            )
+        if has_qdq:
+            return "int8", []
+        if graph_precision == "fp32":
+            log.warning(
+                "TensorRT %d is always strongly typed: this float32 graph gives an fp32 engine (slower and twice "
+                "the memory of fp16); re-export with --dtype fp16 for an fp16 engine",
+                trt_major,
+            )
+        return graph_precision, []
     flags = [] if requested == "fp32" else ["FP16"]
     if has_qdq:  # Q/DQ from elsewhere (a graph edgelvm did not quantize): the weakly typed INT8 path
         flags.append("INT8")
@@ -320,6 +367,7 @@ def resolve_precision(requested: str, has_qdq: bool, quantized: str | None = Non
 
 # ---- TensorRT (lazy) ----------------------------------------------------------------------------------------------
 def import_tensorrt() -> Any:
+    """``tensorrt``, checked to be 10.x or newer (8.x is refused: no INT64, no strong typing)."""
     try:
         import tensorrt as trt
     except ImportError as err:
@@ -327,9 +375,64 @@ def import_tensorrt() -> Any:
             f"TensorRT's Python package is not installed ({err})",
             where="tensorrt",
             fix="on Jetson it ships with JetPack (`sudo apt install python3-libnvinfer`, then use the system Python "
-            "or a venv with --system-site-packages); on x86-64 `pip install tensorrt`",
+            "or a venv made with `python3 -m venv --system-site-packages`); on x86-64 with a CUDA 12 driver "
+            '`pip install "edgelvm[tensorrt]"` (= `pip install tensorrt-cu12 "cuda-python>=12.6,<13"`; CUDA 13: '
+            f"tensorrt-cu13 and cuda-python 13) — exact commands per platform: {compat.HARDWARE_DOC}",
         ) from None
+    compat.check_tensorrt_version(trt, TensorRTUnavailableError)
     return trt
+
+
+#: Bounds of the default WORKSPACE pool (TensorRT's own default is all device memory).
+WORKSPACE_FLOOR = 256 << 20
+WORKSPACE_CAP = 4 << 30
+GIB = 1 << 30
+
+
+def default_pool_limits(usable_bytes: int | None) -> dict[str, int | None]:
+    """WORKSPACE: a quarter of the usable memory within 256 MiB..4 GiB; TACTIC_DRAM: half of it (TensorRT's own
+    defaults: all of the device's memory and 75%). On a Jetson the CPU, the OS and the builder's copy of the weights
+    share that memory. An estimate, not measured on a device; ``--workspace-gb`` overrides it."""
+    if not usable_bytes or usable_bytes <= 0:
+        return {"WORKSPACE": None, "TACTIC_DRAM": None}
+    return {
+        "WORKSPACE": int(min(WORKSPACE_CAP, max(WORKSPACE_FLOOR, usable_bytes // 4))),
+        "TACTIC_DRAM": int(usable_bytes // 2),
+    }
+
+
+def usable_memory_for_build(
+    config: BuildConfig, manifest: Manifest, gpu: dict[str, Any] | None = None
+) -> tuple[int | None, str]:
+    """(usable bytes, where the figure came from): the ``config.device`` profile, else the detected GPU's memory
+    less 0.5 GiB (Jetson: system memory less 1 GiB, shared), else the bundle's export target, else unknown."""
+    if config.device:
+        from edgelvm.devices.profiles import load_profile
+
+        profile = load_profile(config.device)
+        return profile.usable_memory_bytes, f"device profile {profile.name}"
+    total = (gpu or {}).get("memory_total_bytes")
+    if total:
+        reserve = GIB if "device-tree" in str((gpu or {}).get("source", "")) else GIB // 2
+        return max(int(total) - reserve, 0), f"detected GPU memory ({(gpu or {}).get('name', '?')})"
+    target = manifest.target or {}
+    if target.get("usable_bytes"):
+        return int(target["usable_bytes"]), f"the bundle's export target {target.get('profile', '?')}"
+    return None, "unknown"
+
+
+def pool_limits(config: BuildConfig, manifest: Manifest, gpu: dict[str, Any] | None = None) -> dict[str, int | None]:
+    """Explicit limits win (0: leave TensorRT's default); the rest come from :func:`default_pool_limits`."""
+    usable, source = usable_memory_for_build(config, manifest, gpu)
+    limits = default_pool_limits(usable)
+    if usable is None:
+        log.warning("device memory unknown: TensorRT's default memory pools (all device memory); pass --device")
+    else:
+        log.info("memory pool limits from %s (%.1f GiB usable)", source, usable / GIB)
+    for name, explicit in (("WORKSPACE", config.workspace_bytes), ("TACTIC_DRAM", config.tactic_dram_bytes)):
+        if explicit is not None:
+            limits[name] = int(explicit) or None
+    return limits
 
 
 def network_has_qdq(network: Any, trt: Any) -> bool:
@@ -356,14 +459,11 @@ def _build_graph(
     config: BuildConfig,
     cache_blob: bytes | None,
     quantized: str | None = None,
+    graph_dtype: str = "float32",
+    limits: dict[str, int | None] | None = None,
 ) -> tuple[bytes, str, list[str], bytes]:
     builder = trt.Builder(logger)
-    flags = 0
-    if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode (and the default) from TensorRT 10
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    if quantized in QUANTIZED:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(compat.network_creation_flags(trt, strongly_typed=quantized in QUANTIZED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from a file, so external weight data next to it is found
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -375,14 +475,20 @@ def _build_graph(
     inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
     for profile in profiles:
         check_network_inputs(inputs, profile, str(onnx_path))
-    precision, flag_names = resolve_precision(config.precision, network_has_qdq(network, trt), quantized)
+    precision, flag_names = resolve_precision(
+        config.precision,
+        network_has_qdq(network, trt),
+        quantized,
+        graph_dtype=graph_dtype,
+        trt_major=compat.tensorrt_major(trt),
+    )
     builder_config = builder.create_builder_config()
-    if config.workspace_bytes:
-        builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_bytes))
-    for name in flag_names:
-        builder_config.set_flag(getattr(trt.BuilderFlag, name))
+    compat.set_memory_pool_limits(trt, builder_config, limits or {})
+    for flag in compat.builder_flags(trt, flag_names):
+        builder_config.set_flag(flag)
     cache = builder_config.create_timing_cache(cache_blob or b"")
-    builder_config.set_timing_cache(cache, ignore_mismatch=False)
+    if not compat.set_timing_cache(builder_config, cache):  # a cache from another device: start from an empty one
+        builder_config.set_timing_cache(builder_config.create_timing_cache(b""), ignore_mismatch=False)
     for profile in profiles:
         trt_profile = builder.create_optimization_profile()
         for tensor, shape in profile.shapes.items():
@@ -422,6 +528,7 @@ def build_engines(bundle_dir: str | Path, config: BuildConfig | None = None) -> 
     check_target(target, config.force)  # fail before a long build, not after it
     cache_path = config.timing_cache or target / TIMING_CACHE
     cache_blob = cache_path.read_bytes() if cache_path.is_file() else None
+    limits = pool_limits(config, manifest, gpu_info)
     logger = trt.Logger(trt.Logger.INFO if log.isEnabledFor(logging.DEBUG) else trt.Logger.WARNING)
     blobs: dict[str, bytes] = {}
     engines: dict[str, EngineInfo] = {}
@@ -431,8 +538,9 @@ def build_engines(bundle_dir: str | Path, config: BuildConfig | None = None) -> 
         log.info("building %s engine from %s (%d profile(s))", graph, source, len(profiles))
         t0 = time.perf_counter()
         quantized = manifest.graphs[graph].precision
+        graph_dtype = manifest.graphs[graph].inputs[0].dtype if graph == "vision" else _float_dtype(manifest)
         blob, precision, flags, cache_blob = _build_graph(trt, logger, onnx_path, profiles, config, cache_blob,
-                                                          quantized)  # fmt: skip
+                                                          quantized, graph_dtype, limits)  # fmt: skip
         name = f"{graph}.engine"
         blobs[name] = blob
         engines[graph] = EngineInfo(
@@ -447,12 +555,17 @@ def build_engines(bundle_dir: str | Path, config: BuildConfig | None = None) -> 
             size_bytes=len(blob),
             build_seconds=round(time.perf_counter() - t0, 1),
         )
-    data = engines_manifest(fingerprint, trt_version, engines, config, gpu_info)
+    data = engines_manifest(fingerprint, trt_version, engines, config, gpu_info, limits)
     write_engine_dir(target, blobs, data, force=config.force, timing_cache=cache_blob)
     if config.timing_cache is not None and cache_blob is not None:
         config.timing_cache.parent.mkdir(parents=True, exist_ok=True)
         config.timing_cache.write_bytes(cache_blob)
     return BuildReport(target, fingerprint, trt_version, engines, time.perf_counter() - started, cache_path)
+
+
+def _float_dtype(manifest: Manifest) -> str:
+    """The decoder's float dtype: its embeddings input (``inputs_embeds``)."""
+    return manifest.graphs["decoder"].inputs[0].dtype
 
 
 def _sha256_bytes(blob: bytes) -> str:

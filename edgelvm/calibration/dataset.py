@@ -101,7 +101,7 @@ def iter_labeled_batches(adapter: Any, calib: CalibrationSet, batch_size: int) -
     """``(model inputs, labels, rows)``: labels are the answer tokens (-100 elsewhere), unshifted."""
     from edgelvm.distill.batches import ConversationEncoder, collate
 
-    encoder = ConversationEncoder(adapter.processor)
+    encoder = ConversationEncoder.for_adapter(adapter)
     pad = encoder.tokenizer.pad_token_id or 0
     for lo in range(0, len(calib.records), batch_size):
         chunk = calib.records[lo : lo + batch_size]

@@ -96,6 +96,7 @@ class TargetPlan:
     suggestions: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     kv_buffers: int = 2
+    kv_bytes_per_token: int = 0
 
     @property
     def headroom_bytes(self) -> int:
@@ -108,6 +109,12 @@ class TargetPlan:
     @property
     def build_fits(self) -> bool:
         return self.build_peak_bytes <= self.usable_bytes
+
+    def longest_fitting_length(self) -> int:
+        """The largest context whose KV cache fits next to everything else (exact, in tokens; 0 if none)."""
+        per_token = self.kv_bytes_per_token * self.max_batch * self.kv_buffers
+        fixed = self.total_bytes - per_token * self.max_length
+        return max(0, (self.usable_bytes - fixed) // per_token) if per_token > 0 else 0
 
     def table(self) -> str:
         width = max(len(k) for k in self.budget) + 2
@@ -215,12 +222,57 @@ def plan_for_target(
 ) -> TargetPlan:
     """Check that a model fits ``profile``; return the plan or raise :class:`FitError` with suggestions.
 
+    :func:`evaluate_target` takes the same arguments and returns the plan either way (``plan.fits``).
+
     ``llm_weight_bytes``: the decoder's weights as stored (lm_head included; the embedding table only if it is kept
     resident — it is memory-mapped and gathered, so usually only touched rows are). ``precision``: the LLM weights'
     format (``fp16``, ``int8``, ``int4``, ...), used for the precision check and to compute what INT4 would save.
     ``kv_bytes_per_token``: 2 × layers × kv_heads × head_dim × bytes per element. ``candidates``: devices to
     suggest instead (default: every known profile).
     """
+    plan = evaluate_target(
+        profile,
+        vision_weight_bytes=vision_weight_bytes,
+        llm_weight_bytes=llm_weight_bytes,
+        kv_bytes_per_token=kv_bytes_per_token,
+        max_length=max_length,
+        precision=precision,
+        max_batch=max_batch,
+        activation_bytes=activation_bytes,
+        vision_precision=vision_precision,
+        kv_buffers=kv_buffers,
+        candidates=candidates,
+    )
+    if plan.fits and not (strict_build and not plan.build_fits):
+        for warning in plan.warnings:
+            log.warning("%s: %s", profile.name, warning)
+        return plan
+    what = "the TensorRT build does not fit" if plan.fits else "the model does not fit"
+    raise FitError(
+        f"{what} on {profile.display_name}: needs {gib(plan.total_bytes)} at runtime"
+        f" ({gib(plan.build_peak_bytes)} to build), {gib(plan.usable_bytes)} usable\n{plan.table()}\n"
+        + "\n".join(f"  ! {w}" for w in plan.warnings),
+        where=f"target {profile.name}",
+        fix="\n" + "\n".join(f"  - {s}" for s in plan.suggestions),
+    )
+
+
+def evaluate_target(
+    profile: DeviceProfile,
+    *,
+    vision_weight_bytes: int,
+    llm_weight_bytes: int,
+    kv_bytes_per_token: int,
+    max_length: int,
+    precision: str,
+    max_batch: int = 1,
+    activation_bytes: int | None = None,
+    vision_precision: str = "fp16",
+    kv_buffers: int = 2,
+    candidates: Sequence[DeviceProfile] | None = None,
+) -> TargetPlan:
+    """:func:`plan_for_target`'s numbers without the verdict: the plan whether it fits or not (suggestions filled
+    in when it does not fit at runtime or to build). Raises only for an unsupported precision or a bad size."""
     check_precision(profile, precision, "precision")
     check_precision(profile, vision_precision, "vision_precision")
     for name, value in (("max_length", max_length), ("max_batch", max_batch), ("kv_buffers", kv_buffers)):
@@ -252,6 +304,7 @@ def plan_for_target(
         decode_tokens_per_s_at_max_length=bandwidth
         / (inputs.llm_weight_bytes + inputs.kv_bytes_per_token * inputs.max_length),
         kv_buffers=inputs.kv_buffers,
+        kv_bytes_per_token=inputs.kv_bytes_per_token,
     )
     if not plan.build_fits:
         swap = plan.build_peak_bytes - plan.usable_bytes
@@ -260,19 +313,9 @@ def plan_for_target(
             f"graph's weights + overhead) but {gib(plan.usable_bytes)} is usable: add ≥ {gib(swap)} of swap "
             "(NVMe on Jetson) for `edgelvm build`, which then runs slowly"
         )
-    if plan.fits and not (strict_build and not plan.build_fits):
-        for warning in plan.warnings:
-            log.warning("%s: %s", profile.name, warning)
-        return plan
-    plan.suggestions = _suggestions(plan, inputs, candidates)
-    what = "the TensorRT build does not fit" if plan.fits else "the model does not fit"
-    raise FitError(
-        f"{what} on {profile.display_name}: needs {gib(plan.total_bytes)} at runtime"
-        f" ({gib(plan.build_peak_bytes)} to build), {gib(plan.usable_bytes)} usable\n{plan.table()}\n"
-        + "\n".join(f"  ! {w}" for w in plan.warnings),
-        where=f"target {profile.name}",
-        fix="\n" + "\n".join(f"  - {s}" for s in plan.suggestions),
-    )
+    if not (plan.fits and plan.build_fits):
+        plan.suggestions = _suggestions(plan, inputs, candidates)
+    return plan
 
 
 def _longest_fitting(usable: int, fixed: int, per_token: int) -> int:

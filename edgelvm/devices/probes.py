@@ -9,7 +9,10 @@ stays ``None`` and the report prints "not reported" — never a made-up zero.
   so the sum of its rails is used and labelled as such. RAM is shared with the CPU, so "GPU memory" there is
   system RAM in use.
 - Desktop / datacenter GPUs: NVML (``pynvml``, optional): power (mW), memory used, and the energy counter (mJ)
-  where the GPU has one.
+  where the GPU has one. ``nvmlDeviceGetPowerUsage`` is, on Ampere and newer (except GA100), an average over about
+  one second, not an instantaneous reading: fine for the mean power and energy of a run of seconds, meaningless for
+  one 50 ms sample — the energy counter (Volta+) is preferred when present. Memory and power are read separately, so
+  a GPU that refuses one still reports the other.
 - Host: peak RSS of this process from ``/proc/self/status`` (VmHWM), reset per measurement where the kernel allows.
 """
 
@@ -209,8 +212,16 @@ class NvmlProbe(_Sampler):
             return None
 
     def _read(self) -> tuple[int | None, float | None]:
-        memory = int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
-        power = self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0
+        memory: int | None = None
+        power: float | None = None
+        try:
+            memory = int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        except Exception as err:  # NVMLError_NotSupported on some boards: keep the power sample
+            log.debug("NVML memory read failed: %s", err)
+        try:
+            power = self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0
+        except Exception as err:  # a failed power read must not drop the memory sample
+            log.debug("NVML power read failed: %s", err)
         return memory, power
 
     def stop(self) -> ProbeSummary:

@@ -1,9 +1,10 @@
 """``edgelvm distill``: a teacher VLM teaches a smaller student (logit KD, feature matching, offline teacher cache).
 
-Public surface: :func:`distill`, :class:`DistillConfig`, :class:`DistillReport`, :class:`StudentSpec`.
+Public surface: :func:`distill`, :class:`DistillConfig` (with :class:`TeacherAPIConfig` for a teacher behind an
+OpenAI-compatible API), :class:`DistillReport`, :class:`StudentSpec`.
 """
 
-from edgelvm.distill.config import DistillConfig, DistillReport
+from edgelvm.distill.config import DistillConfig, DistillReport, TeacherAPIConfig
 from edgelvm.distill.student import StudentSpec
 
 
@@ -14,4 +15,4 @@ def distill(*args, **kwargs):
     return _distill(*args, **kwargs)
 
 
-__all__ = ["DistillConfig", "DistillReport", "StudentSpec", "distill"]
+__all__ = ["DistillConfig", "DistillReport", "StudentSpec", "TeacherAPIConfig", "distill"]

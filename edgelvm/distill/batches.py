@@ -52,11 +52,20 @@ def _messages(record: VQARecord) -> list[dict[str, Any]]:
 
 
 class ConversationEncoder:
-    """Encodes records with one model's processor (teacher and student share it: tokenizers must match)."""
+    """Encodes records with one model's processor (teacher and student share it: tokenizers must match).
 
-    def __init__(self, processor: Any) -> None:
+    ``chat_template``: the template the records are rendered with (the adapter's
+    :meth:`~edgelvm.models.base.VLMAdapter.conversation_template`: the checkpoint's own, or, for a family whose
+    checkpoints ship none, how the family is prompted); ``None``: the processor's own."""
+
+    def __init__(self, processor: Any, chat_template: str | None = None) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.chat_template = chat_template
+
+    @classmethod
+    def for_adapter(cls, adapter: Any) -> ConversationEncoder:
+        return cls(adapter.processor, adapter.conversation_template())
 
     def _ids(self, text: str, images: list[Any] | None) -> tuple[list[int], dict[str, Any]]:
         out = self.processor(images=images, text=[text], return_tensors="pt")
@@ -71,7 +80,10 @@ class ConversationEncoder:
             raise DatasetError(
                 "the record has no assistant turn to learn from", where=record.source, fix="add a gpt/assistant turn"
             )
-        template = self.processor.apply_chat_template
+
+        def template(messages: list[dict[str, Any]], **kwargs: Any) -> str:
+            return self.processor.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
         full_ids, pixels = self._ids(template(msgs, tokenize=False), images)
         labels = [IGNORE] * len(full_ids)
         for i, m in enumerate(msgs):

@@ -174,7 +174,7 @@ def init_from_teacher(student: Any, adapter: Any, maps: dict[str, list[int]]) ->
     return copied
 
 
-def load_student(source: str | Path, teacher: Any) -> Any:
+def load_student(source: str | Path, teacher: Any | None) -> Any:
     """A student from a checkpoint directory (weights + processor) or a bare ``config.json`` (random init, the
     teacher's processor). Its family must be supported and its tokenizer must equal the teacher's."""
     import torch
@@ -187,8 +187,15 @@ def load_student(source: str | Path, teacher: Any) -> Any:
     adapter_cls = adapter_for_model_type(model_type, where=config_file)
     if path.is_dir() and any(path.glob("*.safetensors")):
         student = adapter_cls.from_pretrained(str(path))
-        check_same_tokenizer(teacher.processor.tokenizer, student.processor.tokenizer, path)
+        if teacher is not None:  # None: the teacher is an API (its tokenizer is checked where KD needs it)
+            check_same_tokenizer(teacher.processor.tokenizer, student.processor.tokenizer, path)
         return student
+    if teacher is None:
+        raise ConfigError(
+            "a student from a bare config needs a local teacher checkpoint for its processor",
+            where=config_file,
+            fix="give a student checkpoint directory (weights and processor files)",
+        )
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(str(config_file.parent if path.is_dir() else path))

@@ -116,7 +116,7 @@ def _lr_at(cfg: DistillConfig, step: int) -> float:
 
 
 def distill(
-    teacher: str | Path | Any,
+    teacher: str | Path | Any | None,
     student: str | Path | Any,
     train_data: str | Path | list[VQARecord],
     config: DistillConfig | None = None,
@@ -126,6 +126,9 @@ def distill(
     ``student`` is a :class:`~edgelvm.distill.student.StudentSpec` (derived from the teacher and initialised from its
     weights), a checkpoint directory or ``config.json`` path, or an adapter. Returns the report, also written to
     ``OUT/distill_report.json``; the student is saved to ``OUT`` as a normal Hugging Face checkpoint.
+
+    With ``config.teacher_api`` the teacher is that endpoint; ``teacher`` is then only the checkpoint a derived
+    student is derived from (its weights never teach), or None with a student checkpoint.
     """
     import torch
     from accelerate import Accelerator
@@ -146,9 +149,22 @@ def distill(
     set_seed(cfg.seed)
 
     records = train_data if isinstance(train_data, list) else load_jsonl_dataset(train_data)
-    teacher_adapter = teacher if hasattr(teacher, "processor") else load_model(str(teacher))
-    teacher_adapter.check_stage("distill", cfg)  # a family that cannot be distilled says so before any work
+    api = cfg.teacher_api
+    if teacher is None and api is None:
+        raise ConfigError("no teacher", where="distill()", fix="give a checkpoint, or DistillConfig.teacher_api")
+    teacher_adapter = None
+    if teacher is not None:
+        teacher_adapter = teacher if hasattr(teacher, "processor") else load_model(str(teacher))
+        teacher_adapter.check_stage("distill", cfg)  # a family that cannot be distilled says so before any work
     teacher_name = str(getattr(teacher_adapter, "source", "") or teacher)
+    if api is not None:
+        teacher_name = f"api:{api.model}"
+        if isinstance(student, StudentSpec) and teacher_adapter is None:
+            raise ConfigError(
+                "a derived student needs a local checkpoint to derive from, and the teacher is an API",
+                where="distill(teacher=None, student=StudentSpec)",
+                fix="pass a local checkpoint as TEACHER (only the student is derived from it), or --student DIR",
+            )
 
     student_desc: str
     if isinstance(student, StudentSpec):
@@ -158,16 +174,19 @@ def distill(
         student_adapter = adapter_for_model_type(student_model.config.model_type)(
             student_model, teacher_adapter.processor
         )
-        student_desc = f"derived {student.to_dict()}"
+        student_desc = f"derived {student.to_dict()}" + (f" from {teacher}" if api is not None else "")
     elif hasattr(student, "processor"):
         student_adapter = student
-        check_same_tokenizer(teacher_adapter.processor.tokenizer, student.processor.tokenizer, "student")
+        if teacher_adapter is not None and api is None:
+            check_same_tokenizer(teacher_adapter.processor.tokenizer, student.processor.tokenizer, "student")
         student_desc = str(getattr(student, "source", "adapter"))
     else:
         student_adapter = load_student(student, teacher_adapter)
         student_desc = str(student)
     student_model = student_adapter.model
     student_model.train()
+    if teacher_adapter is None:
+        student_adapter.check_stage("distill", cfg)
 
     image_losses = cfg.visual_kd_weight > 0 or cfg.feature_weight > 0
     if image_losses and student_adapter.tokens_per_image() != teacher_adapter.tokens_per_image():
@@ -178,7 +197,12 @@ def distill(
             fix="set those weights to 0, or give the student the teacher's patch grid",
         )
 
-    encoder = ConversationEncoder(teacher_adapter.processor)
+    encoder = ConversationEncoder.for_adapter(teacher_adapter if api is None else student_adapter)
+    if api is not None and cfg.kd_weight > 0:  # before asking anything: KD on its tokens needs the same tokenizer
+        from transformers import AutoTokenizer
+
+        api_tokenizer = AutoTokenizer.from_pretrained(api.tokenizer)
+        check_same_tokenizer(api_tokenizer, encoder.tokenizer, f"teacher_api.tokenizer {api.tokenizer}")
     data_id = dataset_fingerprint(records)
     run_id = {"teacher": teacher_name, "student": student_desc, "data": data_id, "n": len(records), **cfg.fingerprint()}
     # the main process checks and claims the directory; the others wait (checking too would race with the claim)
@@ -189,7 +213,11 @@ def distill(
         state_dir = Path(cfg.out) / STATE_DIR
         state_file = state_dir / "checkpoint" / "state.json"
         saved = json.loads(state_file.read_text()) if cfg.resume and state_file.is_file() else None
-    teacher_params = sum(p.numel() for p in teacher_adapter.model.parameters())
+    teacher_params = sum(p.numel() for p in teacher_adapter.model.parameters()) if api is None else 0
+    api_targets, api_stats = None, None
+    if api is not None:
+        records, api_targets, api_stats = _api_teacher(records, cfg, encoder, state_dir, accelerator)
+        data_id = dataset_fingerprint(records)
     if cfg.teacher_generate:
         records = _teacher_responses(teacher_adapter, records, cfg, accelerator)
         data_id = dataset_fingerprint(records)
@@ -228,11 +256,11 @@ def distill(
 
     module, optimizer = accelerator.prepare(module, optimizer)
     device = accelerator.device
-    teacher_model = teacher_adapter.model if cache is None else None
+    teacher_model = teacher_adapter.model if cache is None and api is None else None
     if teacher_model is not None:
         teacher_model.to(device).eval()
-    elif not hasattr(teacher, "processor"):  # we loaded it: drop it, the student trains without it in memory
-        teacher_adapter.model = None
+    elif teacher_adapter is not None and not hasattr(teacher, "processor"):
+        teacher_adapter.model = None  # we loaded it: drop it, the student trains without it in memory
     inner = accelerator.unwrap_model(module)
 
     from edgelvm.distill.teacher import FeatureTap
@@ -240,7 +268,7 @@ def distill(
     s_tap = FeatureTap(student_adapter.image_feature_module()) if cfg.feature_weight > 0 else None
     t_tap = FeatureTap(teacher_adapter.image_feature_module()) if (cfg.feature_weight > 0 and cache is None) else None
     image_token_id = teacher_adapter.image_token()[1] if cfg.visual_kd_weight > 0 else None
-    step_fn = _StepLoss(cfg, inner, teacher_model, cache, s_tap, t_tap, image_token_id)
+    step_fn = _StepLoss(cfg, inner, teacher_model, cache, s_tap, t_tap, image_token_id, api_targets)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     pad_id = encoder.tokenizer.pad_token_id
@@ -312,6 +340,7 @@ def distill(
         evals=state["evals"],
         resumed_from=resumed_from,
         finished=finished,
+        teacher_api=None if api_stats is None else {**api_stats, **(api_targets.stats if api_targets else {})},
     )
     if accelerator.is_main_process and finished:
         _save_final(Path(cfg.out), inner.student, encoder.processor, report, state_dir)
@@ -328,9 +357,10 @@ def distill(
 class _StepLoss:
     """All loss terms of one micro-batch; returns (total, {term: value})."""
 
-    def __init__(self, cfg, module, teacher_model, cache, s_tap, t_tap, image_token_id) -> None:
+    def __init__(self, cfg, module, teacher_model, cache, s_tap, t_tap, image_token_id, api_targets=None) -> None:
         self.cfg, self.module, self.teacher, self.cache = cfg, module, teacher_model, cache
         self.s_tap, self.t_tap, self.image_token_id = s_tap, t_tap, image_token_id
+        self.api_targets = api_targets
 
     def __call__(self, module: Any, batch: Any, device: Any) -> tuple[Any, dict[str, float]]:
         import torch
@@ -347,7 +377,10 @@ class _StepLoss:
             module, inputs, labels, image_token_id=self.image_token_id, tap=self.s_tap, want_hidden=want_hidden
         )
         t_feats = None
-        if self.cache is None:
+        kd_logits = s.target_logits
+        if self.cfg.teacher_api is not None:
+            kd_logits, targets = self._api_kd(s, labels, batch.indices, device)
+        elif self.cache is None:
             with torch.no_grad():
                 t = run_model(
                     self.teacher, inputs, labels, image_token_id=self.image_token_id, tap=self.t_tap,
@@ -364,7 +397,7 @@ class _StepLoss:
                 t_feats = torch.stack([g[2] for g in got]).to(device)
         terms: dict[str, Any] = {}
         if cfg.kd_weight > 0:
-            terms["kd"] = divergence(s.target_logits, targets, cfg.divergence, cfg.temperature)
+            terms["kd"] = divergence(kd_logits, targets, cfg.divergence, cfg.temperature)
         if cfg.ce_weight > 0:
             b, tt = target_positions(labels)
             terms["ce"] = F.cross_entropy(s.target_logits.float(), labels[b, tt + 1])
@@ -387,6 +420,31 @@ class _StepLoss:
         values = {k: float(v.detach()) for k, v in terms.items()}
         values["loss"] = float(total.detach())
         return total, values
+
+    def _api_kd(self, s: Any, labels: Any, indices: list[int], device: Any) -> tuple[Any, Any]:
+        """The student's logits at the target rows that have teacher log-probabilities, and those (top-k)."""
+        import torch
+
+        from edgelvm.distill.losses import TeacherTargets
+        from edgelvm.distill.teacher import target_positions
+
+        if self.api_targets is None:  # kd_weight 0
+            return s.target_logits[:0], None
+        b, t = target_positions(labels)
+        target_ids = labels[b, t + 1].tolist()
+        rows, values, ids, start = [], [], [], 0
+        for index, n in zip(indices, s.rows_per_sample):
+            got = self.api_targets.get(index, target_ids[start : start + n])
+            if got is not None:
+                rows.extend(range(start, start + got[0].shape[0]))
+                values.append(got[0])
+                ids.append(got[1])
+            start += n
+        if not rows:
+            k = self.api_targets.k
+            return s.target_logits[:0], TeacherTargets(torch.zeros(0, k, device=device), torch.zeros(0, k).long())
+        targets = TeacherTargets(torch.cat(values).to(device), torch.cat(ids).to(device))
+        return s.target_logits[torch.tensor(rows, device=device)], targets
 
 
 # ------------------------------------------------------------------------------------------------ teacher helpers
@@ -428,6 +486,40 @@ def _teacher_responses(adapter: Any, records: list[VQARecord], cfg: DistillConfi
         conv[1] = {**conv[1], "value": answers[r.id]}
         out.append(dataclasses.replace(r, answer=answers[r.id], conversations=tuple(conv)))
     return out
+
+
+def _api_teacher(records, cfg, encoder, state_dir, accelerator):
+    """The API teacher answers every record (cached, resumable); returns (records with its answers, KD targets or
+    None, answering stats)."""
+    from edgelvm.distill.teacher_api import APITargets, answer_records, answered_records, progress_bar
+
+    api = cfg.teacher_api
+    root = Path(api.cache) if api.cache is not None else state_dir / "teacher_api"
+    if accelerator.is_main_process:
+        with progress_bar(cfg.progress) as progress:
+            answers = answer_records(records, api, root, progress=progress)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        answers = answer_records(records, api, root, ask=False)
+    teacher_records, tokens = answered_records(records, answers)
+    if not teacher_records:
+        raise ConfigError(
+            f"none of the {len(records)} teacher answers is usable ({answers.stats['malformed']} malformed)",
+            where=root,
+            fix="look at the cached answers (status, problem, raw) and the server's log",
+        )
+    targets = None
+    if cfg.kd_weight > 0:
+        if not answers.stats["with_logprobs"]:
+            raise ConfigError(
+                f"the teacher API returned no logprobs for any of its {len(teacher_records)} answers, so token-level "
+                "KD has nothing to learn from",
+                where=api.url,
+                fix="set kd_weight=0 (the student learns the teacher's text), or use a server that returns "
+                "top_logprobs (vLLM, llama.cpp's server, OpenAI)",
+            )
+        targets = APITargets(encoder.tokenizer, tokens, api.top_logprobs + 1)
+    return teacher_records, targets, answers.stats
 
 
 def _teacher_cache(adapter, records, encoder, cfg, teacher_name, data_id, accelerator):

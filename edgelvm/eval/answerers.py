@@ -88,7 +88,8 @@ class HFAnswerer:
         for record in records:
             content = [{"type": "image"}] * len(_images(record)) + [{"type": "text", "text": record.question}]
             messages = [{"role": "user", "content": content}]
-            texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
+            texts.append(self.processor.apply_chat_template(
+                messages, chat_template=self.adapter.conversation_template(), add_generation_prompt=True))  # fmt: skip
             images.extend(self._load(p) for p in _images(record))
         return self.processor(images=images or None, text=texts, return_tensors="pt", padding=True)
 

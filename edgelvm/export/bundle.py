@@ -8,9 +8,7 @@ half-written bundle and, with ``force``, the previous bundle stays until the new
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,8 @@ import numpy as np
 
 from edgelvm import __version__
 from edgelvm.errors import ConfigError, ExportError
+from edgelvm.export.external_data import ContentIndex
+from edgelvm.fsutil import make_staging, swap_into_place
 from edgelvm.manifest import MANIFEST_NAME, Manifest, hash_bundle_files, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,11 @@ class ExportReport:
         return rows
 
 
-def _prepare_output(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError("output path exists and is not a directory", where=out_dir, fix="choose another -o path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ExportError(
-            "output directory is not empty",
-            where=out_dir,
-            fix="choose an empty or new directory, or pass --force to replace it (the old bundle is kept until the "
-            "new one is complete)",
-        )
+def _prepare_output(out_dir: Path, force: bool, model: Any = None) -> Path:
+    from edgelvm.fsutil import prepare_output
+
+    sources = [model if isinstance(model, (str, Path)) else None, getattr(model, "source", None)]
+    return prepare_output(out_dir, force=force, inputs=sources, option="-o", error=ExportError)
 
 
 def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) -> ExportReport:
@@ -99,9 +94,11 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
             f"unsupported decoder {config.decoder!r}", where="--decoder", fix="use auto, portable or fused"
         )
     out_dir = Path(out_dir)
-    _prepare_output(out_dir, config.force)
+    dest = _prepare_output(out_dir, config.force, model)  # out_dir with symlinks resolved: what is replaced
     started = time.perf_counter()
 
+    if config.target and isinstance(model, (str, Path)):  # refuse from the config, before loading any weights
+        _plan_target_from_config(model, config)
     adapter = (
         load_model(model, dtype="float16" if config.dtype == "fp16" else "float32")
         if isinstance(model, (str, Path))
@@ -120,17 +117,21 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
     rewrites = quantized_graph_rewrites(adapter)  # {} for a float checkpoint; a missing sidecar fails here
     quantized = quantization_recipe(adapter)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = make_staging(dest)  # also removes what killed runs to this output left behind
     try:
         graphs = {}
+        # Where each large tensor already lies in the bundle: a tied LM head points at the embedding table, the
+        # fused decoder at the portable decoder's matrices (export/external_data.py) — nothing is stored twice.
+        index = ContentIndex()
         log.info("exporting vision encoder")
         graphs["vision"] = export_vision(adapter, staging / "vision.onnx", config.dtype, rewrites.get("vision"))
         log.info("writing token embedding table")
-        graphs["embed"] = export_embedding_table(adapter, staging / "embed.npy", config.dtype)
+        graphs["embed"] = export_embedding_table(adapter, staging / "embed.npy", config.dtype, index)
         log.info("exporting decoder")
-        graphs["decoder"] = export_decoder(adapter, staging / "decoder.onnx", config.dtype, kv, rewrites.get("decoder"))
-        fused = _export_fused(adapter, staging / "decoder_ort.onnx", kv, config)
+        graphs["decoder"] = export_decoder(
+            adapter, staging / "decoder.onnx", config.dtype, kv, rewrites.get("decoder"), index
+        )
+        fused = _export_fused(adapter, staging / "decoder_ort.onnx", kv, config, index)
         if fused is not None:
             graphs["decoder_ort"] = fused
         adapter.processor.tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
@@ -158,6 +159,7 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
                     {"stage": "export", "dtype": config.dtype, "max_length": max_length, "opset": 20},
                 ],
                 "calibration_sha256": quantized.get("calibration_sha256") if quantized else None,
+                "toolchain": toolchain_versions(),
             },
             edgelvm_version=__version__,
             target=target.to_manifest() if target is not None else None,
@@ -165,14 +167,28 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
         manifest.files = hash_bundle_files(staging)
         write_text_atomic(staging / MANIFEST_NAME, manifest.to_json())
         sizes = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
-        _swap_into_place(staging, out_dir)
+        swap_into_place(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportReport(bundle_dir=out_dir, manifest=manifest, seconds=time.perf_counter() - started, sizes=sizes)
 
 
-def _export_fused(adapter: Any, path: Path, kv: Any, config: ExportConfig) -> Any:
+def toolchain_versions() -> dict[str, str]:
+    """The versions that traced the graphs, for the manifest: a processor's prompt or a graph's ops can change with
+    a transformers or torch release, and a bundle should say what made it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _export_fused(adapter: Any, path: Path, kv: Any, config: ExportConfig, index: ContentIndex) -> Any:
     from edgelvm.errors import ExportError, UnsupportedModelError
     from edgelvm.export.onnx_graphs import export_fused_decoder
 
@@ -185,7 +201,7 @@ def _export_fused(adapter: Any, path: Path, kv: Any, config: ExportConfig) -> An
                 fix="export with --dtype fp32 or --decoder portable",
             )
         log.info("building the fused ONNX Runtime decoder")
-        return export_fused_decoder(adapter, path, kv, config.int4_accuracy_level)
+        return export_fused_decoder(adapter, path, kv, config.int4_accuracy_level, index)
     except UnsupportedModelError as err:
         if config.decoder == "fused":
             raise
@@ -200,48 +216,33 @@ def _export_fused(adapter: Any, path: Path, kv: Any, config: ExportConfig) -> An
 
 
 def _plan_target(adapter: Any, kv: Any, config: ExportConfig) -> Any:
-    """Fit check for ``config.target`` with the byte counts of what this export will write."""
+    """Fit check for ``config.target`` with the byte counts of what this export will write: the loaded graphs'
+    parameters (the embedding table excluded: the runtime memory-maps it) in ``config.dtype``."""
     from edgelvm.devices.fit import plan_for_target
+    from edgelvm.devices.plan import footprint_of_adapter
     from edgelvm.devices.profiles import load_profile
 
-    def nbytes(modules: list[Any]) -> int:
-        seen: dict[int, int] = {}
-        for module in modules:
-            for p in module.parameters():
-                seen[id(p)] = p.numel() * p.element_size()
-        return sum(seen.values())
-
-    embedding = adapter.input_embeddings().weight
-    lm_head = adapter.lm_head()
-    decoder_bytes = nbytes([adapter.language_model(), lm_head])
-    if lm_head.weight is not embedding:  # the table is memory-mapped by the runtime, not resident in the decoder
-        decoder_bytes -= embedding.numel() * embedding.element_size()
-    itemsize = 2 if kv.dtype == "float16" else 4
-    plan = plan_for_target(
-        load_profile(config.target, config.profiles_dir),
-        vision_weight_bytes=nbytes([adapter.vision_encoder()]),
-        llm_weight_bytes=decoder_bytes,
-        kv_bytes_per_token=2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * itemsize,
-        max_length=kv.max_length,
-        precision=config.dtype,
-        vision_precision=config.dtype,
+    footprint = footprint_of_adapter(adapter)
+    arguments = footprint.fit_arguments(
+        precision=config.dtype, vision_precision=config.dtype, max_length=kv.max_length, kv_dtype=kv.dtype
     )
+    plan = plan_for_target(load_profile(config.target, config.profiles_dir), **arguments)
     log.info("target %s:\n%s", config.target, plan.summary())
     return plan
 
 
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished bundle into ``out_dir``; an old bundle there is removed only after the rename."""
-    os.chmod(staging, 0o755)  # mkdtemp creates 0700
-    backup = None
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, backup)
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, out_dir)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+def _plan_target_from_config(model: str | Path, config: ExportConfig) -> Any:
+    """The same fit check from the checkpoint's config alone (``edgelvm plan``'s numbers), so that a model that
+    cannot fit is refused in about a second instead of after loading its weights."""
+    from edgelvm.devices.fit import plan_for_target
+    from edgelvm.devices.plan import footprint_from_config
+    from edgelvm.devices.profiles import load_profile
+
+    profile = load_profile(config.target, config.profiles_dir)  # an unknown name fails before the config is read
+    footprint = footprint_from_config(model)
+    if footprint.notes:  # the weights disagree with the config (e.g. pruned): only the loaded model's count holds
+        log.info("fit check from the config skipped: %s", "; ".join(footprint.notes))
+        return None
+    max_length = footprint.check_max_length(config.max_length or footprint.default_max_length())
+    arguments = footprint.fit_arguments(precision=config.dtype, vision_precision=config.dtype, max_length=max_length)
+    return plan_for_target(profile, **arguments)

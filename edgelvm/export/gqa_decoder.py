@@ -4,11 +4,15 @@ Why a second decoder graph: the traced (portable) decoder grows its cache by con
 GQA — about 2,100 kernels per decode step for a 30-layer model, half of the step time outside the matrix products.
 This graph uses ONNX Runtime's fused operators instead: ``GroupQueryAttention`` (rotary inside, GQA without
 repetition, and past/present *sharing one buffer*, so a step writes only its new positions), ``SimplifiedLayer
-Normalization`` / ``SkipSimplifiedLayerNormalization`` (RMSNorm with the residual add), one matmul for q/k/v and one
-for gate/up. About a dozen kernels per layer.
+Normalization`` / ``SkipSimplifiedLayerNormalization`` (RMSNorm with the residual add). About a dozen kernels per
+layer.
 
 TensorRT does not run ``com.microsoft`` operators, so the bundle keeps the portable decoder for TensorRT (and any
-other backend) next to this one; the manifest names both and the ONNX Runtime backend prefers this one.
+other backend) next to this one; the manifest names both and the ONNX Runtime backend prefers this one. Their float
+weights are the same ``[in, out]`` matrices (q, k, v, gate and up as separate matmuls, the LM head as ``Gemm`` with
+``transB`` on the ``[vocab, hidden]`` table), so this graph's initializers point into the portable decoder's data file
+instead of repeating it (``export/external_data.py``); INT4 layers keep q/k/v and gate/up side by side in one
+``MatMulNBits`` each (small INT4 matmuls are overhead-bound) and are this graph's own.
 
 Interface (all dims dynamic except the cache capacity ``C`` = the bundle's max length):
     inputs_embeds [B, S, E] · seqlens_k [B] int32 (cached + new length - 1, per row) · total_sequence_length []
@@ -26,25 +30,35 @@ from typing import Any
 
 import numpy as np
 
+from edgelvm.export.external_data import ContentIndex, WeightWriter
 from edgelvm.manifest import GraphSpec, KVCacheSpec, TensorSpec
 from edgelvm.models.llama_family import DecoderWeights
 
 log = logging.getLogger(__name__)
 
-_EXTERNAL_DATA_BYTES = 1 << 30
 
+def build_gqa_decoder(
+    weights: DecoderWeights,
+    kv: KVCacheSpec,
+    path: Path,
+    accuracy_level: int = 0,
+    index: ContentIndex | None = None,
+) -> GraphSpec:
+    """Write the graph to ``path`` and its weights to ``path.name + ".data"``, one tensor at a time (never the whole
+    decoder in memory). Weights whose bytes ``index`` already knows (the portable decoder's, in the same ``[in, out]``
+    layout) are referenced where they lie instead of written again.
 
-def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path, accuracy_level: int = 0) -> GraphSpec:
-    """``accuracy_level``: MatMulNBits' (INT4 layers only): 0 computes in fp32, 4 quantizes activations to int8
+    ``accuracy_level``: MatMulNBits' (INT4 layers only): 0 computes in fp32, 4 quantizes activations to int8
     (faster on CPU, but it flips top tokens on some models — onnxruntime #29849; measure before using it)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes: list = []
     inits: list = []
+    writer = WeightWriter(path.with_name(path.name + ".data"), index)
 
     def init(name: str, array: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(np.float32)), name))
+        inits.append(writer.tensor(name, array.astype(np.float32, copy=False)))
         return name
 
     def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: object) -> list[str]:
@@ -52,7 +66,6 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path, accu
         return outputs
 
     w = weights
-    q_size, kv_size = w.num_heads * w.head_dim, w.num_kv_heads * w.head_dim
 
     def matmul(x: str, name: str, dense: np.ndarray, q4: Any, out: str) -> str:
         """``x @ W``: MatMulNBits when the weight is INT4, else a plain MatMul."""
@@ -62,16 +75,22 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path, accu
 
         qnode, q_inits = matmul_nbits_node(name, x, out, q4, accuracy_level)
         nodes.append(qnode)
-        inits.extend(q_inits)
+        inits.extend(writer.tensor(t.name, numpy_helper.to_array(t)) for t in q_inits)
         return out
+
+    def projections(x: str, p: str, parts: list[tuple[str, np.ndarray]], fused: str, q4: Any) -> list[str]:
+        """``x`` through side-by-side projections: one MatMulNBits and a Split when INT4 (small INT4 matmuls are
+        overhead-bound), else one MatMul per part — the portable decoder's matrices, so both graphs share them."""
+        if q4 is None:
+            return [matmul(x, p + part, dense, None, p + part + "_out") for part, dense in parts]
+        joined = matmul(x, p + fused, None, q4, p + fused + "_out")
+        sizes = int_init(p + fused + "_split", [dense.shape[1] for _, dense in parts])
+        return node("Split", [joined, sizes], [p + part + "_out" for part, _ in parts], axis=-1)
 
     def int_init(name: str, values: list[int]) -> str:
         inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
         return name
 
-    split_qkv = int_init("split_qkv", [q_size, kv_size, kv_size])
-    intermediate = w.layers[0].down.shape[0]
-    split_mlp = int_init("split_mlp", [intermediate, intermediate])
     flat_shape = int_init("flat_shape", [-1, w.final_norm.shape[0]])
     cos, sin = init("cos_cache", w.cos), init("sin_cache", w.sin)
 
@@ -86,10 +105,14 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path, accu
     past_names, present_names = [], []
     for i, layer in enumerate(w.layers):
         p = f"l{i}."
-        qkv = matmul(normed, p + "qkv", layer.qkv, layer.int4.get("qkv"), p + "qkv_out")
+        q, k, v = projections(
+            normed, p, [("q", layer.q), ("k", layer.k), ("v", layer.v)], "qkv", layer.int4.get("qkv")
+        )
         if layer.qkv_bias is not None:
-            qkv = node("Add", [qkv, init(p + "qkv_bias", layer.qkv_bias)], [p + "qkv_biased"])[0]
-        q, k, v = node("Split", [qkv, split_qkv], [p + "q", p + "k", p + "v"], axis=-1)
+            q, k, v = (
+                node("Add", [x, init(p + f"{part}_bias", bias)], [p + f"{part}_biased"])[0]
+                for x, part, bias in zip((q, k, v), "qkv", layer.qkv_bias)
+            )
         past_k, past_v = kv.past_name.format(layer=i, kind="key"), kv.past_name.format(layer=i, kind="value")
         pres_k, pres_v = kv.present_name.format(layer=i, kind="key"), kv.present_name.format(layer=i, kind="value")
         past_names += [past_k, past_v]
@@ -113,8 +136,8 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path, accu
             domain="com.microsoft",
             epsilon=w.rms_eps,
         )[0::3]
-        gate_up = matmul(normed, p + "gate_up", layer.gate_up, layer.int4.get("gate_up"), p + "gate_up_out")
-        gate, up = node("Split", [gate_up, split_mlp], [p + "gate", p + "up"], axis=-1)
+        mlp_parts = [("gate", layer.gate), ("up", layer.up)]
+        gate, up = projections(normed, p, mlp_parts, "gate_up", layer.int4.get("gate_up"))
         sig = node("Sigmoid", [gate], [p + "sig"])[0]
         act = node("Mul", [gate, sig], [p + "silu"])[0]
         prod = node("Mul", [act, up], [p + "prod"])[0]
@@ -132,9 +155,9 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path, accu
     # Logits of each row's last real token only: flatten [B, S, E] → [B*S, E], gather B rows, project.
     flat = node("Reshape", [normed, flat_shape], ["flat_hidden"])[0]
     last = node("Gather", [flat, "logits_index"], ["last_hidden"], axis=0)[0]
-    node("MatMul", [last, init("lm_head", w.lm_head)], ["logits"])
+    node("Gemm", [last, init("lm_head", w.lm_head)], ["logits"], transB=1)  # [vocab, hidden], as the portable one
 
-    hidden_size, vocab = w.final_norm.shape[0], w.lm_head.shape[1]
+    hidden_size, vocab = w.final_norm.shape[0], w.lm_head.shape[0]
     kv_shape = ["batch", kv.num_kv_heads, kv.max_length, kv.head_dim]
     inputs = [
         helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", hidden_size]),
@@ -152,8 +175,13 @@ def build_gqa_decoder(weights: DecoderWeights, kv: KVCacheSpec, path: Path, accu
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     )
     model.ir_version = 8
-    big = sum(t.ByteSize() for t in inits) > _EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
+    writer.close()
+    onnx.save_model(model, str(path))  # the protobuf holds names and shapes; the weights are in the data file(s)
+    log.info(
+        "fused decoder: %.1f MB written, %.1f MB shared with the portable decoder",
+        writer.written_bytes / 1e6,
+        writer.shared_bytes / 1e6,
+    )
     spec_in = [
         TensorSpec("inputs_embeds", "float32", ["batch", "seq", hidden_size]),
         TensorSpec("seqlens_k", "int32", ["batch"]),

@@ -8,6 +8,7 @@ compared with the PyTorch module; the errors go into the manifest and the export
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import warnings
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 
 from edgelvm.errors import ExportError
+from edgelvm.export.external_data import ContentIndex, save_npy_aligned, share_external_data
 from edgelvm.export.rewrite import GraphRewrite
 from edgelvm.manifest import GraphSpec, KVCacheSpec, TensorSpec
 from edgelvm.models.base import VLMAdapter
+from edgelvm.runtime.session_settings import SessionSettings
 
 log = logging.getLogger(__name__)
 # torch.onnx warns once per missing torchvision op at WARNING level; irrelevant for VLM graphs.
@@ -36,7 +39,9 @@ DECODER_PREFIX = "language_model."
 #: A graph that quantizes activations to int8 (INT8 QDQ vision, MatMulNBits accuracy_level 4) against its float or
 #: fake-quantized reference: values at a rounding boundary may land one step apart and propagate.
 INT8_ACTIVATION_TOLERANCE = 5e-2
-_EXTERNAL_DATA_BYTES = 1 << 30  # above this, weights go to a side file (ONNX protobufs are capped at 2 GB)
+#: Above this, weights go to a side file: ONNX protobufs are capped at 2 GB, and external tensors can be shared
+#: between graphs (the fused decoder points into the portable decoder's file: export/external_data.py).
+_EXTERNAL_DATA_BYTES = 64 << 20
 
 
 @dataclass
@@ -58,8 +63,11 @@ def _export(
     weight_bytes: int,
 ) -> None:
     """Run the dynamo exporter quietly (it prints progress to stdout) and save, with external data if large."""
+    from edgelvm.quantize.activations import float_activations
+
     sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+    # the float graph is traced (the rewrite adds the QDQ); a loaded W8A8 checkpoint's quantizers are off meanwhile
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), float_activations(module):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -81,16 +89,23 @@ def _export(
                 fix="run with --verbose for the full exporter log; report the model config if it is a supported family",
             ) from err
         program.save(str(path), external_data=weight_bytes > _EXTERNAL_DATA_BYTES)
+    del program  # its folded constants (transposed weights) are a second copy of the graph's weights
+    gc.collect()  # the exported program holds reference cycles: free them before the parity session loads the graph
     log.debug("exporter output:\n%s", sink.getvalue())
 
 
-def _ort_session(path: Path) -> Any:
+def _ort_session(path: Path, prepack: bool = True) -> Any:
+    """``prepack=False`` for float graphs: a handful of parity runs need no pre-packed copy of every weight next to
+    the one the session already holds (quantized kernels keep theirs: their packing is part of what they compute)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # as the runtime runs it (runtime/session_settings.py): INT4 QDQ matmuls in fp32, not ORT's int8 default
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    # as the runtime runs it (runtime/session_settings.py): INT4 QDQ matmuls in fp32, not ORT's int8 default; INT8
+    # QDQ matmuls without the AVX2 u8s8 kernel's int16 saturation
+    SessionSettings(threads=0, spinning=False).apply_numerics(options)
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -163,7 +178,7 @@ def export_vision(adapter: VLMAdapter, path: Path, precision: str, rewrite: Grap
     if rewrite is not None:
         rewrite.rewrite_file(path, "")
 
-    session = _ort_session(path)
+    session = _ort_session(path, prepack=rewrite is not None)
     fresh = adapter.example_vision_inputs(3)
     with torch.no_grad(), _reference(rewrite, module):
         reference = module(*(fresh[n] for n in names))
@@ -206,10 +221,17 @@ def decoder_io_names(kv: KVCacheSpec) -> tuple[list[str], list[str]]:
 
 
 def export_decoder(
-    adapter: VLMAdapter, path: Path, precision: str, kv: KVCacheSpec, rewrite: GraphRewrite | None = None
+    adapter: VLMAdapter,
+    path: Path,
+    precision: str,
+    kv: KVCacheSpec,
+    rewrite: GraphRewrite | None = None,
+    index: ContentIndex | None = None,
 ) -> GraphSpec:
     """The KV-cache decoder; one graph serves prefill (past_len 0) and decode (seq 1). ``rewrite`` as for the vision
-    graph (the module-path prefix of the language model inside the wrapper is ``language_model.``)."""
+    graph (the module-path prefix of the language model inside the wrapper is ``language_model.``). Weights whose
+    bytes ``index`` holds (a tied LM head: the embedding table) point there instead of being stored twice; the
+    parity check runs on the graph as it is finally stored."""
     module = adapter.decoder_module()
     dtype = next(module.parameters()).dtype
     names_in, names_out = decoder_io_names(kv)
@@ -238,8 +260,12 @@ def export_decoder(
     _export(module, example, shapes, names_in, names_out, path, _weight_bytes(module))
     if rewrite is not None:
         rewrite.rewrite_file(path, DECODER_PREFIX)
+    if index is not None:
+        shared = share_external_data(path, index)
+        if shared:
+            log.info("decoder: %.1f MB of weights shared with files written before it", shared / 1e6)
 
-    session = _ort_session(path)
+    session = _ort_session(path, prepack=rewrite is not None)
     worst = ParityResult(0.0, 0.0)
     # Decode step with padding, and a prefill with an empty cache (the runtime's two uses of the graph).
     for args in (
@@ -265,14 +291,16 @@ def _merge(a: ParityResult, b: ParityResult) -> ParityResult:
     return ParityResult(max(a.max_abs, b.max_abs), max(a.max_rel, b.max_rel))
 
 
-def export_fused_decoder(adapter: VLMAdapter, path: Path, kv: KVCacheSpec, accuracy_level: int = 0) -> GraphSpec:
+def export_fused_decoder(
+    adapter: VLMAdapter, path: Path, kv: KVCacheSpec, accuracy_level: int = 0, index: ContentIndex | None = None
+) -> GraphSpec:
     """The ONNX Runtime–fused decoder (in-place KV, GroupQueryAttention), checked against the PyTorch decoder on a
-    right-padded two-row prompt and a decode step."""
+    right-padded two-row prompt and a decode step. Weights ``index`` knows are shared, not written again."""
     from edgelvm.export.gqa_decoder import build_gqa_decoder
 
-    spec = build_gqa_decoder(adapter.decoder_weights(kv.max_length), kv, path, accuracy_level)
+    spec = build_gqa_decoder(adapter.decoder_weights(kv.max_length), kv, path, accuracy_level, index)
     module = adapter.decoder_module()
-    session = _ort_session(path)
+    session = _ort_session(path, prepack=spec.precision != "fp32")
     hidden = adapter.text_config.hidden_size
     generator = torch.Generator().manual_seed(3)
     lengths, steps = [7, 4], 2
@@ -342,21 +370,27 @@ def _run_in_place(session: Any, feeds: dict[str, np.ndarray], buffers: dict[str,
 _EMBED_CHUNK = 16384
 
 
-def export_embedding_table(adapter: VLMAdapter, path: Path, precision: str) -> GraphSpec:
-    """The token embedding as a plain ``.npy`` table: the runtime memory-maps it and gathers rows."""
+def export_embedding_table(
+    adapter: VLMAdapter, path: Path, precision: str, index: ContentIndex | None = None
+) -> GraphSpec:
+    """The token embedding as a plain ``.npy`` table: the runtime memory-maps it and gathers rows. Its data starts
+    page-aligned and is recorded in ``index``, so a tied LM head in the decoder graphs points at these bytes."""
     embedding = adapter.input_embeddings()
     vocab, width = embedding.weight.shape
-    array = np.empty((vocab, width), dtype=np.float16 if precision == "fp16" else np.float32)
-    with torch.no_grad():  # the module's output, not its weight: Gemma's embedding scales by sqrt(hidden)
-        for start in range(0, vocab, _EMBED_CHUNK):  # in chunks: no second full-size copy of a large table
-            ids = torch.arange(start, min(start + _EMBED_CHUNK, vocab))
-            array[start : start + len(ids)] = embedding(ids).float().numpy()
-    np.save(path, array)
     dtype = "float16" if precision == "fp16" else "float32"
+
+    def chunks() -> Any:  # the module's output, not its weight: Gemma's embedding scales by sqrt(hidden)
+        with torch.no_grad():
+            for start in range(0, vocab, _EMBED_CHUNK):  # no second full-size copy of a large table
+                yield embedding(torch.arange(start, min(start + _EMBED_CHUNK, vocab))).float().numpy()
+
+    region, hexdigest = save_npy_aligned(path, (vocab, width), np.dtype(dtype), chunks())
+    if index is not None:
+        index.add_digest(hexdigest, region)
     return GraphSpec(
         file=path.name,
         kind="table",
         precision=precision,
         inputs=[TensorSpec("input_ids", "int64", ["batch", "seq"])],
-        outputs=[TensorSpec("inputs_embeds", dtype, ["batch", "seq", int(array.shape[1])])],
+        outputs=[TensorSpec("inputs_embeds", dtype, ["batch", "seq", int(width)])],
     )

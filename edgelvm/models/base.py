@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from edgelvm.errors import ExportError, UnsupportedModelError
 from edgelvm.manifest import KVCacheSpec, PreprocessSpec, TokenizerSpec
+from edgelvm.models.param_counts import ParameterCounts
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,27 @@ class VLMAdapter(ABC):
         if _is_pruned(source):  # shapes no transformers config can describe: see edgelvm.prune.surgery
             from edgelvm.prune.surgery import load_pruned
 
-            return load_pruned(cls, source, torch_dtype)
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype).eval()
-        return cls(model, cls.load_processor(source), source=source)
+            adapter = load_pruned(cls, source, torch_dtype)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype).eval()
+            adapter = cls(model, cls.load_processor(source), source=source)
+        from edgelvm.quantize.activations import install_checkpoint_quantizers
+
+        install_checkpoint_quantizers(adapter)  # W8A8 checkpoints: the A8 half (what their INT8 graphs compute)
+        return adapter
+
+    @classmethod
+    def for_config(cls, config: Any, source: str = "") -> VLMAdapter:
+        """An adapter over a transformers config alone (no model, no processor, no weights): enough for the
+        config-only methods (:meth:`config_parameter_counts`, :meth:`kv_cache_spec`, :meth:`max_positions`) that
+        ``edgelvm plan`` and the fit check before loading use. The text-model check runs; checks that need the
+        processor wait for the real load."""
+        from types import SimpleNamespace
+
+        adapter = cls.__new__(cls)
+        adapter.model, adapter.processor, adapter.source = SimpleNamespace(config=config), None, source
+        VLMAdapter._check_text_model(adapter)
+        return adapter
 
     @classmethod
     def load_processor(cls, source: str) -> Any:
@@ -165,9 +184,9 @@ class VLMAdapter(ABC):
 
     # ---- structure for the compression stages ------------------------------------------------------------------
     def check_stage(self, stage: str, config: Any = None, data: Any = None) -> None:
-        """Raise UnsupportedModelError when this family cannot go through ``stage`` (``"quantize"``, ``"distill"``)
-        with this stage ``config`` and ``data`` (calibration / training data, or None), before the stage does any
-        work; default: every stage is possible (its own checks still apply)."""
+        """Raise UnsupportedModelError when this family cannot go through ``stage`` (``"quantize"``, ``"distill"``,
+        ``"prune"``) with this stage ``config`` and ``data`` (calibration / training data, or None), before the
+        stage does any work; default: every stage is possible (its own checks still apply)."""
         return None
 
     def layer_stacks(self) -> dict[str, Any]:
@@ -196,6 +215,34 @@ class VLMAdapter(ABC):
         """``{"vision": ..., "text": ...}`` sub-configs of ``config`` (default: this model's): the objects a derived
         student's sizes are set on."""
         raise UnsupportedModelError(f"{self.family} does not expose its sub-configs", fix="use a LLaVA checkpoint")
+
+    # ---- sizes for the fit check -------------------------------------------------------------------------------
+    def parameter_counts(self) -> ParameterCounts:
+        """Parameters of the loaded graphs' modules: the vision encoder, and the language model + LM head without
+        the embedding table (memory-mapped by the runtime) unless the head's weight is that table."""
+
+        def count(modules: list[Any]) -> int:
+            return sum({id(p): p.numel() for m in modules for p in m.parameters()}.values())
+
+        embedding = self.input_embeddings().weight
+        lm_head = self.lm_head()
+        decoder = count([self.language_model(), lm_head])
+        if lm_head.weight is not embedding:
+            decoder -= embedding.numel()
+        return ParameterCounts(vision=count([self.vision_encoder()]), decoder=decoder)
+
+    def config_parameter_counts(self) -> ParameterCounts:
+        """:meth:`parameter_counts` from the config alone (an adapter from :meth:`for_config`), equal to the loaded
+        model's. Families override this with arithmetic (``edgelvm/models/param_counts.py``); the default builds
+        the model on the ``meta`` device (no memory, no weights read, but torch modules are built: slower)."""
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(self.config)
+        shadow = type(self).__new__(type(self))
+        shadow.model, shadow.processor, shadow.source = model, None, self.source
+        return shadow.parameter_counts()
 
     # ---- plain-data descriptions for the bundle ----------------------------------------------------------------
     def kv_cache_spec(self, max_length: int, dtype: str) -> KVCacheSpec:
@@ -270,6 +317,23 @@ class VLMAdapter(ABC):
         tokenizer, saved as ``tokenizer.json``-format files in the bundle), e.g. a Q-Former's own tokenizer. The
         manifest section that uses one names its file."""
         return {}
+
+    def conversation_template(self) -> str | None:
+        """The chat template that renders records (conversations) into model text for the stages that train or
+        calibrate on them (``processor.apply_chat_template(..., chat_template=this)``: calibration, distillation
+        and prune-recovery batches, the eval stage's Hugging Face answerer): the checkpoint's own, kept by its
+        processor or its tokenizer. A family whose checkpoints ship none returns how the family is prompted. It is
+        passed per call and never set on the processor, so a stage's output checkpoint keeps the source's
+        processor files (no template is added)."""
+        template = getattr(self.processor, "chat_template", None)
+        return template or getattr(self.processor.tokenizer, "chat_template", None) or None
+
+    def patches_per_image(self) -> int:
+        """Vision-tower tokens per encoder input, for the prune report's FLOPs: ``(image / patch)² + 1`` (CLS) from
+        the vision sub-config; sizes may be (h, w) pairs (square tiles use one side)."""
+        vc = self.sub_configs()["vision"]
+        image, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (vc.image_size, vc.patch_size))
+        return (image // patch) ** 2 + 1
 
     def tokenizer_spec(self, file: str) -> TokenizerSpec:
         tokenizer = self.processor.tokenizer

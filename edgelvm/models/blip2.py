@@ -13,6 +13,10 @@ unpadded row gives. OPT is outside the fused ONNX Runtime decoder's Llama family
 
 BLIP-2 with a T5 (encoder-decoder) language model is refused at load: the bundle's decoder contract is
 decoder-only.
+
+Prompts: the published checkpoints ship no chat template; BLIP-2 is prompted ``"Question: … Answer:"`` (the answer
+follows). Records for calibration / distillation are rendered that way (:data:`QA_TEMPLATE`, passed per call, never
+saved with a checkpoint nor shipped to the runtime); a checkpoint's own template, where it has one, is used instead.
 """
 
 from __future__ import annotations
@@ -22,6 +26,22 @@ from typing import Any
 from edgelvm.errors import UnsupportedModelError
 from edgelvm.manifest import PreprocessSpec
 from edgelvm.models.base import AttentionBlock, MLPBlock, ScaleGroup, VLMAdapter
+
+#: How BLIP-2 is prompted, as a chat template for rendering records (:meth:`Blip2Adapter.conversation_template`):
+#: each user turn as ``"Question: {text}"``, each answer as ``" Answer: {text}"`` + EOS, ``" Answer:"`` as the
+#: generation prompt. Image items are not rendered: the processor puts the query tokens before the whole prompt.
+QA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}Question: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% else %} Answer: {{ message['content'] if message['content'] is string else message['content'][0]['text'] }}"
+    "{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %} Answer:{% endif %}"
+)
 
 
 class _Blip2VisionEncoder:
@@ -60,14 +80,10 @@ class Blip2Adapter(VLMAdapter):
     #: The family's name in messages.
     display_name = "BLIP-2"
 
-    def __init__(self, model: Any, processor: Any, source: str = "") -> None:
-        # Blip2Processor drops a chat_template (its __init__ does not pass it on); a template kept with the tokenizer
-        # is adopted, so that processor.apply_chat_template (calibration, distillation batches) renders as the
-        # runtime does.
-        template = getattr(processor.tokenizer, "chat_template", None)
-        if template and not getattr(processor, "chat_template", None):
-            processor.chat_template = template
-        super().__init__(model, processor, source)
+    def conversation_template(self) -> str | None:
+        # Blip2Processor drops a chat_template (its __init__ does not pass it on): a template kept with the tokenizer
+        # is the checkpoint's (the base class reads it there); without one, BLIP-2's "Question: … Answer:".
+        return super().conversation_template() or QA_TEMPLATE
 
     def _check_text_model(self) -> None:
         where = self.source or None

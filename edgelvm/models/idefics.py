@@ -41,10 +41,10 @@ from edgelvm.models.base import AttentionBlock, MLPBlock, ScaleGroup, VLMAdapter
 CROSS_INPUTS = ("cross_states", "cross_mask")
 FAKE_TOKEN = "<fake_token_around_image>"
 END_OF_UTTERANCE = "<end_of_utterance>"
-#: Renders a conversation for calibration / distillation batches only (``processor.apply_chat_template``), for
-#: checkpoints without a template: the user's text, then each answer after a "\n". ``IdeficsProcessor(images=[image],
-#: text=[rendered])`` puts BOS and the image's tokens before it, as the runtime's prompt. Never shipped to the runtime
-#: (the bundle's template is :func:`prompt_template`).
+#: Renders a conversation for calibration / distillation batches only (:meth:`IdeficsAdapter.conversation_template`,
+#: passed per call, never set on the processor), for checkpoints without a template: the user's text, then each
+#: answer after a "\n". ``IdeficsProcessor(images=[image], text=[rendered])`` puts BOS and the image's tokens before
+#: it, as the runtime's prompt. Never shipped to the runtime (the bundle's template is :func:`prompt_template`).
 CALIBRATION_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '\\n' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -134,10 +134,8 @@ class IdeficsAdapter(VLMAdapter):
     family = "idefics"
     model_types = ("idefics",)
 
-    def __init__(self, model: Any, processor: Any, source: str = "") -> None:
-        if not getattr(processor, "chat_template", None):
-            processor.chat_template = CALIBRATION_TEMPLATE  # calibration batches only: see CALIBRATION_TEMPLATE
-        super().__init__(model, processor, source)
+    def conversation_template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or CALIBRATION_TEMPLATE  # see CALIBRATION_TEMPLATE
 
     def _check_text_model(self) -> None:  # the text model is Idefics' own Llama-style decoder
         tokenizer = self.processor.tokenizer

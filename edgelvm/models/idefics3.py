@@ -110,6 +110,18 @@ class Idefics3Adapter(LlavaAdapter):
     def vision_encoder(self) -> Any:
         return _Idefics3VisionEncoder.build(self.model)
 
+    def config_parameter_counts(self) -> Any:
+        """The SigLIP-style tower + the pixel-shuffle connector (one bias-free linear from ``hidden × scale²``) and
+        the decoder, from the config."""
+        from edgelvm.models.param_counts import ParameterCounts, decoder_params, idefics3_vision_params, linear
+
+        cfg, tc = self.config, self.text_config
+        connector = linear(cfg.vision_config.hidden_size * cfg.scale_factor**2, tc.hidden_size, bias=False)
+        return ParameterCounts(
+            vision=idefics3_vision_params(cfg.vision_config) + connector,
+            decoder=decoder_params(tc, where=self.source or None),
+        )
+
     def language_model(self) -> Any:
         return self.model.model.text_model
 

@@ -223,6 +223,19 @@ class InternVLAdapter(LlavaAdapter):
     def vision_encoder(self) -> Any:
         return _InternVLVisionEncoder.build(self.model)
 
+    def config_parameter_counts(self) -> Any:
+        """InternViT + the pixel-shuffle projector (LayerNorm over ``hidden × (1/ratio)²``, two linears) and the
+        decoder, from the config."""
+        from edgelvm.models.param_counts import ParameterCounts, decoder_params, internvl_vision_params, linear
+
+        cfg, tc = self.config, self.text_config
+        width = cfg.vision_config.hidden_size * int(1 / cfg.downsample_ratio) ** 2
+        projector = 2 * width + linear(width, tc.hidden_size) + linear(tc.hidden_size, tc.hidden_size)
+        return ParameterCounts(
+            vision=internvl_vision_params(cfg.vision_config) + projector,
+            decoder=decoder_params(tc, where=self.source or None),
+        )
+
     def example_pixel_values(self, batch: int) -> Any:
         import torch
 

@@ -20,14 +20,22 @@ _STATIC_ROPE = {"default", "linear", "llama3", "yarn", "longrope"}
 
 @dataclass
 class LayerWeights:
+    """One layer's float weights as ``[in, out]`` *views* of the model's tensors (no copy is made here: at real
+    sizes the graph writer streams them to disk one at a time), in the layout the traced portable decoder stores
+    them in — so the two decoder graphs can share one copy on disk."""
+
     input_norm: np.ndarray  # [hidden]
-    qkv: np.ndarray  # [hidden, (q_heads + 2 kv_heads) * head_dim] — q, k, v projections side by side
-    qkv_bias: np.ndarray | None
+    q: np.ndarray  # [hidden, q_heads * head_dim]
+    k: np.ndarray  # [hidden, kv_heads * head_dim]
+    v: np.ndarray  # [hidden, kv_heads * head_dim]
+    qkv_bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None
     o_proj: np.ndarray  # [q_heads * head_dim, hidden]
     post_norm: np.ndarray  # [hidden]
-    gate_up: np.ndarray  # [hidden, 2 * intermediate] — gate then up
+    gate: np.ndarray  # [hidden, intermediate]
+    up: np.ndarray  # [hidden, intermediate]
     down: np.ndarray  # [intermediate, hidden]
-    #: INT4 versions of "qkv", "o_proj", "gate_up", "down" (edgelvm.quantize.int4.Int4Weight), when quantized
+    #: INT4 versions of "qkv", "o_proj", "gate_up", "down" (edgelvm.quantize.int4.Int4Weight), when quantized; q/k/v
+    #: and gate/up are side by side there (one MatMulNBits each: small INT4 matmuls are overhead-bound)
     int4: dict[str, Any] = field(default_factory=dict)
 
 
@@ -35,7 +43,7 @@ class LayerWeights:
 class DecoderWeights:
     layers: list[LayerWeights]
     final_norm: np.ndarray
-    lm_head: np.ndarray  # [hidden, vocab]
+    lm_head: np.ndarray  # [vocab, hidden] (the module's own layout: a tied head is the embedding table)
     cos: np.ndarray  # [max_length, head_dim // 2], attention scaling of the rope variant folded in
     sin: np.ndarray
     num_heads: int
@@ -69,7 +77,8 @@ def _layer_int4(int4: dict[str, Any], i: int) -> dict[str, Any]:
 def describe_llama_decoder(
     language_model: Any, lm_head: Any, config: Any, max_length: int, int4: dict[str, Any] | None = None
 ) -> DecoderWeights:
-    """Read a Llama-type decoder's weights (transposed to ``[in, out]``) and its rope tables up to ``max_length``.
+    """Read a Llama-type decoder's weights (views, transposed to ``[in, out]``) and its rope tables up to
+    ``max_length``.
 
     ``int4`` maps ``layers.{i}.self_attn.q_proj``-style names to INT4 weights; fused matrices (qkv, gate_up) are
     quantized when all their parts are."""
@@ -102,11 +111,14 @@ def describe_llama_decoder(
         layers.append(
             LayerWeights(
                 input_norm=_np(layer.input_layernorm.weight),
-                qkv=np.concatenate([_np(p.weight).T for p in (attn.q_proj, attn.k_proj, attn.v_proj)], axis=1),
-                qkv_bias=np.concatenate([_np(b) for b in biases]) if all(b is not None for b in biases) else None,
+                q=_np(attn.q_proj.weight).T,
+                k=_np(attn.k_proj.weight).T,
+                v=_np(attn.v_proj.weight).T,
+                qkv_bias=tuple(_np(b) for b in biases) if all(b is not None for b in biases) else None,
                 o_proj=_np(attn.o_proj.weight).T,
                 post_norm=_np(layer.post_attention_layernorm.weight),
-                gate_up=np.concatenate([_np(mlp.gate_proj.weight).T, _np(mlp.up_proj.weight).T], axis=1),
+                gate=_np(mlp.gate_proj.weight).T,
+                up=_np(mlp.up_proj.weight).T,
                 down=_np(mlp.down_proj.weight).T,
                 int4=_layer_int4(int4 or {}, len(layers)),
             )
@@ -125,7 +137,7 @@ def describe_llama_decoder(
     return DecoderWeights(
         layers=layers,
         final_norm=_np(language_model.norm.weight),
-        lm_head=_np(lm_head.weight).T,
+        lm_head=_np(lm_head.weight),
         cos=_np(cos[0, :, : head_dim // 2]),
         sin=_np(sin[0, :, : head_dim // 2]),
         num_heads=int(config.num_attention_heads),

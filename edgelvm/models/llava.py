@@ -134,6 +134,19 @@ class LlavaAdapter(LlavaLayout, VLMAdapter):
     def vision_config(self) -> Any:
         return self.model.config.vision_config
 
+    def config_parameter_counts(self) -> Any:
+        """CLIP / SigLIP tower + the two-layer projector (input: the selected layers' features side by side) and a
+        Llama-style decoder, from the config (LLaVA-NeXT / OneVision's ``image_newline`` is in neither graph)."""
+        from edgelvm.models.param_counts import ParameterCounts, clip_like_vision_params, decoder_params, linear
+
+        cfg, tc = self.config, self.text_config
+        layer = cfg.vision_feature_layer
+        width = cfg.vision_config.hidden_size * (1 if isinstance(layer, int) else len(layer))
+        bias = bool(getattr(cfg, "multimodal_projector_bias", True))
+        projector = linear(width, tc.hidden_size, bias) + linear(tc.hidden_size, tc.hidden_size, bias)
+        vision = clip_like_vision_params(cfg.vision_config, where=self.source or None) + projector
+        return ParameterCounts(vision=vision, decoder=decoder_params(tc, where=self.source or None))
+
     def tokens_per_image(self) -> int:
         vc = self.vision_config()
         patches = (vc.image_size // vc.patch_size) ** 2

@@ -92,11 +92,11 @@ def _prefix_lm_decoder(language_model: Any, lm_head: Any, text_config: Any) -> A
     return PrefixLMDecoder().eval()
 
 
-#: Renders a conversation for calibration / distillation batches only (``processor.apply_chat_template``), for
-#: checkpoints without a template (the google ones): the user's text, then each answer after a "\n", which the
-#: processor wraps in BOS … "\n" as PaliGemma's prefix "prompt\n" + suffix. Never shipped to the runtime: bundles
-#: keep the checkpoint's own template (none), and a checkpoint saved with this one (prune / quantize outputs) is
-#: recognised as having none.
+#: Renders a conversation for calibration / distillation batches only (:meth:`PaliGemmaAdapter.conversation_template`,
+#: passed per call, never set on the processor), for checkpoints without a template (the google ones): the user's
+#: text, then each answer after a "\n", which the processor wraps in BOS … "\n" as PaliGemma's prefix "prompt\n" +
+#: suffix. Never shipped to the runtime: bundles keep the checkpoint's own template (none), and a checkpoint that an
+#: older edgelvm saved with this one (prune / quantize outputs) is recognised as having none.
 CALIBRATION_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '\\n' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -113,9 +113,10 @@ class PaliGemmaAdapter(LlavaLayout, VLMAdapter):
     def __init__(self, model: Any, processor: Any, source: str = "") -> None:
         template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
         self._checkpoint_template = None if template == CALIBRATION_TEMPLATE else template
-        if not template:
-            processor.chat_template = CALIBRATION_TEMPLATE
         super().__init__(model, processor, source)
+
+    def conversation_template(self) -> str | None:
+        return self._checkpoint_template or CALIBRATION_TEMPLATE
 
     def _check_text_model(self) -> None:
         super()._check_text_model()
@@ -150,6 +151,18 @@ class PaliGemmaAdapter(LlavaLayout, VLMAdapter):
     # ---- structure ----------------------------------------------------------------------------------------------
     def vision_encoder(self) -> Any:
         return _PaliGemmaVisionEncoder.build(self.model)
+
+    def config_parameter_counts(self) -> Any:
+        """SigLIP + the one-linear projector (to ``projection_dim``) and the Gemma decoder, from the config."""
+        from edgelvm.models.param_counts import ParameterCounts, clip_like_vision_params, decoder_params, linear
+
+        cfg, where = self.config, self.source or None
+        vc = cfg.vision_config
+        projector = linear(vc.hidden_size, getattr(vc, "projection_dim", None) or cfg.projection_dim)
+        return ParameterCounts(
+            vision=clip_like_vision_params(vc, where=where) + projector,
+            decoder=decoder_params(self.text_config, where=where),
+        )
 
     def lm_head(self) -> Any:
         return self.model.lm_head

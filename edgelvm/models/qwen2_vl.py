@@ -115,6 +115,8 @@ class _QwenVisionEncoder:
 class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    #: The family's name in messages.
+    display_name = "Qwen2-VL"
 
     @classmethod
     def load_processor(cls, source: str) -> Any:
@@ -156,6 +158,19 @@ class Qwen2VLAdapter(VLMAdapter):
     # ---- structure ----------------------------------------------------------------------------------------------
     def vision_encoder(self) -> Any:
         return _QwenVisionEncoder.build(self.model.model.visual, windowed=bool(self._window_size()))
+
+    def config_parameter_counts(self) -> Any:
+        """The native-resolution tower with its patch merger and the M-RoPE decoder, from the config."""
+        from edgelvm.models import param_counts
+
+        vision = (
+            param_counts.qwen2_5_vl_vision_params
+            if self._window_size()
+            else param_counts.qwen2_vl_vision_params
+        )(self.config.vision_config)
+        return param_counts.ParameterCounts(
+            vision=vision, decoder=param_counts.decoder_params(self.text_config, where=self.source or None)
+        )
 
     def language_model(self) -> Any:
         return self.model.model.language_model  # Qwen2VLTextModel: position_ids [3, B, S]
@@ -283,8 +298,8 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def decoder_weights(self, max_length: int) -> Any:
         raise UnsupportedModelError(
-            "no fused decoder for Qwen2-VL: its language model rotates by 3-D M-RoPE positions, the fused decoder's "
-            "rotary is 1-D",
+            f"no fused decoder for {self.display_name}: its language model rotates by 3-D M-RoPE positions, the "
+            "fused decoder's rotary is 1-D",
             where=self.source or None,
             fix="export with --decoder portable (auto does this)",
         )
@@ -298,22 +313,68 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def sub_configs(self, config: Any | None = None) -> dict[str, Any]:
         raise UnsupportedModelError(
-            "derived Qwen2-VL students are not supported yet",
+            f"derived {self.display_name} students are not supported yet",
             where=self.source or None,
-            fix="Qwen2-VL supports export and INT4 quantization of its language model (--llm)",
+            fix=f"{self.display_name} supports export, quantize (--llm, --vision int8) and language-model MLP pruning "
+            "(edgelvm prune --text-mlp)",
         )
+
+    def check_stage(self, stage: str, config: Any = None, data: Any = None) -> None:
+        """Pruning: the language model's MLP neurons (and whole text blocks) only. The vision tower's blocks have
+        one fused ``qkv`` projection and run an image's patches packed as ``[patches, dim]``; the text attention
+        derives head_dim from hidden_size / num_attention_heads (no config field), so no config describes a
+        head-pruned language model."""
+        if stage != "prune" or config is None:
+            return super().check_stage(stage, config, data)
+        name, where = self.display_name, self.source or None
+        fix = f"prune only the language model's MLP neurons of a {name} model (--text-mlp)"
+        if getattr(config, "vision_heads", 0):
+            raise UnsupportedModelError(
+                f"pruning {name}'s vision heads is not supported: its vision blocks have one fused qkv projection "
+                "(heads cannot be cut out of q, k and v separately)",
+                where=where,
+                fix=fix,
+            )
+        if getattr(config, "vision_mlp", 0) or getattr(config, "vision_drop_layers", 0):
+            raise UnsupportedModelError(
+                f"pruning {name}'s vision tower is not supported yet: its blocks run all of an image's patches "
+                "packed as [patches, dim] (native resolution, no batch axis), which the pruning statistics and the "
+                "reload record do not describe",
+                where=where,
+                fix=fix,
+            )
+        if getattr(config, "text_heads", 0):
+            raise UnsupportedModelError(
+                f"pruning {name}'s language-model heads is not supported: its text attention takes head_dim as "
+                "hidden_size / num_attention_heads (there is no head_dim field, and transformers requires heads x "
+                "head_dim == hidden_size), so no config describes a head-pruned language model",
+                where=where,
+                fix=fix,
+            )
+        return None
+
+    def patches_per_image(self) -> int:
+        """Native resolution: the tower sees merge² patches per language-model token (at ``max_pixels``)."""
+        return self.tokens_per_image() * self._merge() ** 2
 
     def attention_blocks(self) -> list[AttentionBlock]:
-        raise UnsupportedModelError(
-            "pruning Qwen2-VL is not supported yet: its vision blocks have one fused qkv projection, and its text "
-            "attention derives head_dim from hidden_size / num_attention_heads, so a head-pruned model has no config "
-            "to reload from",
-            where=self.source or None,
-            fix="prune a LLaVA / LLaVA-NeXT model; Qwen2-VL supports export and INT4 quantization (--llm)",
-        )
+        """The language model's attention (Qwen2: separate q/k/v with biases, o_proj); the vision tower's fused-qkv
+        blocks are not described (:meth:`check_stage` refuses pruning them)."""
+        blocks = []
+        for i, layer in enumerate(self.language_model().layers):
+            attn = layer.self_attn
+            head_dim = int(attn.head_dim)
+            heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+            blocks.append(
+                AttentionBlock("text", i, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, heads, kv_heads,
+                               head_dim)
+            )  # fmt: skip
+        return blocks
 
     def mlp_blocks(self) -> list[MLPBlock]:
-        return self.attention_blocks()  # raises: MLP pruning comes with head pruning (the same reload record)
+        """The language model's SwiGLU MLPs (gate + up → down)."""
+        return [MLPBlock("text", i, [layer.mlp.gate_proj, layer.mlp.up_proj], layer.mlp.down_proj)
+                for i, layer in enumerate(self.language_model().layers)]  # fmt: skip
 
     def text_scale_groups(self) -> list[ScaleGroup]:
         from edgelvm.models.llama_family import llama_scale_groups
@@ -329,6 +390,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
+    display_name = "Qwen2.5-VL"
 
     @classmethod
     def load_processor(cls, source: str) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelvm.errors import ConfigError
-from edgelvm.fsutil import write_dir_atomically
+from edgelvm.fsutil import prepare_output, write_dir_atomically
 from edgelvm.prune.config import PruneConfig, PruneReport
 
 log = logging.getLogger(__name__)
@@ -21,14 +21,13 @@ def model_stats(adapter: Any) -> dict[str, Any]:
     """Parameters per part, and matmul FLOPs (2 x multiply-adds of the linear layers, attention scores excluded)
     per image (vision tower + projector over its patches) and per generated token (language model + LM head)."""
     inner = adapter.model.model
-    tower = inner.vision_tower if hasattr(inner, "vision_tower") else inner.vision_model  # both names occur
+    names = ("vision_tower", "vision_model", "visual")  # the names transformers gives the tower
+    tower = getattr(inner, next(n for n in names if hasattr(inner, n)))
     vision = sum(p.numel() for p in tower.parameters())
     projector = sum(p.numel() for p in adapter.image_feature_module().parameters())
     text_layers = sum(p.numel() for p in adapter.layer_stacks()["text"].parameters())
     head = adapter.lm_head().weight.numel()
-    vc = adapter.sub_configs()["vision"]
-    image, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (vc.image_size, vc.patch_size))
-    patches = (image // patch) ** 2 + 1  # sizes may be (h, w) pairs: square tiles use one side
+    patches = adapter.patches_per_image()
     vision_layers = sum(p.numel() for p in adapter.layer_stacks()["vision"].parameters())
     return {
         "parameters": sum(p.numel() for p in adapter.model.parameters()),
@@ -42,7 +41,7 @@ def model_stats(adapter: Any) -> dict[str, Any]:
 def prune(model: str | Path | Any, calib_data: str | Path | list | None, config: PruneConfig | None = None):
     """Prune heads and MLP neurons of ``model`` (checkpoint path or adapter); writes a checkpoint to ``config.out``
     that :func:`edgelvm.models.load_model` (and ``edgelvm export``) reload. Returns the report."""
-    from edgelvm.data.jsonl import load_jsonl_dataset
+    from edgelvm.calibration.dataset import load_calibration_set
     from edgelvm.models import load_model
     from edgelvm.prune import importance as imp
     from edgelvm.prune.plan import PrunePlan, plan_heads, plan_neurons
@@ -51,9 +50,12 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
     cfg = config or PruneConfig()
     cfg.validate()
     out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.force:
-        raise ConfigError("the output directory is not empty", where=out, fix="choose another --out, or pass --force")
+    sources = [model if isinstance(model, (str, Path)) else None, getattr(model, "source", None)]
+    if isinstance(calib_data, (str, Path)):
+        sources.append(calib_data)
+    out = prepare_output(out, force=cfg.force, inputs=sources)
     adapter = model if hasattr(model, "processor") else load_model(str(model))
+    adapter.check_stage("prune", cfg, calib_data)  # what this family cannot prune, said before any work
     source = str(getattr(adapter, "source", "") or model)
     needs_data = cfg.importance in ("activation", "gradient") or cfg.recover_steps > 0
     records: list = []
@@ -62,10 +64,10 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
             raise ConfigError(
                 f"importance {cfg.importance!r} / recovery needs calibration data",
                 where="--calib",
-                fix="pass a jsonl dataset, or use --importance magnitude",
+                fix="pass a jsonl dataset (or 'shapes'), or use --importance magnitude",
             )
-        records = calib_data if isinstance(calib_data, list) else load_jsonl_dataset(calib_data)
-        records = records[: cfg.calib_limit]
+        # the quantize stage's resolver: a jsonl dataset, a list of records, or "shapes"; calib_limit of them
+        records = load_calibration_set(calib_data, cfg.calib_limit, cfg.seed).records
 
     # plan first (cheap): an impossible ratio fails before any calibration work
     blocks = adapter.attention_blocks()
@@ -117,7 +119,7 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
         )
         result["report"].write(stage / REPORT)
 
-    write_dir_atomically(out, write)
+    write_dir_atomically(out, write, stage="prune")
     report = result["report"]
     return report
 

@@ -11,7 +11,9 @@ import typer
 def prune_command(
     model: Annotated[str, typer.Argument(help="Checkpoint directory (or hub id when online).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the pruned checkpoint and report.")],
-    calib: Annotated[Path | None, typer.Option(help="Calibration data: jsonl (LLaVA conversation format).")] = None,
+    calib: Annotated[
+        str | None, typer.Option(help="Calibration data: jsonl (LLaVA conversation format), or 'shapes'.")
+    ] = None,
     vision_heads: Annotated[float, typer.Option(help="Fraction of vision attention heads to remove.")] = 0.0,
     text_heads: Annotated[float, typer.Option(help="Fraction of language-model query heads to remove.")] = 0.0,
     vision_mlp: Annotated[float, typer.Option(help="Fraction of vision MLP neurons to remove.")] = 0.0,
@@ -19,7 +21,13 @@ def prune_command(
     vision_drop_layers: Annotated[int, typer.Option(help="Whole vision blocks to remove (least influential).")] = 0,
     text_drop_layers: Annotated[int, typer.Option(help="Whole language-model blocks to remove.")] = 0,
     importance: Annotated[str, typer.Option(help="activation | gradient | magnitude | random")] = "activation",
-    gqa: Annotated[str, typer.Option(help="per_group (same query heads from each KV group) | kv_groups")] = "per_group",
+    gqa: Annotated[
+        str,
+        typer.Option(
+            help="per_group (same query heads from each KV group) | kv_groups (whole groups) | expand (any query "
+            "heads; KV heads copied where groups become unequal)"
+        ),
+    ] = "per_group",
     mlp_ranking: Annotated[str, typer.Option(help="uniform (per layer) | global (per tower)")] = "uniform",
     calib_limit: Annotated[int, typer.Option(help="Calibration records used.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration / recovery batch size.")] = 16,

@@ -91,8 +91,8 @@ class _Collector:
         def hook(_module: Any, args: tuple, output: Any) -> None:
             x = args[0] if args else None
             y = output[0] if isinstance(output, tuple) else output
-            if x is None or not torch.is_tensor(x) or y.shape != x.shape:
-                return
+            if x is None or not torch.is_tensor(x) or y.shape != x.shape or x.dim() != 3:
+                return  # not a [batch, tokens, dim] block (e.g. a tower that packs patches as [patches, dim])
             cos = torch.nn.functional.cosine_similarity(x.detach().float(), y.detach().float(), dim=-1)  # [B, T]
             valid = self._valid(x, side)[..., 0]
             self.block_sum[name] = self.block_sum.get(name, 0.0) + float(((1 - cos) * valid).sum())

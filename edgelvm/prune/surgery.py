@@ -75,7 +75,7 @@ def drop_blocks(adapter: Any, side: str, drop: list[int]) -> None:
         attn = getattr(block, "self_attn", None)
         if attn is not None and hasattr(attn, "layer_idx"):
             attn.layer_idx = new_index
-    sub = adapter.sub_configs()[side]
+    sub = adapter.text_config if side == "text" else adapter.sub_configs()[side]
     per_layer = getattr(sub, "layer_types", None)
     if isinstance(per_layer, list) and len(per_layer) == len(stack):
         sub.layer_types = [per_layer[i] for i in keep]
@@ -109,7 +109,9 @@ def shapes(adapter: Any) -> dict[str, list[dict[str, int]]]:
     for b in adapter.attention_blocks():
         out.setdefault(b.side, []).append({"heads": b.heads, "kv_heads": b.kv_heads, "head_dim": b.head_dim})
     for m in adapter.mlp_blocks():
-        out[m.side][m.layer]["intermediate"] = m.down.in_features
+        layers = out.setdefault(m.side, [])  # a tower whose attention is not described has MLP rows only
+        layers.extend({} for _ in range(m.layer + 1 - len(layers)))
+        layers[m.layer]["intermediate"] = m.down.in_features
     return out
 
 
@@ -117,7 +119,7 @@ def write_record(adapter: Any) -> None:
     """Store the per-layer shapes in the config; where uniform, also set the text model's own config fields."""
     record = shapes(adapter)
     setattr(adapter.config, RECORD, record)
-    text = adapter.sub_configs()["text"]
+    text = adapter.text_config
     layers = record["text"]
     if len({(x["heads"], x["kv_heads"]) for x in layers}) == 1:
         text.num_attention_heads = layers[0]["heads"]
@@ -144,20 +146,21 @@ def shrink_to_record(adapter: Any, record: dict[str, list[dict[str, int]]]) -> N
 
 
 def save_pruned(adapter: Any, out: Any) -> None:
-    save_model_files(adapter.model, adapter.processor, out)
+    save_model_files(adapter.model, adapter.processor, out, getattr(adapter, "source", None))
 
 
-def save_checkpoint_files(model: Any, processor: Any, out: Any) -> None:
+def save_checkpoint_files(model: Any, processor: Any, out: Any, source: Any = None) -> None:
     """A model + processor as a checkpoint directory: ``save_pretrained``, or edgelvm's own format for pruned shapes
-    that only edgelvm's loader rebuilds."""
+    that only edgelvm's loader rebuilds. ``source``: the checkpoint the processor came from (see
+    :func:`save_processor_files`)."""
     if hasattr(model.config, RECORD):
-        save_model_files(model, processor, out)
+        save_model_files(model, processor, out, source)
     else:
         model.save_pretrained(out, safe_serialization=True)
-        processor.save_pretrained(out)
+        save_processor_files(processor, out, source)
 
 
-def save_model_files(model: Any, processor: Any, out: Any) -> None:
+def save_model_files(model: Any, processor: Any, out: Any, source: Any = None) -> None:
     """config + generation config + processor via ``save_pretrained``; weights with the model's own parameter names
     (``safetensors.torch.save_model`` also de-duplicates tied tensors)."""
     from pathlib import Path
@@ -168,8 +171,38 @@ def save_model_files(model: Any, processor: Any, out: Any) -> None:
     model.config.save_pretrained(out)
     _write_loadable_text_fields(out / "config.json")
     model.generation_config.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_processor_files(processor, out, source)
     save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+#: Files a processor's ``save_pretrained`` may write that hold its chat template.
+_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "additional_chat_templates")
+
+
+def save_processor_files(processor: Any, out: Any, source: Any = None) -> None:
+    """The processor's files in ``out`` as the ``source`` checkpoint has them: a stage must not change the processor
+    it was given. Each file ``processor.save_pretrained`` writes is the source's copy where the source (a local
+    directory) has that file; a chat template file the source does not have is left out; any other file is the one
+    written (e.g. ``tokenizer.json`` for a source that has only ``tokenizer.model``). Without a local source: what
+    ``save_pretrained`` writes."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    out = Path(out)
+    src = Path(source) if source else None
+    if src is None or not src.is_dir():
+        processor.save_pretrained(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="edgelvm-processor-") as tmp:
+        processor.save_pretrained(tmp)
+        for written in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            rel = written.relative_to(tmp)
+            original = src / rel
+            if not original.is_file() and rel.parts[0] in _TEMPLATE_FILES:
+                continue
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(original if original.is_file() else written, out / rel)
 
 
 def _write_loadable_text_fields(config_file: Any) -> None:
@@ -189,7 +222,10 @@ def _write_loadable_text_fields(config_file: Any) -> None:
 
 
 def load_pruned(adapter_cls: Any, source: str, dtype: Any) -> Any:
-    """Build the skeleton from ``config.json``, shrink it to the recorded shapes, load the weights (strict)."""
+    """Build the skeleton from ``config.json``, shrink it to the recorded shapes, load the weights (strict) and the
+    saved generation config (stop ids, pad id)."""
+    from pathlib import Path
+
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -200,5 +236,9 @@ def load_pruned(adapter_cls: Any, source: str, dtype: Any) -> Any:
     adapter = adapter_cls(model, processor, source=source)
     shrink_to_record(adapter, record)
     load_model(model, f"{source}/model.safetensors", strict=True)
+    if (Path(source) / "generation_config.json").is_file():  # from_config derives one from config.json instead
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(source)
     model.to(dtype).eval()
     return adapter

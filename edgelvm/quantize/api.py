@@ -157,8 +157,12 @@ def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfi
     cfg = config or QuantConfig()
     cfg.validate()
     out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not cfg.force)):
-        raise ConfigError("the output directory is not empty", where=out, fix="choose another --out, or pass --force")
+    from edgelvm.fsutil import prepare_output
+
+    sources = [model if isinstance(model, (str, Path)) else None, getattr(model, "source", None)]
+    if isinstance(calib_data, (str, Path)):
+        sources.append(calib_data)
+    out = prepare_output(out, force=cfg.force, inputs=sources)
     calib = None
     if cfg.needs_calibration and calib_data is None:
         raise ConfigError(
@@ -339,13 +343,13 @@ def _write(adapter: Any, out: Path, sidecars: dict[str, dict[str, np.ndarray]], 
     from edgelvm.prune.surgery import save_checkpoint_files
 
     def write(stage: Path) -> None:
-        save_checkpoint_files(adapter.model, adapter.processor, stage)
+        save_checkpoint_files(adapter.model, adapter.processor, stage, getattr(adapter, "source", None))
         for name, tensors in sidecars.items():
             if tensors:
                 save_file(tensors, str(stage / name))
         (stage / "quant_report.json").write_text(json.dumps(report.to_dict(), indent=2))
 
-    write_dir_atomically(out, write)
+    write_dir_atomically(out, write, stage="quantize")
 
 
 def int4_tensors(weights: dict[str, Any]) -> dict[str, np.ndarray]:

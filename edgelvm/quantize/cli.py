@@ -28,9 +28,16 @@ def quantize_command(
     ] = None,
     calib_limit: Annotated[int, typer.Option(help="Calibration records used.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 16,
-    no_awq_clip: Annotated[bool, typer.Option(help="AWQ: skip the clipping search.")] = False,
+    awq_clip: Annotated[
+        bool, typer.Option("--awq-clip/--no-awq-clip", help="AWQ: search per-block clipping (--no-awq-clip skips it).")
+    ] = True,
     gptq_damp: Annotated[float, typer.Option(help="GPTQ: Hessian damping, a fraction of its mean diagonal.")] = 0.01,
-    no_act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns in their natural order.")] = False,
+    act_order: Annotated[
+        bool,
+        typer.Option(
+            "--act-order/--no-act-order", help="GPTQ: activation order (--no-act-order: columns in natural order)."
+        ),
+    ] = True,
     smoothquant_alpha: Annotated[float, typer.Option(help="SmoothQuant: migration strength α.")] = 0.5,
     stats_memory_gb: Annotated[
         float, typer.Option(help="Memory for the LLM's Gram matrices; beyond it, layers are calibrated in groups.")
@@ -54,8 +61,8 @@ def quantize_command(
         QuantConfig(
             out=out, llm=llm, group_size=group_size, symmetric=not asymmetric, vision=vision, calibrator=calibrator,
             eval_data=eval_data,
-            calib_limit=calib_limit, batch_size=batch_size, awq_clip=not no_awq_clip, gptq_damp=gptq_damp,
-            gptq_act_order=not no_act_order, smoothquant_alpha=smoothquant_alpha, stats_memory_gb=stats_memory_gb,
+            calib_limit=calib_limit, batch_size=batch_size, awq_clip=awq_clip, gptq_damp=gptq_damp,
+            gptq_act_order=act_order, smoothquant_alpha=smoothquant_alpha, stats_memory_gb=stats_memory_gb,
             force=force, progress=True,
         ),
     )  # fmt: skip

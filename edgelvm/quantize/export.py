@@ -1,6 +1,7 @@
 """What ``edgelvm export`` does with a quantized checkpoint: the graph rewrites and the recipe entry.
 
-The vision graph gets explicit QDQ (INT8 W8A8), checked against the torch encoder with fake-quantized linear inputs;
+The vision graph gets explicit QDQ (INT8 W8A8), checked against the torch encoder as ``load_model`` loads it (with the
+checkpoint's activation quantizers, :mod:`edgelvm.quantize.activations`);
 the portable decoder gets block-wise INT4 ``DequantizeLinear`` weights, checked against the torch decoder (whose
 weights already are the dequantized INT4 values). The fused decoder reads the INT4 codes itself
 (:meth:`~edgelvm.models.base.VLMAdapter.decoder_weights`) and writes ``MatMulNBits``.
@@ -59,9 +60,11 @@ def _sidecar(source: Path | None, name: str) -> Path:
 
 
 def _int8_rewrite(layers: dict[str, Any], prefix: str) -> GraphRewrite:
-    """QDQ W8A8, checked against the torch module with the same layers' inputs fake-quantized (``prefix``: where the
-    traced wrapper keeps them)."""
-    return GraphRewrite("int8", INT8_ACTIVATION_TOLERANCE, _int8_writer(layers), _int8_reference(layers, prefix))
+    """QDQ W8A8, checked against the torch module as :func:`edgelvm.models.load_model` loaded it — with the
+    activation quantizers the checkpoint records (``prefix``: where the traced wrapper keeps its layers)."""
+    rewrite = GraphRewrite("int8", INT8_ACTIVATION_TOLERANCE, _int8_writer(layers))
+    rewrite.reference = _int8_reference(layers, prefix, rewrite)
+    return rewrite
 
 
 def _int8_writer(layers: dict[str, Any]) -> Any:
@@ -78,11 +81,31 @@ def _int8_writer(layers: dict[str, Any]) -> Any:
     return apply
 
 
-def _int8_reference(layers: dict[str, Any], prefix: str) -> Any:
-    def reference(module: Any) -> Any:
-        from edgelvm.quantize.vision_int8 import fake_quant_inputs
+def _int8_reference(layers: dict[str, Any], prefix: str, rewrite: GraphRewrite) -> Any:
+    """The reference is the loaded module itself, unchanged: what a user loads is what the graph is compared with.
+    Before comparing, its installed quantizers must be exactly the graph's: the same layers with the same scales,
+    and no layer the graph kept float (for a reason other than not being traced) quantized on the torch side."""
 
-        return fake_quant_inputs(dict(module.named_modules()), {prefix + n: q.input_scale for n, q in layers.items()})
+    def reference(module: Any) -> Any:
+        import contextlib
+
+        from edgelvm.quantize.activations import installed
+
+        have = installed(module)
+        paths = {name for name, _ in module.named_modules()}
+        want = {prefix + n: q.input_scale for n, q in layers.items() if prefix + n in paths}
+        left = {prefix + n: why for n, why in rewrite.summary.get("left_float", {}).items()
+                if not why.startswith("not in the graph")}  # fmt: skip
+        wrong = sorted(n for n in set(want) | set(have) if have.get(n) != want.get(n))
+        if wrong or left:
+            detail = f"{wrong[0]}: loaded {have.get(wrong[0])}, sidecar {want.get(wrong[0])}" if wrong else ""
+            raise ExportError(
+                "the loaded checkpoint does not quantize the same activations as the INT8 graph "
+                + (f"({len(wrong)} layers differ, e.g. {detail})" if wrong else f"(left float in the graph: {left})"),
+                where="int8 vision / SmoothQuant layers",
+                fix="export the directory `edgelvm quantize` wrote, loaded with edgelvm.models.load_model",
+            )
+        return contextlib.nullcontext()
 
     return reference
 

@@ -5,8 +5,9 @@ adds, the attention's activation-by-activation matmuls and the patch-embedding c
 ranges of LayerNorm inputs span orders of magnitude per channel in ViTs (FQ-ViT), and TensorRT keeps the same ops
 in higher precision in its own INT8 recipes.
 
-The torch side simulates exactly what the QDQ graph computes (:func:`fake_quant_inputs`): the export parity check
-and the observer sweep both run through it.
+The torch side simulates exactly what the QDQ graph computes (:func:`edgelvm.quantize.activations.fake_quantize`):
+the observer sweep through :func:`fake_quant_inputs`, a loaded checkpoint through the quantizers
+:func:`edgelvm.models.load_model` installs (:mod:`edgelvm.quantize.activations`), which export's parity check uses.
 """
 
 from __future__ import annotations
@@ -54,14 +55,14 @@ def quantize_weights(modules: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.
 @contextlib.contextmanager
 def fake_quant_inputs(modules: dict[str, Any], input_scales: dict[str, float]) -> Iterator[None]:
     """While active, each listed linear sees its input as QuantizeLinear → DequantizeLinear (int8, zero point 0)
-    would give it: round half to even, saturate."""
-    import torch
+    would give it: round half to even, saturate (:func:`~edgelvm.quantize.activations.fake_quantize`, the function
+    a loaded W8A8 checkpoint's quantizers apply). For trying scales (the observer sweep); a loaded checkpoint
+    already carries its own (:mod:`edgelvm.quantize.activations`)."""
+    from edgelvm.quantize.activations import fake_quantize
 
     def hook_for(scale: float) -> Any:
         def hook(_module: Any, args: tuple) -> tuple:
-            x = args[0]
-            q = torch.clamp(torch.round(x / scale), -128, 127) * scale
-            return (q.to(x.dtype), *args[1:])
+            return (fake_quantize(args[0], scale), *args[1:])
 
         return hook
 

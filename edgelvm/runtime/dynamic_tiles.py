@@ -140,6 +140,11 @@ class DynamicTilesRule:
         end = [] if self.end_token_id is None else [self.end_token_id]
         return [*start, *[image_token_id] * self.token_count(height, width, self.tokens_per_view), *end]
 
+    def planned_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Every image :meth:`views` makes for an image of this size: the grid's canvas and a tile."""
+        rows, cols = self.grid(height, width)
+        return [(rows * self.tile_size[0], cols * self.tile_size[1]), self.tile_size]
+
     # ---- pixels ------------------------------------------------------------------------------------------------
     def views(self, rgb: Any, resample: int) -> list[Any]:
         """PIL RGB image -> ``[tile_0, tile_1, ..., thumbnail]`` (tiles row by row; one view without tiling), each

@@ -20,6 +20,25 @@ from edgelvm.runtime.images import load_image
 from edgelvm.runtime.vlm import VLM, Control, GenerationConfig, Request, _as_list, make_config
 
 _DONE = object()
+_trim_lock = threading.Lock()
+_last_trim = [0.0]
+
+
+def release_free_memory(min_interval_s: float = 1.0) -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``; a no-op elsewhere), at most once per
+    ``min_interval_s``. Decoded images and large bodies are freed by Python but, allocated from several threads, stay
+    in glibc's per-thread arenas; a server calls this when it goes idle so that its RSS returns to the idle level."""
+    with _trim_lock:
+        now = time.monotonic()
+        if now - _last_trim[0] < min_interval_s:
+            return
+        _last_trim[0] = now
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class BusyError(EdgeLVMError):
@@ -88,6 +107,7 @@ class Engine:
         self.vlm = vlm
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._closed = False
+        self._current: Job | None = None  # the job the worker is running
         self._worker = threading.Thread(target=self._serve, name="edgelvm-engine", daemon=True)
         self._worker.start()
 
@@ -125,11 +145,35 @@ class Engine:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    def close(self, wait: bool = True) -> None:
-        """Stop accepting requests; the worker finishes the queue, then exits."""
+    def cancel_all(self) -> int:
+        """Cancel the running job and every queued one (each finishes as ``cancelled``: the running one within a
+        token or a preprocessing stage, the queued ones without running); returns how many were cancelled."""
+        cancelled = 0
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # close()'s sentinel: put it back for the worker
+                self._queue.put(None)
+                break
+            job.cancel()
+            job._finish("cancelled")
+            cancelled += 1
+        current = self._current
+        if current is not None and not current.done:
+            current.cancel()
+            cancelled += 1
+        return cancelled
+
+    def close(self, wait: bool = True, *, cancel: bool = False) -> None:
+        """Stop accepting requests; the worker finishes the queue (or, with ``cancel``, cancels it and the running
+        job — what a server does on SIGTERM), then exits."""
         if self._closed:
             return
         self._closed = True
+        if cancel:
+            self.cancel_all()
         self._queue.put(None)
         if wait:
             self._worker.join()
@@ -143,6 +187,7 @@ class Engine:
             if reason is not None:  # cancelled or out of time while waiting
                 job._finish(reason)
                 continue
+            self._current = job
             try:
                 for _, piece in self.vlm.stream_requests([job.request], job.config, job.control):
                     job._emit(piece)
@@ -150,3 +195,8 @@ class Engine:
                 job._finish(self.vlm.last_stats.finish_reasons[0])
             except BaseException as err:  # the worker must survive any single request
                 job._finish("error", err)
+            finally:
+                self._current = None
+            if self._queue.empty():  # idle: return the request's freed memory (images, features) to the system
+                job = None
+                release_free_memory()

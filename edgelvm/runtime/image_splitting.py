@@ -196,6 +196,13 @@ class ImageSplittingRule:
                 out += self.row_end_ids
         return out + self.grid_end_ids + glob
 
+    def planned_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Every image :meth:`views` makes for an image of this size: the first resize, the tile-multiple resize and
+        a view."""
+        resized = self.resized_size(height, width)
+        sizes = [resized, (self.tile, self.tile)]
+        return [*sizes, multiple_of_tile(*resized, self.tile)] if self.do_image_splitting else sizes
+
     # ---- pixels ------------------------------------------------------------------------------------------------
     def views(self, rgb: Any, resample: int) -> list[Any]:
         """PIL RGB image -> ``[tile_1_1, tile_1_2, ..., global]`` (or ``[global]``), every one ``tile x tile``."""

@@ -120,6 +120,10 @@ class NativeResolutionRule:
         return t * grid_h * grid_w // (self.merge_size**2)
 
     # ---- the preprocessor's tiling-rule interface (runtime/preprocess.TilingRule) ------------------------------
+    def planned_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The one image :meth:`views` makes for an image of this size (``smart_resize``'s)."""
+        return [self.resized(height, width)]
+
     def views(self, rgb: Any, resample: int) -> list[Any]:
         """One view: the image resized by :func:`smart_resize` (then rescaled / normalized by the preprocessor)."""
         new_h, new_w = self.resized(rgb.height, rgb.width)

@@ -9,11 +9,22 @@ cache with fused attention is a later graph change that keeps this backend's int
 
 On CUDA the cache stays on the device: present outputs are bound to device memory and fed back as the next past.
 (That path is written against the ORT IO-binding API and was not run on hardware in this repository.)
+
+GPU providers run the portable decoder only: the fused decoder is fp32 and binds its in-place cache from host
+memory, and ONNX Runtime's CUDA ``GroupQueryAttention`` kernel is fp16/bf16-only, so on CUDA its attention would
+fall back to the CPU with host-device copies every layer — ``fused=True`` on a GPU provider is refused.
+
+ORT's TensorRT provider gets explicit options (:func:`tensorrt_provider_options`): fp16 unless the graph is
+explicitly quantized, engine and timing caches under ``BUNDLE/engines/<gpu>-sm<cc>-ort<version>-trt/`` (a build per
+device, reused across sessions and runs), and one optimization profile from the manifest's dims (batch up to the
+export target's ``max_batch``, sequence and past up to the KV cache length) so the growing KV length does not make
+it rebuild an engine per token. Written against ONNX Runtime's TensorRT-EP documentation; never run on hardware here.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,14 +50,74 @@ BACKENDS: dict[str, list[str]] = {
 _ALIASES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "ort": "onnxruntime-cpu"}
 
 
+#: PyPI distributions that all install the same ``onnxruntime`` package directory: only one may be installed.
+ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
+HARDWARE_DOC = "docs/hardware.md"
+
+
+def installed_onnxruntime_builds() -> list[str]:
+    """Which onnxruntime distributions pip has installed (two at once overwrite each other's files: #26996)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ORT_BUILDS:
+        try:
+            version(name)
+        except PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def gpu_expected() -> str | None:
+    """Why this machine looks like it should use a GPU build of onnxruntime (None: it does not)."""
+    if Path("/etc/nv_tegra_release").exists():
+        return "this is a Jetson (/etc/nv_tegra_release)"
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        return "nvidia-smi is on PATH (an NVIDIA driver is installed)"
+    return None
+
+
+def cpu_fallback_reason(builds: list[str], gpu_reason: str | None) -> str | None:
+    """Why ``auto`` fell back to the CPU although a GPU build is expected — None when no GPU is expected."""
+    if "onnxruntime-gpu" in builds and len(builds) > 1:
+        others = ", ".join(b for b in builds if b != "onnxruntime-gpu")
+        return (
+            f"onnxruntime-gpu and {others} are both installed: they share the `onnxruntime` package directory and "
+            "the last one installed wins (onnxruntime issue #26996), here a build without CUDAExecutionProvider. "
+            f"Fix: `pip uninstall -y {' '.join(builds)} && pip install onnxruntime-gpu` ({HARDWARE_DOC})"
+        )
+    if "onnxruntime-gpu" in builds:
+        return (
+            "onnxruntime-gpu is installed but offers no CUDAExecutionProvider: its CUDA / cuDNN libraries were not "
+            "found or do not match the CUDA / cuDNN majors it was built for (see its release notes). Fix: install "
+            f"that CUDA runtime and cuDNN ({HARDWARE_DOC})"
+        )
+    if gpu_reason:
+        return (
+            f"{gpu_reason}, but the installed onnxruntime ({', '.join(builds) or 'unknown build'}) is a CPU build. "
+            f"Fix: replace it with a GPU build — x86-64: `pip uninstall -y onnxruntime && pip install "
+            f"onnxruntime-gpu`; Jetson: NVIDIA's JetPack build of onnxruntime-gpu ({HARDWARE_DOC})"
+        )
+    return None
+
+
 def resolve_backend(name: str) -> tuple[str, list[str]]:
-    """Map a backend name to ORT providers, checking that this onnxruntime install has them."""
+    """Map a backend name to ORT providers, checking that this onnxruntime install has them. ``auto`` picks CUDA when
+    this onnxruntime has it; when it falls back to the CPU on a machine that looks like it has a GPU (or with a GPU
+    build installed), it logs a warning that says why and how to fix it."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     name = _ALIASES.get(name, name)
     if name == "auto":
         name = "onnxruntime-cuda" if "CUDAExecutionProvider" in available else "onnxruntime-cpu"
+        if name == "onnxruntime-cpu":
+            reason = cpu_fallback_reason(installed_onnxruntime_builds(), gpu_expected())
+            if reason:
+                log.warning("backend auto: running on the CPU. %s", reason)
     if name not in BACKENDS:
         raise BackendError(
             f"unknown backend {name!r}",
@@ -58,7 +129,8 @@ def resolve_backend(name: str) -> tuple[str, list[str]]:
         fix = (
             "reinstall onnxruntime"
             if wanted == "CPUExecutionProvider"
-            else "install `edgelvm[gpu]` (x86_64) or NVIDIA's onnxruntime build for Jetson"
+            else cpu_fallback_reason(installed_onnxruntime_builds(), "a GPU provider was asked for")
+            or f"install a GPU build of onnxruntime ({HARDWARE_DOC})"
         )
         raise BackendError(
             f"backend {name!r} needs {wanted}, which this onnxruntime lacks (it has: {', '.join(available)})",
@@ -66,6 +138,124 @@ def resolve_backend(name: str) -> tuple[str, list[str]]:
             fix=fix,
         )
     return name, [p for p in BACKENDS[name] if p in available]
+
+
+# ---- ONNX Runtime TensorRT provider options (pure) -------------------------------------------------------------------
+ORT_TRT_SUFFIX = "trt"
+
+
+def _profile_dims(manifest: Manifest, graph: str, max_batch: int, max_length: int) -> dict[str, tuple[int, int, int]]:
+    if graph == "vision":
+        views = int((manifest.preprocess.tiling_params or {}).get("max_views", 1))
+        return {"batch": (1, 1, max_batch * views)}
+    half = max(1, max_length // 2)
+    return {
+        "batch": (1, 1, max_batch),
+        "seq": (1, 1, max_length),
+        "past": (0, half - 1, max_length - 1),
+        "total": (1, half, max_length),
+    }
+
+
+def tensorrt_profile_shapes(
+    manifest: Manifest, graph: str, max_batch: int = 1, max_length: int | None = None
+) -> dict[str, str] | None:
+    """``trt_profile_{min,opt,max}_shapes`` for one graph (``"name:1x4x0x64,..."``), or None when an input has a
+    dimension without a rule (ORT then infers ranges itself and may rebuild engines as shapes grow).
+
+    One profile covering prefill and decode: seq 1..max_length, past 0..max_length-1 (opt: a decode step at half the
+    context, the step that runs most often)."""
+    length = min(max_length or manifest.kv_cache.max_length, manifest.kv_cache.max_length)
+    dims = _profile_dims(manifest, graph, max(1, int(max_batch)), length)
+    shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
+    for spec in manifest.graphs[graph].inputs:
+        if all(isinstance(d, int) for d in spec.shape):
+            continue  # static: no profile needed
+        ranges = []
+        for dim in spec.shape:
+            if isinstance(dim, int):
+                ranges.append((dim, dim, dim))
+            elif dim in dims:
+                ranges.append(dims[dim])
+            else:
+                log.info("no TensorRT profile rule for %s dim %r: ORT infers the shape ranges", spec.name, dim)
+                return None
+        for index, key in enumerate(("min", "opt", "max")):
+            shapes[key].append(f"{spec.name}:{'x'.join(str(r[index]) for r in ranges)}")
+    if not shapes["min"]:
+        return None
+    return {f"trt_profile_{key}_shapes": ",".join(value) for key, value in shapes.items()}
+
+
+def tensorrt_provider_options(
+    manifest: Manifest,
+    graph: str,
+    cache_dir: str | Path,
+    *,
+    max_batch: int | None = None,
+    precision: str = "auto",
+    workspace_bytes: int | None = None,
+) -> dict[str, str]:
+    """The options ORT's TensorrtExecutionProvider is created with for one of the bundle's graphs.
+
+    fp16: on unless ``precision="fp32"`` or the graph is explicitly quantized (manifest precision int8 / int4: ORT
+    then builds a strongly typed network and the Q/DQ layers decide, as ``edgelvm build`` does). Engine and timing
+    caches: ``cache_dir`` (one per device under the bundle's ``engines/``). Profiles: :func:`tensorrt_profile_shapes`,
+    batch up to ``max_batch`` (default: the export target's, else 1)."""
+    if max_batch is None:
+        max_batch = int((manifest.target or {}).get("max_batch", 1) or 1)
+    quantized = manifest.graphs[graph].precision in ("int8", "int4")
+    options = {
+        "trt_fp16_enable": "False" if quantized or precision == "fp32" else "True",
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache_dir),
+    }
+    if workspace_bytes:
+        options["trt_max_workspace_size"] = str(int(workspace_bytes))
+    options.update(tensorrt_profile_shapes(manifest, graph, max_batch) or {})
+    return options
+
+
+def session_providers(
+    providers: list[str], manifest: Manifest, graph: str, cache_dir: str | Path, **trt_options: Any
+) -> list[Any]:
+    """The ``providers=`` list for ``InferenceSession``: TensorRT with its options, the others by name."""
+    return [
+        (name, tensorrt_provider_options(manifest, graph, cache_dir, **trt_options))
+        if name == "TensorrtExecutionProvider"
+        else name
+        for name in providers
+    ]
+
+
+def ort_tensorrt_cache_dir(bundle_dir: Path, ort_version: str, gpu_name: str | None = None) -> Path:
+    """``BUNDLE/engines/<gpu>-sm<cc>-ort<version>-trt`` (ORT-built TensorRT engines are specific to the GPU and the
+    onnxruntime/TensorRT build); a read-only bundle falls back to ``$XDG_CACHE_HOME/edgelvm/...``."""
+    from edgelvm.devices.fingerprint import detect_gpu, sanitize
+
+    if gpu_name is None:
+        try:
+            gpu = detect_gpu()
+            gpu_name = f"{sanitize(gpu.name)}-sm{gpu.compute_capability.replace('.', '')}"
+        except Exception as err:  # NoGpuError, or a probe failing: still cache, under a generic name
+            log.info("GPU not identified for the ORT TensorRT cache (%s)", err)
+            gpu_name = "gpu"
+    name = f"{gpu_name}-ort{sanitize(ort_version)}-{ORT_TRT_SUFFIX}"
+    path = Path(bundle_dir) / "engines" / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return path
+    except OSError as err:
+        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        fallback = home / "edgelvm" / "ort-trt" / sanitize(str(Path(bundle_dir).resolve())) / name
+        log.warning("bundle not writable (%s): ORT TensorRT engine cache in %s", err, fallback)
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
 
 
 @dataclass
@@ -146,12 +336,24 @@ class OrtBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.settings = settings or SessionSettings.for_this_device(threads=threads)
         self.settings.apply(options)
-        self.vision = self._session(ort, bundle_dir / manifest.graphs["vision"].file, options)
         self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
+        if fused and self.device != "cpu":
+            raise BackendError(
+                f"the fused decoder (decoder_ort) runs on ONNX Runtime CPU only, not on {self.name}: it is fp32 with "
+                "a host-bound in-place cache, and onnxruntime's CUDA GroupQueryAttention kernel is fp16/bf16-only, "
+                "so its attention would fall back to the CPU with host-device copies every layer",
+                where="decoder",
+                fix="use decoder='auto' or 'portable' on a GPU (the portable decoder is the CUDA / TensorRT path), "
+                "or backend='onnxruntime-cpu' for the fused one",
+            )
+        self._trt_cache_dir: Path | None = None
+        if "TensorrtExecutionProvider" in self.providers:
+            self._trt_cache_dir = ort_tensorrt_cache_dir(Path(bundle_dir), ort.__version__)
+        self.vision = self._session(ort, bundle_dir / manifest.graphs["vision"].file, options, "vision")
         # The fused graph's in-place cache is bound from host memory: CPU only until a device-side variant exists.
         self.fused = "decoder_ort" in manifest.graphs and self.device == "cpu" and fused is not False
         graph = manifest.graphs["decoder_ort" if self.fused else "decoder"]
-        self.decoder = self._session(ort, bundle_dir / graph.file, options)
+        self.decoder = self._session(ort, bundle_dir / graph.file, options, "decoder_ort" if self.fused else "decoder")
         self._out_names = [o.name for o in self.decoder.get_outputs()]
         self._kv_inputs = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past")]
         self._embed_dtype = _NP_DTYPES[graph.inputs[0].dtype]
@@ -159,9 +361,12 @@ class OrtBackend:
         self._logits_dtype = _NP_DTYPES[graph.outputs[0].dtype]
         self._vocab = int(graph.outputs[0].shape[-1])
 
-    def _session(self, ort: Any, path: Path, options: Any) -> Any:
+    def _session(self, ort: Any, path: Path, options: Any, graph: str) -> Any:
+        providers: list[Any] = list(self.providers)
+        if self._trt_cache_dir is not None:
+            providers = session_providers(self.providers, self.manifest, graph, self._trt_cache_dir)
         try:
-            return ort.InferenceSession(str(path), options, providers=self.providers)
+            return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types, with long messages
             raise BackendError(
                 f"onnxruntime cannot load the graph ({str(err).splitlines()[0]})",

@@ -24,13 +24,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgelvm.errors import BundleError, EdgeLVMError
+from edgelvm.errors import BundleError, EdgeLVMError, ImageError
 from edgelvm.manifest import PreprocessSpec
 from edgelvm.runtime.dynamic_tiles import DynamicTilesRule
 from edgelvm.runtime.image_splitting import ImageSplittingRule
-from edgelvm.runtime.images import ImageInput, load_image
+from edgelvm.runtime.images import ImageInput, check_image_size, load_image
 from edgelvm.runtime.native_resolution import NativeResolutionRule
 from edgelvm.runtime.tiling import AnyresMaxRule, AnyresRule
+
+#: The most pixels of any image preprocessing makes (a resize, a tiling canvas, a view), checked from the geometry
+#: before the resize allocates it: 4096² RGB is 48 MiB as uint8 (384 MiB as the float64 of one view). Together with
+#: ``images.MAX_ASPECT_RATIO`` this bounds the memory and time one image can cost, whatever its size.
+MAX_RESIZED_PIXELS = 4096 * 4096
 
 _FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
@@ -48,7 +53,10 @@ class TilingRule(Protocol):
     - ``graph_inputs(height, width) -> {name: array}``: the vision graph's inputs besides ``pixel_values`` for an
       image of this size (patch positions, window order); the image is then encoded in a call of its own;
     - ``grid(height, width)``: the image's feature grid, for position rules that need it (``runtime/positions.py``);
-    - ``max_images_per_prompt``: more images in one prompt are refused (a rule that lays several out differently)."""
+    - ``max_images_per_prompt``: more images in one prompt are refused (a rule that lays several out differently);
+    - ``planned_sizes(height, width) -> list[(h, w)]``: the size of every image :meth:`views` allocates (resizes,
+      canvases, views) for an image of this size, computed without pixels, so that the preprocessor refuses a
+      geometry whose resizes would be too large before any is made."""
 
     def views(self, rgb: Any, resample: int) -> list[Any]:
         """PIL RGB image -> the PIL views the vision graph encodes (before the per-view resize / crop / normalize)."""
@@ -115,6 +123,7 @@ class ImagePreprocessor:
             )
         factory = TILING_RULES.get(spec.tiling)
         self.tiling: TilingRule | None = factory(spec.tiling_params or {}, bundle_dir) if factory else None
+        self.max_resized_pixels = MAX_RESIZED_PIXELS
 
     def __call__(self, images: list[ImageInput]) -> np.ndarray:
         if self.tiling is None:
@@ -196,6 +205,32 @@ class ImagePreprocessor:
                 expanded.append(token)
         return expanded
 
+    # ---- geometry limits -------------------------------------------------------------------------------------------
+    def planned_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """``(h, w)`` of every image preprocessing an image of this size makes (the tiling rule's resizes and views,
+        then each view's resize), from the geometry alone."""
+        if self.tiling is None:
+            return [self.output_size(height, width)]
+        plan = getattr(self.tiling, "planned_sizes", None)
+        views = [(int(h), int(w)) for h, w in plan(height, width)] if plan is not None else []
+        return views + [self.output_size(h, w) for h, w in views]
+
+    def check_geometry(self, height: int, width: int) -> None:
+        """Refuse (:class:`ImageError`) an image whose preprocessing would make an image over
+        ``max_resized_pixels`` (or an empty or too elongated one) — before anything is resized or allocated."""
+        check_image_size(width, height)
+        for h, w in self.planned_sizes(height, width):
+            self._check_resize(height, width, h, w)
+
+    def _check_resize(self, height: int, width: int, new_h: int, new_w: int) -> None:
+        if new_h < 1 or new_w < 1 or new_h * new_w > self.max_resized_pixels:
+            raise ImageError(
+                f"a {width}x{height} image would be resized to {new_w}x{new_h} pixels by this bundle's preprocessing "
+                f"(the limit is {self.max_resized_pixels} pixels)",
+                where="image",
+                fix="crop the image to a less elongated shape or downscale it",
+            )
+
     def views(self, image: ImageInput) -> np.ndarray:
         """``[n_views, 3, H, W]``: the vision graph's inputs for one image (one view unless the bundle tiles)."""
         if self.tiling is None:
@@ -207,6 +242,7 @@ class ImagePreprocessor:
 
     def prepare(self, image: ImageInput) -> PreparedImage:
         pil = load_image(image)
+        self.check_geometry(pil.height, pil.width)
         graph_inputs = getattr(self.tiling, "graph_inputs", None)
         inputs = graph_inputs(pil.height, pil.width) if graph_inputs is not None else {}
         return PreparedImage(self.views(pil), pil.height, pil.width, self.token_count(pil.height, pil.width), inputs)
@@ -233,6 +269,7 @@ class ImagePreprocessor:
 
     def _rgb(self, image: ImageInput) -> Any:
         pil = load_image(image)
+        self.check_geometry(pil.height, pil.width)
         return _to_rgb(pil) if self.spec.convert_rgb else pil
 
     def _pipeline(self, pil: Any) -> np.ndarray:
@@ -240,6 +277,7 @@ class ImagePreprocessor:
         height, width = pil.height, pil.width
         new_h, new_w = self.output_size(height, width)
         if (new_h, new_w) != (height, width):
+            self._check_resize(height, width, new_h, new_w)  # the last line of defence: before the allocation
             pil = pil.resize((new_w, new_h), resample=self._filter)
         array = np.asarray(pil)
         if array.ndim == 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,14 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
+            raise ConfigError(
+                f"temperature and top_p must be finite numbers, got {self.temperature} and {self.top_p}",
+                where="temperature" if not math.isfinite(self.temperature) else "top_p",
+                fix="use a temperature in [0, 2] and a top_p in (0, 1]",
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**128:
+            raise ConfigError(f"seed must be ≥ 0, got {self.seed}", where="seed", fix="use a non-negative integer")
         if self.temperature < 0:
             raise ConfigError(
                 f"temperature must be ≥ 0, got {self.temperature}",
@@ -42,7 +51,12 @@ class Sampler:
         """``logits [batch, vocab] -> token ids [batch]``."""
         if self.config.greedy:
             return logits.argmax(axis=-1)
-        scores = logits.astype(np.float64) / self.config.temperature
+        # Shift by the maximum before dividing: a tiny temperature (1e-320) then gives 0 for the best token and -inf
+        # for the others (greedy in the limit) instead of inf - inf = NaN probabilities.
+        scores = logits.astype(np.float64)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            scores = (scores - scores.max(axis=-1, keepdims=True)) / self.config.temperature
+        scores = np.nan_to_num(scores, nan=-np.inf, neginf=-np.inf)
         if self.config.top_k and self.config.top_k < scores.shape[-1]:
             kth = np.partition(scores, -self.config.top_k, axis=-1)[:, -self.config.top_k][:, None]
             scores = np.where(scores < kth, -np.inf, scores)

@@ -36,6 +36,12 @@ class SessionSettings:
     #: optimizer fuses into MatMulNBits: ORT's default there is 4 (int8 activations, ~2e-3 off the exported and
     #: parity-checked numerics); 0 keeps them in fp32. The fused decoder carries its own level (export option).
     qdq_int4_accuracy_level: int = 0
+    #: INT8 QDQ matmuls (the INT8 vision graph, a SmoothQuant decoder), which ORT fuses into ``MatMulIntegerToFloat``:
+    #: on x86-64 with AVX2 but no VNNI its default u8s8 kernel sums pairs of products in saturating int16
+    #: (``vpmaddubsw``) — measured on the build machine (AVX2 only), a tiny SmolVLM's INT8 vision graph came out
+    #: 0.11 (relative) off the QDQ graph's own definition (ORT with fusions off), enough to change greedy answers.
+    #: ``session.x64quantprecision=1`` makes the same integer kernels exact (measured 5e-7); no effect elsewhere.
+    precise_int8: bool = True
 
     @classmethod
     def for_this_device(cls, **overrides: Any) -> SessionSettings:
@@ -47,5 +53,10 @@ class SessionSettings:
         options.intra_op_num_threads = self.threads
         options.enable_cpu_mem_arena = self.memory_arena
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        return self.apply_numerics(options)
+
+    def apply_numerics(self, options: Any) -> Any:
+        """Only the settings that change what a graph computes (export's parity sessions use these too)."""
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.qdq_int4_accuracy_level))
+        options.add_session_config_entry("session.x64quantprecision", "1" if self.precise_int8 else "0")
         return options

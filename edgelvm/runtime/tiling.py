@@ -131,6 +131,12 @@ class AnyresRule:
         r0, r1, c0, c1 = self.packed_grid(height, width)
         return base_tokens + (r1 - r0) * (c1 - c0 + (1 if self.newline else 0))
 
+    def planned_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Every image :meth:`views` makes for an image of this size: the fitted resize, the padded canvas, the base
+        view and a tile (checked against the preprocessor's pixel limit before any is made)."""
+        best_h, best_w = select_best_resolution(height, width, self.grid_pinpoints)
+        return [fit_inside(height, width, best_h, best_w), (best_h, best_w), self.base_size, (self.tile_size,) * 2]
+
     # ---- pixels ------------------------------------------------------------------------------------------------
     def views(self, rgb: Any, resample: int) -> list[Any]:
         """PIL RGB image -> ``[base view, tile_0, tile_1, ...]`` as PIL images (tiles row by row), before the

@@ -1,6 +1,7 @@
 """Native TensorRT backend: the engines ``edgelvm build`` wrote for this GPU, driven through ``cuda-python``.
 
-**This module has never run on hardware.** It is written against the documented TensorRT 10 Python API
+**This module has never run on hardware.** It is written against the documented TensorRT 10.x / 11.x Python API —
+version differences live in ``edgelvm.tensorrt_compat``, TensorRT < 10 is refused —
 (``Runtime.deserialize_cuda_engine``, ``IExecutionContext.set_input_shape / set_tensor_address /
 execute_async_v3 / set_optimization_profile_async``) and the CUDA runtime bindings of ``cuda-python``
 (``cudaMalloc``, ``cudaMemcpyAsync``, ``cudaStreamCreate``), and kept behind the same seam as ``OrtBackend``
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelvm import tensorrt_compat as compat
 from edgelvm.errors import BackendError
 from edgelvm.manifest import KVCacheSpec, Manifest
 from edgelvm.runtime.padding import LeftPadState
@@ -51,23 +53,48 @@ def _cudart() -> Any:
         raise BackendError(
             f"the TensorRT backend needs cuda-python ({err})",
             where="backend",
-            fix="`pip install cuda-python` (match your CUDA major version, e.g. cuda-python==12.*)",
+            fix="install the cuda-python major matching the driver's CUDA major: CUDA 12 (JetPack 6, drivers before "
+            'r580) `pip install "cuda-python>=12.6,<13"`, CUDA 13 `pip install "cuda-python>=13,<14"` '
+            f"({compat.HARDWARE_DOC})",
         ) from None
     return cudart
+
+
+def _bindings_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cuda-bindings")
+    except Exception:  # older cuda-python has no separate cuda-bindings distribution
+        try:
+            from importlib.metadata import version
+
+            return version("cuda-python")
+        except Exception:
+            return "0"
 
 
 class _Cuda:
     """The handful of CUDA runtime calls the backend needs, with errors turned into BackendError."""
 
-    def __init__(self) -> None:
-        self.rt = _cudart()
+    def __init__(self, rt: Any = None) -> None:
+        self.rt = rt if rt is not None else _cudart()
+        driver = self.rt.cudaDriverGetVersion()  # a CUDA 13 cuda-python on a CUDA 12 driver fails at the first call
+        if int(driver[0]) == 0 and (message := compat.cuda_python_driver_mismatch(_bindings_version(), driver[1])):
+            raise BackendError(message, where="cuda-python", fix=f"see {compat.HARDWARE_DOC}")
         self.stream = self.check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
-        self.stream_handle = int(self.stream)
+        self.stream_handle = compat.native_handle(self.stream)
 
     def check(self, result: Any, what: str) -> Any:
         err, *rest = result if isinstance(result, tuple) else (result,)
         if int(err) != 0:
-            raise BackendError(f"{what} failed: CUDA error {int(err)}", where="cuda", fix="check the GPU and driver")
+            code = int(err)
+            name = getattr(err, "name", f"CUDA error {code}")
+            raise BackendError(
+                f"{what} failed: {name} ({code})",
+                where="cuda",
+                fix=compat.CUDA_ERROR_HINTS.get(code, "check the GPU and driver (nvidia-smi)"),
+            )
         return rest[0] if len(rest) == 1 else (rest or None)
 
     def malloc(self, nbytes: int) -> int:
@@ -164,8 +191,10 @@ class TrtBackend:
             raise BackendError(
                 f"TensorRT is not installed ({err})",
                 where="backend",
-                fix="install TensorRT (JetPack ships it; x86-64: `pip install tensorrt`), or use backend='auto'",
+                fix="install TensorRT (JetPack ships it: use a venv made with --system-site-packages; x86-64: "
+                f"`pip install \"edgelvm[tensorrt]\"`, {compat.HARDWARE_DOC}), or use backend='auto'",
             ) from None
+        compat.check_tensorrt_version(trt, BackendError, where="backend")
         self.trt, self.manifest, self.kv_spec = trt, manifest, manifest.kv_cache
         bundle_dir = Path(bundle_dir)
         self.engine_dir = Path(engine_dir) if engine_dir else find_engine_dir(bundle_dir, trt.__version__)
@@ -223,20 +252,12 @@ class TrtBackend:
 
     def _decoder_contexts(self) -> tuple[list[Any], int]:
         trt, engine = self.trt, self.decoder
-        if hasattr(trt, "ExecutionContextAllocationStrategy"):  # TensorRT ≥ 10
-            make = lambda: engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)  # noqa: E731
-            size = int(getattr(engine, "device_memory_size_v2", engine.device_memory_size))
-        else:
-            make = engine.create_execution_context_without_device_memory
-            size = int(engine.device_memory_size)
+        size = compat.engine_device_memory_size(engine)  # the largest profile's scratch: both contexts share it
         scratch = self.cuda.malloc(size)
         contexts = []
         for profile in (PREFILL, DECODE):
-            context = make()
-            if hasattr(context, "set_device_memory"):
-                context.set_device_memory(scratch, size)
-            else:
-                context.device_memory = scratch
+            context = compat.create_user_managed_context(trt, engine)
+            compat.set_context_device_memory(context, scratch, size)
             context.set_optimization_profile_async(profile, self.cuda.stream_handle)
             contexts.append(context)
         self.cuda.sync()

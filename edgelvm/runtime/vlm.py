@@ -9,6 +9,7 @@ token per step into a preallocated cache until EOS, a stop string, the budget, a
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,13 @@ log = logging.getLogger(__name__)
 Images = ImageInput | Sequence[ImageInput] | None
 #: A batch shares its prefix (prefilled once, then forked) only when the prefix is at least this long.
 MIN_SHARED_PREFIX = 8
+#: Prompt text is refused before it is tokenized when it has more than ``max_length`` × this many characters: no
+#: prompt that long can fit the context (a BPE token rarely spans more than 16 characters), and tokenizing it would
+#: cost seconds (a 20 MB prompt took 82 s). The cost of tokenizing is bounded with it.
+MAX_CHARS_PER_TOKEN = 32
+#: The largest ``kv_cache.max_length`` a manifest may declare (16M tokens); the KV cache it implies must also fit
+#: this machine's memory (checked when the bundle is loaded, not at the first generate).
+MAX_CONTEXT_LENGTH = 2**24
 
 
 @dataclass
@@ -141,6 +149,7 @@ class VLM:
         #: None unless the decoder cross-attends to the images (``preprocess.image_placement = "cross_attention"``)
         self.cross = cross_attention_inputs(manifest.preprocess)
         self.vision_cache = VisionCache(int(vision_cache_mb * 2**20))
+        _check_context_fits(manifest, bundle_dir)
         self._embed_table = np.load(bundle_dir / manifest.graphs["embed"].file, mmap_mode="r")
         self._eos = set(manifest.generation["eos_token_ids"])
         self._pad_id = int(manifest.generation["pad_token_id"])
@@ -159,8 +168,12 @@ class VLM:
         vision_cache_mb: float = 64,
         decoder: str = "auto",
         spinning: bool | None = None,
+        expected_sha256: str | None = None,
     ) -> VLM:
-        """Open a bundle. ``verify`` checks every file's sha256 against the manifest (a mismatch names the file).
+        """Open a bundle. ``verify`` checks every file's sha256 against the manifest (a mismatch names the file);
+        whatever ``verify``, every file the runtime opens must be listed in the manifest and lie inside the bundle.
+        ``expected_sha256``: the sha256 of the bundle's ``edgelvm.json`` (``sha256sum bundle/edgelvm.json``); with it
+        the bundle loads only if its manifest — and through its hashes, every file — is the one pinned.
 
         ``backend``: ``auto`` (CUDA when this onnxruntime has it, else CPU), ``onnxruntime-cpu``,
         ``onnxruntime-cuda``, ``onnxruntime-tensorrt`` (ORT's TensorRT provider), or ``tensorrt`` (engines built on
@@ -171,8 +184,8 @@ class VLM:
         (:class:`~edgelvm.runtime.session_settings.SessionSettings`).
         """
         bundle_dir = Path(bundle)
-        manifest = Manifest.load(bundle_dir)
-        verify_bundle_files(bundle_dir, manifest, check_hashes=verify)
+        manifest = Manifest.load(bundle_dir, expected_sha256=expected_sha256)
+        verify_bundle_files(bundle_dir, manifest, check_hashes=verify or expected_sha256 is not None)
         if backend == "tensorrt":  # engines built on this device by `edgelvm build`
             from edgelvm.runtime.trt_backend import TrtBackend
 
@@ -194,6 +207,12 @@ class VLM:
     @property
     def max_length(self) -> int:
         return self.manifest.kv_cache.max_length
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """The most characters of message text a prompt may have (checked before tokenizing; see
+        :data:`MAX_CHARS_PER_TOKEN`)."""
+        return self.max_length * MAX_CHARS_PER_TOKEN
 
     # ---- public API ------------------------------------------------------------------------------------------------
     def generate(self, images: Images, prompt: str, *, stream: bool = False, **options: Any) -> str | Iterator[str]:
@@ -279,24 +298,62 @@ class VLM:
         count, or the image before the prompt: ``preprocess.image_placement``)."""
         return self._encode(_messages(request), request.images)
 
+    def check_prompt_text(self, messages: list[Message]) -> None:
+        """Refuse, before any tokenizing, message text that is not a string or is longer than any prompt that could
+        fit the context (:attr:`max_prompt_chars`)."""
+        chars = 0
+        for index, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(items, list):
+                raise ConfigError(
+                    f"message {index}: content must be a string or a list of items, got {type(content).__name__}",
+                    where=f"messages[{index}].content",
+                    fix='pass text as a str, or a list like [{"type": "image"}, {"type": "text", "text": "..."}]',
+                )
+            for item in items:
+                text = item.get("text", "") if isinstance(item, dict) and item.get("type") != "image" else ""
+                if not isinstance(text, str):
+                    raise ConfigError(
+                        f"message {index}: text must be a str, got {type(text).__name__}",
+                        where=f"messages[{index}].content",
+                        fix="decode bytes first (`data.decode('utf-8')`)",
+                    )
+                chars += len(text)
+        if chars > self.max_prompt_chars:
+            raise PromptTooLongError(
+                f"the prompt's text has {chars} characters; no prompt over {self.max_prompt_chars} characters fits "
+                f"this bundle's context of {self.max_length} tokens",
+                where="prompt",
+                fix="shorten the prompt",
+            )
+
     def image_token_counts(self, images: list[ImageInput]) -> list[int]:
         """How many image-feature positions each image fills in the prompt (with tiling it depends on the image's
         size; with cross-attention, none: the features go to the decoder's cross-attention inputs)."""
         if self.manifest.preprocess.image_placement == "cross_attention":
             return [0] * len(images)
+        sizes = self._checked_sizes(images)
         if not self.preprocessor.size_dependent:
             return [self.manifest.preprocess.tokens_per_image] * len(images)
-        sizes = [(pil.height, pil.width) for pil in map(load_image, images)]
         return [self.preprocessor.token_count(h, w) for h, w in sizes]
 
     def image_segments(self, images: list[ImageInput]) -> list[list[int]]:
         """The prompt token ids each image becomes (its image tokens, and any markers its tiling rule adds)."""
+        return [self.preprocessor.image_segment(h, w) for h, w in self._checked_sizes(images)]
+
+    def _checked_sizes(self, images: list[ImageInput]) -> list[tuple[int, int]]:
+        """Each image's ``(height, width)``, refusing (:class:`ImageError`) a geometry whose preprocessing would be
+        too large — when the request is built, before anything is resized."""
         sizes = [(pil.height, pil.width) for pil in map(load_image, images)]
-        return [self.preprocessor.image_segment(h, w) for h, w in sizes]
+        for height, width in sizes:
+            self.preprocessor.check_geometry(height, width)
+        return sizes
 
     def _encode(self, messages: list[Message], images: list[ImageInput]) -> list[int]:
         """Render and encode ``messages``, with the images' tokens placed as the bundle says (at placeholders, or
         before the prompt)."""
+        self.check_prompt_text(messages)
         ids = self.tokenizer.encode(self._render(messages))
         return self.preprocessor.place_image_tokens(ids, self.image_segments(images))
 
@@ -429,6 +486,10 @@ class VLM:
             positions = [self._positions(ids, r.images) for ids, r in zip(prompts, requests)]
             explicit = None if self.positions is None else positions
             stats.vision_ms = (time.perf_counter() - started) * 1e3
+            interrupted = control.reason()  # the deadline / cancel between stages: after vision, before prefill
+            if interrupted is not None:
+                stats.finish_reasons = [interrupted] * len(requests)
+                return
             cache, cached = self._shared_prefix_cache(rows, explicit) if cross is None else (None, 0)
             yield from self._decode(rows, cache, cached, config, control, positions=explicit, cross=cross)
 
@@ -548,8 +609,15 @@ class ChatSession:
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self._cache: Any = None
         self._cached_ids: list[int] = []
+        self._turn_lock = threading.Lock()  # one turn at a time: a second concurrent one is refused, not lost
 
     def ask(self, prompt: str, *, stream: bool = False, **options: Any) -> str | Iterator[str]:
+        """One turn. A session answers one turn at a time: a turn started while another is running (another
+        thread, or an unfinished stream) raises :class:`~edgelvm.errors.ConfigError` instead of losing a turn."""
+        if not isinstance(prompt, str):
+            raise ConfigError(
+                f"the prompt must be a str, got {type(prompt).__name__}", where="ChatSession.ask", fix="pass text"
+            )
         config = make_config(options)
         first_user_turn = not any(m["role"] == "user" for m in self.messages)
         images = [{"type": "image"}] * (len(self.images) if first_user_turn else 0)
@@ -563,6 +631,22 @@ class ChatSession:
         return "".join(pieces)
 
     def _turn(self, messages: list[Message], ids: list[int], config: GenerationConfig) -> Iterator[str]:
+        # A turn extends the conversation as it was when it started: two at once would both extend the same history
+        # and one answer would be dropped. Concurrent use is refused (serialize turns in the caller, or use one
+        # session per thread); the check is at the turn's start, i.e. the first piece of a stream.
+        if not self._turn_lock.acquire(blocking=False):
+            raise ConfigError(
+                "this ChatSession is already answering a turn (in another thread, or a stream not yet exhausted)",
+                where="ChatSession.ask",
+                fix="ask one question at a time per session: wait for the previous answer (exhaust or close its "
+                "stream), guard the session with a lock, or give each thread its own session",
+            )
+        try:
+            yield from self._locked_turn(messages, ids, config)
+        finally:
+            self._turn_lock.release()
+
+    def _locked_turn(self, messages: list[Message], ids: list[int], config: GenerationConfig) -> Iterator[str]:
         vlm = self.vlm
         with vlm._lock:
             vlm.last_stats = stats = GenerationStats(prompt_tokens=len(ids))
@@ -664,7 +748,45 @@ class _RowText:
 
 
 def _messages(request: Request) -> list[Message]:
-    return request.messages or [user_message(request.prompt or "", len(request.images))]
+    if request.messages:
+        return request.messages
+    if not isinstance(request.prompt, str):  # None or bytes used to become "" silently
+        raise ConfigError(
+            f"the prompt must be a str, got {type(request.prompt).__name__}",
+            where="prompt",
+            fix="pass the question as text (decode bytes first), or chat messages",
+        )
+    return [user_message(request.prompt, len(request.images))]
+
+
+def _check_context_fits(manifest: Manifest, bundle_dir: Path) -> None:
+    """Refuse at load a ``kv_cache.max_length`` whose KV cache cannot be allocated here (instead of a MemoryError at
+    the first generate): over :data:`MAX_CONTEXT_LENGTH`, or a cache (2 buffers, the portable decoder's ping-pong)
+    larger than this machine's physical memory."""
+    kv = manifest.kv_cache
+    where = bundle_dir / "edgelvm.json"
+    if not isinstance(kv.max_length, int) or not 1 <= kv.max_length <= MAX_CONTEXT_LENGTH:
+        raise BundleError(
+            f"kv_cache.max_length {kv.max_length!r} is outside [1, {MAX_CONTEXT_LENGTH}]",
+            where=where,
+            fix="re-export the bundle with a sane --max-length",
+        )
+    try:
+        itemsize = np.dtype(kv.dtype).itemsize
+    except TypeError:
+        itemsize = 4
+    cache_bytes = 2 * 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * kv.max_length * itemsize
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform: only the length bound applies
+        return
+    if cache_bytes > physical:
+        raise BundleError(
+            f"kv_cache.max_length {kv.max_length} needs a KV cache of {cache_bytes / 2**30:.1f} GiB, more than this "
+            f"machine's {physical / 2**30:.1f} GiB of memory",
+            where=where,
+            fix="re-export the bundle with a smaller --max-length",
+        )
 
 
 def _as_list(images: Images) -> list[ImageInput]:

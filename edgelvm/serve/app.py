@@ -1,19 +1,27 @@
 """The OpenAI-compatible HTTP app over one bundle (Starlette; run it with uvicorn).
 
 Concurrency model: one :class:`~edgelvm.runtime.engine.Engine` — a single worker thread generating one request at a
-time behind a bounded queue — and an event loop that never runs model code. Bodies are read and images decoded by
-at most ``ServeConfig.max_parsing`` requests at once (in threads); a request that finds the queue full gets 429 with
-``Retry-After`` at once. Waiting for tokens happens in threads too, so a slow generation never stalls ``/health``.
+time behind a bounded queue — and an event loop that never runs model code. Bodies are read by at most
+``ServeConfig.max_reading`` requests at once, each within ``body_timeout`` (408 after), so slow senders never hold
+the parsing slots; JSON is parsed and images decoded by at most ``ServeConfig.max_parsing`` requests at once (in
+threads); a request that finds the queue full gets 429 with ``Retry-After`` at once. Waiting for tokens happens in
+threads too, so a slow generation never stalls ``/health``.
 A client that disconnects — mid-stream or while waiting for a whole answer — cancels its job, which frees the model
 within one token (or before it starts, if it was still queued).
 
-Memory is bounded by the queue: at most ``max_queue + 1`` requests hold decoded images, plus ``max_parsing`` being
-read (each at most ``max_body_bytes``).
+Memory is bounded by the queue: at most ``max_queue + 1`` requests hold decoded images, plus ``max_reading`` bodies
+being read and ``max_parsing`` being decoded (each at most ``max_body_bytes``).
+
+Before any handler, :class:`_RequestGuard` refuses what a browser page or a DNS-rebinding attack could send: a Host
+not in ``allowed_hosts`` (400), a cross-origin ``Origin`` (403), a missing or wrong API key when one is set (401),
+a POST whose Content-Type is not JSON (415).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hmac
 import json
 import logging
 import time
@@ -21,17 +29,20 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlparse
 
 import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from edgelvm.errors import ConfigError, EdgeLVMError, ImageError, PromptTooLongError
-from edgelvm.runtime.engine import BusyError, Engine, Job
+from edgelvm.runtime.engine import BusyError, Engine, Job, release_free_memory
 from edgelvm.runtime.vlm import Request
 from edgelvm.serve.protocol import APIError, ChatRequest, ServeConfig, parse_chat_request
 
@@ -43,7 +54,12 @@ _DISCONNECT_POLL_S = 0.25
 
 
 def create_app(engine: Engine, config: ServeConfig) -> Starlette:
-    """The app serving ``engine`` as model ``config.model_id``. The caller owns the engine (and closes it)."""
+    """The app serving ``engine`` as model ``config.model_id``. The caller owns the engine (and closes it).
+
+    ``config.max_prompt_chars`` left as None becomes the bundle's (``VLM.max_prompt_chars``)."""
+    vlm_limit = getattr(getattr(engine, "vlm", None), "max_prompt_chars", None)
+    if config.max_prompt_chars is None and isinstance(vlm_limit, int):
+        config = dataclasses.replace(config, max_prompt_chars=vlm_limit)
     state = _ServerState(engine, config)
     routes = [
         Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
@@ -53,6 +69,7 @@ def create_app(engine: Engine, config: ServeConfig) -> Starlette:
     ]
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(_RequestGuard, config=config, counts=state.counts)],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
     )
     app.state.serve = state
@@ -67,7 +84,9 @@ class _ServerState:
         self.config = config
         self.created = int(time.time())
         self.parsing = anyio.CapacityLimiter(config.max_parsing)
+        self.reading = anyio.CapacityLimiter(config.max_reading)
         self.counts: Counter[str] = Counter()  # finish reasons and rejections, for /health
+        self.stopping = False  # set when the server shuts down: cancelled jobs then answer 503
 
     # ---- routes -----------------------------------------------------------------------------------------------------
     async def health(self, request: HTTPRequest) -> Response:
@@ -84,39 +103,82 @@ class _ServerState:
         return JSONResponse(self._model_card())
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
+        arrived = time.monotonic()  # --request-timeout counts from here: body, decoding, queue and generation
         self.counts["requests"] += 1
+        large = False
         try:
+            body = await self._receive(request)
+            large = len(body) > 2**20
             async with self.parsing:
-                body = await _read_body(request, self.config.max_body_bytes)
+                self._time_left(arrived)
                 chat = await anyio.to_thread.run_sync(parse_chat_request, body, self.config)
-                job = await anyio.to_thread.run_sync(self._submit, chat)
+                del body
+                job = await anyio.to_thread.run_sync(self._submit, chat, arrived)
         except APIError as err:
             self.counts[f"http_{err.status}"] += 1
             raise
+        finally:
+            if large:  # a refused or parsed large body is garbage now: give its memory back (rate-limited)
+                await anyio.to_thread.run_sync(release_free_memory)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
             events = self._stream(job, completion_id, chat.include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._complete(job, completion_id, request)
 
+    async def _receive(self, request: HTTPRequest) -> bytes:
+        """The body: refused from Content-Length when too large, read by at most ``max_reading`` requests at once
+        (a request that waits ``body_timeout`` for a turn gets 429) within ``body_timeout`` (slower: 408)."""
+        limit, timeout = self.config.max_body_bytes, self.config.body_timeout
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _body_too_large(int(declared), limit)
+        with anyio.move_on_after(timeout) as waited:
+            await self.reading.acquire()
+        if waited.cancelled_caught:
+            raise self._busy("too many request bodies are being received")
+        try:
+            with anyio.fail_after(timeout):
+                return await _read_body(request, limit)
+        except TimeoutError:
+            raise APIError(
+                408,
+                f"the request body was not received within {timeout:g} s",
+                type="timeout",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            ) from None
+        finally:
+            self.reading.release()
+
+    def _time_left(self, arrived: float) -> float | None:
+        """Seconds left of ``--request-timeout`` (None: no deadline); 504 when none are."""
+        if self.config.request_timeout is None:
+            return None
+        left = self.config.request_timeout - (time.monotonic() - arrived)
+        if left <= 0:
+            raise _job_error_for("timeout")
+        return left
+
+    def _busy(self, why: str) -> APIError:
+        return APIError(
+            429,
+            f"the server is busy ({why}); retry in {self.config.retry_after_s} s",
+            type="server_busy",
+            code="queue_full",
+            headers={"Retry-After": str(self.config.retry_after_s)},
+        )
+
     # ---- generation -------------------------------------------------------------------------------------------------
-    def _submit(self, chat: ChatRequest) -> Job:
+    def _submit(self, chat: ChatRequest, arrived: float) -> Job:
         """Queue the request (in a worker thread: tokenising is synchronous); runtime errors → :class:`APIError`."""
         options = dict(chat.options)
         try:
             if "max_new_tokens" not in options:
                 options["max_new_tokens"] = self._default_max_tokens(chat)
-            return self.engine.submit(
-                chat.images, messages=chat.messages, timeout=self.config.request_timeout, **options
-            )
+            return self.engine.submit(chat.images, messages=chat.messages, timeout=self._time_left(arrived), **options)
         except BusyError as err:
-            raise APIError(
-                429,
-                f"the server is busy ({err.problem}); retry in {self.config.retry_after_s} s",
-                type="server_busy",
-                code="queue_full",
-                headers={"Retry-After": str(self.config.retry_after_s)},
-            ) from None
+            raise self._busy(err.problem) from None
         except PromptTooLongError as err:
             raise APIError(400, str(err), param="messages", code="context_length_exceeded") from None
         except ConfigError as err:
@@ -146,7 +208,7 @@ class _ServerState:
                 job.cancel()
         self.counts[job.finish_reason or "error"] += 1
         if job.finish_reason not in ("stop", "length"):
-            raise _job_error(job)
+            raise _job_error(job, self.stopping)
         message = {"role": "assistant", "content": job.result()}
         choice = {"index": 0, "message": message, "finish_reason": job.finish_reason, "logprobs": None}
         return JSONResponse(
@@ -178,7 +240,7 @@ class _ServerState:
                 if include_usage:
                     yield _sse({**envelope, "choices": [], "usage": _usage(job)})
             else:
-                yield _sse(_job_error(job).body())
+                yield _sse(_job_error(job, self.stopping).body())
             yield "data: [DONE]\n\n"
         finally:
             if not job.done:
@@ -195,10 +257,7 @@ class _ServerState:
 
 
 async def _read_body(request: HTTPRequest, limit: int) -> bytes:
-    """The body, refusing (413) as soon as it is known to exceed ``limit`` — from Content-Length, or while reading."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _body_too_large(int(declared), limit)
+    """The body, refusing (413) as soon as it exceeds ``limit`` while reading."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -223,13 +282,94 @@ def _wait(job: Job, seconds: float) -> None:
         job.result(timeout=seconds)
 
 
-def _job_error(job: Job) -> APIError:
-    if job.finish_reason == "timeout":
-        return APIError(504, "the request ran past the server's --request-timeout", type="timeout", code="timeout")
-    if job.finish_reason == "cancelled":
-        return APIError(499, "the request was cancelled", type="cancelled", code="cancelled")
+def _job_error(job: Job, stopping: bool = False) -> APIError:
+    if job.finish_reason == "cancelled" and stopping:
+        return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+    if job.finish_reason in ("timeout", "cancelled"):
+        return _job_error_for(job.finish_reason)
     log.error("generation failed", exc_info=job.error)
     return APIError(500, f"generation failed: {job.error}", type="server_error", code="generation_failed")
+
+
+def _job_error_for(reason: str) -> APIError:
+    if reason == "timeout":
+        return APIError(504, "the request ran past the server's --request-timeout", type="timeout", code="timeout")
+    return APIError(499, "the request was cancelled", type="cancelled", code="cancelled")
+
+
+class _RequestGuard:
+    """ASGI middleware: what a web page (or a DNS-rebinding attack) could send to a local server is refused before
+    any handler runs — a Host header not allowed (400 ``host_not_allowed``), a browser request from another origin
+    (403 ``origin_not_allowed``), without the API key when one is set (401 ``invalid_api_key``; /health stays open
+    for probes), a POST whose Content-Type is not JSON (415 ``unsupported_media_type``: HTML forms and "simple"
+    cross-site requests can only send text/plain, urlencoded or multipart)."""
+
+    def __init__(self, app: Any, config: ServeConfig, counts: Counter[str]) -> None:
+        self.app, self.config, self.counts = app, config, counts
+        self.hosts = {h.lower().strip("[]") for h in config.allowed_hosts}
+        self.origins = {o.lower().rstrip("/") for o in config.allowed_origins}
+        self.key = config.api_key.encode() if config.api_key else None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            error = self._check(scope)
+            if error is not None:
+                self.counts[f"http_{error.status}"] += 1
+                await JSONResponse(error.body(), status_code=error.status, headers=error.headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope: Any) -> APIError | None:
+        headers = Headers(scope=scope)
+        if "*" not in self.hosts and _host_name(headers.get("host", "")) not in self.hosts:
+            return APIError(
+                400,
+                f"the Host header {headers.get('host', '')[:100]!r} is not one this server answers to; start it with "
+                "--allowed-host NAME to accept it",
+                code="host_not_allowed",
+            )
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_allowed(origin):
+            return APIError(
+                403,
+                f"requests from the web origin {origin[:100]!r} are not allowed; start the server with "
+                "--allowed-origin ORIGIN to accept them",
+                code="origin_not_allowed",
+            )
+        if self.key is not None and scope["path"].startswith("/v1/"):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
+                return APIError(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' (the server's --api-key)",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            media = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media != "application/json":
+                return APIError(
+                    415,
+                    f"the request body must be JSON (Content-Type: application/json), not {media or 'unspecified'!r}",
+                    code="unsupported_media_type",
+                )
+        return None
+
+    def _origin_allowed(self, origin: str) -> bool:
+        origin = origin.strip().lower().rstrip("/")
+        if "*" in self.origins or origin in self.origins:
+            return True
+        parsed = urlparse(origin)
+        return parsed.scheme in ("http", "https") and (parsed.hostname or "") in self.hosts
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header (port dropped, IPv6 brackets removed), lowercased."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() else host
 
 
 def _usage(job: Job) -> dict[str, int]:

@@ -39,7 +39,27 @@ def serve(
     request_timeout: Annotated[
         float | None, typer.Option(help="Seconds a request may take, queue wait included (HTTP 504 after).")
     ] = None,
-    max_connections: Annotated[int, typer.Option(help="Open connections before uvicorn answers 503.")] = 64,
+    max_connections: Annotated[int, typer.Option(help="Open connections before uvicorn answers 503.")] = 256,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a connection may take to send a request's headers (then closed).")
+    ] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds to receive a request body (HTTP 408 after).")] = 30.0,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Host header value to accept besides localhost and --host (repeatable; '*' = any)."),
+    ] = None,
+    allowed_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Browser Origin to accept, e.g. https://ui.example (repeatable; '*' = any)."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGELVM_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on /v1/* (prefer the env var: options show in `ps`).",
+        ),
+    ] = None,
     backend: Annotated[str, typer.Option(help="auto | onnxruntime-cpu | onnxruntime-cuda | onnxruntime-tensorrt")] = (
         "auto"
     ),
@@ -50,7 +70,7 @@ def serve(
 
     Example:  edgelvm serve bundles/llava --port 8000
     """
-    uvicorn, create_app = _import_extra()
+    _uvicorn, create_app = _import_extra()
     from edgelvm.runtime import VLM
     from edgelvm.runtime.engine import Engine
     from edgelvm.serve.protocol import ServeConfig
@@ -61,6 +81,18 @@ def serve(
             where="edgelvm serve",
             fix="pass positive limits",
         )
+    if max_connections < 1 or not header_timeout > 0 or not body_timeout > 0:
+        raise EdgeLVMError(
+            "--max-connections, --header-timeout and --body-timeout must be positive",
+            where="edgelvm serve",
+            fix="pass positive limits",
+        )
+    if request_timeout is not None and not request_timeout > 0:
+        raise EdgeLVMError("--request-timeout must be positive", where="edgelvm serve", fix="e.g. --request-timeout 30")
+    if not 0 <= port <= 65535:
+        raise EdgeLVMError(
+            f"--port {port} is not a TCP port", where="edgelvm serve", fix="use 1-65535 (or 0 for any free port)"
+        )
     config = ServeConfig(
         model_id=model_id or Path(bundle).resolve().name,
         allow_local_files=allow_local_files,
@@ -69,6 +101,10 @@ def serve(
         max_images=max_images,
         default_max_tokens=max_tokens,
         request_timeout=request_timeout,
+        body_timeout=body_timeout,
+        allowed_hosts=_allowed_hosts(host, allowed_host or []),
+        allowed_origins=tuple(allowed_origin or ()),
+        api_key=api_key or None,
     )
     engine = Engine(VLM.load(bundle, backend=backend, threads=threads), max_queue=max_queue)
     sock = _bind(host, port)
@@ -76,19 +112,27 @@ def serve(
     if allow_local_files:
         log.warning("--allow-local-files: clients can make this server read any image file it can open")
     # One line a supervisor (or a test) can wait for; the port is the real one when --port 0 was given.
-    typer.echo(f"edgelvm serve: model {config.model_id!r} on http://{_url_host(host)}:{bound_port}", err=True)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(engine, config),
-            log_level=log_level,
-            limit_concurrency=max_connections,
-            timeout_graceful_shutdown=5,
+    if host in _WILDCARDS and not allowed_host:
+        log.warning(
+            "--host %s: requests must name this machine as localhost or %s; pass --allowed-host with the address or "
+            "name clients use",
+            host,
+            socket.gethostname(),
         )
+    typer.echo(f"edgelvm serve: model {config.model_id!r} on http://{_url_host(host)}:{bound_port}", err=True)
+    from edgelvm.serve.server import make_server
+
+    server = make_server(
+        create_app(engine, config),
+        engine=engine,
+        max_connections=max_connections,
+        header_timeout=header_timeout,
+        log_level=log_level,
     )
     try:
         server.run(sockets=[sock])
     finally:
-        engine.close(wait=True)
+        engine.close(wait=True, cancel=True)  # SIGTERM / Ctrl-C: in-flight and queued requests are cancelled
         sock.close()
 
 
@@ -107,6 +151,18 @@ def _import_extra() -> tuple[Any, Any]:
     return uvicorn, create_app
 
 
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _allowed_hosts(host: str, extra: list[str]) -> tuple[str, ...]:
+    """The Host header names accepted: the loopback names, the bound address (or, bound to all interfaces, this
+    machine's name) and ``--allowed-host``."""
+    from edgelvm.serve.protocol import LOCAL_HOSTS
+
+    own = [socket.gethostname()] if host in _WILDCARDS else [host]
+    return tuple(dict.fromkeys([*LOCAL_HOSTS, *own, *extra]))
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Bind here rather than in uvicorn so that the real port of ``--port 0`` is known and printed."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -114,10 +170,10 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as err:
+    except (OSError, OverflowError) as err:
         sock.close()
         raise EdgeLVMError(
-            f"cannot listen on {host}:{port} ({err.strerror})",
+            f"cannot listen on {host}:{port} ({getattr(err, 'strerror', None) or err})",
             where="edgelvm serve",
             fix="pick another --port (or --port 0 for any free one), or stop the process using it",
         ) from None

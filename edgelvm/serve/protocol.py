@@ -3,7 +3,11 @@
 Everything here is synchronous and framework-free (the app runs it in a worker thread), so it can be tested and
 reasoned about without a server. Every rejection is an :class:`APIError` carrying the HTTP status and OpenAI's error
 shape; the cheap checks (JSON, model, fields) come before the expensive one (image decoding), and an image's pixel
-count is checked from its header before its pixels are decoded.
+count and aspect ratio are checked from its header before its pixels are decoded.
+
+Validation is strict: JSON without NaN / Infinity / overflowing numbers, at most :data:`MAX_JSON_DEPTH` levels deep,
+text that is valid Unicode (no lone surrogates), typed fields in range, and the messages' text no longer than
+``ServeConfig.max_prompt_chars`` (derived from the bundle's context) — checked before anything is tokenized.
 """
 
 from __future__ import annotations
@@ -12,15 +16,24 @@ import base64
 import binascii
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from edgelvm.errors import ImageError
+from edgelvm.runtime.images import check_image_size
+
 #: Formats accepted from clients. Deliberately short: PIL can open formats (EPS via Ghostscript, ...) that no
 #: camera produces and whose decoders are a larger attack surface.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+#: Deepest nesting accepted in a request body (a chat request needs 6: body → messages → message → content → part →
+#: image_url); deeper is refused with 400 instead of exhausting the recursion limit.
+MAX_JSON_DEPTH = 32
+#: Host names every server accepts (its own loopback names); the bound host and ``--allowed-host`` are added.
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 @dataclass(frozen=True)
@@ -33,8 +46,14 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096  # width × height, checked from the header before decoding
     max_images: int = 8  # per request; the worst-case memory of one queued request is this × pixels × 3 bytes
     default_max_tokens: int = 256  # when the client gives none (capped by the room left in the context)
-    request_timeout: float | None = None  # seconds, queue wait included; None = no deadline
-    max_parsing: int = 2  # requests reading their body / decoding images at once
+    request_timeout: float | None = None  # seconds, from arrival (body, decoding, queue, generation); None = none
+    max_parsing: int = 2  # requests parsing JSON / decoding images at once
+    max_reading: int = 8  # request bodies being read at once (memory: this × max_body_bytes)
+    body_timeout: float = 30.0  # seconds to receive a whole body (after the headers); slower gets 408
+    max_prompt_chars: int | None = None  # characters of message text; None = the bundle's (create_app sets it)
+    allowed_hosts: tuple[str, ...] = LOCAL_HOSTS  # Host header values accepted ("*" = any); ports are ignored
+    allowed_origins: tuple[str, ...] = ()  # browser Origins accepted besides http(s)://<allowed host>[:port]
+    api_key: str | None = field(default=None, repr=False)  # when set, /v1/* needs "Authorization: Bearer <key>"
     retry_after_s: int = 1
 
 
@@ -72,10 +91,7 @@ class ChatRequest:
 
 def parse_chat_request(body: bytes, config: ServeConfig) -> ChatRequest:
     """Validate a ``POST /v1/chat/completions`` body and decode its images; raises :class:`APIError`."""
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     model = payload.get("model")
@@ -97,6 +113,51 @@ def parse_chat_request(body: bytes, config: ServeConfig) -> ChatRequest:
     return ChatRequest(
         messages, images, options, stream=stream, include_usage=bool(stream and stream_options.get("include_usage"))
     )
+
+
+# ---- JSON -------------------------------------------------------------------------------------------------------
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} overflows a double")
+    return value
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: no NaN / Infinity, no number that overflows, valid UTF-8 and Unicode (no lone surrogates), at
+    most :data:`MAX_JSON_DEPTH` levels. Raises :class:`APIError` (400 ``invalid_json``)."""
+    try:
+        payload = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, the hooks', int digits over the limit
+        raise APIError(400, f"the request body is not valid JSON ({str(err)[:200]})", code="invalid_json") from None
+    stack: list[tuple[Any, int]] = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        if isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, dict):
+            stack.extend((k, depth + 1) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return payload
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(
+            400, "the request contains a string that is not valid Unicode (a lone surrogate)", code="invalid_json"
+        ) from None
 
 
 # ---- fields -----------------------------------------------------------------------------------------------------
@@ -145,6 +206,7 @@ def _generation_options(payload: dict[str, Any]) -> dict[str, Any]:
         options["top_k"] = top_k
     seed = _optional(payload, "seed", int, None)
     if seed is not None:
+        _in_range("seed", seed, 0, 2**63 - 1)
         options["seed"] = seed
     stop = payload.get("stop")
     if stop is not None:
@@ -182,7 +244,7 @@ def _convert_messages(raw: Any, config: ServeConfig) -> tuple[list[dict[str, Any
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise APIError(400, f"{where} must be an object", param=where)
-        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        role = _ROLES.get(message["role"]) if isinstance(message.get("role"), str) else None
         if role is None:
             raise APIError(
                 400,
@@ -217,6 +279,17 @@ def _convert_messages(raw: Any, config: ServeConfig) -> tuple[list[dict[str, Any
                     param=param,
                 )
         messages.append({"role": role, "content": parts})
+    chars = sum(
+        len(m["content"]) if isinstance(m["content"], str) else sum(len(p.get("text", "")) for p in m["content"])
+        for m in messages
+    )
+    if config.max_prompt_chars is not None and chars > config.max_prompt_chars:
+        raise APIError(
+            400,
+            f"the messages' text has {chars} characters; this model's context takes at most {config.max_prompt_chars}",
+            param="messages",
+            code="context_length_exceeded",
+        )
     if len(urls) > config.max_images:
         raise APIError(
             400,
@@ -286,6 +359,10 @@ def _open_image(handle: Any, config: ServeConfig, param: str) -> Any:
     width, height = image.size
     if width * height > config.max_image_pixels:
         raise _too_large(param, (width, height), config)
+    try:
+        check_image_size(width, height, where=param)  # empty, or so elongated that resizing it explodes
+    except ImageError as err:
+        raise APIError(400, str(err), param=param, code="invalid_image") from None
     try:
         image.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on corrupt data
