@@ -2,7 +2,7 @@
 
 Why a module of its own: both sides read it — export writes it (torch side) and the runtime loads it (torch-free) —
 so it must depend on nothing but the standard library. Everything the runtime needs to know about a model family is
-here as plain data (DESIGN.md §4); the runtime never imports an adapter.
+here as plain data; the runtime never imports an adapter.
 """
 
 from __future__ import annotations

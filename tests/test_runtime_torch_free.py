@@ -1,4 +1,4 @@
-"""The runtime must never import torch or transformers (DESIGN.md §2); checked in a fresh interpreter."""
+"""The runtime must never import torch or transformers; checked in a fresh interpreter."""
 
 from __future__ import annotations
 

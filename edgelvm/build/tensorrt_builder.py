@@ -1,7 +1,7 @@
 """``build_engines``: TensorRT engines for a bundle's vision and decoder graphs, built on the device itself.
 
 Why on the device: a TensorRT engine is tuned for (and only loads on) one GPU model and one TensorRT version, so
-engines are build artefacts of the device, not of the export (DESIGN.md §1, §4, §8). They go to
+engines are build artefacts of the device, not of the export. They go to
 ``bundle/engines/<fingerprint>/`` (``edgelvm.devices.fingerprint``), next to a small ``engines.json`` that records
 the optimization profiles, precision, builder flags, TensorRT version and the sha256 of the ONNX graph each engine
 came from, so a stale engine (re-exported bundle) is detected instead of silently used.

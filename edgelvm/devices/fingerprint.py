@@ -1,6 +1,6 @@
 """The GPU fingerprint that names an engine directory: ``<gpu-name>-sm<cc>-trt<version>``.
 
-Why: TensorRT engines are specific to the GPU model and the TensorRT version that built them (DESIGN.md §4), so a
+Why: TensorRT engines are specific to the GPU model and the TensorRT version that built them, so a
 bundle can carry engines for several devices side by side, and the runtime picks the directory that matches.
 On Jetson every module reports the GPU as "Orin", so the board model from the device tree
 (``/proc/device-tree/model``, e.g. "NVIDIA Jetson Orin Nano Developer Kit") is used as the name instead: an Orin Nano

@@ -19,7 +19,7 @@ ONNX Runtime CPU only (its cache is bound from host memory; TensorRT cannot pars
 ``kv_buffers=1`` for that path; a refusal that only the second buffer causes says so in its suggestions.
 
 The TensorRT *build* is checked separately: the builder holds about 3-4x the parameter bytes of the graph it builds
-(DESIGN.md §8, from TensorRT-Edge-LLM), and edgelvm builds on the device. Graphs are built one at a time, so the peak
+(TensorRT-Edge-LLM's measurement), and edgelvm builds on the device. Graphs are built one at a time, so the peak
 is BUILD_PEAK_FACTOR × the larger graph's weights + runtime overhead. A build that does not fit is a warning with a
 swap suggestion (it can still succeed, slowly, with swap), or an error with ``strict_build=True``.
 
@@ -45,7 +45,7 @@ RUNTIME_OVERHEAD_BYTES = 3 * GIB // 4
 #: TensorRT activation scratch (the engine's device memory) when the caller does not know it: 0.5 GiB. After
 #: ``edgelvm build`` the measured value from the engine should be passed instead.
 DEFAULT_ACTIVATION_BYTES = GIB // 2
-#: The TensorRT builder's peak relative to the parameter bytes of the graph being built (DESIGN.md §8: ~3-4x; we
+#: The TensorRT builder's peak relative to the parameter bytes of the graph being built (TensorRT-Edge-LLM: ~3-4x; we
 #: take the upper end so "fits" means fits).
 BUILD_PEAK_FACTOR = 4.0
 #: Effective bits per parameter of each weight format, scales included. int4: 4-bit weights, group 128, an fp16

@@ -1,6 +1,6 @@
 """Trace the vision encoder and the KV-cache decoder to ONNX (torch.export / dynamo) and check them against PyTorch.
 
-The legacy TorchScript exporter is deprecated and produced invalid graphs for some towers (DESIGN.md §9), so only
+The legacy TorchScript exporter is deprecated and produced invalid graphs for some towers, so only
 the dynamo path is used. Every graph is run once in ONNX Runtime on fresh random inputs right after export and
 compared with the PyTorch module; the errors go into the manifest and the export fails if they exceed tolerance.
 """

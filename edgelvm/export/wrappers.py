@@ -1,7 +1,7 @@
 """Export-facing wrappers: only tensors cross the graph boundary.
 
-The decoder wrapper rebuilds the transformers cache object from flat per-layer tensors inside ``forward`` (DESIGN.md
-§9: the cache API changes between transformers releases; the bundle's tensor interface must not).
+The decoder wrapper rebuilds the transformers cache object from flat per-layer tensors inside ``forward``
+(the cache API changes between transformers releases; the bundle's tensor interface must not).
 """
 
 from __future__ import annotations

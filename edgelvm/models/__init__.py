@@ -1,4 +1,4 @@
-"""Model-family adapters: the only family-specific code in edgelvm (DESIGN.md §3).
+"""Model-family adapters: the only family-specific code in edgelvm.
 
 Export, prune, quantize and eval ask an adapter where things are; they never branch on ``model_type``.
 Importing this package is cheap; torch and transformers are imported when a model is loaded.

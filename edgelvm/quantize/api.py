@@ -179,7 +179,7 @@ def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfi
                           fix="quantize the float checkpoint it came from")  # fmt: skip
 
     report = QuantReport(out=str(out), method=cfg.llm, group_size=cfg.group_size, vision=cfg.vision)
-    report.kept_float = ["token embedding (a memory-mapped table)", "lm_head (logit precision; DESIGN.md §8)"]
+    report.kept_float = ["token embedding (a memory-mapped table)", "lm_head (logit precision)"]
     record: dict[str, Any] = {}
     int4: dict[str, Any] = {}
     int8: dict[str, Any] = {}
