@@ -187,6 +187,8 @@ def share_external_data(graph_path: Path, index: ContentIndex) -> int:
     old_files = {info.file for _, info in external}
     if scratch.exists():
         scratch.replace(target)
+    elif target.name in old_files:  # every tensor now lies elsewhere: the old file would be dead weight in the bundle
+        target.unlink()
     for name in old_files - {target.name}:
         if not index.refers_to(name):
             (graph_path.parent / name).unlink(missing_ok=True)

@@ -40,6 +40,19 @@ class AttentionBlock:
     head_dim: int
 
 
+def qkvo_attention_blocks(side: str, layers: Any, out: str = "o_proj") -> list[AttentionBlock]:
+    """Attention blocks of a layer stack whose ``self_attn`` has separate q/k/v projections and an output projection
+    named ``out`` (Llama / Qwen2 text models: ``o_proj``; CLIP / SigLIP towers: ``out_proj``)."""
+    blocks = []
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        head_dim = int(attn.head_dim)
+        heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+        blocks.append(AttentionBlock(side, i, attn, attn.q_proj, attn.k_proj, attn.v_proj, getattr(attn, out), heads,
+                                     kv_heads, head_dim))  # fmt: skip
+    return blocks
+
+
 @dataclass
 class MLPBlock:
     side: str

@@ -28,7 +28,7 @@ from typing import Any
 
 from edgelvm.errors import UnsupportedModelError
 from edgelvm.manifest import PreprocessSpec
-from edgelvm.models.base import AttentionBlock, MLPBlock
+from edgelvm.models.base import AttentionBlock, MLPBlock, qkvo_attention_blocks
 from edgelvm.models.llava import LlavaAdapter
 from edgelvm.models.processors import load_processor_without_video
 
@@ -256,15 +256,7 @@ class InternVLAdapter(LlavaAdapter):
                 where=self.source or None,
                 fix="prune only checkpoints whose vision_config.use_qk_norm is false (InternViT-300M towers)",
             )
-        blocks = []
-        for i, layer in enumerate(self.layer_stacks()["text"]):
-            attn = layer.self_attn
-            head_dim = int(attn.head_dim)
-            heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
-            blocks.append(
-                AttentionBlock("text", i, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, heads, kv_heads,
-                               head_dim)
-            )  # fmt: skip
+        blocks = qkvo_attention_blocks("text", self.layer_stacks()["text"])
         for i, layer in enumerate(self.layer_stacks()["vision"]):
             attn = layer.attention
             head_dim = int(attn.head_dim)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgelvm.errors import ExportError
-from edgelvm.models.base import AttentionBlock, MLPBlock, VLMAdapter
+from edgelvm.models.base import AttentionBlock, MLPBlock, VLMAdapter, qkvo_attention_blocks
 
 
 class LlavaLayout:
@@ -32,17 +32,9 @@ class LlavaLayout:
         return self.model.model.multi_modal_projector
 
     def attention_blocks(self) -> list[AttentionBlock]:
-        blocks = []
-        for side, stack in self.layer_stacks().items():
-            for i, layer in enumerate(stack):
-                attn = layer.self_attn
-                head_dim = int(attn.head_dim)
-                o = attn.o_proj if side == "text" else attn.out_proj
-                heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
-                blocks.append(
-                    AttentionBlock(side, i, attn, attn.q_proj, attn.k_proj, attn.v_proj, o, heads, kv_heads, head_dim)
-                )
-        return blocks
+        stacks = self.layer_stacks()
+        vision = qkvo_attention_blocks("vision", stacks["vision"], out="out_proj")  # CLIP / SigLIP
+        return vision + qkvo_attention_blocks("text", stacks["text"])
 
     def mlp_blocks(self) -> list[MLPBlock]:
         blocks = []

@@ -39,6 +39,7 @@ from edgelvm.models.base import (
     MLPBlock,
     ScaleGroup,
     VLMAdapter,
+    qkvo_attention_blocks,
 )
 from edgelvm.models.processors import load_processor_without_video
 
@@ -360,16 +361,7 @@ class Qwen2VLAdapter(VLMAdapter):
     def attention_blocks(self) -> list[AttentionBlock]:
         """The language model's attention (Qwen2: separate q/k/v with biases, o_proj); the vision tower's fused-qkv
         blocks are not described (:meth:`check_stage` refuses pruning them)."""
-        blocks = []
-        for i, layer in enumerate(self.language_model().layers):
-            attn = layer.self_attn
-            head_dim = int(attn.head_dim)
-            heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
-            blocks.append(
-                AttentionBlock("text", i, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, heads, kv_heads,
-                               head_dim)
-            )  # fmt: skip
-        return blocks
+        return qkvo_attention_blocks("text", self.language_model().layers)
 
     def mlp_blocks(self) -> list[MLPBlock]:
         """The language model's SwiGLU MLPs (gate + up → down)."""
