@@ -1,7 +1,7 @@
 """The benchmark models, built and exported once under ``--workdir`` and shared by the benchmark scripts.
 
 ``tiny``: the test-sized LLaVA at 224 px. ``realistic``: a CLIP ViT-B/16 tower + SmolLM2-135M-shaped Llama with random
-weights (``edgelvm.testing.build_realistic_llava``); its export takes a few minutes the first time.
+weights (``edgelvm.models.synthetic.build_realistic_llava``); its export takes a few minutes the first time.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ def prepare(kind: str, workdir: Path) -> tuple[Path, Path]:
     """``(checkpoint, bundle)`` for ``kind``; re-exported when the bundle lacks the fused decoder."""
     checkpoint, bundle = workdir / kind / "model", workdir / kind / "bundle"
     if not (checkpoint / "config.json").is_file():
-        from edgelvm.testing import build_realistic_llava, build_tiny_llava
+        from edgelvm.models.synthetic import build_realistic_llava, build_tiny_llava
 
         print(f"[{kind}] building checkpoint …", file=sys.stderr)
         if kind == "realistic":
@@ -38,11 +38,10 @@ def prepare_int4(kind: str, workdir: Path, accuracy_level: int = 0, group_size: 
     checkpoint, _ = prepare(kind, workdir)
     quantized = workdir / kind / f"int4-g{group_size}"
     if not (quantized / "int4.safetensors").is_file():
-        from edgelvm.quantize import QuantConfig, quantize
+        from edgelvm.quantize import RTNConfig, quantize
 
         print(f"[{kind}] INT4 RTN g{group_size} …", file=sys.stderr)
-        quantize(checkpoint, None, QuantConfig(out=quantized, llm="rtn", vision="none", group_size=group_size,
-                                               force=True))  # fmt: skip
+        quantize(checkpoint, None, RTNConfig(group_size=group_size), out=quantized, force=True)
     bundle = workdir / kind / f"bundle-int4-g{group_size}-al{accuracy_level}"
     if not (bundle / "edgelvm.json").is_file():
         from edgelvm.export import ExportConfig, export

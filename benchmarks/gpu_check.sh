@@ -75,7 +75,7 @@ echo "== export tiny + realistic bundles (random weights)"
 import sys
 from pathlib import Path
 from edgelvm.export import ExportConfig, export
-from edgelvm.testing import build_realistic_llava, build_tiny_llava
+from edgelvm.models.synthetic import build_realistic_llava, build_tiny_llava
 out = Path(sys.argv[1])
 for name, build in (("tiny", lambda d: build_tiny_llava(d)), ("realistic", build_realistic_llava)):
     bundle = out / name / "bundle"

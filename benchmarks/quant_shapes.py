@@ -73,7 +73,7 @@ def _ort_static_vision(fp32_bundle: Path, calib_dir: Path, limit: int, target: P
     from edgelvm.data.jsonl import load_jsonl_dataset
     from edgelvm.manifest import MANIFEST_NAME, Manifest, hash_bundle_files, write_text_atomic
     from edgelvm.runtime.images import load_image
-    from edgelvm.runtime.preprocess import ImagePreprocessor
+    from edgelvm.runtime.images.preprocess import ImagePreprocessor
 
     manifest = Manifest.load(fp32_bundle)
     records = load_jsonl_dataset(calib_dir)[:limit]
@@ -106,19 +106,19 @@ def run(args: argparse.Namespace) -> dict:
     from edgelvm.data import write_shipped_splits
     from edgelvm.eval import EvalConfig, evaluate
     from edgelvm.export import ExportConfig, export
-    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize import AWQConfig, Int8VisionConfig, method_config, quantize
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     data = out / "data"
     if not (data / "test" / "data.jsonl").is_file():
         write_shipped_splits(data, sizes={"train": 10}, force=True)
-    variants: dict[str, dict] = {"INT8 vision": {"llm": "none", "vision": "int8"}}
+    variants: dict[str, list] = {"INT8 vision": [Int8VisionConfig()]}
     for group in args.groups:
         for method in args.methods:
-            variants[f"INT4 {method} g{group}"] = {"llm": method, "vision": "none", "group_size": group}
+            variants[f"INT4 {method} g{group}"] = [method_config("llm", method, group_size=group)]
     best_group = args.groups[0]
-    variants[f"INT8 vision + INT4 awq g{best_group}"] = {"llm": "awq", "vision": "int8", "group_size": best_group}
+    variants[f"INT8 vision + INT4 awq g{best_group}"] = [AWQConfig(group_size=best_group), Int8VisionConfig()]
 
     bundles: dict[str, Path] = {}
     quant_reports: dict[str, dict] = {}
@@ -126,12 +126,12 @@ def run(args: argparse.Namespace) -> dict:
     if not (fp32 / "edgelvm.json").is_file():
         export(args.teacher, fp32, ExportConfig(max_length=128, force=True))
     bundles["fp32"] = fp32
-    for name, extra in variants.items():
+    for name, methods in variants.items():
         slug = name.replace(" ", "_").replace("+", "")
         ckpt = out / "models" / slug
         if not (ckpt / "quant_report.json").is_file():
-            quantize(args.teacher, data / "val", QuantConfig(out=ckpt, calib_limit=args.calib, force=True,
-                                                              progress=not args.quiet, **extra))  # fmt: skip
+            quantize(args.teacher, data / "val", methods, out=ckpt, calib_limit=args.calib, force=True,
+                     progress=not args.quiet)  # fmt: skip
         quant_reports[name] = json.loads((ckpt / "quant_report.json").read_text())
         bundle = out / "bundles" / slug
         if not (bundle / "edgelvm.json").is_file():

@@ -48,11 +48,11 @@ def run(args: argparse.Namespace) -> dict:
     from edgelvm.data.jsonl import load_jsonl_dataset
     from edgelvm.data.shapes import write_split
     from edgelvm.export.onnx_graphs import export_vision
+    from edgelvm.export.quantized import quantized_graph_rewrites
     from edgelvm.models import load_model
-    from edgelvm.quantize import QuantConfig, quantize
-    from edgelvm.quantize.export import quantized_graph_rewrites
+    from edgelvm.quantize import Int8VisionConfig, quantize
     from edgelvm.runtime.images import load_image
-    from edgelvm.runtime.preprocess import ImagePreprocessor
+    from edgelvm.runtime.images.preprocess import ImagePreprocessor
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
         export_vision(load_model(str(checkpoint)), fp32, "fp32")
     quantized_dir = work / "realistic" / "int8-vision"
     if not (quantized_dir / "int8.safetensors").is_file():
-        quantize(checkpoint, calib, QuantConfig(out=quantized_dir, llm="none", vision="int8", force=True))
+        quantize(checkpoint, calib, Int8VisionConfig(), out=quantized_dir, force=True)
     report = json.loads((quantized_dir / "quant_report.json").read_text())
     edgelvm_int8 = graphs / "edgelvm_int8.onnx"
     if not edgelvm_int8.is_file():

@@ -26,7 +26,7 @@ RESULTS = Path(__file__).parent / "results"
 
 #: name -> (vision overrides, image size, patch, text kind, text overrides, export dtype)
 SHAPES: dict[str, tuple[dict, int, int, str, dict, str]] = {
-    # CLIP ViT-B/16 at 224 + SmolLM2-135M (edgelvm.testing.build_realistic_llava)
+    # CLIP ViT-B/16 at 224 + SmolLM2-135M (edgelvm.models.synthetic.build_realistic_llava)
     "smollm2-135m": (
         dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12), 224, 16, "llama",
         dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -59,7 +59,7 @@ DEFAULT = ["smollm2-135m", "qwen2-0.5b"]
 
 
 def build(name: str, out: Path) -> Path:
-    from edgelvm.testing import build_tiny_llava
+    from edgelvm.models.synthetic import build_tiny_llava
 
     vision, image, patch, text, text_overrides, _ = SHAPES[name]
     if not (out / "config.json").exists():

@@ -184,8 +184,8 @@ def plan(
 
     Example:  edgelvm plan ./llava-1.5-7b-hf --precision int4 --max-length 2048
     """
-    from edgelvm.devices.plan import footprint_from_config, plan_model
     from edgelvm.devices.profiles import list_profiles, load_profile
+    from edgelvm.plan import footprint_from_config, plan_model
 
     profiles = list_profiles(profiles_dir)
     chosen = [load_profile(name, profiles_dir) for name in target] if target else profiles

@@ -44,7 +44,7 @@ def run_demo(
     trained = (TEACHER_DIR / "config.json").is_file()
     model_dir = TEACHER_DIR if trained else workdir / "model"
     if not trained:
-        from edgelvm.testing import build_tiny_llava
+        from edgelvm.models.synthetic import build_tiny_llava
 
         with console.status("no shipped teacher here: building a small random-weight LLaVA …"):
             build_tiny_llava(model_dir, image_size=96, patch_size=16, hidden_size=128, num_layers=4)
@@ -115,7 +115,7 @@ def _compress(
     from edgelvm.eval import EvalConfig, evaluate
     from edgelvm.export import ExportConfig, export
     from edgelvm.prune import PruneConfig, prune
-    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize import AWQConfig, Int8VisionConfig, quantize
 
     train = workdir / "train"
     if not (train / "data.jsonl").is_file():
@@ -135,8 +135,8 @@ def _compress(
                                        batch_size=32, force=True))  # fmt: skip
     quantized = workdir / "quantized"
     console.print("quantizing the teacher (INT8 W8A8 vision, INT4 AWQ g64 language model) …")
-    quantize(model_dir, train, QuantConfig(out=quantized, llm="awq", vision="int8", group_size=64, calib_limit=128,
-                                           force=True))  # fmt: skip
+    quantize(model_dir, train, [AWQConfig(group_size=64), Int8VisionConfig()], out=quantized, calib_limit=128,
+             force=True)  # fmt: skip
     for name, model in (("distilled student", student), ("pruned + recovered", pruned), ("quantized", quantized)):
         with console.status(f"exporting and evaluating the {name} …"):
             bundle = export(

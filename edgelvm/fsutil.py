@@ -1,11 +1,12 @@
-"""Writing output directories (export, prune, quantize): atomically, only over edgelvm's own outputs, with the
-permissions a normal file write would give, and cleaning up after runs that were killed.
+"""Writing output directories (export, prune, quantize, datasets, TensorRT engines): atomically, only over
+edgelvm's own outputs, with the permissions a normal file write would give, and cleaning up after runs that were
+killed. This is the one staging-and-swap implementation; every stage writes through it.
 
 - **Atomic**: the output is written into a staging sibling ``.NAME.partial-PID-XXXX`` and renamed into place; a
   previous output is moved aside (``.NAME.old-PID``) and removed only after the swap.
 - **Only our own outputs are replaced** (:func:`prepare_output`): ``--force`` replaces a directory edgelvm
-  recognises as its output (a bundle's ``edgelvm.json``, or the :data:`OUTPUT_MARKER` every prune / quantize output
-  carries) and never the input or a directory containing it.
+  recognises as its output (a bundle's ``edgelvm.json``, or the :data:`OUTPUT_MARKER` every prune, quantize,
+  distill and dataset output carries) and never the input or a directory containing it.
 - **Stale staging** left by a killed run (its pid is no longer running on this host) is removed by the next run to
   the same output, with a warning naming it.
 """
@@ -26,7 +27,7 @@ from edgelvm.errors import ConfigError, EdgeLVMError
 
 log = logging.getLogger(__name__)
 
-#: Written into every prune / quantize output (bundles are recognised by their ``edgelvm.json``).
+#: Written into every prune, quantize, distill and dataset output (bundles are recognised by their ``edgelvm.json``).
 OUTPUT_MARKER = ".edgelvm-output.json"
 #: Written into a staging directory first thing: who is writing it (pid, host), for the stale-staging cleanup.
 PARTIAL_OWNER = ".edgelvm-partial.json"
@@ -102,8 +103,8 @@ def prepare_output(
             )
     if not is_edgelvm_output(target):
         raise error(
-            "--force replaces only a directory edgelvm wrote (a bundle, or a prune / quantize output), and this one "
-            "is not (no edgelvm.json or edgelvm output marker)",
+            "--force replaces only a directory edgelvm wrote (a bundle, or a prune / quantize / distill / dataset "
+            "output), and this one is not (no edgelvm.json or edgelvm output marker)",
             where=out,
             fix=f"choose another {option} directory, or move or delete this one yourself if you mean to",
         )

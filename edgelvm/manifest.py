@@ -55,7 +55,8 @@ class GraphSpec:
 
 @dataclass
 class PreprocessSpec:
-    """How an image becomes ``pixel_values``; mirrors the HF image processor's PIL backend (see runtime/preprocess)."""
+    """How an image becomes ``pixel_values``; mirrors the HF image processor's PIL backend (see
+    runtime/images/preprocess)."""
 
     resize_mode: str  # "shortest_edge" | "exact" | "none"
     size: dict[str, int]  # {"shortest_edge": n} or {"height": h, "width": w}
@@ -70,13 +71,13 @@ class PreprocessSpec:
     #: Tokens one vision-graph input yields: the whole image's count without tiling; with tiling, one view's
     #: (the image's count then depends on its size, see ``tiling_params``).
     tokens_per_image: int
-    #: "none", or the name of a tiling rule the runtime implements (``runtime/preprocess.TILINGS``; one image
+    #: "none", or the name of a tiling rule the runtime implements (``runtime/images/preprocess.TILINGS``; one image
     #: becomes several views and its token count depends on its size); the rule's parameters are ``tiling_params``.
     tiling: str = "none"
     #: Added after format 1.0 and written only when set, so that untiled bundles still load in older runtimes
     #: (which refuse a tiled one: they do not know this field).
     tiling_params: dict[str, Any] | None = None
-    #: Where an image's tokens go in the prompt (``runtime/preprocess.PLACEMENTS``): "placeholder" — each image
+    #: Where an image's tokens go in the prompt (``runtime/images/preprocess.PLACEMENTS``): "placeholder" — each image
     #: placeholder in the rendered prompt expands to the image's tokens; "prefix" — one image per prompt, its tokens
     #: before the whole encoded prompt (BOS included) and no placeholder in the text (Q-Former models' processors).
     #: Written only when not "placeholder", like ``tiling_params``.
@@ -87,7 +88,8 @@ class PreprocessSpec:
     vision_text: dict[str, Any] | None = None
     #: Set with ``image_placement = "cross_attention"`` (Flamingo-style models: image features are not spliced into
     #: the embeddings; the decoder graph cross-attends to them every step): ``{"inputs": [states input name, mask
-    #: input name], "mask_rule": a rule of runtime/cross_attention.py, "reset_token_ids": [...], "feature_dim": D}``.
+    #: input name], "mask_rule": a rule of runtime/images/cross_attention.py, "reset_token_ids": [...],
+    #: "feature_dim": D}``.
     #: The decoder then takes ``states [B, images, tokens_per_image, D]`` and ``mask [B, seq, images]`` (which
     #: image each position attends to). Written only when set.
     cross_attention: dict[str, Any] | None = None
@@ -406,7 +408,7 @@ def _build_graph(g: Any, prefix: str, where: str | Path) -> GraphSpec:
 
 #: Element types of a graph's first input / output that the runtime feeds and reads.
 GRAPH_IO_DTYPES = ("float32", "float16", "int64")
-#: ``preprocess.resample`` values (PIL filters, as runtime/preprocess maps them).
+#: ``preprocess.resample`` values (PIL filters, as runtime/images/preprocess maps them).
 RESAMPLE_FILTERS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 #: Graphs every bundle has (the runtime opens them by these names): the embedding is a ``table`` (a ``.npy``
 #: array), the others ONNX graphs (kind ``onnx``, or a variant such as ``onnx-ort-gqa``).

@@ -1,33 +1,33 @@
-"""Shared fixtures: tiny random-weight LLaVA checkpoints and their bundles, built once per test session."""
+"""Shared fixtures: every family's tiny checkpoint, bundle and reference (tests/fixtures), built once per session."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-#: (text model, vision tower): Llama + CLIP (MHA, CLS dropped) and Qwen2 + SigLIP (GQA, no CLS).
+from tests.fixtures.artifacts import Artifacts
+
+#: (text model, vision tower): Llama + CLIP (MHA, CLS dropped) and Qwen2 + SigLIP (GQA, no CLS) — the LLaVA rows
+#: of tests.fixtures.families.FAMILIES, named by the suites over them as "llama-clip" and "qwen2-siglip".
 VARIANTS = {"llama-clip": ("llama", "clip"), "qwen2-siglip": ("qwen2", "siglip")}
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    from edgelvm.testing import build_tiny_llava
-
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {name: build_tiny_llava(root / name, text=text, vision=vision) for name, (text, vision) in VARIANTS.items()}
+def artifacts(tmp_path_factory) -> Artifacts:
+    """Every family's checkpoint, bundle, HF reference and compressed variants, each built once per session."""
+    return Artifacts(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def tiny_bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
-    from edgelvm.export import ExportConfig, export
+def tiny_checkpoints(artifacts) -> dict[str, Path]:
+    return {name: artifacts.checkpoint(f"llava-{name}") for name in VARIANTS}
 
-    root = tmp_path_factory.mktemp("bundles")
-    return {
-        name: export(path, root / name, ExportConfig(max_length=256)).bundle_dir
-        for name, path in tiny_checkpoints.items()
-    }
+
+@pytest.fixture(scope="session")
+def tiny_bundles(artifacts) -> dict[str, Path]:
+    """The LLaVA variants exported with max_length 256."""
+    return {name: artifacts.bundle(f"llava-{name}") for name in VARIANTS}
 
 
 @pytest.fixture(params=sorted(VARIANTS))
@@ -36,17 +36,9 @@ def variant(request) -> str:
 
 
 @pytest.fixture(scope="session")
-def test_images():
+def test_images(artifacts):
     """Two images of different sizes and aspect ratios (one portrait, one landscape)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    landscape = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
-    portrait = Image.fromarray(rng.integers(0, 256, (70, 33, 3), dtype=np.uint8))
-    return [landscape, portrait]
-
-
-PROMPTS = ["What is on the table?", "Describe the image in one sentence.", "How many people?"]
+    return list(artifacts.images("llava-llama-clip").values())
 
 
 @pytest.fixture

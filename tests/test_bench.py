@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from edgelvm.bench import BenchConfig, bench
+from edgelvm.bench.chart import bundle_label
 from edgelvm.bench.runner import BenchReport
 from edgelvm.cli_devices import register
 from edgelvm.errors import ConfigError
@@ -58,9 +59,9 @@ def test_report_files(report, tmp_path):
     assert data["results"][0]["gen_len"] == 6 and data["config"]["backends"] == ["onnxruntime-cpu"]
     assert data["environment"]["onnxruntime"] and data["skipped"] == []
     markdown = paths["markdown"].read_text()
-    assert "| llama-clip | onnxruntime-cpu | fused |" in markdown and "onnxruntime " in markdown
-    assert "not reported" in markdown  # no GPU here: power and device memory are not invented
     (r,) = report.results
+    assert f"| {bundle_label(r.bundle)} | onnxruntime-cpu | fused |" in markdown and "onnxruntime " in markdown
+    assert "not reported" in markdown  # no GPU here: power and device memory are not invented
     assert f"| {r.first_token_ms:.1f} / " in markdown and "TTFT ms (token / text)" in markdown
     silent = BenchReport([replace(r, ttft_ms=None)], report.config, 1e9, "test")  # no run streamed any text
     assert f"| {r.first_token_ms:.1f} / no text |" in silent.markdown()
@@ -206,3 +207,8 @@ def test_interleaved_timing_runs_every_bundle_once_per_round_rotating_the_first(
     assert interleaved_order(1, 3) == [0, 0, 0]
     with pytest.raises(ConfigError):
         interleaved_order(0, 3)
+
+
+def test_bundle_label_names_the_bundle_or_its_parent():
+    assert bundle_label("/runs/llava-clip") == "llava-clip"
+    assert bundle_label("/runs/teacher/bundle") == "teacher/bundle"

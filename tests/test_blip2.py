@@ -8,9 +8,6 @@ without torchvision; the runtime reproduces that one) and ``Blip2ForConditionalG
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -20,45 +17,41 @@ torch = pytest.importorskip("torch")
 from edgelvm.errors import ConfigError, EdgeLVMError, UnsupportedModelError  # noqa: E402
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
-from edgelvm.testing import trim_after_eos  # noqa: E402
+from tests.fixtures.reference import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
-QUERIES = 6  # edgelvm.testing.build_tiny_blip2's num_query_tokens
+QUERIES = 6  # tests.fixtures.blip.build_tiny_blip2's num_query_tokens
+
+
+FAMILY = "blip2"  # its row in tests/fixtures/families.py; the artifacts are shared with test_families.py
 
 
 @pytest.fixture(scope="module")
-def images():
-    from PIL import Image
-
-    rng = np.random.default_rng(11)
-    return {
-        "landscape": Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)),
-        "portrait": Image.fromarray(rng.integers(0, 256, (70, 33, 3), dtype=np.uint8)),
-    }
+def images(artifacts):
+    return artifacts.images(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from edgelvm.testing import build_tiny_blip2
-
-    return build_tiny_blip2(tmp_path_factory.mktemp("blip2") / "ckpt")
+def checkpoint(artifacts):
+    return artifacts.checkpoint(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def bundle(checkpoint, tmp_path_factory):
-    from edgelvm.export import ExportConfig, export
-
-    return export(checkpoint, tmp_path_factory.mktemp("blip2_bundle") / "b", ExportConfig(max_length=128)).bundle_dir
+def bundle(artifacts):
+    return artifacts.bundle(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def hf(checkpoint):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(checkpoint)
+def hf(artifacts):
+    processor, model = artifacts.hf(FAMILY)
     assert type(processor).__name__ == "Blip2Processor"
     assert type(processor.image_processor).__name__ == "BlipImageProcessorPil"  # the backend compared against
-    return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    return processor, model
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(artifacts):
+    return artifacts.hf_greedy(FAMILY)
 
 
 def _text(processor, prompt: str) -> str:
@@ -75,14 +68,6 @@ def _hf_generate(processor, model, image, text: str, max_new_tokens: int = 20) -
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id})
-
-
-@pytest.fixture(scope="module")
-def hf_greedy(hf, images):
-    """HF greedy tokens for 2 images x 2 prompts, computed once."""
-    processor, model = hf
-    return {(name, p): _hf_generate(processor, model, images[name], _text(processor, p)) for name in images
-            for p in PROMPTS}  # fmt: skip
 
 
 # ---- preprocessing ---------------------------------------------------------------------------------------------
@@ -173,18 +158,6 @@ def test_bundle_is_portable_only_and_says_prefix_placement(hf, bundle, images):
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
-def test_greedy_tokens_equal_hf_generate(bundle, images, hf_greedy):
-    vlm = VLM.load(bundle)
-    compared = 0
-    for (name, prompt), expected in hf_greedy.items():
-        vlm.generate(images[name], prompt, max_new_tokens=20)
-        assert vlm.last_output_ids[0] == expected, (name, prompt)
-        compared += len(expected)
-    assert compared >= len(hf_greedy) * 20 * 0.5  # not a vacuous early-EOS pass
-    for prompt in PROMPTS:  # the image matters to the answer (the test would not notice a dropped image otherwise)
-        assert hf_greedy["landscape", prompt] != hf_greedy["portrait", prompt]
-
-
 def test_padded_batch_equals_hf_batched_generate(hf, bundle, images, hf_greedy):
     """HF pads between the query tokens and BOS (the processor prepends them after padding the text); OPT's
     positions come from the mask, so both HF's batch and the runtime's left-padded one equal single requests."""
@@ -203,37 +176,10 @@ def test_padded_batch_equals_hf_batched_generate(hf, bundle, images, hf_greedy):
     assert vlm.last_output_ids == batched
 
 
-def test_chat_session_first_turn_equals_a_single_request(bundle, images, hf_greedy):
-    vlm = VLM.load(bundle)
-    chat = vlm.chat(images["portrait"])
-    chat.ask(PROMPTS[0], max_new_tokens=20)
-    assert vlm.last_output_ids[0] == hf_greedy["portrait", PROMPTS[0]]
-    chat.ask("And the color?", max_new_tokens=6)
-    assert vlm.last_stats.reused_tokens > QUERIES  # the image's query tokens stayed in the cache
-
-
-def test_runtime_runs_a_blip2_bundle_without_torch(bundle):
-    code = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np
-        from edgelvm.runtime import VLM
-        vlm = VLM.load({str(bundle)!r})
-        frame = np.random.default_rng(0).integers(0, 256, (48, 90, 3), dtype=np.uint8)
-        vlm.generate(frame, "What is on the table?", max_new_tokens=4)
-        assert vlm.last_stats.new_tokens >= 1
-        print("HEAVY=" + ",".join(m for m in ("torch", "transformers", "onnx") if m in sys.modules))
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("HEAVY=")
-
-
 # ---- what is refused ---------------------------------------------------------------------------------------------
 def test_t5_blip2_is_a_clear_error_at_load(tmp_path):
     from edgelvm.models import load_model
-    from edgelvm.testing import build_tiny_blip2
+    from tests.fixtures.blip import build_tiny_blip2
 
     checkpoint = build_tiny_blip2(tmp_path / "t5", text="t5", num_layers=1)
     with pytest.raises(UnsupportedModelError, match="encoder-decoder") as info:
@@ -264,39 +210,6 @@ def test_awq_scale_groups_fold_exactly(checkpoint, hf, images):
     assert (after - before).abs().max() / before.abs().max() < 1e-5
 
 
-def test_quantized_checkpoint_exports_and_matches_hf(checkpoint, images, tmp_path):
-    """INT4 AWQ of OPT (block-wise DequantizeLinear in the portable decoder: there is no fused one) and INT8 QDQ of
-    the ViT + Q-Former + projection, calibrated through the processor; the bundle's greedy tokens equal the
-    quantized checkpoint's in transformers, run with the vision linears' inputs fake-quantized as the INT8 graph
-    quantizes them (the reference export checks the graph against)."""
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models import load_model
-    from edgelvm.quantize.api import QuantConfig, quantize
-    from edgelvm.quantize.export import quantized_graph_rewrites
-
-    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
-    out = tmp_path / "q"
-    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4, progress=False)
-    report = quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
-    assert {r["side"] for r in report.layers} == {"text", "vision"}
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
-    graphs = result.manifest.graphs
-    assert set(graphs) == {"vision", "embed", "decoder"}
-    assert (graphs["vision"].precision, graphs["decoder"].precision) == ("int8", "int4")
-    assert result.manifest.preprocess.image_placement == "prefix"
-    adapter = load_model(str(out))
-    vision_rewrite, encoder = quantized_graph_rewrites(adapter)["vision"], adapter.vision_encoder()
-    vlm = VLM.load(result.bundle_dir)
-    for prompt in PROMPTS:
-        with vision_rewrite.reference_context(encoder):  # the wrapper shares its linears with the model
-            expected = _hf_generate(adapter.processor, adapter.model, images["portrait"],
-                                    _text(adapter.processor, prompt), 12)  # fmt: skip
-        vlm.generate(images["portrait"], prompt, max_new_tokens=12)
-        assert vlm.last_output_ids[0] == expected, prompt
-
-
 def test_quantize_cli_calibrates_a_checkpoint_without_a_template(checkpoint, images, tmp_path):
     """`edgelvm quantize BLIP2 --calib shapes --llm awq --vision int8` on a checkpoint shaped as the published ones
     (no chat template): the records are rendered as BLIP-2 is prompted ("Question: … Answer: …", the answer the
@@ -306,7 +219,7 @@ def test_quantize_cli_calibrates_a_checkpoint_without_a_template(checkpoint, ima
 
     from edgelvm.calibration.dataset import load_calibration_set
     from edgelvm.cli import app
-    from edgelvm.distill.batches import ConversationEncoder
+    from edgelvm.data.batches import ConversationEncoder
     from edgelvm.models import load_model
 
     source = AutoProcessor.from_pretrained(checkpoint)
@@ -337,13 +250,10 @@ def test_quantize_cli_calibrates_a_checkpoint_without_a_template(checkpoint, ima
     )
 
 
-def test_prune_and_derived_students_are_clear_errors(checkpoint, tmp_path):
+def test_derived_students_are_a_clear_error(checkpoint):
     from edgelvm.distill.student import StudentSpec, derive_config
     from edgelvm.models import load_model
-    from edgelvm.prune import PruneConfig, prune
 
-    adapter = load_model(str(checkpoint))
-    with pytest.raises(UnsupportedModelError, match="pruning BLIP-2 is not supported"):
-        prune(adapter, None, PruneConfig(out=tmp_path / "p", text_heads=0.5, importance="magnitude", progress=False))
+    adapter = load_model(str(checkpoint))  # pruning it is refused in test_families.py
     with pytest.raises(UnsupportedModelError, match="derived BLIP-2 students"):
         derive_config(adapter, StudentSpec(text_layers=1))

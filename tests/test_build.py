@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import sys
 from types import SimpleNamespace
@@ -102,19 +103,24 @@ def test_engine_dir_is_written_atomically(tmp_path):
     assert target == tmp_path / "engines" / "nvidia-h200-sm90-trt10.3.0"
     info = tb.EngineInfo("decoder", "decoder.engine", "decoder.onnx", "ab" * 32, [], "fp16", ["FP16"], "cd" * 32, 3)
     data = tb.engines_manifest("fp", "10.3.0", {"decoder": info}, BuildConfig(max_batch=2))
-    tb.write_engine_dir(target, {"decoder.engine": b"one"}, data, force=False, timing_cache=b"cache")
+    def write(blob: object, *, force: bool, cache: bytes | None = None) -> None:
+        with tb.EngineDirWriter(target, force=force) as writer:
+            assert writer.add_engine("decoder.engine", blob) == (len(blob), hashlib.sha256(blob).hexdigest())
+            writer.commit(data, cache)
+
+    write(b"one", force=False, cache=b"cache")
     written = json.loads((target / "engines.json").read_text())
     assert written["tensorrt_version"] == "10.3.0" and written["config"]["max_batch"] == 2
     assert written["engines"]["decoder"]["source_sha256"] == "ab" * 32
     assert (target / "timing.cache").read_bytes() == b"cache"
     with pytest.raises(EngineBuildError, match="already exist"):
-        tb.write_engine_dir(target, {"decoder.engine": b"two"}, data, force=False)
+        write(b"two", force=False)
     with pytest.raises(TypeError):  # a failure mid-write keeps the old engines and leaves no temp dir
-        tb.write_engine_dir(target, {"decoder.engine": "not bytes"}, data, force=True)
+        write("not a buffer", force=True)
     assert (target / "decoder.engine").read_bytes() == b"one"
     assert [p.name for p in target.parent.iterdir()] == [target.name]
-    tb.write_engine_dir(target, {"decoder.engine": b"two"}, data, force=True)
-    assert (target / "decoder.engine").read_bytes() == b"two"
+    write(bytearray(b"two") * (1 << 10), force=True)  # any buffer, written in slices
+    assert (target / "decoder.engine").read_bytes() == b"two" * (1 << 10)
     assert tb.read_engines_manifest(target)["fingerprint"] == "fp"
 
 

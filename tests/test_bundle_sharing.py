@@ -8,10 +8,10 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import PROMPTS
 
 from edgelvm.runtime import VLM
-from edgelvm.testing import trim_after_eos
+from tests.fixtures.families import LLAVA_PROMPTS as PROMPTS
+from tests.fixtures.reference import trim_after_eos
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def tied(tmp_path_factory):
     """A tied-embedding Qwen2 LLaVA wide enough that its matrices are shared (≥ 64 KiB each), exported with every
     graph's weights as external data (the path real sizes take)."""
     from edgelvm.export import ExportConfig, export, onnx_graphs
-    from edgelvm.testing import build_tiny_llava
+    from edgelvm.models.synthetic import build_tiny_llava
 
     root = tmp_path_factory.mktemp("tied")
     checkpoint = build_tiny_llava(root / "ckpt", text="qwen2", hidden_size=192,

@@ -116,7 +116,7 @@ def test_help_names_every_gqa_mode_and_clean_bool_flags():
 
 
 def test_quantize_bool_flags_reach_the_config(monkeypatch, tmp_path):
-    """`--no-awq-clip` / `--no-act-order` turn the options off; without them they are on."""
+    """`--no-awq-clip` / `--no-act-order` turn their method's option off; without them they are on."""
     import edgelvm.quantize
 
     seen = []
@@ -125,8 +125,14 @@ def test_quantize_bool_flags_reach_the_config(monkeypatch, tmp_path):
         def summary(self) -> str:
             return ""
 
-    monkeypatch.setattr(edgelvm.quantize, "quantize", lambda model, calib, config: seen.append(config) or Report())
-    for flags, expected in (([], True), (["--no-awq-clip", "--no-act-order"], False)):
+    def fake_quantize(model, calib, methods, **_options):
+        seen.append(methods)
+        return Report()
+
+    monkeypatch.setattr(edgelvm.quantize, "quantize", fake_quantize)
+    cases = (([], "clip", True), (["--no-awq-clip"], "clip", False), (["--llm", "gptq"], "act_order", True),
+             (["--llm", "gptq", "--no-act-order"], "act_order", False))  # fmt: skip
+    for flags, knob, expected in cases:
         result = runner.invoke(app, ["quantize", "m", "-o", str(tmp_path / "q"), *flags])
         assert result.exit_code == 0, result.output
-        assert (seen[-1].awq_clip, seen[-1].gptq_act_order) == (expected, expected)
+        assert getattr(seen[-1][0], knob) == expected, flags

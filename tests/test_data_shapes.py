@@ -30,7 +30,7 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     a = sh.write_split(tmp_path / "a", seed=7, n=10)
     b = sh.write_split(tmp_path / "b", seed=7, n=10)
     fa, fb = _files(a), _files(b)
-    assert fa.keys() == fb.keys() and len(fa) == 11  # data.jsonl + 10 images
+    assert fa.keys() == fb.keys() and len(fa) == 12  # data.jsonl + 10 images + the edgelvm output marker
     assert fa == fb
 
 
@@ -121,15 +121,19 @@ def test_dedup_redraws_collisions_deterministically() -> None:
     assert [s.key for s in again] == [s.key for s in sh.generate_split(5, 10, exclude=excluded)]
 
 
-def test_write_refuses_non_empty_then_force(tmp_path: Path) -> None:
+def test_write_refuses_non_empty_and_force_replaces_only_a_dataset_edgelvm_wrote(tmp_path: Path) -> None:
     out = tmp_path / "ds"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(DatasetError, match="not empty"):
         sh.write_split(out, seed=1, n=5)
-    sh.write_split(out, seed=1, n=5, force=True)
-    assert not (out / "keep.txt").exists()
-    assert len(load_jsonl_dataset(out)) == 5
+    with pytest.raises(DatasetError, match="only a directory edgelvm wrote"):
+        sh.write_split(out, seed=1, n=5, force=True)  # the user's folder: never deleted
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    sh.write_split(out, seed=1, n=5)
+    sh.write_split(out, seed=2, n=3, force=True)  # our own dataset: replaced
+    assert len(load_jsonl_dataset(out)) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temp dirs left behind
 
 

@@ -58,7 +58,7 @@ def test_bundle_and_checkpoint_answer_identically(tiny_bundles, tiny_checkpoints
 
 def test_different_models_disagree(tiny_bundles, tiny_checkpoints, shapes_split):
     """The agreement metric can fail: two unrelated random models do not agree."""
-    from edgelvm.testing import build_tiny_llava
+    from edgelvm.models.synthetic import build_tiny_llava
 
     report = evaluate(
         tiny_bundles["llama-clip"],

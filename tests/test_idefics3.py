@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -23,7 +20,7 @@ pytest.importorskip("num2words")  # SmolVLMProcessor imports it
 
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
-from edgelvm.testing import trim_after_eos  # noqa: E402
+from tests.fixtures.reference import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 #: (height, width) -> (tile rows, tile columns) with the default tiny geometry (32-px tiles, longest edge 96 px);
@@ -35,46 +32,32 @@ SIZES = {"landscape": ((40, 50), (3, 3)), "portrait": ((70, 33), (3, 2)), "squar
 SMOL_GRIDS = {"landscape": (2, 2), "portrait": (2, 1), "wide": (1, 2), "short": (1, 2)}
 
 
-@pytest.fixture(scope="module")
-def images():
-    from PIL import Image
-
-    rng = np.random.default_rng(7)
-    return {
-        name: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for name, ((h, w), _) in SIZES.items()
-    }
+#: its rows in tests/fixtures/families.py; the artifacts are shared with test_families.py
+FAMILIES = ("idefics3", "smolvlm")
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    from edgelvm.testing import build_tiny_idefics3, build_tiny_smolvlm
-
-    root = tmp_path_factory.mktemp("idefics3")
-    return {
-        "idefics3": build_tiny_idefics3(root / "idefics3"),
-        "smolvlm": build_tiny_smolvlm(root / "smolvlm", longest_edge=64, seed=1),
-    }
+def images(artifacts):
+    images = artifacts.images("idefics3")
+    assert {name: image.size[::-1] for name, image in images.items()} == {name: hw for name, (hw, _) in SIZES.items()}
+    return images
 
 
 @pytest.fixture(scope="module")
-def bundles(checkpoints, tmp_path_factory):
-    from edgelvm.export import ExportConfig, export
-
-    root = tmp_path_factory.mktemp("idefics3_bundles")
-    return {name: export(ck, root / name, ExportConfig(max_length=512)).bundle_dir for name, ck in checkpoints.items()}
+def checkpoints(artifacts):
+    return {name: artifacts.checkpoint(name) for name in FAMILIES}
 
 
 @pytest.fixture(scope="module")
-def hf(checkpoints):
-    from transformers import AutoModelForImageTextToText
+def bundles(artifacts):
+    return {name: artifacts.bundle(name) for name in FAMILIES}
 
-    from edgelvm.models import load_model
 
-    out = {}
-    for name, ck in checkpoints.items():
-        processor = load_model(str(ck)).processor  # SmolVLM: AutoProcessor needs torchvision (its video processor)
-        out[name] = processor, AutoModelForImageTextToText.from_pretrained(ck).eval()
-    return out
+@pytest.fixture(scope="module")
+def hf(artifacts):
+    """(processor, model) per checkpoint; the processor as edgelvm loads it (SmolVLM: AutoProcessor needs
+    torchvision, for its video processor)."""
+    return {name: artifacts.hf(name) for name in FAMILIES}
 
 
 def _text(processor, prompt: str, n_images: int = 1) -> str:
@@ -95,18 +78,6 @@ def _hf_generate(processor, model, pictures, prompt, max_new_tokens=20, **image_
     return trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
 
 
-@pytest.fixture(scope="module")
-def hf_greedy(hf, images):
-    """HF greedy tokens for 3 images of different grids (3x3, 3x2, 1x3 for Idefics3; 2x2, 2x1, 1x2 for SmolVLM)
-    x 2 prompts, per checkpoint, computed once."""
-    return {
-        (family, name, prompt): _hf_generate(processor, model, [images[name]], prompt)
-        for family, (processor, model) in hf.items()
-        for name in ("landscape", "portrait", "wide")
-        for prompt in PROMPTS
-    }
-
-
 # ---- preprocessing ---------------------------------------------------------------------------------------------
 def test_split_arithmetic_matches_transformers_at_real_geometries():
     """Tile grids vs transformers' own count at SmolVLM's (512-px tiles, 2048-px longest edge) and Idefics3's
@@ -117,7 +88,7 @@ def test_split_arithmetic_matches_transformers_at_real_geometries():
     from transformers import Idefics3ImageProcessorPil, SmolVLMImageProcessorPil
 
     from edgelvm.errors import BundleError
-    from edgelvm.runtime.image_splitting import ImageSplittingRule
+    from edgelvm.runtime.images.image_splitting import ImageSplittingRule
 
     rng = np.random.default_rng(0)
     sizes = [(int(h), int(w)) for h, w in rng.integers(1, 5000, (400, 2))] + [(1, 1), (1, 4000), (4000, 1)]
@@ -244,34 +215,6 @@ def test_bundle_ships_the_split_rule(checkpoints, bundles):
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
-@pytest.mark.parametrize("decoder", ["portable", "fused"])
-def test_greedy_tokens_equal_hf_generate(family, decoder, bundles, images, hf_greedy):
-    vlm = VLM.load(bundles[family], decoder=decoder)
-    assert vlm.backend.fused == (decoder == "fused")
-    compared = 0
-    for (fam, name, prompt), expected in hf_greedy.items():
-        if fam != family:
-            continue
-        vlm.generate(images[name], prompt, max_new_tokens=20)
-        assert vlm.last_output_ids[0] == expected, (name, prompt)
-        compared += len(expected)
-    assert compared >= 6 * 20 * 0.5  # not a vacuous early-EOS pass
-
-
-def test_padded_batch_and_chat_equal_single_requests(bundles, images, hf_greedy):
-    """Rows with different grids (prompt lengths) in one left-padded batch; a chat session's first turn."""
-    vlm = VLM.load(bundles["idefics3"])
-    keys = [key for key in hf_greedy if key[0] == "idefics3"]
-    vlm.generate_batch([(images[name], prompt) for _, name, prompt in keys], max_new_tokens=20)
-    assert vlm.last_output_ids == [hf_greedy[key] for key in keys]
-    chat = vlm.chat(images["portrait"])
-    chat.ask(PROMPTS[0], max_new_tokens=20)
-    assert vlm.last_output_ids[0] == hf_greedy["idefics3", "portrait", PROMPTS[0]]
-    chat.ask("And the color?", max_new_tokens=8)
-    assert vlm.last_stats.reused_tokens > 100  # the split image stayed in the cache
-
-
 def test_two_differently_split_images_in_one_prompt_match_hf(hf, bundles, images):
     for family in ("idefics3", "smolvlm"):
         processor, model = hf[family]
@@ -282,92 +225,7 @@ def test_two_differently_split_images_in_one_prompt_match_hf(hf, bundles, images
         assert vlm.last_output_ids[0] == expected, family
 
 
-def test_runtime_runs_a_split_bundle_without_torch(bundles):
-    code = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np
-        from edgelvm.runtime import VLM
-        vlm = VLM.load({str(bundles["smolvlm"])!r})
-        frame = np.random.default_rng(0).integers(0, 256, (48, 90, 3), dtype=np.uint8)
-        vlm.generate(frame, "What is on the table?", max_new_tokens=4)
-        assert vlm.last_stats.new_tokens >= 1
-        print("HEAVY=" + ",".join(m for m in ("torch", "transformers", "onnx") if m in sys.modules))
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("HEAVY=")
-
-
 # ---- compression stages ----------------------------------------------------------------------------------------
-def test_prune_reloads_exports_and_matches_hf(checkpoints, images, tmp_path):
-    """Activation importance on calibration data (split images, views padded per batch), heads and neurons of the
-    SigLIP-style tower and the Llama; the result reloads as smolvlm (processor without torchvision), exports, and
-    greedy tokens equal HF's."""
-    from edgelvm.data import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models import load_model
-    from edgelvm.prune import PruneConfig, prune
-
-    calib = write_split(tmp_path / "calib", seed=31, n=6)
-    out = tmp_path / "pruned"
-    cfg = PruneConfig(out=out, vision_heads=0.5, text_heads=0.5, text_mlp=0.25, vision_mlp=0.25, progress=False)
-    report = prune(str(checkpoints["smolvlm"]), calib, cfg)
-    assert report.kept["text"][0]["heads"] == 2 and report.kept["vision"][0]["heads"] == 2
-    adapter = load_model(str(out))
-    assert adapter.family == "idefics3" and adapter.config.model_type == "smolvlm"
-    vlm = VLM.load(export(adapter, tmp_path / "bundle", ExportConfig(max_length=512)).bundle_dir)
-    expected = _hf_generate(adapter.processor, adapter.model, [images["landscape"]], PROMPTS[0], max_new_tokens=12)
-    vlm.generate(images["landscape"], PROMPTS[0], max_new_tokens=12)
-    assert vlm.last_output_ids[0] == expected
-
-
-def test_distilled_student_is_smolvlm_and_exports(checkpoints, images, tmp_path):
-    """smolvlm as teacher and (derived) student, with the image-position and connector-feature losses; the student
-    keeps the split rule and its processor (saved without the video processor), and its bundle matches HF."""
-    from edgelvm.data import write_split
-    from edgelvm.distill import DistillConfig, StudentSpec, distill
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models import load_model
-
-    data = write_split(tmp_path / "data", seed=5, n=6)
-    out = tmp_path / "student"
-    cfg = DistillConfig(out=str(out), steps=3, batch_size=2, visual_kd_weight=1.0, feature_weight=1.0)
-    report = distill(str(checkpoints["smolvlm"]), StudentSpec(text_layers=1, text_hidden=32), data, cfg)
-    assert report.finished and report.student_params < report.teacher_params
-    bundle = export(out, tmp_path / "bundle", ExportConfig(max_length=512)).bundle_dir
-    assert Manifest.load(bundle).preprocess.tiling == "split"
-    student = load_model(str(out))
-    assert student.config.model_type == "smolvlm" and student.text_config.num_hidden_layers == 1
-    expected = _hf_generate(student.processor, student.model, [images["portrait"]], PROMPTS[0], max_new_tokens=12)
-    vlm = VLM.load(bundle)
-    vlm.generate(images["portrait"], PROMPTS[0], max_new_tokens=12)
-    assert vlm.last_output_ids[0] == expected
-
-
-def test_quantized_checkpoint_exports_with_its_split_rule(checkpoints, images, tmp_path):
-    """INT4 AWQ of the Llama and INT8 of the tower + connector (calibration on split images): MatMulNBits in the
-    fused decoder, QDQ vision, the split rule kept, and the fused (INT4) decoder answers like the portable one."""
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.quantize.api import QuantConfig, quantize
-
-    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
-    out = tmp_path / "q"
-    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4)
-    quantize(str(checkpoints["idefics3"]), load_jsonl_dataset(tmp_path / "calib"), config)
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=512))
-    assert result.manifest.preprocess.tiling == "split"
-    assert result.manifest.graphs["vision"].precision == "int8"
-    assert result.manifest.graphs["decoder_ort"].parity["max_rel"] < 1e-3
-    fused, portable = VLM.load(result.bundle_dir, decoder="fused"), VLM.load(result.bundle_dir, decoder="portable")
-    fused.generate(images["portrait"], PROMPTS[1], max_new_tokens=12)
-    portable.generate(images["portrait"], PROMPTS[1], max_new_tokens=12)
-    assert fused.last_output_ids == portable.last_output_ids
-
-
 def test_unsupported_geometry_is_a_clear_error(checkpoints, tmp_path):
     from edgelvm.errors import UnsupportedModelError
     from edgelvm.models import load_model

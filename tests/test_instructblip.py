@@ -7,58 +7,49 @@ Q-Former's own WordPiece tokenizer) and ``InstructBlipForConditionalGeneration.g
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgelvm.errors import PromptTooLongError, UnsupportedModelError  # noqa: E402
+from edgelvm.errors import PromptTooLongError  # noqa: E402
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
-from edgelvm.testing import trim_after_eos  # noqa: E402
+from tests.fixtures.reference import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
-QUERIES = 6  # edgelvm.testing.build_tiny_instructblip's num_query_tokens
+QUERIES = 6  # tests.fixtures.blip.build_tiny_instructblip's num_query_tokens
+
+
+FAMILY = "instructblip"  # its row in tests/fixtures/families.py; the artifacts are shared with test_families.py
 
 
 @pytest.fixture(scope="module")
-def images():
-    from PIL import Image
-
-    rng = np.random.default_rng(11)
-    return {
-        "landscape": Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)),
-        "portrait": Image.fromarray(rng.integers(0, 256, (70, 33, 3), dtype=np.uint8)),
-    }
+def images(artifacts):
+    return artifacts.images(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from edgelvm.testing import build_tiny_instructblip
-
-    return build_tiny_instructblip(tmp_path_factory.mktemp("instructblip") / "ckpt")
+def checkpoint(artifacts):
+    return artifacts.checkpoint(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def bundle(checkpoint, tmp_path_factory):
-    from edgelvm.export import ExportConfig, export
-
-    out = tmp_path_factory.mktemp("instructblip_bundle") / "b"
-    return export(checkpoint, out, ExportConfig(max_length=128)).bundle_dir
+def bundle(artifacts):
+    return artifacts.bundle(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def hf(checkpoint):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(checkpoint)
+def hf(artifacts):
+    processor, model = artifacts.hf(FAMILY)
     assert type(processor).__name__ == "InstructBlipProcessor"
     assert type(processor.image_processor).__name__ == "BlipImageProcessorPil"  # the backend compared against
-    return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    return processor, model
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(artifacts):
+    return artifacts.hf_greedy(FAMILY)
 
 
 def _text(processor, prompt: str) -> str:
@@ -75,13 +66,6 @@ def _hf_generate(processor, model, image, text: str, max_new_tokens: int = 20) -
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id})
-
-
-@pytest.fixture(scope="module")
-def hf_greedy(hf, images):
-    processor, model = hf
-    return {(name, p): _hf_generate(processor, model, images[name], _text(processor, p)) for name in images
-            for p in PROMPTS}  # fmt: skip
 
 
 # ---- preprocessing and the Q-Former's text --------------------------------------------------------------------
@@ -131,19 +115,6 @@ def test_bundle_ships_the_qformer_tokenizer_and_a_text_conditioned_vision_graph(
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("decoder", ["portable", "fused"])
-def test_greedy_tokens_equal_hf_generate(bundle, images, hf_greedy, decoder):
-    vlm = VLM.load(bundle, decoder=decoder)
-    compared = 0
-    for (name, prompt), expected in hf_greedy.items():
-        vlm.generate(images[name], prompt, max_new_tokens=20)
-        assert vlm.last_output_ids[0] == expected, (name, prompt, decoder)
-        compared += len(expected)
-    assert compared >= len(hf_greedy) * 20 * 0.5  # not a vacuous early-EOS pass
-    for prompt in PROMPTS:
-        assert hf_greedy["landscape", prompt] != hf_greedy["portrait", prompt]
-
-
 def test_batch_of_mixed_questions_equals_single_requests(bundle, images, hf_greedy):
     """One left-padded batch (one vision call with right-padded Q-Former texts) gives each request's own answer.
     (HF's batched ``generate`` is not the reference here: the processor left-pads the Q-Former ids too, which shifts
@@ -186,30 +157,12 @@ def test_too_long_qformer_prompt_is_a_clear_error(bundle, images):
         vlm.generate(images["portrait"], PROMPTS[1], max_new_tokens=2)
 
 
-def test_runtime_runs_an_instructblip_bundle_without_torch(bundle):
-    code = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np
-        from edgelvm.runtime import VLM
-        vlm = VLM.load({str(bundle)!r})
-        frame = np.random.default_rng(0).integers(0, 256, (48, 90, 3), dtype=np.uint8)
-        vlm.generate(frame, "What is on the table?", max_new_tokens=4)
-        assert vlm.last_stats.new_tokens >= 1
-        print("HEAVY=" + ",".join(m for m in ("torch", "transformers", "onnx") if m in sys.modules))
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("HEAVY=")
-
-
 # ---- OPT, compression stages, refusals --------------------------------------------------------------------------
 def test_opt_instructblip_exports_portable_only_and_matches_hf(tmp_path, images):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from edgelvm.export import ExportConfig, export
-    from edgelvm.testing import build_tiny_instructblip
+    from tests.fixtures.blip import build_tiny_instructblip
 
     checkpoint = build_tiny_instructblip(tmp_path / "opt", text="opt", seed=1)
     result = export(checkpoint, tmp_path / "b", ExportConfig(max_length=96))
@@ -221,43 +174,3 @@ def test_opt_instructblip_exports_portable_only_and_matches_hf(tmp_path, images)
         vlm.generate(images["landscape"], prompt, max_new_tokens=12)
         expected = _hf_generate(processor, model, images["landscape"], _text(processor, prompt), 12)
         assert vlm.last_output_ids[0] == expected, prompt
-
-
-def test_quantized_checkpoint_exports_and_matches_hf(checkpoint, images, tmp_path):
-    """INT4 AWQ of the Llama (MatMulNBits fused, DequantizeLinear portable) and INT8 QDQ of ViT + Q-Former +
-    projection, calibrated through the processor (the Q-Former reads the calibration prompts); greedy tokens equal
-    the quantized checkpoint's in transformers with the vision linears' inputs fake-quantized as in the graph."""
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models import load_model
-    from edgelvm.quantize.api import QuantConfig, quantize
-    from edgelvm.quantize.export import quantized_graph_rewrites
-
-    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
-    out = tmp_path / "q"
-    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4, progress=False)
-    report = quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
-    assert {r["side"] for r in report.layers} == {"text", "vision"}
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
-    graphs = result.manifest.graphs
-    assert (graphs["vision"].precision, graphs["decoder"].precision) == ("int8", "int4")
-    adapter = load_model(str(out))
-    vision_rewrite, encoder = quantized_graph_rewrites(adapter)["vision"], adapter.vision_encoder()
-    for decoder in ("portable", "fused"):
-        vlm = VLM.load(result.bundle_dir, decoder=decoder)
-        for prompt in PROMPTS:
-            with vision_rewrite.reference_context(encoder):  # the wrapper shares its linears with the model
-                expected = _hf_generate(adapter.processor, adapter.model, images["portrait"],
-                                        _text(adapter.processor, prompt), 12)  # fmt: skip
-            vlm.generate(images["portrait"], prompt, max_new_tokens=12)
-            assert vlm.last_output_ids[0] == expected, (prompt, decoder)
-
-
-def test_prune_is_a_clear_error(checkpoint, tmp_path):
-    from edgelvm.models import load_model
-    from edgelvm.prune import PruneConfig, prune
-
-    adapter = load_model(str(checkpoint))
-    with pytest.raises(UnsupportedModelError, match="pruning InstructBLIP is not supported"):
-        prune(adapter, None, PruneConfig(out=tmp_path / "p", text_heads=0.5, importance="magnitude", progress=False))

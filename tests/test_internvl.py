@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -22,49 +19,39 @@ torch = pytest.importorskip("torch")
 
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
-from edgelvm.testing import trim_after_eos  # noqa: E402
+from tests.fixtures.reference import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 #: (height, width) -> (tile rows, tile columns) that transformers picks with 32-px tiles and max_patches 6
 SIZES = {"landscape": ((30, 64), (1, 2)), "portrait": ((70, 33), (2, 1)), "square": ((48, 48), (2, 2)),
          "small": ((20, 20), (1, 1)), "large": ((200, 120), (3, 2))}  # fmt: skip
-#: images the greedy comparisons use: 1 x 2, 2 x 2 (a tie won by more tiles), 1 x 1 (no thumbnail), 3 x 2 grids
-GREEDY = ("landscape", "square", "small", "large")
+
+
+FAMILY = "internvl"  # its row in tests/fixtures/families.py; the artifacts are shared with test_families.py
 
 
 @pytest.fixture(scope="module")
-def images():
-    from PIL import Image
-
-    rng = np.random.default_rng(7)
-    return {
-        name: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for name, ((h, w), _) in SIZES.items()
-    }
+def images(artifacts):
+    images = artifacts.images(FAMILY)
+    assert {name: image.size[::-1] for name, image in images.items()} == {name: hw for name, (hw, _) in SIZES.items()}
+    return images
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from edgelvm.testing import build_tiny_internvl
-
-    return build_tiny_internvl(tmp_path_factory.mktemp("internvl") / "ckpt")
+def checkpoint(artifacts):
+    return artifacts.checkpoint(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def bundle(checkpoint, tmp_path_factory):
-    from edgelvm.export import ExportConfig, export
-
-    return export(checkpoint, tmp_path_factory.mktemp("internvl_bundle") / "b", ExportConfig(max_length=384)).bundle_dir
+def bundle(artifacts):
+    return artifacts.bundle(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def hf(checkpoint):
-    from transformers import AutoModelForImageTextToText
-
-    from edgelvm.models.internvl import InternVLAdapter
-
-    processor = InternVLAdapter.load_processor(str(checkpoint))
+def hf(artifacts):
+    processor, model = artifacts.hf(FAMILY)
     assert type(processor.image_processor).__name__ == "GotOcr2ImageProcessorPil"  # the backend compared against
-    return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    return processor, model
 
 
 def _text(processor, prompt: str, n_images: int = 1) -> str:
@@ -77,26 +64,11 @@ def _eos(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
-@pytest.fixture(scope="module")
-def hf_greedy(hf, images):
-    """HF greedy tokens for 4 images (1x2, 2x2, 1x1, 3x2 grids) x 2 prompts, computed once."""
-    processor, model = hf
-    out = {}
-    for name in GREEDY:
-        for prompt in PROMPTS:
-            inputs = processor(images=[images[name]], text=[_text(processor, prompt)], return_tensors="pt")
-            with torch.no_grad():
-                ids = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-            out[name, prompt] = trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
-    return out
-
-
 # ---- preprocessing ---------------------------------------------------------------------------------------------
 def test_tiling_arithmetic_matches_transformers_at_internvl_geometry():
     """Candidate grids and the chosen grid (ties included) vs transformers' own functions over many image sizes, and
     the whole image segment (``<img>``, 256 context tokens a view, ``</img>``) vs the ids ``InternVLProcessor``
     returns for a sample of them, at the real InternVL2.5/3 geometry (448-px tiles, at most 12 tiles)."""
-    from processor_prompts import processor_prompt_ids, spread_sample
     from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
         get_all_supported_aspect_ratios,
@@ -104,8 +76,10 @@ def test_tiling_arithmetic_matches_transformers_at_internvl_geometry():
     )
 
     from edgelvm.models.processors import image_only_class
-    from edgelvm.runtime.dynamic_tiles import DynamicTilesRule, supported_grids
-    from edgelvm.testing import INTERNVL_TOKENS, build_tiny_tokenizer
+    from edgelvm.models.synthetic import build_tiny_tokenizer
+    from edgelvm.runtime.images.dynamic_tiles import DynamicTilesRule, supported_grids
+    from tests.fixtures.internvl import INTERNVL_TOKENS
+    from tests.processor_prompts import processor_prompt_ids, spread_sample
 
     for lo, hi in ((1, 12), (1, 6), (2, 9), (1, 1), (4, 4)):
         assert supported_grids(lo, hi) == get_all_supported_aspect_ratios(lo, hi)
@@ -167,8 +141,8 @@ def test_untiled_processor_matches_the_hf_image_processor(hf, bundle, images):
     """``crop_to_patches`` off (or ``max_patches`` 1): one view, the whole image resized to a tile."""
     import dataclasses
 
-    from edgelvm.runtime.dynamic_tiles import DynamicTilesRule
-    from edgelvm.runtime.preprocess import ImagePreprocessor
+    from edgelvm.runtime.images.dynamic_tiles import DynamicTilesRule
+    from edgelvm.runtime.images.preprocess import ImagePreprocessor
 
     processor, _ = hf
     spec = Manifest.load(bundle).preprocess
@@ -219,31 +193,6 @@ def test_bundle_ships_the_tiling_rule(checkpoint, bundle):
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("decoder", ["portable", "fused"])
-def test_greedy_tokens_equal_hf_generate(decoder, bundle, images, hf_greedy):
-    vlm = VLM.load(bundle, decoder=decoder)
-    assert vlm.backend.fused == (decoder == "fused")
-    compared = 0
-    for (name, prompt), expected in hf_greedy.items():
-        vlm.generate(images[name], prompt, max_new_tokens=16)
-        assert vlm.last_output_ids[0] == expected, (name, prompt)
-        compared += len(expected)
-    assert compared >= len(hf_greedy) * 16 * 0.5  # not a vacuous early-EOS pass
-
-
-def test_padded_batch_and_chat_equal_single_requests(bundle, images, hf_greedy):
-    """Rows with different tile counts (so different lengths: left padding) in one batch; a chat session."""
-    vlm = VLM.load(bundle)
-    pairs = [(images[name], prompt) for name, prompt in hf_greedy]
-    vlm.generate_batch(pairs, max_new_tokens=16)
-    assert vlm.last_output_ids == list(hf_greedy.values())
-    chat = vlm.chat(images["large"])
-    chat.ask(PROMPTS[0], max_new_tokens=16)
-    assert vlm.last_output_ids[0] == hf_greedy["large", PROMPTS[0]]
-    chat.ask("And the color?", max_new_tokens=8)
-    assert vlm.last_stats.reused_tokens > 7 * 16  # the tiled image stayed in the cache
-
-
 def test_two_differently_tiled_images_in_one_prompt_match_hf(hf, bundle, images):
     processor, model = hf
     vlm = VLM.load(bundle)
@@ -263,7 +212,7 @@ def test_llama_text_model_matches_hf(images, tmp_path):
 
     from edgelvm.export import ExportConfig, export
     from edgelvm.models.internvl import InternVLAdapter
-    from edgelvm.testing import build_tiny_internvl
+    from tests.fixtures.internvl import build_tiny_internvl
 
     checkpoint = build_tiny_internvl(tmp_path / "ckpt", text="llama", seed=1)
     bundle = export(checkpoint, tmp_path / "bundle", ExportConfig(max_length=256)).bundle_dir
@@ -279,24 +228,6 @@ def test_llama_text_model_matches_hf(images, tmp_path):
         for vlm in vlms:
             vlm.generate(images[name], PROMPTS[0], max_new_tokens=12)
             assert vlm.last_output_ids[0] == expected, (name, vlm.backend.fused)
-
-
-def test_runtime_runs_the_bundle_without_torch(bundle):
-    code = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np
-        from edgelvm.runtime import VLM
-        vlm = VLM.load({str(bundle)!r})
-        frame = np.random.default_rng(0).integers(0, 256, (48, 90, 3), dtype=np.uint8)
-        vlm.generate(frame, "What is on the table?", max_new_tokens=4)
-        assert vlm.last_stats.new_tokens >= 1
-        print("HEAVY=" + ",".join(m for m in ("torch", "transformers", "onnx") if m in sys.modules))
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("HEAVY=")
 
 
 # ---- loading -------------------------------------------------------------------------------------------------------
@@ -323,31 +254,13 @@ def test_loads_without_torchvision_and_refuses_inconsistent_geometry(checkpoint,
         load_model(str(bad))
 
 
-# ---- compression stages ----------------------------------------------------------------------------------------
-def test_prune_reloads_exports_and_matches_hf(checkpoint, images, tmp_path):
-    """Activation importance on calibration data (tiled images), heads and neurons of both towers (the vision
-    attention has separate q/k/v); the result reloads as internvl, exports, and greedy tokens equal HF's."""
-    from edgelvm.data import write_split
-    from edgelvm.export import ExportConfig, export
+# ---- compression stages (the shared recipes: test_families.py) ---------------------------------------------------
+def test_pruned_vision_attention_is_cut_in_its_separate_q_k_v(artifacts):
+    """InternVL's vision attention has separate q/k/v projections: half of 4 heads of 12 leaves 24 outputs."""
     from edgelvm.models import load_model
-    from edgelvm.prune import PruneConfig, prune
 
-    calib = write_split(tmp_path / "calib", seed=31, n=6)
-    out = tmp_path / "pruned"
-    cfg = PruneConfig(out=out, vision_heads=0.5, text_heads=0.5, text_mlp=0.25, vision_mlp=0.25, progress=False)
-    report = prune(str(checkpoint), calib, cfg)
-    assert report.kept["text"][0]["heads"] == 2 and report.kept["vision"][0]["heads"] == 2
-    adapter = load_model(str(out))
-    assert adapter.family == "internvl"
+    adapter = load_model(str(artifacts.pruned(FAMILY).out))
     assert adapter.model.model.vision_tower.encoder.layer[0].attention.q_proj.out_features == 24
-    vlm = VLM.load(export(adapter, tmp_path / "bundle", ExportConfig(max_length=384)).bundle_dir)
-    processor = adapter.processor
-    inputs = processor(images=[images["square"]], text=[_text(processor, PROMPTS[0])], return_tensors="pt")
-    with torch.no_grad():
-        ids = adapter.model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    vlm.generate(images["square"], PROMPTS[0], max_new_tokens=12)
-    expected = trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(adapter.model))
-    assert vlm.last_output_ids[0] == expected
 
 
 def test_prune_refuses_a_qk_norm_vision_tower(checkpoint, tmp_path):
@@ -363,57 +276,3 @@ def test_prune_refuses_a_qk_norm_vision_tower(checkpoint, tmp_path):
     with pytest.raises(UnsupportedModelError, match="use_qk_norm"):
         prune(str(qk), None, PruneConfig(out=tmp_path / "out", vision_heads=0.5, importance="magnitude",
                                          progress=False))  # fmt: skip
-
-
-def test_distilled_student_is_internvl_and_exports(checkpoint, images, tmp_path):
-    """internvl as teacher and (derived, narrower and shallower text model) student, with the image-position and
-    projector-feature losses; the student keeps the tiling and its bundle matches HF."""
-    from transformers import AutoModelForImageTextToText
-
-    from edgelvm.data import write_split
-    from edgelvm.distill import DistillConfig, StudentSpec, distill
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models.internvl import InternVLAdapter
-
-    data = write_split(tmp_path / "data", seed=5, n=6)
-    out = tmp_path / "student"
-    cfg = DistillConfig(out=str(out), steps=3, batch_size=2, visual_kd_weight=1.0, feature_weight=1.0)
-    report = distill(str(checkpoint), StudentSpec(text_layers=1, text_hidden=32), data, cfg)
-    assert report.finished and report.student_params < report.teacher_params
-    bundle = export(out, tmp_path / "bundle", ExportConfig(max_length=384)).bundle_dir
-    manifest = Manifest.load(bundle)
-    assert manifest.family == "internvl" and manifest.preprocess.tiling == "dynamic_tiles"
-    processor = InternVLAdapter.load_processor(str(out))
-    model = AutoModelForImageTextToText.from_pretrained(out).eval()
-    assert model.config.text_config.hidden_size == 32
-    inputs = processor(images=[images["portrait"]], text=[_text(processor, PROMPTS[0])], return_tensors="pt")
-    with torch.no_grad():
-        ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    vlm = VLM.load(bundle)
-    vlm.generate(images["portrait"], PROMPTS[0], max_new_tokens=12)
-    assert vlm.last_output_ids[0] == trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
-
-
-def test_quantized_checkpoint_exports_with_its_tiling(checkpoint, images, tmp_path):
-    """INT4 AWQ of the language model and INT8 of the tower + projector (calibration on tiled images):
-    MatMulNBits in the fused decoder, QDQ vision, the tiling rule kept, and the fused (INT4) decoder answers like
-    the portable (DequantizeLinear) one."""
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.quantize.api import QuantConfig, quantize
-
-    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
-    out = tmp_path / "q"
-    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4)
-    quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=384))
-    assert result.manifest.preprocess.tiling == "dynamic_tiles"
-    assert result.manifest.graphs["vision"].precision == "int8"
-    assert result.manifest.graphs["decoder_ort"].parity["max_rel"] < 1e-3
-    fused, portable = VLM.load(result.bundle_dir, decoder="fused"), VLM.load(result.bundle_dir, decoder="portable")
-    for name in ("large", "small"):
-        fused.generate(images[name], PROMPTS[1], max_new_tokens=12)
-        portable.generate(images[name], PROMPTS[1], max_new_tokens=12)
-        assert fused.last_output_ids == portable.last_output_ids, name
-        assert len(fused.last_output_ids[0]) >= 6, name

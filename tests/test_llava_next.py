@@ -7,10 +7,6 @@ without torchvision; the runtime reproduces that one) and ``LlavaNextForConditio
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
@@ -18,47 +14,39 @@ torch = pytest.importorskip("torch")
 
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
-from edgelvm.testing import trim_after_eos  # noqa: E402
+from tests.fixtures.reference import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
-#: (height, width) -> tiles per column x per row that transformers picks with edgelvm.testing.TINY_GRID_PINPOINTS
+#: (height, width) -> tiles per column x per row that transformers picks with tests.fixtures.llava.TINY_GRID_PINPOINTS
 SIZES = {"landscape": ((40, 50), (2, 2)), "portrait": ((70, 33), (3, 1)), "square": ((48, 48), (2, 2)),
          "small": ((20, 20), (1, 1)), "large": ((200, 120), (2, 2))}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def images():
-    from PIL import Image
-
-    rng = np.random.default_rng(7)
-    return {
-        name: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for name, ((h, w), _) in SIZES.items()
-    }
+FAMILY = "llava_next"  # its row in tests/fixtures/families.py; the artifacts are shared with test_families.py
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from edgelvm.testing import build_tiny_llava_next
-
-    return build_tiny_llava_next(tmp_path_factory.mktemp("llava_next") / "ckpt", text="qwen2", vision="clip")
-
-
-@pytest.fixture(scope="module")
-def bundle(checkpoint, tmp_path_factory):
-    from edgelvm.export import ExportConfig, export
-
-    return export(
-        checkpoint, tmp_path_factory.mktemp("llava_next_bundle") / "b", ExportConfig(max_length=320)
-    ).bundle_dir
+def images(artifacts):
+    images = artifacts.images(FAMILY)
+    assert {name: image.size[::-1] for name, image in images.items()} == {name: hw for name, (hw, _) in SIZES.items()}
+    return images
 
 
 @pytest.fixture(scope="module")
-def hf(checkpoint):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def checkpoint(artifacts):
+    return artifacts.checkpoint(FAMILY)
 
-    processor = AutoProcessor.from_pretrained(checkpoint)
+
+@pytest.fixture(scope="module")
+def bundle(artifacts):
+    return artifacts.bundle(FAMILY)
+
+
+@pytest.fixture(scope="module")
+def hf(artifacts):
+    processor, model = artifacts.hf(FAMILY)
     assert type(processor.image_processor).__name__ == "LlavaNextImageProcessorPil"  # the backend compared against
-    return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    return processor, model
 
 
 def _text(processor, prompt: str, n_images: int = 1) -> str:
@@ -66,33 +54,18 @@ def _text(processor, prompt: str, n_images: int = 1) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-@pytest.fixture(scope="module")
-def hf_greedy(hf, images):
-    """HF greedy tokens for 3 images (2x2 grid unpadded, 3x1 grid, 1x1 grid) x 2 prompts, computed once."""
-    processor, model = hf
-    eos = {processor.tokenizer.eos_token_id}
-    out = {}
-    for name in ("landscape", "portrait", "small"):
-        for prompt in PROMPTS:
-            inputs = processor(images=[images[name]], text=[_text(processor, prompt)], return_tensors="pt")
-            with torch.no_grad():
-                ids = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-            out[name, prompt] = trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)
-    return out
-
-
 # ---- preprocessing ---------------------------------------------------------------------------------------------
 def test_tiling_arithmetic_matches_transformers_at_llava_v16_geometry():
     """Best resolution, fit-inside size, unpadding and the token count vs transformers' own functions, at the real
     llava-v1.6 geometry (336-px tiles, 14-px patches, the default pinpoints) over many image sizes."""
-    from processor_prompts import processor_image_token_counts, spread_sample
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
     from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
     from transformers.image_utils import ChannelDimension
     from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-    from edgelvm.runtime import tiling
-    from edgelvm.testing import build_tiny_tokenizer
+    from edgelvm.models.synthetic import build_tiny_tokenizer
+    from edgelvm.runtime.images import tiling
+    from tests.processor_prompts import processor_image_token_counts, spread_sample
 
     pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     image_processor = LlavaNextImageProcessorPil(
@@ -192,31 +165,6 @@ def test_bundle_ships_the_tiling_rule_and_newline(checkpoint, bundle):
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("decoder", ["portable", "fused"])
-def test_greedy_tokens_equal_hf_generate(decoder, bundle, images, hf_greedy):
-    vlm = VLM.load(bundle, decoder=decoder)
-    assert vlm.backend.fused == (decoder == "fused")
-    compared = 0
-    for (name, prompt), expected in hf_greedy.items():
-        vlm.generate(images[name], prompt, max_new_tokens=20)
-        assert vlm.last_output_ids[0] == expected, (name, prompt)
-        compared += len(expected)
-    assert compared >= len(hf_greedy) * 20 * 0.5  # not a vacuous early-EOS pass
-
-
-def test_batch_and_chat_equal_single_requests(bundle, images, hf_greedy):
-    """Rows with different tile counts in one batch; a chat session's first turn."""
-    vlm = VLM.load(bundle)
-    pairs = [(images[name], prompt) for name, prompt in hf_greedy]
-    vlm.generate_batch(pairs, max_new_tokens=20)
-    assert vlm.last_output_ids == list(hf_greedy.values())
-    chat = vlm.chat(images["portrait"])
-    chat.ask(PROMPTS[0], max_new_tokens=20)
-    assert vlm.last_output_ids[0] == hf_greedy["portrait", PROMPTS[0]]
-    chat.ask("And the color?", max_new_tokens=8)
-    assert vlm.last_stats.reused_tokens > 50  # the tiled image stayed in the cache
-
-
 def test_two_differently_tiled_images_in_one_prompt_match_hf(hf, bundle, images):
     processor, model = hf
     vlm = VLM.load(bundle)
@@ -229,103 +177,7 @@ def test_two_differently_tiled_images_in_one_prompt_match_hf(hf, bundle, images)
     assert vlm.last_output_ids[0] == expected
 
 
-def test_runtime_runs_a_tiled_bundle_without_torch(bundle):
-    code = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np
-        from edgelvm.runtime import VLM
-        vlm = VLM.load({str(bundle)!r})
-        frame = np.random.default_rng(0).integers(0, 256, (48, 90, 3), dtype=np.uint8)
-        vlm.generate(frame, "What is on the table?", max_new_tokens=4)
-        assert vlm.last_stats.new_tokens >= 1
-        print("HEAVY=" + ",".join(m for m in ("torch", "transformers", "onnx") if m in sys.modules))
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("HEAVY=")
-
-
 # ---- compression stages ----------------------------------------------------------------------------------------
-def test_prune_reloads_exports_and_matches_hf(checkpoint, images, tmp_path):
-    """Activation importance on calibration data (the batches carry image_sizes and views padded per batch),
-    heads and neurons of both towers; the result reloads as llava_next, exports, and greedy tokens equal HF's."""
-    from transformers import AutoProcessor
-
-    from edgelvm.data import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models import load_model
-    from edgelvm.prune import PruneConfig, prune
-
-    calib = write_split(tmp_path / "calib", seed=31, n=6)
-    out = tmp_path / "pruned"
-    cfg = PruneConfig(out=out, vision_heads=0.5, text_heads=0.5, text_mlp=0.25, vision_mlp=0.25, progress=False)
-    report = prune(str(checkpoint), calib, cfg)
-    assert report.kept["text"][0]["heads"] == 2 and report.kept["vision"][0]["heads"] == 2
-    adapter = load_model(str(out))
-    assert adapter.family == "llava_next"
-    vlm = VLM.load(export(adapter, tmp_path / "bundle", ExportConfig(max_length=320)).bundle_dir)
-    processor = AutoProcessor.from_pretrained(out)
-    inputs = processor(images=[images["landscape"]], text=[_text(processor, PROMPTS[0])], return_tensors="pt")
-    with torch.no_grad():
-        ids = adapter.model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    vlm.generate(images["landscape"], PROMPTS[0], max_new_tokens=12)
-    assert vlm.last_output_ids[0] == trim_after_eos(
-        ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id}
-    )
-
-
-def test_distilled_student_is_llava_next_and_exports(checkpoint, images, tmp_path):
-    """llava_next as teacher and (derived) student, with the image-position and projector-feature losses; the
-    student keeps the tiling (its image_newline is the teacher's leading slice) and its bundle matches HF."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from edgelvm.data import write_split
-    from edgelvm.distill import DistillConfig, StudentSpec, distill
-    from edgelvm.export import ExportConfig, export
-
-    data = write_split(tmp_path / "data", seed=5, n=6)
-    out = tmp_path / "student"
-    cfg = DistillConfig(out=str(out), steps=3, batch_size=2, visual_kd_weight=1.0, feature_weight=1.0)
-    report = distill(str(checkpoint), StudentSpec(text_layers=1, text_hidden=32), data, cfg)
-    assert report.finished and report.student_params < report.teacher_params
-    bundle = export(out, tmp_path / "bundle", ExportConfig(max_length=320)).bundle_dir
-    assert Manifest.load(bundle).preprocess.tiling == "anyres"
-    processor = AutoProcessor.from_pretrained(out)
-    model = AutoModelForImageTextToText.from_pretrained(out).eval()
-    inputs = processor(images=[images["portrait"]], text=[_text(processor, PROMPTS[0])], return_tensors="pt")
-    with torch.no_grad():
-        ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    vlm = VLM.load(bundle)
-    vlm.generate(images["portrait"], PROMPTS[0], max_new_tokens=12)
-    eos = {processor.tokenizer.eos_token_id}
-    assert vlm.last_output_ids[0] == trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)
-
-
-def test_quantized_checkpoint_exports_with_its_tiling(checkpoint, images, tmp_path):
-    """INT4 AWQ of the language model and INT8 of the tower (the LLaVA path, inherited; calibration on tiled
-    images): MatMulNBits in the fused decoder, QDQ vision, the anyres rule kept, and the fused (INT4) decoder answers
-    like the portable (DequantizeLinear) one."""
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.quantize.api import QuantConfig, quantize
-
-    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
-    out = tmp_path / "q"
-    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4)
-    quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=320))
-    assert result.manifest.preprocess.tiling == "anyres"
-    assert result.manifest.graphs["vision"].precision == "int8"
-    assert result.manifest.graphs["decoder_ort"].parity["max_rel"] < 1e-3
-    fused, portable = VLM.load(result.bundle_dir, decoder="fused"), VLM.load(result.bundle_dir, decoder="portable")
-    fused.generate(images["portrait"], PROMPTS[1], max_new_tokens=12)
-    portable.generate(images["portrait"], PROMPTS[1], max_new_tokens=12)
-    assert fused.last_output_ids == portable.last_output_ids
-
-
 def test_unsupported_tiling_geometry_is_a_clear_error(checkpoint, tmp_path):
     import json
     import shutil

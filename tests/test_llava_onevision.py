@@ -9,10 +9,6 @@ Reference: transformers' PIL image processor (``LlavaOnevisionImageProcessorPil`
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
@@ -20,50 +16,42 @@ torch = pytest.importorskip("torch")
 
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
-from edgelvm.testing import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 #: (height, width) -> (tiles per column x per row, whether anyres_max_2 downscales the unpadded grid), for
-#: edgelvm.testing.TINY_ONEVISION_PINPOINTS
+#: tests.fixtures.llava.TINY_ONEVISION_PINPOINTS
 SIZES = {"landscape": ((40, 50), (2, 2), True), "portrait": ((70, 33), (3, 2), True),
          "square": ((48, 48), (2, 2), True), "small": ((20, 20), (1, 1), False),
          "wide": ((30, 60), (1, 2), False), "large": ((200, 120), (3, 2), True)}  # fmt: skip
-#: the images whose greedy answers are compared with HF's (a downscaled 2x2 grid, an unscaled 1x2 grid, one tile)
-GREEDY = ("landscape", "wide", "small")
+
+
+FAMILY = "llava_onevision"  # its row in tests/fixtures/families.py; the artifacts are shared with test_families.py
 
 
 @pytest.fixture(scope="module")
-def images():
-    from PIL import Image
-
-    rng = np.random.default_rng(11)
-    return {name: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for name, ((h, w), *_) in
-            SIZES.items()}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from edgelvm.testing import build_tiny_llava_onevision
-
-    return build_tiny_llava_onevision(tmp_path_factory.mktemp("llava_onevision") / "ckpt")
+def images(artifacts):
+    images = artifacts.images(FAMILY)
+    assert {name: image.size[::-1] for name, image in images.items()} == {name: hw for name, (hw, *_) in SIZES.items()}
+    scaled = [SIZES[name][2] for name in artifacts.family(FAMILY).greedy]
+    assert any(scaled) and not all(scaled)  # the greedy comparisons cover a downscaled grid and an unscaled one
+    return images
 
 
 @pytest.fixture(scope="module")
-def bundle(checkpoint, tmp_path_factory):
-    from edgelvm.export import ExportConfig, export
-
-    return export(checkpoint, tmp_path_factory.mktemp("ov_bundle") / "b", ExportConfig(max_length=320)).bundle_dir
+def checkpoint(artifacts):
+    return artifacts.checkpoint(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def hf(checkpoint):
-    from transformers import AutoModelForImageTextToText
+def bundle(artifacts):
+    return artifacts.bundle(FAMILY)
 
-    from edgelvm.models.llava_onevision import LlavaOnevisionAdapter
 
-    processor = LlavaOnevisionAdapter.load_processor(str(checkpoint))
+@pytest.fixture(scope="module")
+def hf(artifacts):
+    processor, model = artifacts.hf(FAMILY)
     assert type(processor.image_processor).__name__ == "LlavaOnevisionImageProcessorPil"  # the backend compared
-    return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    return processor, model
 
 
 def _text(processor, prompt: str, n_images: int = 1) -> str:
@@ -71,25 +59,11 @@ def _text(processor, prompt: str, n_images: int = 1) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-@pytest.fixture(scope="module")
-def hf_greedy(hf, images):
-    processor, model = hf
-    eos = {processor.tokenizer.eos_token_id}
-    out = {}
-    for name in GREEDY:
-        for prompt in PROMPTS:
-            inputs = processor(images=[images[name]], text=[_text(processor, prompt)], return_tensors="pt")
-            with torch.no_grad():
-                ids = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-            out[name, prompt] = trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)
-    return out
-
-
 def _onevision_processor(image_processor, **fields):
     from transformers import LlavaOnevisionProcessor
 
     from edgelvm.models.processors import image_only_class
-    from edgelvm.testing import build_tiny_tokenizer
+    from edgelvm.models.synthetic import build_tiny_tokenizer
 
     return image_only_class(LlavaOnevisionProcessor)(image_processor=image_processor, tokenizer=build_tiny_tokenizer(),
                                                      **fields)  # fmt: skip
@@ -97,7 +71,7 @@ def _onevision_processor(image_processor, **fields):
 
 # ---- the rule's arithmetic and interpolation -------------------------------------------------------------------
 def test_numpy_bilinear_equals_torch_interpolate():
-    from edgelvm.runtime.tiling import resize_bilinear
+    from edgelvm.runtime.images.tiling import resize_bilinear
 
     rng = np.random.default_rng(0)
     shapes = [(54, 81, 20, 30), (81, 54, 30, 20), (108, 95, 39, 34), (7, 5, 4, 3), (27, 27, 27, 27)]
@@ -118,11 +92,11 @@ def test_token_counts_and_packing_match_transformers_at_onevision_geometry():
     ``LlavaOnevisionModel.pack_image_features`` on random features (no model needed)."""
     from types import SimpleNamespace
 
-    from processor_prompts import processor_image_token_counts, spread_sample
     from transformers import LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil
     from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
-    from edgelvm.runtime import tiling
+    from edgelvm.runtime.images import tiling
+    from tests.processor_prompts import processor_image_token_counts, spread_sample
 
     config = LlavaOnevisionConfig()  # llava-onevision-qwen2-*-ov: SigLIP 384 / 14, 36 pinpoints, anyres_max_9
     pinpoints = config.image_grid_pinpoints
@@ -215,37 +189,6 @@ def test_bundle_ships_the_rule_and_newline(checkpoint, bundle):
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("decoder", ["portable", "fused"])
-def test_greedy_tokens_equal_hf_generate(decoder, bundle, images, hf_greedy):
-    vlm = VLM.load(bundle, decoder=decoder)
-    assert vlm.backend.fused == (decoder == "fused")
-    assert any(SIZES[name][2] for name in GREEDY) and not all(SIZES[name][2] for name in GREEDY)
-    compared = 0
-    for (name, prompt), expected in hf_greedy.items():
-        vlm.generate(images[name], prompt, max_new_tokens=20)
-        assert vlm.last_output_ids[0] == expected, (name, prompt)
-        compared += len(expected)
-    assert compared >= len(hf_greedy) * 20 * 0.5  # not a vacuous early-EOS pass
-    assert len({tuple(v) for v in hf_greedy.values()}) > 2  # the answers depend on the image and the prompt
-
-
-def test_padded_batch_equals_single_requests(bundle, images, hf_greedy):
-    """Rows with different tile counts and token counts (downscaled or not) in one left-padded batch."""
-    vlm = VLM.load(bundle)
-    pairs = [(images[name], prompt) for name, prompt in hf_greedy]
-    vlm.generate_batch(pairs, max_new_tokens=20)
-    assert vlm.last_output_ids == list(hf_greedy.values())
-
-
-def test_chat_session_equals_hf_and_reuses_the_cache(bundle, images, hf_greedy):
-    vlm = VLM.load(bundle)
-    chat = vlm.chat(images["landscape"])
-    chat.ask(PROMPTS[0], max_new_tokens=20)
-    assert vlm.last_output_ids[0] == hf_greedy["landscape", PROMPTS[0]]
-    chat.ask("And the color?", max_new_tokens=8)
-    assert vlm.last_stats.reused_tokens > 44  # the image's 44 tokens stayed in the cache
-
-
 def test_several_images_in_one_prompt_are_refused(hf, bundle, images):
     """transformers lays a multi-image prompt out differently (one untiled, square-padded view per image, as its
     chat template path shows: ``batch_num_images == [2]``); the runtime does not reproduce it and says so."""
@@ -261,24 +204,6 @@ def test_several_images_in_one_prompt_are_refused(hf, bundle, images):
     with pytest.raises(EdgeLVMError, match="at most 1"):
         vlm.generate(pair, "Compare.", max_new_tokens=4)
     vlm.generate_batch([(pair[0], "Hi"), (pair[1], "Hi")], max_new_tokens=2)  # one image per request is fine
-
-
-def test_runtime_runs_the_bundle_without_torch(bundle):
-    code = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np
-        from edgelvm.runtime import VLM
-        vlm = VLM.load({str(bundle)!r})
-        frame = np.random.default_rng(0).integers(0, 256, (90, 60, 3), dtype=np.uint8)
-        vlm.generate(frame, "What is on the table?", max_new_tokens=4)
-        assert vlm.last_stats.new_tokens >= 1
-        print("HEAVY=" + ",".join(m for m in ("torch", "transformers", "onnx") if m in sys.modules))
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("HEAVY=")
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
@@ -325,81 +250,3 @@ def test_inconsistent_checkpoints_are_clear_errors(checkpoint, tmp_path, file, k
     (bad / file).write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match=match):
         load_model(str(bad))
-
-
-# ---- compression stages ----------------------------------------------------------------------------------------
-def test_prune_reloads_exports_and_matches_hf(checkpoint, images, tmp_path):
-    """Heads and neurons of both towers; the result reloads as llava_onevision (processor without torchvision
-    included), exports, and greedy tokens on a downscaled image equal HF's."""
-    from edgelvm.data import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models import load_model
-    from edgelvm.prune import PruneConfig, prune
-
-    calib = write_split(tmp_path / "calib", seed=31, n=6)
-    out = tmp_path / "pruned"
-    cfg = PruneConfig(out=out, vision_heads=0.5, text_heads=0.5, text_mlp=0.25, vision_mlp=0.25, progress=False)
-    report = prune(str(checkpoint), calib, cfg)
-    assert report.kept["text"][0]["heads"] == 2 and report.kept["vision"][0]["heads"] == 2
-    adapter = load_model(str(out))
-    assert adapter.family == "llava_onevision"
-    vlm = VLM.load(export(adapter, tmp_path / "bundle", ExportConfig(max_length=320)).bundle_dir)
-    processor = adapter.processor
-    inputs = processor(images=[images["landscape"]], text=[_text(processor, PROMPTS[0])], return_tensors="pt")
-    with torch.no_grad():
-        ids = adapter.model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    vlm.generate(images["landscape"], PROMPTS[0], max_new_tokens=12)
-    assert vlm.last_output_ids[0] == trim_after_eos(
-        ids[0, inputs["input_ids"].shape[1] :].tolist(), {processor.tokenizer.eos_token_id}
-    )
-
-
-def test_quantized_checkpoint_exports_with_its_rule(checkpoint, images, tmp_path):
-    """INT4 AWQ of the language model and INT8 of the tower (calibrated on tiled images): MatMulNBits in the fused
-    decoder, QDQ vision, the anyres_max rule kept, and the fused (INT4) decoder answers like the portable one."""
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.quantize.api import QuantConfig, quantize
-
-    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
-    out = tmp_path / "q"
-    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4)
-    quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=320))
-    assert result.manifest.preprocess.tiling == "anyres_max"
-    assert result.manifest.preprocess.tiling_params["max_num_patches"] == 2
-    assert result.manifest.graphs["vision"].precision == "int8"
-    assert result.manifest.graphs["decoder_ort"].parity["max_rel"] < 1e-3
-    fused, portable = VLM.load(result.bundle_dir, decoder="fused"), VLM.load(result.bundle_dir, decoder="portable")
-    fused.generate(images["portrait"], PROMPTS[1], max_new_tokens=12)
-    portable.generate(images["portrait"], PROMPTS[1], max_new_tokens=12)
-    assert fused.last_output_ids == portable.last_output_ids
-
-
-def test_distilled_student_is_llava_onevision_and_exports(checkpoint, images, tmp_path):
-    """llava_onevision as teacher and (derived) student with the image-position and projector-feature losses; the
-    student keeps the rule and its bundle's greedy tokens on a downscaled image equal HF's."""
-    from transformers import AutoModelForImageTextToText
-
-    from edgelvm.data import write_split
-    from edgelvm.distill import DistillConfig, StudentSpec, distill
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models.llava_onevision import LlavaOnevisionAdapter
-
-    data = write_split(tmp_path / "data", seed=5, n=6)
-    out = tmp_path / "student"
-    cfg = DistillConfig(out=str(out), steps=3, batch_size=2, visual_kd_weight=1.0, feature_weight=1.0)
-    report = distill(str(checkpoint), StudentSpec(text_layers=1, text_hidden=32), data, cfg)
-    assert report.finished and report.student_params < report.teacher_params
-    bundle = export(out, tmp_path / "bundle", ExportConfig(max_length=320)).bundle_dir
-    assert Manifest.load(bundle).preprocess.tiling == "anyres_max"
-    processor = LlavaOnevisionAdapter.load_processor(str(out))
-    model = AutoModelForImageTextToText.from_pretrained(out).eval()
-    inputs = processor(images=[images["portrait"]], text=[_text(processor, PROMPTS[0])], return_tensors="pt")
-    with torch.no_grad():
-        ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    vlm = VLM.load(bundle)
-    vlm.generate(images["portrait"], PROMPTS[0], max_new_tokens=12)
-    eos = {processor.tokenizer.eos_token_id}
-    assert vlm.last_output_ids[0] == trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), eos)

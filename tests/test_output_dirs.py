@@ -40,7 +40,7 @@ def test_export_force_never_deletes_its_input(tiny_checkpoints, tmp_path):
 def test_force_refuses_a_folder_edgelvm_did_not_write(tiny_checkpoints, tmp_path):
     from edgelvm.export import ExportConfig, export
     from edgelvm.prune import PruneConfig, prune
-    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize import RTNConfig, quantize
 
     notes = tmp_path / "notes"
     notes.mkdir()
@@ -52,7 +52,7 @@ def test_force_refuses_a_folder_edgelvm_did_not_write(tiny_checkpoints, tmp_path
     with pytest.raises(ConfigError, match=r"--force replaces only a directory edgelvm wrote"):
         prune(model, None, PruneConfig(out=notes, force=True))
     with pytest.raises(ConfigError, match=r"--force replaces only a directory edgelvm wrote"):
-        quantize(model, None, QuantConfig(out=notes, force=True, llm="rtn", vision="none"))
+        quantize(model, None, RTNConfig(), out=notes, force=True)
     assert _snapshot(notes) == {"todo.txt": b"my notes"}
 
 

@@ -10,50 +10,37 @@ passes the processor's ``token_type_ids``: the prompt is one bidirectional block
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgelvm.errors import ConfigError, EdgeLVMError, ManifestError, UnsupportedModelError  # noqa: E402
+from edgelvm.errors import EdgeLVMError, ManifestError, UnsupportedModelError  # noqa: E402
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
-from edgelvm.testing import trim_after_eos  # noqa: E402
+from tests.fixtures.reference import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "caption en"]
-TOKENS = 16  # edgelvm.testing.build_tiny_paligemma: (32 / 8)^2 image tokens
+TOKENS = 16  # tests.fixtures.paligemma.build_tiny_paligemma: (32 / 8)^2 image tokens
+
+
+FAMILY = "paligemma"  # its row in tests/fixtures/families.py; the artifacts are shared with test_families.py
 
 
 @pytest.fixture(scope="module")
-def images():
-    from PIL import Image
-
-    rng = np.random.default_rng(11)
-    return {
-        "landscape": Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)),
-        "portrait": Image.fromarray(rng.integers(0, 256, (70, 33, 3), dtype=np.uint8)),
-        "rgba": Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), "RGBA"),
-        "gray": Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), "L"),
-    }
+def images(artifacts):
+    return artifacts.images(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from edgelvm.testing import build_tiny_paligemma
-
-    return build_tiny_paligemma(tmp_path_factory.mktemp("paligemma") / "ckpt")
+def checkpoint(artifacts):
+    return artifacts.checkpoint(FAMILY)
 
 
 @pytest.fixture(scope="module")
-def bundle(checkpoint, tmp_path_factory):
-    from edgelvm.export import ExportConfig, export
-
-    out = tmp_path_factory.mktemp("paligemma_bundle") / "b"
-    return export(checkpoint, out, ExportConfig(max_length=128)).bundle_dir
+def bundle(artifacts):
+    return artifacts.bundle(FAMILY)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +49,12 @@ def vlm(bundle):
 
 
 @pytest.fixture(scope="module")
-def hf(checkpoint):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(checkpoint)
+def hf(artifacts):
+    processor, model = artifacts.hf(FAMILY)
     assert type(processor).__name__ == "PaliGemmaProcessor"
     assert type(processor.image_processor).__name__ == "SiglipImageProcessorPil"  # the backend compared against
     assert processor.chat_template is None  # as the google checkpoints
-    return processor, AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    return processor, model
 
 
 def _hf_generate(processor, model, images, texts, max_new_tokens: int = 12) -> list[list[int]]:
@@ -141,18 +126,6 @@ def test_embedding_table_and_vision_graph_equal_what_the_decoder_gets_in_hf(hf, 
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_greedy_tokens_equal_hf_generate(hf, vlm, images):
-    processor, model = hf
-    answers = set()
-    for name in ("landscape", "portrait"):
-        for prompt in PROMPTS:
-            expected = _hf_generate(processor, model, [images[name]], [prompt])[0]
-            vlm.generate(images[name], prompt, max_new_tokens=12)
-            assert vlm.last_output_ids[0] == expected, (name, prompt)
-            answers.add(tuple(expected))
-    assert len(answers) == 4  # the answers depend on both the image and the prompt
-
-
 def test_padded_batch_equals_hf_batched_generate_and_shares_no_prefix(hf, vlm, images):
     """HF pads on the left (pads carry token_type_ids 0 but are masked out); the runtime's padded batch gives the
     same tokens. Two requests share their image and the start of their prompt — more than the runtime's shared-
@@ -190,27 +163,6 @@ def test_prefix_lm_attention_is_what_makes_the_runtime_match(hf, vlm, images):
     assert float(np.abs(causal - reference).max()) > 1e-2 * scale
 
 
-def test_chat_is_refused_clearly(vlm, images):
-    with pytest.raises(ConfigError, match="prefix_lm"):
-        vlm.chat(images["landscape"])
-
-
-def test_runtime_runs_without_torch(bundle):
-    script = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np
-        from edgelvm.runtime import VLM
-        vlm = VLM.load({str(bundle)!r})
-        image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-        vlm.generate(image, "caption en", max_new_tokens=4)
-        assert len(vlm.last_output_ids[0]) >= 1
-        assert "torch" not in sys.modules and "transformers" not in sys.modules
-        """
-    )
-    subprocess.run([sys.executable, "-c", script], check=True)
-
-
 def test_paligemma2_gemma2_exports_and_matches_hf(images, tmp_path):
     """PaliGemma 2: Gemma2 (attention and final logit soft-capping, sliding-window layers) through the same prefix-LM
     decoder; a context longer than the sliding window is refused (transformers' cache would stop growing)."""
@@ -218,7 +170,7 @@ def test_paligemma2_gemma2_exports_and_matches_hf(images, tmp_path):
 
     from edgelvm.export import ExportConfig, export
     from edgelvm.models import load_model
-    from edgelvm.testing import build_tiny_paligemma
+    from tests.fixtures.paligemma import build_tiny_paligemma
 
     checkpoint = build_tiny_paligemma(tmp_path / "ckpt", text="gemma2")
     adapter = load_model(str(checkpoint))
@@ -238,89 +190,11 @@ def test_paligemma2_gemma2_exports_and_matches_hf(images, tmp_path):
     assert vlm.last_output_ids == expected
 
 
-def test_prune_reloads_exports_and_matches_hf(checkpoint, images, tmp_path):
-    """Activation importance on calibration data (rendered with the adapter's calibration-only template, the
-    checkpoint having none), heads + MLP neurons of SigLIP and Gemma (explicit head_dim, one KV head kept); the result
-    reloads as paligemma without a template, exports, and greedy tokens equal HF's."""
-    from edgelvm.data import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models import load_model
-    from edgelvm.prune import PruneConfig, prune
-
-    calib = write_split(tmp_path / "calib", seed=31, n=6)
-    out = tmp_path / "pruned"
-    cfg = PruneConfig(out=out, vision_heads=0.5, text_heads=0.5, text_mlp=0.25, vision_mlp=0.25, progress=False)
-    report = prune(str(checkpoint), calib, cfg)
+def test_pruned_gemma_keeps_one_kv_head_and_its_explicit_head_dim(artifacts):
+    """The shared prune recipe (test_families.py) on Gemma: half the query heads, the one KV head and the explicit
+    head_dim kept, a quarter of the MLP neurons cut."""
+    report = artifacts.pruned(FAMILY).report
     assert report.kept["text"][0] == {"heads": 2, "kv_heads": 1, "head_dim": 16, "intermediate": 96}
-    assert report.kept["vision"][0]["heads"] == 2
-    adapter = load_model(str(out))
-    assert adapter.family == "paligemma"
-    result = export(adapter, tmp_path / "bundle", ExportConfig(max_length=128))
-    assert result.manifest.tokenizer.chat_template is None
-    vlm = VLM.load(result.bundle_dir)
-    for prompt in PROMPTS:
-        expected = _hf_generate(adapter.processor, adapter.model, [images["portrait"]], [prompt])[0]
-        vlm.generate(images["portrait"], prompt, max_new_tokens=12)
-        assert vlm.last_output_ids[0] == expected, prompt
-
-
-def test_quantized_checkpoint_exports_and_matches_hf(checkpoint, images, tmp_path):
-    """INT4 AWQ of Gemma (DequantizeLinear in the portable decoder; scale groups up → down only — Gemma's
-    ``1 + weight`` RMSNorm does not fold a scale exactly, and v → o needs no GQA) and INT8 QDQ of SigLIP + projector;
-    the bundle's greedy tokens equal the quantized checkpoint's in transformers, run with the vision linears' inputs
-    fake-quantized as the INT8 graph quantizes them."""
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models import load_model
-    from edgelvm.quantize.api import QuantConfig, quantize
-    from edgelvm.quantize.export import quantized_graph_rewrites
-
-    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
-    out = tmp_path / "q"
-    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4, progress=False)
-    report = quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
-    assert {r["side"] for r in report.layers} == {"text", "vision"}
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
-    graphs = result.manifest.graphs
-    assert set(graphs) == {"vision", "embed", "decoder"}
-    assert (graphs["vision"].precision, graphs["decoder"].precision) == ("int8", "int4")
-    assert result.manifest.attention == "prefix_lm"
-    adapter = load_model(str(out))
-    vision_rewrite, encoder = quantized_graph_rewrites(adapter)["vision"], adapter.vision_encoder()
-    vlm = VLM.load(result.bundle_dir)
-    for prompt in PROMPTS:
-        with vision_rewrite.reference_context(encoder):  # the wrapper shares its linears with the model
-            expected = _hf_generate(adapter.processor, adapter.model, [images["portrait"]], [prompt])[0]
-        vlm.generate(images["portrait"], prompt, max_new_tokens=12)
-        assert vlm.last_output_ids[0] == expected, prompt
-
-
-def test_distilled_student_is_paligemma_and_matches_hf(checkpoint, images, tmp_path):
-    """PaliGemma as teacher and (derived, one text layer) student, with the image-position and projector-feature
-    losses on batches rendered by the calibration-only template; the student exports and its bundle matches HF."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from edgelvm.data import write_split
-    from edgelvm.distill import DistillConfig, StudentSpec, distill
-    from edgelvm.export import ExportConfig, export
-
-    data = write_split(tmp_path / "data", seed=5, n=6)
-    out = tmp_path / "student"
-    cfg = DistillConfig(out=str(out), steps=3, batch_size=2, visual_kd_weight=1.0, feature_weight=1.0)
-    report = distill(str(checkpoint), StudentSpec(text_layers=1), data, cfg)
-    assert report.finished and report.student_params < report.teacher_params
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
-    assert (result.manifest.family, result.manifest.attention) == ("paligemma", "prefix_lm")
-    assert result.manifest.tokenizer.chat_template is None
-    processor = AutoProcessor.from_pretrained(out)
-    model = AutoModelForImageTextToText.from_pretrained(out).eval()
-    assert model.config.text_config.num_hidden_layers == 1
-    vlm = VLM.load(result.bundle_dir)
-    for prompt in PROMPTS:
-        expected = _hf_generate(processor, model, [images["landscape"]], [prompt])[0]
-        vlm.generate(images["landscape"], prompt, max_new_tokens=12)
-        assert vlm.last_output_ids[0] == expected, prompt
 
 
 def test_prune_and_quantize_keep_the_source_processor_files(checkpoint, images, tmp_path):
@@ -330,11 +204,11 @@ def test_prune_and_quantize_keep_the_source_processor_files(checkpoint, images, 
     from transformers import AutoProcessor
 
     from edgelvm.prune import PruneConfig, prune
-    from edgelvm.quantize.api import QuantConfig, quantize
+    from edgelvm.quantize import RTNConfig, quantize
 
     pruned, quantized = tmp_path / "pruned", tmp_path / "q"
     prune(str(checkpoint), None, PruneConfig(out=pruned, text_mlp=0.25, importance="magnitude", progress=False))
-    quantize(str(checkpoint), None, QuantConfig(out=quantized, llm="rtn", vision="none", group_size=32, progress=False))
+    quantize(str(checkpoint), None, RTNConfig(group_size=32), out=quantized)
     source = AutoProcessor.from_pretrained(checkpoint)
     files = ("tokenizer.json", "tokenizer_config.json", "processor_config.json")
     for out in (pruned, quantized):

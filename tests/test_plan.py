@@ -181,7 +181,7 @@ def test_plan_from_config_equals_the_fit_check_on_the_loaded_model(family, tiny_
     if family == "llava":
         checkpoint = tiny_checkpoints["qwen2-siglip"]
     else:
-        from edgelvm.testing import build_tiny_qwen2_vl
+        from tests.fixtures.qwen2_vl import build_tiny_qwen2_vl
 
         checkpoint = build_tiny_qwen2_vl(tmp_path / "qwen2-vl")
     for dtype in ("fp32", "fp16"):

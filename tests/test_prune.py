@@ -12,13 +12,19 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edgelvm.errors import ConfigError, DatasetError, UnsupportedModelError  # noqa: E402
-from edgelvm.prune import PruneConfig, prune  # noqa: E402
+from edgelvm.prune import (  # noqa: E402
+    GradientImportance,
+    MagnitudeImportance,
+    PruneConfig,
+    RandomImportance,
+    prune,
+)
 
 
 @pytest.fixture(scope="module")
 def gqa8_checkpoint(tmp_path_factory) -> Path:
     """Qwen2 with 8 query heads over 2 KV heads (groups of 4), so 25% and 50% are both realisable per group."""
-    from edgelvm.testing import build_tiny_llava
+    from edgelvm.models.synthetic import build_tiny_llava
 
     overrides = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 8, "num_key_value_heads": 2}
     return build_tiny_llava(tmp_path_factory.mktemp("gqa8") / "ckpt", text="qwen2", vision="clip",
@@ -119,12 +125,42 @@ def test_pruning_keeps_the_highest_scoring_units(tiny_checkpoints, calib, tmp_pa
     assert torch.equal(pruned, original[top])
 
 
-@pytest.mark.parametrize("importance", ["gradient", "magnitude", "random"])
+@pytest.mark.parametrize("importance", [GradientImportance(), MagnitudeImportance(), RandomImportance(seed=3)])
 def test_other_importance_measures(tiny_checkpoints, calib, tmp_path, importance):
     report = prune(str(tiny_checkpoints["qwen2-siglip"]), calib,
                    PruneConfig(out=tmp_path / "p", text_heads=0.5, vision_heads=0.5, importance=importance,
                                progress=False))  # fmt: skip
     assert report.kept["text"][0]["heads"] == 2
+    assert report.importance == importance.name
+
+
+def test_a_custom_importance_callable_scores_the_units(tiny_checkpoints, calib, tmp_path):
+    """An injected importance gets the calibration batches and its scores decide what is kept: here a unit's
+    score is its index, so the upper half of every MLP survives."""
+    import numpy as np
+
+    rows_seen = []
+
+    def by_index(adapter, batches):
+        rows_seen.append(sum(rows for _inputs, _labels, rows in batches))
+        scores = MagnitudeImportance()(adapter, None)
+        scores.heads = {k: np.arange(len(v), dtype=float) for k, v in scores.heads.items()}
+        scores.neurons = {k: np.arange(len(v), dtype=float) for k, v in scores.neurons.items()}
+        return scores
+
+    out = tmp_path / "p"
+    report = prune(str(tiny_checkpoints["llama-clip"]), calib,
+                   PruneConfig(out=out, text_mlp=0.5, importance=by_index, progress=False))  # fmt: skip
+    assert rows_seen == [12] and report.importance == "by_index"
+    assert report.calibration["records"] == 12
+    from edgelvm.models import load_model
+
+    original = load_model(str(tiny_checkpoints["llama-clip"])).model.model.language_model.layers[0].mlp.up_proj.weight
+    pruned = load_model(str(out)).model.model.language_model.layers[0].mlp.up_proj.weight
+    n = original.shape[0]
+    assert torch.equal(pruned, original[n // 2 :])
+    with pytest.raises(ConfigError, match="importance 'l2' is unknown"):
+        PruneConfig(importance="l2").validate()
 
 
 def test_kv_group_removal(gqa8_checkpoint, calib, tmp_path):
@@ -182,8 +218,8 @@ def test_removing_heads_equals_zeroing_their_output(gqa8_checkpoint, calib, tmp_
     from edgelvm.models import load_model
 
     out = tmp_path / "p"
-    report = prune(str(gqa8_checkpoint), calib, PruneConfig(out=out, text_heads=ratio, gqa=gqa, importance="magnitude",
-                                                            progress=False))  # fmt: skip
+    config = PruneConfig(out=out, text_heads=ratio, gqa=gqa, importance=MagnitudeImportance(), progress=False)
+    report = prune(str(gqa8_checkpoint), calib, config)
     scores = json.loads((out / "prune_scores.json").read_text())["heads"]
     original = load_model(str(gqa8_checkpoint)).model
     for i, layer in enumerate(original.model.language_model.layers):

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from edgelvm.export.qdq import ensure_opset, linear_matmuls, qdq_summary, write_int4_dq, write_int8_qdq
+from edgelvm.models.checkpoint.codes import Int8Linear
 from edgelvm.quantize.int4 import quantize_rtn
-from edgelvm.quantize.int8 import Int8Linear, activation_scale, fake_quantize_activation, quantize_weight_int8
+from edgelvm.quantize.int8 import activation_scale, fake_quantize_activation, quantize_weight_int8
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -364,7 +365,7 @@ def test_real_llava_decoder_every_text_linear_is_found_and_int4_runs(tmp_path):
     """The tiny LLaVA's traced KV-cache decoder: every language-model Linear is found under ``language_model.``;
     INT4 of all of them matches the same graph with the float weights replaced by the dequantized ones."""
     from edgelvm.export import ExportConfig, export
-    from edgelvm.testing import build_tiny_llava
+    from edgelvm.models.synthetic import build_tiny_llava
 
     checkpoint = build_tiny_llava(tmp_path / "m")
     bundle = export(checkpoint, tmp_path / "b", ExportConfig(max_length=64, decoder="portable")).bundle_dir

@@ -34,20 +34,18 @@ def _accuracy(bundle: Path, test: Path) -> float:
 
 def test_quantized_teacher_keeps_its_accuracy(splits, tmp_path):
     from edgelvm.export import ExportConfig, export
-    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize import AWQConfig, Int8VisionConfig, quantize
 
     baseline = _accuracy(export(TEACHER, tmp_path / "fp32", ExportConfig(max_length=128)).bundle_dir, splits["test"])
     variants = {
-        "int8-vision": (QuantConfig(llm="none", vision="int8"), 0.5),
-        "awq-g64": (QuantConfig(llm="awq", vision="none", group_size=64), 1.5),
-        "int8-vision+awq-g64": (QuantConfig(llm="awq", vision="int8", group_size=64), 2.0),
+        "int8-vision": ([Int8VisionConfig()], 0.5),
+        "awq-g64": ([AWQConfig(group_size=64)], 1.5),
+        "int8-vision+awq-g64": ([AWQConfig(group_size=64), Int8VisionConfig()], 2.0),
     }
     drops = {}
-    for name, (config, bound) in variants.items():
-        config.out = tmp_path / name
-        config.calib_limit = 128
-        quantize(TEACHER, splits["val"], config)
-        bundle = export(config.out, tmp_path / f"{name}-bundle", ExportConfig(max_length=128)).bundle_dir
+    for name, (methods, bound) in variants.items():
+        quantize(TEACHER, splits["val"], methods, out=tmp_path / name, calib_limit=128)
+        bundle = export(tmp_path / name, tmp_path / f"{name}-bundle", ExportConfig(max_length=128)).bundle_dir
         drops[name] = 100 * (baseline - _accuracy(bundle, splits["test"]))
         assert drops[name] <= bound, (name, drops, baseline)
     assert baseline >= 0.95, baseline  # the comparison is against a model that actually solves the task

@@ -115,7 +115,7 @@ def test_statistics_share_one_gram_matrix_per_input_and_skip_padding(tiny_checkp
     from edgelvm.calibration.dataset import iter_batches, load_calibration_set
     from edgelvm.calibration.stats import collect_stats
     from edgelvm.models import load_model
-    from edgelvm.quantize.api import text_linears
+    from edgelvm.models.checkpoint.quantized import text_linears
 
     adapter = load_model(str(tiny_checkpoints["qwen2-siglip"]))
     calib = load_calibration_set(calib_records, limit=12)
@@ -133,11 +133,11 @@ def test_statistics_share_one_gram_matrix_per_input_and_skip_padding(tiny_checkp
 
 @pytest.fixture(scope="module")
 def quantized(tiny_checkpoints, calib_records, tmp_path_factory):
-    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize import AWQConfig, Int8VisionConfig, quantize
 
     out = tmp_path_factory.mktemp("quant") / "awq"
     report = quantize(
-        str(tiny_checkpoints["llama-clip"]), calib_records, QuantConfig(out=out, llm="awq", group_size=32)
+        str(tiny_checkpoints["llama-clip"]), calib_records, [AWQConfig(group_size=32), Int8VisionConfig()], out=out
     )
     return out, report
 
@@ -168,7 +168,7 @@ def test_quantized_bundle_matches_the_torch_side_and_runs_unchanged(quantized, t
 
     from edgelvm.export import ExportConfig, export
     from edgelvm.models import load_model
-    from edgelvm.quantize.api import load_int8
+    from edgelvm.models.checkpoint.quantized import load_int8
     from edgelvm.quantize.vision_int8 import fake_quant_inputs
     from edgelvm.runtime import VLM
 
@@ -221,7 +221,8 @@ def test_awq_scales_fold_exactly_into_the_float_model(tiny_checkpoints, calib_re
     from edgelvm.calibration.dataset import iter_batches, load_calibration_set
     from edgelvm.calibration.stats import collect_stats
     from edgelvm.models import load_model
-    from edgelvm.quantize.api import QuantConfig, text_linears
+    from edgelvm.models.checkpoint.quantized import text_linears
+    from edgelvm.quantize import AWQConfig
     from edgelvm.quantize.llm_int4 import _apply_awq_scales
 
     for variant in ("llama-clip", "qwen2-siglip"):
@@ -232,7 +233,7 @@ def test_awq_scales_fold_exactly_into_the_float_model(tiny_checkpoints, calib_re
             before = adapter.model(**inputs).logits
         linears = text_linears(adapter)
         stats = collect_stats(adapter, calib, linears, gram=set(linears), text=set(linears))
-        scales, _rows = _apply_awq_scales(adapter, linears, stats, QuantConfig(group_size=32))
+        scales, _rows = _apply_awq_scales(adapter, linears, stats, AWQConfig(group_size=32))
         assert any(float((s - 1).abs().max()) > 0.05 for s in scales.values())  # it really rescaled
         with torch.no_grad():
             after = adapter.model(**inputs).logits
@@ -250,14 +251,13 @@ def test_smoothquant_w8a8_language_model_runs_as_qdq_in_the_portable_decoder(
 
     from edgelvm.export import ExportConfig, export
     from edgelvm.models import load_model
-    from edgelvm.quantize import QuantConfig, quantize
-    from edgelvm.quantize.api import LLM_INT8_SIDECAR, load_int8
+    from edgelvm.models.checkpoint.quantized import LLM_INT8_SIDECAR, load_int8
+    from edgelvm.quantize import SmoothQuantConfig, quantize
     from edgelvm.quantize.vision_int8 import fake_quant_inputs
     from edgelvm.runtime import VLM
 
     out = tmp_path / "sq"
-    report = quantize(str(tiny_checkpoints["llama-clip"]), calib_records,
-                      QuantConfig(out=out, llm="smoothquant", vision="none"))  # fmt: skip
+    report = quantize(str(tiny_checkpoints["llama-clip"]), calib_records, SmoothQuantConfig(), out=out)
     text = [r for r in report.layers if r["side"] == "text"]
     assert len(text) == 14 and all(r["bits"] == 8 and r["weight_error"] < 0.05 for r in text)
     result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
@@ -286,23 +286,24 @@ def test_calibration_in_several_passes_when_the_gram_matrices_exceed_the_memory_
     """A budget below one layer's Gram matrices: one calibration pass per decoder layer (each after the previous
     layers were quantized), every layer still quantized and the bundle still exact against its torch side."""
     from edgelvm.export import ExportConfig, export
-    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize import GPTQConfig, Int8VisionConfig, quantize
 
-    config = QuantConfig(out=tmp_path / "q", llm="gptq", vision="int8", group_size=32, stats_memory_gb=1e-9)
-    report = quantize(str(tiny_checkpoints["llama-clip"]), calib_records[:16], config)
+    out = tmp_path / "q"
+    methods = [GPTQConfig(group_size=32), Int8VisionConfig()]
+    report = quantize(str(tiny_checkpoints["llama-clip"]), calib_records[:16], methods, out=out, stats_memory_gb=1e-9)
     assert report.calibration_passes == 2  # the tiny model's 2 decoder layers
     text = [r for r in report.layers if r["side"] == "text"]
     assert len(text) == 14 and all(0 < r["output_error"] < 0.3 for r in text)
     assert report.calibrator is not None  # the vision sweep used the first pass's statistics
-    graphs = export(config.out, tmp_path / "bundle", ExportConfig(max_length=64)).manifest.graphs
+    graphs = export(out, tmp_path / "bundle", ExportConfig(max_length=64)).manifest.graphs
     assert graphs["decoder"].precision == "int4" and graphs["decoder"].parity["max_rel"] < 1e-4
 
 
 def test_observer_sweep_by_task_accuracy_on_eval_data(tiny_checkpoints, calib_records, tmp_path):
-    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize import Int8VisionConfig, ObserverSweep, quantize
 
-    config = QuantConfig(out=tmp_path / "q", llm="none", vision="int8", eval_data=calib_records[:8], calib_limit=16)
-    report = quantize(str(tiny_checkpoints["qwen2-siglip"]), calib_records, config)
+    vision = Int8VisionConfig(observer=ObserverSweep(eval_data=calib_records[:8]))
+    report = quantize(str(tiny_checkpoints["qwen2-siglip"]), calib_records, vision, out=tmp_path / "q", calib_limit=16)
     assert report.observer_metric.startswith("answer-token accuracy")
     assert set(report.observer_scores) == set(OBSERVERS)
     assert all(0.0 <= v <= 1.0 for v in report.observer_scores.values())
@@ -312,18 +313,18 @@ def test_observer_sweep_by_task_accuracy_on_eval_data(tiny_checkpoints, calib_re
 
 def test_bad_input_is_a_clear_error(tiny_checkpoints, tmp_path, calib_records, caplog):
     from edgelvm.calibration.dataset import load_calibration_set
-    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize import AWQConfig, Int8VisionConfig, quantize
 
     model = str(tiny_checkpoints["llama-clip"])
     with pytest.raises(DatasetError, match="empty"):
-        quantize(model, [], QuantConfig(out=tmp_path / "a"))
+        quantize(model, [], [AWQConfig(), Int8VisionConfig()], out=tmp_path / "a")
     with pytest.raises(ConfigError, match="calibration data"):
-        quantize(model, None, QuantConfig(out=tmp_path / "b", llm="awq"))
+        quantize(model, None, AWQConfig(), out=tmp_path / "b")
     with pytest.raises(ConfigError, match="power of two"):
-        quantize(model, calib_records, QuantConfig(out=tmp_path / "c", group_size=48))
+        AWQConfig(group_size=48)
     with pytest.raises(ConfigError, match="calibrator"):
-        quantize(model, calib_records, QuantConfig(out=tmp_path / "d", calibrator="percentile:120"))
-    assert not any((tmp_path / n).exists() for n in "abcd")
+        Int8VisionConfig(observer="percentile:120")
+    assert not any((tmp_path / n).exists() for n in "ab")
     with caplog.at_level(logging.WARNING):
         load_calibration_set(calib_records, limit=8)
     assert "only 8 calibration records" in caplog.text

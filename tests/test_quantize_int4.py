@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from edgelvm.errors import ConfigError
-from edgelvm.quantize.int4 import matmul_nbits_node, quantize_rtn
+from edgelvm.export.gqa_decoder import matmul_nbits_node
+from edgelvm.quantize.int4 import quantize_rtn
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -59,12 +60,12 @@ def test_int4_checkpoint_exports_matmulnbits_and_matches_the_torch_side(tiny_che
     import onnx
 
     from edgelvm.export import ExportConfig, export
-    from edgelvm.quantize.api import QuantConfig, quantize
+    from edgelvm.quantize import RTNConfig, quantize
     from edgelvm.runtime import VLM
 
     out = tmp_path / "q"
-    config = QuantConfig(out=out, llm="rtn", vision="none", group_size=32)
-    report = quantize(str(tiny_checkpoints["llama-clip"]), None, config)
+    methods = RTNConfig(group_size=32)
+    report = quantize(str(tiny_checkpoints["llama-clip"]), None, methods, out=out)
     assert report.weight_bytes_after < report.weight_bytes_before / 6
     assert all(0 < layer["weight_error"] < 0.2 for layer in report.layers)
     result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))

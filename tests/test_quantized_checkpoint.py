@@ -15,20 +15,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgelvm.testing import trim_after_eos  # noqa: E402
+from tests.fixtures.reference import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 
 
-def _build(family: str, out):
-    from edgelvm import testing
-
-    return {
-        "llava": lambda: testing.build_tiny_llava(out, text="llama", vision="clip"),
-        "paligemma": lambda: testing.build_tiny_paligemma(out),
-        "idefics3": lambda: testing.build_tiny_idefics3(out),
-        "smolvlm": lambda: testing.build_tiny_smolvlm(out, longest_edge=64, seed=1),
-    }[family]()
+#: the FAMILIES rows (tests/fixtures/families.py) whose checkpoints are quantized here, shared with the other suites
+ROWS = {"llava": "llava-llama-clip", "paligemma": "paligemma", "idefics3": "idefics3", "smolvlm": "smolvlm"}
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +54,17 @@ def _text(adapter, prompt: str) -> str:
     ["llava", pytest.param("paligemma", marks=pytest.mark.slow), pytest.param("idefics3", marks=pytest.mark.slow),
      pytest.param("smolvlm", marks=pytest.mark.slow)],
 )  # fmt: skip
-def test_loaded_int8_checkpoint_generates_what_its_bundle_generates(family, images, calib, tmp_path):
+def test_loaded_int8_checkpoint_generates_what_its_bundle_generates(family, images, calib, artifacts, tmp_path):
     from edgelvm.export import ExportConfig, export
     from edgelvm.models import load_model
-    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.quantize import Int8VisionConfig, RTNConfig, quantize
     from edgelvm.runtime import VLM
 
     if family in ("idefics3", "smolvlm"):
         pytest.importorskip("num2words")  # SmolVLMProcessor imports it
-    checkpoint = _build(family, tmp_path / "float")
+    checkpoint = artifacts.checkpoint(ROWS[family])
     out = tmp_path / "q"
-    quantize(str(checkpoint), calib, QuantConfig(out=out, llm="rtn", vision="int8", group_size=32, batch_size=4))
+    quantize(str(checkpoint), calib, [RTNConfig(group_size=32), Int8VisionConfig()], out=out, batch_size=4)
     result = export(out, tmp_path / "bundle", ExportConfig(max_length=512))
     vision = result.manifest.graphs["vision"]
     assert vision.precision == "int8"

@@ -8,10 +8,6 @@ and tokenizer by the adapter: the full processor's video part needs torchvision,
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
@@ -20,27 +16,33 @@ torch = pytest.importorskip("torch")
 from edgelvm.errors import ConfigError, UnsupportedModelError  # noqa: E402
 from edgelvm.manifest import Manifest  # noqa: E402
 from edgelvm.runtime import VLM, Request  # noqa: E402
-from edgelvm.testing import trim_after_eos  # noqa: E402
+from tests.fixtures.reference import trim_after_eos  # noqa: E402
 
 PROMPTS = ["What is on the table?", "Describe the image in one sentence."]
 
 
-@pytest.fixture(scope="module")
-def images():
-    from PIL import Image
-
-    rng = np.random.default_rng(11)
-    return {
-        "landscape": Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)),  # 10x12 patches
-        "portrait": Image.fromarray(rng.integers(0, 256, (70, 33, 3), dtype=np.uint8)),  # 18x8 patches
-    }
+FAMILY = "qwen2_vl"  # its row in tests/fixtures/families.py; the artifacts are shared with test_families.py
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from edgelvm.testing import build_tiny_qwen2_vl
+def images(artifacts):
+    return artifacts.images(FAMILY)  # landscape: 10x12 patches; portrait: 18x8 patches
 
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl") / "ckpt")
+
+@pytest.fixture(scope="module")
+def checkpoint(artifacts):
+    return artifacts.checkpoint(FAMILY)
+
+
+@pytest.fixture(scope="module")
+def bundle(artifacts):
+    return artifacts.bundle(FAMILY)
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(artifacts):
+    """HF greedy tokens for 2 images (different patch grids) x 2 prompts, computed once per session."""
+    return artifacts.hf_greedy(FAMILY)
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +50,6 @@ def adapter(checkpoint):
     from edgelvm.models import load_model
 
     return load_model(str(checkpoint))
-
-
-@pytest.fixture(scope="module")
-def bundle(adapter, tmp_path_factory):
-    from edgelvm.export import ExportConfig, export
-
-    return export(adapter, tmp_path_factory.mktemp("qwen2_vl_bundle") / "b", ExportConfig(max_length=256)).bundle_dir
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +75,6 @@ def _hf_generate(adapter, image_list, messages, max_new_tokens: int = 20) -> lis
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return trim_after_eos(ids[0, inputs["input_ids"].shape[1] :].tolist(), _eos(model))
-
-
-@pytest.fixture(scope="module")
-def hf_greedy(adapter, images):
-    """HF greedy tokens for 2 images (different patch grids) x 2 prompts, computed once."""
-    return {(name, p): _hf_generate(adapter, [images[name]], _messages(p)) for name in images for p in PROMPTS}
 
 
 # ---- loading and preprocessing -----------------------------------------------------------------------------------
@@ -207,17 +196,6 @@ def test_vision_wrapper_and_graph_equal_get_image_features(adapter, bundle, imag
 
 
 # ---- generation --------------------------------------------------------------------------------------------------
-def test_greedy_tokens_equal_hf_generate(vlm, images, hf_greedy):
-    compared = 0
-    for (name, prompt), expected in hf_greedy.items():
-        vlm.generate(images[name], prompt, max_new_tokens=20)
-        assert vlm.last_output_ids[0] == expected, (name, prompt)
-        compared += len(expected)
-    assert compared >= len(hf_greedy) * 20 * 0.5  # not a vacuous early-EOS pass
-    for prompt in PROMPTS:  # the image matters to the answer
-        assert hf_greedy["landscape", prompt] != hf_greedy["portrait", prompt]
-
-
 def test_two_images_in_one_prompt_equal_hf(adapter, vlm, images):
     pair = [images["portrait"], images["landscape"]]
     expected = _hf_generate(adapter, pair, _messages("Compare the two images.", 2))
@@ -289,24 +267,6 @@ def test_forced_logits_equal_hf_forward(adapter, vlm, images, hf_greedy):
     reference = logits[0, n - 1 :].numpy()
     assert got.shape == reference.shape
     assert np.abs(got - reference).max() / np.abs(reference).max() < 1e-4
-
-
-def test_runtime_runs_a_qwen2_vl_bundle_without_torch(bundle):
-    code = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np
-        from edgelvm.runtime import VLM
-        vlm = VLM.load({str(bundle)!r})
-        frame = np.random.default_rng(0).integers(0, 256, (48, 90, 3), dtype=np.uint8)
-        vlm.generate(frame, "What is on the table?", max_new_tokens=4)
-        assert vlm.last_stats.new_tokens >= 1
-        print("HEAVY=" + ",".join(m for m in ("torch", "transformers", "onnx") if m in sys.modules))
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("HEAVY=")
 
 
 # ---- compression stages ----------------------------------------------------------------------------------------
@@ -384,42 +344,11 @@ def test_awq_scale_groups_fold_exactly(checkpoint, adapter, images):
     assert (after - before).abs().max() / before.abs().max() < 1e-5
 
 
-def test_quantized_checkpoint_exports_and_matches_hf(checkpoint, images, tmp_path):
-    """INT4 AWQ language model (DequantizeLinear in the portable decoder) and INT8 QDQ vision graph, calibrated
-    with one encoder call per image (``vision_inputs``); the bundle's greedy tokens equal the quantized checkpoint's
-    in transformers, run with the vision linears' inputs fake-quantized as the INT8 graph quantizes them."""
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import write_split
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models import load_model
-    from edgelvm.quantize.api import QuantConfig, quantize
-    from edgelvm.quantize.export import quantized_graph_rewrites
-
-    write_split(tmp_path / "calib", seed=5, n=12, image_size=96)
-    out = tmp_path / "q"
-    config = QuantConfig(out=out, llm="awq", vision="int8", group_size=32, batch_size=4, progress=False)
-    report = quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), config)
-    assert {r["side"] for r in report.layers} == {"text", "vision"}
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=256))
-    graphs = result.manifest.graphs
-    assert set(graphs) == {"vision", "embed", "decoder"}
-    assert (graphs["vision"].precision, graphs["decoder"].precision) == ("int8", "int4")
-    assert result.manifest.positions["kind"] == "mrope"
-    quantized = load_model(str(out))
-    vision_rewrite, encoder = quantized_graph_rewrites(quantized)["vision"], quantized.vision_encoder()
-    vlm = VLM.load(result.bundle_dir)
-    for name, prompt in [("portrait", PROMPTS[0]), ("landscape", PROMPTS[1])]:
-        with vision_rewrite.reference_context(encoder):  # the wrapper shares its linears with the model
-            expected = _hf_generate(quantized, [images[name]], _messages(prompt), 12)
-        vlm.generate(images[name], prompt, max_new_tokens=12)
-        assert vlm.last_output_ids[0] == expected, (name, prompt)
-
-
 # ---- Qwen2.5-VL: window attention in the vision tower -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapter25(tmp_path_factory):
     from edgelvm.models import load_model
-    from edgelvm.testing import build_tiny_qwen2_vl
+    from tests.fixtures.qwen2_vl import build_tiny_qwen2_vl
 
     return load_model(str(build_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen25") / "ckpt", variant="qwen2_5_vl")))
 
@@ -436,7 +365,7 @@ def test_qwen25_window_rule_equals_transformers(adapter25, images):
     not a multiple of the window (odd padding, empty windows dropped)."""
     from transformers.vision_utils import get_vision_window_index
 
-    from edgelvm.runtime.native_resolution import NativeResolutionRule
+    from edgelvm.runtime.images.native_resolution import NativeResolutionRule
 
     rule = NativeResolutionRule.from_params(adapter25.preprocess_spec().tiling_params)
     assert rule.window_size == adapter25.config.vision_config.window_size == 16
@@ -517,14 +446,14 @@ def test_qwen25_quantized_checkpoint_exports_and_matches_hf(adapter25, images, t
     from edgelvm.data.jsonl import load_jsonl_dataset
     from edgelvm.data.shapes import write_split
     from edgelvm.export import ExportConfig, export
+    from edgelvm.export.quantized import quantized_graph_rewrites
     from edgelvm.models import load_model
-    from edgelvm.quantize.api import QuantConfig, quantize
-    from edgelvm.quantize.export import quantized_graph_rewrites
+    from edgelvm.quantize import Int8VisionConfig, RTNConfig, quantize
 
     write_split(tmp_path / "calib", seed=7, n=8, image_size=96)
     out = tmp_path / "q"
-    config = QuantConfig(out=out, llm="rtn", vision="int8", group_size=32, batch_size=4, progress=False)
-    quantize(adapter25.source, load_jsonl_dataset(tmp_path / "calib"), config)
+    methods = [RTNConfig(group_size=32), Int8VisionConfig()]
+    quantize(adapter25.source, load_jsonl_dataset(tmp_path / "calib"), methods, out=out, batch_size=4)
     result = export(out, tmp_path / "bundle", ExportConfig(max_length=256))
     graphs = result.manifest.graphs
     assert (graphs["vision"].precision, graphs["decoder"].precision) == ("int8", "int4")

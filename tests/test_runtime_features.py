@@ -10,7 +10,7 @@ import pytest
 
 from edgelvm.runtime import VLM, Request
 from edgelvm.runtime.engine import BusyError, Engine
-from edgelvm.runtime.vision_cache import VisionCache
+from edgelvm.runtime.images.cache import VisionCache
 
 QUESTIONS = ["What is on the table?", "Describe the image in one sentence.", "How many people?"]
 

@@ -81,7 +81,7 @@ def test_thin_image_is_refused_before_any_resize():
     """A 1x40000 strip (238 bytes as PNG) used to be resized to 96 x 3.84M pixels (~5 GB); now refused at once."""
     from PIL import Image
 
-    from edgelvm.runtime.preprocess import ImagePreprocessor
+    from edgelvm.runtime.images.preprocess import ImagePreprocessor
 
     strip = Image.new("RGB", (40000, 1))
     pre = ImagePreprocessor(clip_spec())
@@ -98,7 +98,7 @@ def test_resize_output_is_bounded_before_allocation():
     """Within the aspect limit, a resize whose output is over the pixel limit is refused from the geometry."""
     from PIL import Image
 
-    from edgelvm.runtime.preprocess import ImagePreprocessor
+    from edgelvm.runtime.images.preprocess import ImagePreprocessor
 
     pre = ImagePreprocessor(clip_spec(size={"shortest_edge": 256}, center_crop=None))
     pre.max_resized_pixels = 256 * 1024
@@ -112,8 +112,8 @@ def test_resize_output_is_bounded_before_allocation():
 
 def test_tiling_rules_plan_their_sizes():
     """Each tiling rule names the sizes it will allocate, so the preprocessor checks them before resizing."""
-    from edgelvm.runtime.dynamic_tiles import DynamicTilesRule
-    from edgelvm.runtime.native_resolution import NativeResolutionRule
+    from edgelvm.runtime.images.dynamic_tiles import DynamicTilesRule
+    from edgelvm.runtime.images.native_resolution import NativeResolutionRule
 
     tiles = DynamicTilesRule.load({"tile_size": [32, 32], "min_tiles": 1, "max_tiles": 6, "tokens_per_view": 4}, None)
     for h, w in tiles.planned_sizes(10, 1900):
@@ -130,7 +130,7 @@ def test_empty_and_bomb_images_are_image_errors(tmp_path, monkeypatch):
     from PIL import Image
 
     from edgelvm.runtime.images import load_image
-    from edgelvm.runtime.preprocess import ImagePreprocessor
+    from edgelvm.runtime.images.preprocess import ImagePreprocessor
 
     with pytest.raises(ImageError, match="empty image"):
         load_image(Image.new("RGB", (0, 0)))
@@ -167,7 +167,7 @@ def test_cli_prints_a_clean_error_for_a_decompression_bomb(tmp_path):
 def test_preprocessing_any_image_gives_the_planned_view_or_an_image_error(width, height, mode, resize, crop):
     from PIL import Image
 
-    from edgelvm.runtime.preprocess import ImagePreprocessor
+    from edgelvm.runtime.images.preprocess import ImagePreprocessor
 
     size = {"shortest_edge": 24} if resize == "shortest_edge" else {"height": 24, "width": 20}
     spec = clip_spec(resize_mode=resize, size=size, center_crop={"height": 16, "width": 16} if crop else None)

@@ -10,15 +10,20 @@ so that no bar shrinks to a sliver. The title says which, and every bar ends wit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from edgelvm.bench.runner import bundle_label
-
 COLORS = {"vision": (76, 114, 176), "prefill": (221, 132, 82), "decode": (85, 168, 104)}
 SHARED_SCALE_MAX_RATIO = 10.0
 LABEL_WIDTH = 300
+
+
+def bundle_label(bundle: str | Path) -> str:
+    """The bundle's directory name, or ``parent/bundle`` for directories just named ``bundle``."""
+    path = Path(bundle)
+    return f"{path.parent.name}/{path.name}" if path.name == "bundle" and path.parent.name else path.name
 
 
 def phases(result: Any) -> dict[str, float]:

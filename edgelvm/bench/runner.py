@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelvm.bench.chart import bundle_label, latency_chart
 from edgelvm.devices.probes import peak_rss_bytes, reset_peak_rss, start_probe
 from edgelvm.errors import ConfigError
 
@@ -141,8 +142,6 @@ class BenchReport:
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        from edgelvm.bench.chart import latency_chart
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "report.json", "markdown": out / "report.md", "chart": out / "latency.png"}
@@ -150,12 +149,6 @@ class BenchReport:
         paths["markdown"].write_text(self.markdown(), encoding="utf-8")
         latency_chart(self.results).save(paths["chart"])
         return paths
-
-
-def bundle_label(bundle: str | Path) -> str:
-    """The bundle's directory name, or ``parent/bundle`` for directories just named ``bundle``."""
-    path = Path(bundle)
-    return f"{path.parent.name}/{path.name}" if path.name == "bundle" and path.parent.name else path.name
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -50,6 +48,7 @@ from typing import Any
 from edgelvm import __version__
 from edgelvm import tensorrt_compat as compat
 from edgelvm.errors import EdgeLVMError
+from edgelvm.fsutil import make_staging, swap_into_place
 from edgelvm.manifest import Manifest, sha256_file, verify_bundle_files
 
 log = logging.getLogger(__name__)
@@ -277,35 +276,50 @@ def check_target(target: Path, force: bool) -> None:
         )
 
 
-def write_engine_dir(
-    target: Path, blobs: dict[str, bytes], manifest: dict[str, Any], *, force: bool, timing_cache: bytes | None = None
-) -> Path:
-    """Write engines + ``engines.json`` into a sibling temp dir, then rename it into place.
+#: Engines are written (and hashed) in slices of this size, straight from TensorRT's buffer.
+_WRITE_SLICE = 64 << 20
 
-    A failed or interrupted build leaves the previous engines untouched; ``force`` replaces an existing directory
-    only once the new one is complete.
+
+class EngineDirWriter:
+    """The engines directory, staged next to ``target``: each engine goes to disk as soon as it is built, straight
+    from TensorRT's ``IHostMemory`` (no second host copy, and freed before the next build: an 8 GB Orin Nano holds
+    one serialized engine at a time, not all of them twice); the manifest and timing cache last, then one swap.
+
+    A failed or interrupted build leaves the previous engines untouched (the staging directory is removed);
+    ``force`` replaces an existing directory only once the new one is complete.
     """
-    check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        for name, blob in blobs.items():
-            (staging / name).write_bytes(blob)
+
+    def __init__(self, target: Path, *, force: bool) -> None:
+        check_target(target, force)
+        self.target = target
+        self.staging = make_staging(target)
+
+    def __enter__(self) -> EngineDirWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def add_engine(self, name: str, serialized: Any) -> tuple[int, str]:
+        """Write one serialized engine (any buffer: ``IHostMemory``, bytes); returns ``(size, sha256)``."""
+        import hashlib
+
+        view = memoryview(serialized).cast("B")
+        digest = hashlib.sha256()
+        with open(self.staging / name, "wb") as f:
+            for offset in range(0, len(view), _WRITE_SLICE):
+                piece = view[offset : offset + _WRITE_SLICE]
+                f.write(piece)
+                digest.update(piece)
+        return len(view), digest.hexdigest()
+
+    def commit(self, manifest: dict[str, Any], timing_cache: bytes | None = None) -> Path:
         if timing_cache is not None:
-            (staging / TIMING_CACHE).write_bytes(timing_cache)
-        (staging / ENGINES_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+            (self.staging / TIMING_CACHE).write_bytes(timing_cache)
+        (self.staging / ENGINES_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        swap_into_place(self.staging, self.target)
+        return self.target
 
 
 def read_engines_manifest(directory: str | Path) -> dict[str, Any]:
@@ -461,7 +475,8 @@ def _build_graph(
     quantized: str | None = None,
     graph_dtype: str = "float32",
     limits: dict[str, int | None] | None = None,
-) -> tuple[bytes, str, list[str], bytes]:
+) -> tuple[Any, str, list[str], bytes]:
+    """The serialized engine (TensorRT's ``IHostMemory``, not copied), its precision and flags, the timing cache."""
     builder = trt.Builder(logger)
     network = builder.create_network(compat.network_creation_flags(trt, strongly_typed=quantized in QUANTIZED))
     parser = trt.OnnxParser(network, logger)
@@ -502,7 +517,7 @@ def _build_graph(
             fix="usually out of memory while building: close other programs, add swap, or lower max_length / "
             "max_batch; on other errors rerun with -vv for TensorRT's verbose log",
         )
-    return bytes(serialized), precision, flag_names, bytes(builder_config.get_timing_cache().serialize())
+    return serialized, precision, flag_names, bytes(builder_config.get_timing_cache().serialize())
 
 
 def build_engines(bundle_dir: str | Path, config: BuildConfig | None = None) -> BuildReport:
@@ -530,33 +545,34 @@ def build_engines(bundle_dir: str | Path, config: BuildConfig | None = None) -> 
     cache_blob = cache_path.read_bytes() if cache_path.is_file() else None
     limits = pool_limits(config, manifest, gpu_info)
     logger = trt.Logger(trt.Logger.INFO if log.isEnabledFor(logging.DEBUG) else trt.Logger.WARNING)
-    blobs: dict[str, bytes] = {}
     engines: dict[str, EngineInfo] = {}
-    for graph, profiles in plans.items():
-        source = manifest.graphs[graph].file
-        onnx_path = bundle / source
-        log.info("building %s engine from %s (%d profile(s))", graph, source, len(profiles))
-        t0 = time.perf_counter()
-        quantized = manifest.graphs[graph].precision
-        graph_dtype = manifest.graphs[graph].inputs[0].dtype if graph == "vision" else _float_dtype(manifest)
-        blob, precision, flags, cache_blob = _build_graph(trt, logger, onnx_path, profiles, config, cache_blob,
-                                                          quantized, graph_dtype, limits)  # fmt: skip
-        name = f"{graph}.engine"
-        blobs[name] = blob
-        engines[graph] = EngineInfo(
-            graph=graph,
-            file=name,
-            source=source,
-            source_sha256=manifest.files.get(source) or sha256_file(onnx_path),
-            profiles=profiles,
-            precision=precision,
-            flags=flags,
-            sha256=_sha256_bytes(blob),
-            size_bytes=len(blob),
-            build_seconds=round(time.perf_counter() - t0, 1),
-        )
-    data = engines_manifest(fingerprint, trt_version, engines, config, gpu_info, limits)
-    write_engine_dir(target, blobs, data, force=config.force, timing_cache=cache_blob)
+    with EngineDirWriter(target, force=config.force) as writer:
+        for graph, profiles in plans.items():
+            source = manifest.graphs[graph].file
+            onnx_path = bundle / source
+            log.info("building %s engine from %s (%d profile(s))", graph, source, len(profiles))
+            t0 = time.perf_counter()
+            quantized = manifest.graphs[graph].precision
+            graph_dtype = manifest.graphs[graph].inputs[0].dtype if graph == "vision" else _float_dtype(manifest)
+            serialized, precision, flags, cache_blob = _build_graph(
+                trt, logger, onnx_path, profiles, config, cache_blob, quantized, graph_dtype, limits
+            )
+            name = f"{graph}.engine"
+            size, digest = writer.add_engine(name, serialized)
+            del serialized  # TensorRT's buffer: freed before the next graph is built
+            engines[graph] = EngineInfo(
+                graph=graph,
+                file=name,
+                source=source,
+                source_sha256=manifest.files.get(source) or sha256_file(onnx_path),
+                profiles=profiles,
+                precision=precision,
+                flags=flags,
+                sha256=digest,
+                size_bytes=size,
+                build_seconds=round(time.perf_counter() - t0, 1),
+            )
+        writer.commit(engines_manifest(fingerprint, trt_version, engines, config, gpu_info, limits), cache_blob)
     if config.timing_cache is not None and cache_blob is not None:
         config.timing_cache.parent.mkdir(parents=True, exist_ok=True)
         config.timing_cache.write_bytes(cache_blob)
@@ -566,9 +582,3 @@ def build_engines(bundle_dir: str | Path, config: BuildConfig | None = None) -> 
 def _float_dtype(manifest: Manifest) -> str:
     """The decoder's float dtype: its embeddings input (``inputs_embeds``)."""
     return manifest.graphs["decoder"].inputs[0].dtype
-
-
-def _sha256_bytes(blob: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(blob).hexdigest()

@@ -1,7 +1,7 @@
 """Calibration sets: which records, in what order, and the model inputs they become.
 
-Images go through the checkpoint's own processor and prompts through its chat template (the distill stage's
-:class:`~edgelvm.distill.batches.ConversationEncoder`), answers included: the decoder is calibrated on the
+Images go through the checkpoint's own processor and prompts through its chat template (the data layer's
+:class:`~edgelvm.data.batches.ConversationEncoder`), answers included: the decoder is calibrated on the
 activations it sees while generating, not on text alone.
 """
 
@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from edgelvm.data.batches import ConversationEncoder, collate
+from edgelvm.data.jsonl import load_jsonl_dataset
+from edgelvm.data.shapes import SPLIT_SEEDS, write_split
 from edgelvm.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -46,8 +49,6 @@ def load_calibration_set(data: str | Path | list, limit: int = 256, seed: int = 
     """``data``: a jsonl dataset (directory or file), a list of records, or ``"shapes"`` (the shipped task).
 
     ``limit`` records are kept, drawn by a seeded permutation so that a sorted dataset still yields a mix."""
-    from edgelvm.data.jsonl import load_jsonl_dataset
-
     if limit < 1:
         raise DatasetError(
             f"calibration limit {limit} < 1", where="--calib-limit", fix="use at least 1 (256 is typical)"
@@ -71,9 +72,6 @@ def load_calibration_set(data: str | Path | list, limit: int = 256, seed: int = 
 
 
 def _shapes_records(n: int) -> list[Any]:
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import SPLIT_SEEDS, write_split
-
     # The records reference image files, and the encoder reads them as it goes: keep the directory for the process.
     root = Path(tempfile.mkdtemp(prefix="edgelvm-calib-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
@@ -99,8 +97,6 @@ def iter_batches(adapter: Any, calib: CalibrationSet, batch_size: int) -> Iterat
 
 def iter_labeled_batches(adapter: Any, calib: CalibrationSet, batch_size: int) -> Iterator[tuple[dict, Any, int]]:
     """``(model inputs, labels, rows)``: labels are the answer tokens (-100 elsewhere), unshifted."""
-    from edgelvm.distill.batches import ConversationEncoder, collate
-
     encoder = ConversationEncoder.for_adapter(adapter)
     pad = encoder.tokenizer.pad_token_id or 0
     for lo in range(0, len(calib.records), batch_size):

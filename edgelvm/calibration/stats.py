@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from edgelvm.calibration.dataset import run_forward
+
 HISTOGRAM_BINS = 2048
 
 
@@ -156,8 +158,6 @@ def collect_stats(
     """One forward pass of the calibration set with hooks on ``modules`` (name -> ``nn.Linear``).
 
     ``gram``: names that also need ``XᵀX``; ``text``: names on the language-model side (padding excluded)."""
-    from edgelvm.calibration.dataset import run_forward
-
     collector = _Collector(modules, gram or set(), text or set())
     try:
         run_forward(adapter, calib, batch_size, on_batch=collector.new_batch, progress=progress)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelvm.errors import DatasetError
+from edgelvm.fsutil import prepare_output, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -197,22 +196,15 @@ def _parse_record(obj: object, where: str, label: str, root: Path, check_images:
 def write_jsonl_dataset(out_dir: str | Path, items: Iterable[tuple[dict, bytes]], force: bool = False) -> Path:
     """Write ``(record, image_bytes)`` pairs as ``out_dir/data.jsonl`` + ``out_dir/<record["image"]>``.
 
-    Atomic: everything goes to a temporary sibling directory that is renamed into place at the end, so an
-    interrupted run never leaves a half-written dataset that later loads "fine". A non-empty ``out_dir`` is
-    refused unless ``force``.
+    Atomic (:func:`edgelvm.fsutil.write_dir_atomically`): an interrupted run never leaves a half-written dataset that
+    later loads "fine". A non-empty ``out_dir`` is refused unless ``force``, and ``force`` replaces only a dataset
+    edgelvm wrote (:func:`edgelvm.fsutil.prepare_output`).
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DatasetError("output path exists and is not a directory", where=out, fix="choose another -o path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise DatasetError(
-            "output directory is not empty", where=out, fix="choose an empty directory, or pass --force to replace it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset should not be
-    try:
-        count = 0
+    out = check_dataset_output(out_dir, force)
+    count = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal count
         with open(tmp / DATA_FILE, "w", encoding="utf-8") as f:
             for record, image_bytes in items:
                 rel = Path(str(record["image"]))
@@ -226,25 +218,13 @@ def write_jsonl_dataset(out_dir: str | Path, items: Iterable[tuple[dict, bytes]]
             os.fsync(f.fileno())
         if count == 0:
             raise DatasetError("refusing to write an empty dataset", where=out, fix="generate at least one sample")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomically(out, write, stage="data")
     logger.info("wrote %d records to %s", count, out)
     return out
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted only after the swap."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-    try:
-        src.rename(dst)
-    except BaseException:
-        if old is not None:
-            old.rename(dst)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def check_dataset_output(out_dir: str | Path, force: bool) -> Path:
+    """Refuse (before any work) an output that is a file, a non-empty directory without ``force``, or with
+    ``force`` a directory edgelvm did not write; returns the path to write."""
+    return prepare_output(out_dir, force=force, option="-o", error=DatasetError)

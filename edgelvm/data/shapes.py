@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from edgelvm.data.jsonl import check_dataset_output, write_jsonl_dataset
+
 logger = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "cross")
@@ -398,9 +400,7 @@ def write_split(
     exclude: set[str] | None = None,
 ) -> Path:
     """Generate a split and write it atomically as ``out_dir/data.jsonl`` + ``out_dir/images/*.png``."""
-    from edgelvm.data.jsonl import write_jsonl_dataset
-
-    _refuse_non_empty(out_dir, force)  # before spending time generating
+    check_dataset_output(out_dir, force)  # before spending time generating
     samples = generate_split(seed, n, image_size, exclude=exclude)
     return write_jsonl_dataset(out_dir, ((to_record(s), s.png) for s in samples), force=force)
 
@@ -414,21 +414,10 @@ def write_shipped_splits(
     """Write the de-duplicated shipped splits to ``out_root/{train,val,test}``."""
     root = Path(out_root)
     for name in SPLIT_SEEDS:
-        _refuse_non_empty(root / name, force)
+        check_dataset_output(root / name, force)
     splits = generate_shipped_splits(sizes, image_size)
-    from edgelvm.data.jsonl import write_jsonl_dataset
 
     return {
         name: write_jsonl_dataset(root / name, ((to_record(s), s.png) for s in samples), force=force)
         for name, samples in splits.items()
     }
-
-
-def _refuse_non_empty(out_dir: str | Path, force: bool) -> None:
-    from edgelvm.errors import DatasetError
-
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise DatasetError(
-            "output directory is not empty", where=out, fix="choose an empty directory, or pass --force to replace it"
-        )

@@ -1,4 +1,7 @@
-"""``DistillConfig`` and ``DistillReport``: the distill stage's options and its result."""
+"""``DistillConfig`` and ``DistillReport``: the distill stage's options and its result.
+
+Each option's help lives in its field's metadata, from which ``edgelvm distill`` generates its options
+(:mod:`edgelvm.cli_options`), so the CLI does not restate them."""
 
 from __future__ import annotations
 
@@ -11,6 +14,12 @@ from edgelvm.distill.losses import DIVERGENCES
 from edgelvm.errors import ConfigError
 
 
+def _opt(help: str, **cli: Any) -> dict[str, Any]:
+    """Field metadata for :mod:`edgelvm.cli_options`: the help text ``edgelvm distill --help`` shows, and
+    ``param`` / ``cli_default`` where the CLI names or defaults the option otherwise."""
+    return {"help": help, **cli}
+
+
 @dataclass
 class TeacherAPIConfig:
     """A teacher reached only through an OpenAI-compatible chat-completions endpoint (``edgelvm serve``, vLLM,
@@ -20,18 +29,38 @@ class TeacherAPIConfig:
 
     The API key is read from the environment variable ``api_key_env`` (never stored, never a flag)."""
 
-    url: str  # base URL, e.g. http://127.0.0.1:8000/v1
-    model: str  # the served model id
-    api_key_env: str = "EDGELVM_TEACHER_API_KEY"
-    temperature: float = 0.0
-    max_tokens: int = 128
-    top_logprobs: int = 0  # ask for this many alternatives per token (0: no logprobs; OpenAI allows up to 20)
-    tokenizer: str | None = None  # the teacher's tokenizer (directory or hub id): needed for token-level KD
-    cache: str | Path | None = None  # answers on disk (default OUT/.distill/teacher_api)
-    concurrency: int = 4  # requests in flight
-    requests_per_second: float | None = 10.0  # rate limit (None: none)
-    max_retries: int = 6  # the openai client's own retries: exponential backoff on 408/409/429/5xx/timeouts
-    timeout: float = 120.0  # seconds per request
+    url: str = field(
+        metadata=_opt(
+            "The teacher is this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1); "
+            "its API key is read from $EDGELVM_TEACHER_API_KEY.",
+            param="teacher_api",
+        )
+    )
+    model: str = field(metadata=_opt("The served model id."))
+    api_key_env: str = field(default="EDGELVM_TEACHER_API_KEY", metadata={"cli": False})  # the key: never a flag
+    temperature: float = field(default=0.0, metadata=_opt("Sampling temperature of the teacher's answers."))
+    max_tokens: int = field(default=128, metadata=_opt("Longest answer asked for, in tokens."))
+    top_logprobs: int = field(
+        default=0,
+        metadata=_opt(
+            "Ask for top-k log-probabilities (token-level KD; 0: text only; the OpenAI API allows up to 20)."
+        ),
+    )
+    tokenizer: str | None = field(
+        default=None, metadata=_opt("The API teacher's tokenizer (dir or hub id), needed for token-level KD.")
+    )
+    cache: str | Path | None = field(
+        default=None, metadata=_opt("Where answers are cached [default: OUT/.distill/teacher_api].")
+    )
+    concurrency: int = field(default=4, metadata=_opt("Requests in flight."))
+    requests_per_second: float | None = field(
+        default=10.0, metadata=_opt("Requests per second at most (0: no limit).", param="teacher_rate")
+    )
+    max_retries: int = field(
+        default=6,
+        metadata=_opt("Retries with exponential backoff (408/409/429/5xx, timeouts).", param="teacher_retries"),
+    )
+    timeout: float = field(default=120.0, metadata=_opt("Seconds per request."))
 
     #: fields that change neither the questions nor the answers (a resumed run may change them)
     TRANSIENT = ("url", "api_key_env", "cache", "concurrency", "requests_per_second", "max_retries", "timeout")
@@ -65,42 +94,70 @@ class TeacherAPIConfig:
 class DistillConfig:
     """Options of :func:`edgelvm.distill.distill`. Loss weights multiply terms that are each ~1 at the start."""
 
-    out: str | Path = "student"
-    steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 5e-4
-    warmup: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    divergence: str = "forward_kl"  # forward_kl | reverse_kl | js
-    temperature: float = 1.0
-    kd_weight: float = 1.0  # divergence on response-token logits
-    ce_weight: float = 0.0  # cross-entropy on the ground truth (or the teacher's generated response)
-    visual_kd_weight: float = 0.0  # divergence on image-token positions (LLaVA-KD); needs the same image layout
-    feature_weight: float = 0.0  # MSE on the projector's image features, through a learned projection
-    hidden_weight: float = 0.0  # MSE on the last hidden state at response positions, through a learned projection
-    top_k: int | None = None  # online KD on the teacher's top-k only (None: full vocabulary)
-    cache_teacher: str | Path | None = None  # build/use an offline top-k cache here; the teacher is then freed
-    cache_top_k: int = 64
-    cache_shard_size: int = 1024
-    teacher_generate: bool = False  # responses = the teacher's greedy answers (sequence-level KD)
-    max_new_tokens: int = 64
-    val_data: str | Path | None = None
-    eval_every: int = 0  # 0: only at the end (when val_data is given)
-    eval_limit: int = 500
-    save_every: int = 200
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = False
-    stop_after: int | None = None  # stop this invocation after N steps with a resumable checkpoint (time-boxed jobs)
-    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast where the device supports it)
-    progress: bool = True
+    out: str | Path = field(default="student", metadata={"cli": False})
+    steps: int = field(default=1000, metadata=_opt("Optimizer steps."))
+    batch_size: int = field(default=16, metadata=_opt("Samples per micro-batch and process."))
+    grad_accum: int = field(default=1, metadata=_opt("Micro-batches per optimizer step."))
+    lr: float = field(default=5e-4, metadata=_opt("Peak learning rate (cosine schedule with warmup)."))
+    warmup: int = field(default=50, metadata=_opt("Warmup steps."))
+    min_lr_ratio: float = field(default=0.1, metadata=_opt("Final learning rate, a fraction of the peak."))
+    weight_decay: float = field(default=0.0, metadata=_opt("AdamW weight decay."))
+    grad_clip: float = field(default=1.0, metadata=_opt("Gradient norm clip."))
+    divergence: str = field(default="forward_kl", metadata=_opt("forward_kl | reverse_kl | js"))
+    temperature: float = field(default=1.0, metadata=_opt("Softmax temperature of the divergence."))
+    kd_weight: float = field(
+        default=1.0,
+        metadata=_opt(
+            "Weight of the divergence on response tokens [default: 1; with --teacher-api: 1 when "
+            "--teacher-top-logprobs is set, else 0].",
+            cli_default=None,
+        ),
+    )
+    ce_weight: float = field(
+        default=0.0,
+        metadata=_opt(
+            "Weight of cross-entropy on the ground truth (the API teacher's text) [default: 0; 1].", cli_default=None
+        ),
+    )
+    visual_kd_weight: float = field(
+        default=0.0,
+        metadata=_opt("Weight of the divergence at image-token positions (LLaVA-KD; needs the same image layout)."),
+    )
+    feature_weight: float = field(default=0.0, metadata=_opt("Weight of the image-feature MSE (learned projection)."))
+    hidden_weight: float = field(
+        default=0.0, metadata=_opt("Weight of the last-hidden-state MSE at response positions (learned projection).")
+    )
+    top_k: int | None = field(default=None, metadata=_opt("Online KD on the teacher's top-k tokens only."))
+    cache_teacher: str | Path | None = field(
+        default=None,
+        metadata=_opt(
+            "Run the teacher once, store its top-k logits here, train from them (the teacher is then freed)."
+        ),
+    )
+    cache_top_k: int = field(default=64, metadata=_opt("Logits kept per token in the cache."))
+    cache_shard_size: int = field(default=1024, metadata=_opt("Records per teacher-cache shard."))
+    teacher_generate: bool = field(
+        default=False, metadata=_opt("Train on the teacher's own greedy answers (sequence-level KD).")
+    )
+    max_new_tokens: int = field(default=64, metadata=_opt("Answer length with --teacher-generate."))
+    val_data: str | Path | None = field(default=None, metadata=_opt("Validation jsonl: teacher-forced exact match."))
+    eval_every: int = field(default=0, metadata=_opt("Evaluate every N steps (0: at the end only)."))
+    eval_limit: int = field(default=500, metadata=_opt("Validation records used."))
+    save_every: int = field(default=200, metadata=_opt("Checkpoint every N steps."))
+    log_every: int = field(default=10, metadata=_opt("Log every N steps."))
+    seed: int = field(default=0, metadata=_opt("Data order and initialisation seed."))
+    resume: bool = field(default=False, metadata=_opt("Continue the unfinished run in --out."))
+    stop_after: int | None = field(
+        default=None, metadata=_opt("Stop after N steps with a resumable checkpoint (time-boxed jobs).")
+    )
+    mixed_precision: str = field(
+        default="no", metadata=_opt("no | bf16 | fp16 (Accelerate autocast where the device supports it)")
+    )
+    progress: bool = field(default=True, metadata={"cli": False})
     #: the teacher is an OpenAI-compatible endpoint: the student trains on its answers (ce_weight) and, where it
     #: returns top_logprobs with the student's tokenizer, on those (kd_weight); the ``teacher`` argument of
     #: distill() is then only what a derived student is derived from (or None with a student checkpoint)
-    teacher_api: TeacherAPIConfig | None = None
+    teacher_api: TeacherAPIConfig | None = field(default=None, metadata={"cli": False})
 
     def validate(self) -> None:
         def bad(name: str, why: str, fix: str) -> ConfigError:

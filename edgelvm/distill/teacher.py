@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edgelvm.distill.batches import IGNORE
+from edgelvm.data.batches import IGNORE
 
 
 @dataclass

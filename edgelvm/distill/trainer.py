@@ -21,14 +21,16 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgelvm.data.batches import ConversationEncoder, batch_indices, collate, dataset_fingerprint
 from edgelvm.data.jsonl import VQARecord, load_jsonl_dataset
-from edgelvm.distill.batches import ConversationEncoder, batch_indices, collate, dataset_fingerprint
 from edgelvm.distill.config import DistillConfig, DistillReport
 from edgelvm.errors import ConfigError
 from edgelvm.fsutil import write_dir_atomically
+from edgelvm.models.checkpoint.save import save_checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +131,115 @@ def distill(
 
     With ``config.teacher_api`` the teacher is that endpoint; ``teacher`` is then only the checkpoint a derived
     student is derived from (its weights never teach), or None with a student checkpoint.
+
+    Steps: load the models, claim the output (or find the run to resume), turn the teacher into targets where it
+    runs ahead of training (API answers, generated answers, the top-k cache), build the trained module and its
+    optimizer, run the loop (:func:`_train_loop`), report and save.
     """
+    cfg = config or DistillConfig()
+    cfg.validate()
+    t_start = time.time()
+    accelerator = _accelerator(cfg)
+    records = train_data if isinstance(train_data, list) else load_jsonl_dataset(train_data)
+    api = cfg.teacher_api
+    models = _load_models(teacher, student, cfg)
+    teacher_adapter, student_adapter = models.teacher, models.student
+
+    encoder = ConversationEncoder.for_adapter(teacher_adapter if api is None else student_adapter)
+    if api is not None and cfg.kd_weight > 0:  # before asking anything: KD on its tokens needs the same tokenizer
+        from transformers import AutoTokenizer
+
+        from edgelvm.distill.student import check_same_tokenizer
+
+        api_tokenizer = AutoTokenizer.from_pretrained(api.tokenizer)
+        check_same_tokenizer(api_tokenizer, encoder.tokenizer, f"teacher_api.tokenizer {api.tokenizer}")
+    data_id = dataset_fingerprint(records)
+    run_id = {"teacher": models.teacher_name, "student": models.student_desc, "data": data_id, "n": len(records),
+              **cfg.fingerprint()}  # fmt: skip
+    state_dir, saved = _claim_out(cfg, run_id, accelerator)
+    teacher_params = sum(p.numel() for p in teacher_adapter.model.parameters()) if api is None else 0
+
+    # the teacher's work that runs ahead of training
+    api_targets, api_stats = None, None
+    if api is not None:
+        records, api_targets, api_stats = _api_teacher(records, cfg, encoder, state_dir, accelerator)
+        data_id = dataset_fingerprint(records)
+    if cfg.teacher_generate:
+        records = _teacher_responses(teacher_adapter, records, cfg, accelerator)
+        data_id = dataset_fingerprint(records)
+    cache = None
+    if cfg.cache_teacher is not None:
+        cache = _teacher_cache(teacher_adapter, records, encoder, cfg, models.teacher_name, data_id, accelerator)
+
+    module, optimizer = _trained_module(models, cfg)
+    state: dict[str, Any] = {"run": run_id, "step": 0, "history": [], "evals": []}
+    resumed_from = None
+    if saved is not None:
+        state = _load_checkpoint(state_dir / "checkpoint", module, optimizer, saved)
+        resumed_from = state["step"]
+        log.info("resuming %s at step %d", cfg.out, state["step"])
+    module, optimizer = accelerator.prepare(module, optimizer)
+    device = accelerator.device
+    teacher_model = teacher_adapter.model if cache is None and api is None else None
+    if teacher_model is not None:
+        teacher_model.to(device).eval()
+    elif teacher_adapter is not None and not hasattr(teacher, "processor"):
+        teacher_adapter.model = None  # we loaded it: drop it, the student trains without it in memory
+    inner = accelerator.unwrap_model(module)
+
+    from edgelvm.distill.teacher import FeatureTap
+
+    s_tap = FeatureTap(student_adapter.image_feature_module()) if cfg.feature_weight > 0 else None
+    t_tap = FeatureTap(teacher_adapter.image_feature_module()) if (cfg.feature_weight > 0 and cache is None) else None
+    image_token_id = teacher_adapter.image_token()[1] if cfg.visual_kd_weight > 0 else None
+    pad_id = encoder.tokenizer.pad_token_id
+    loop = _Loop(
+        cfg=cfg, accelerator=accelerator, module=module, optimizer=optimizer, encoder=encoder, records=records,
+        step_fn=_StepLoss(cfg, inner, teacher_model, cache, s_tap, t_tap, image_token_id, api_targets),
+        state=state, state_dir=state_dir, resumed_from=resumed_from, pad_id=pad_id if pad_id is not None else 0,
+        val=load_jsonl_dataset(cfg.val_data)[: cfg.eval_limit] if cfg.val_data else None, inner=inner,
+    )  # fmt: skip
+    step_first = state["step"]
+    loop_seconds = _train_loop(loop)
+    finished = state["step"] >= cfg.steps
+    if loop.val is not None and finished:
+        scores = _evaluate(inner.student, encoder, loop.val, device, loop.pad_id)
+        state["evals"].append({"step": state["step"], **scores})
+
+    report = DistillReport(
+        out=str(cfg.out),
+        teacher=models.teacher_name,
+        student_params=sum(p.numel() for p in inner.student.parameters()),
+        teacher_params=teacher_params,
+        steps=state["step"],
+        samples=state["step"] * loop.per_step,
+        wall_seconds=round(time.time() - t_start, 2),
+        samples_per_second=round((state["step"] - step_first) * loop.per_step / max(loop_seconds, 1e-9), 2),
+        data={"records": len(records), "fingerprint": data_id, "teacher_generate": cfg.teacher_generate},
+        config={"student": models.student_desc, **cfg.fingerprint()},
+        history=state["history"],
+        evals=state["evals"],
+        resumed_from=resumed_from,
+        finished=finished,
+        teacher_api=None if api_stats is None else {**api_stats, **(api_targets.stats if api_targets else {})},
+    )
+    if accelerator.is_main_process and finished:
+        _save_final(Path(cfg.out), inner.student, encoder.processor, report, state_dir)
+    accelerator.wait_for_everyone()
+    for tap in (s_tap, t_tap):
+        if tap is not None:
+            tap.close()
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ setup steps
+
+
+def _accelerator(cfg: DistillConfig) -> Any:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    from edgelvm.distill.student import StudentSpec, check_same_tokenizer, derive_student, load_student
-    from edgelvm.models import load_model
-
-    cfg = config or DistillConfig()
-    cfg.validate()
-    t_start = time.time()
     # towers carry weights their LLaVA use never touches (CLIP's post_layernorm, SigLIP's head): DDP must not wait
     # for their gradients
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -147,8 +247,22 @@ def distill(
         mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp]
     )
     set_seed(cfg.seed)
+    return accelerator
 
-    records = train_data if isinstance(train_data, list) else load_jsonl_dataset(train_data)
+
+@dataclass
+class _Models:
+    teacher: Any  # adapter; None for an API teacher without a local checkpoint
+    teacher_name: str
+    student: Any  # adapter
+    student_desc: str
+
+
+def _load_models(teacher: Any, student: Any, cfg: DistillConfig) -> _Models:
+    """The teacher and student adapters, checked against each other (family, tokenizer, image layout)."""
+    from edgelvm.distill.student import StudentSpec, check_same_tokenizer, derive_student, load_student
+    from edgelvm.models import load_model
+
     api = cfg.teacher_api
     if teacher is None and api is None:
         raise ConfigError("no teacher", where="distill()", fix="give a checkpoint, or DistillConfig.teacher_api")
@@ -166,7 +280,6 @@ def distill(
                 fix="pass a local checkpoint as TEACHER (only the student is derived from it), or --student DIR",
             )
 
-    student_desc: str
     if isinstance(student, StudentSpec):
         student_model, _ = derive_student(teacher_adapter, student)
         from edgelvm.models.registry import adapter_for_model_type
@@ -183,8 +296,7 @@ def distill(
     else:
         student_adapter = load_student(student, teacher_adapter)
         student_desc = str(student)
-    student_model = student_adapter.model
-    student_model.train()
+    student_adapter.model.train()
     if teacher_adapter is None:
         student_adapter.check_stage("distill", cfg)
 
@@ -196,16 +308,12 @@ def distill(
             where="DistillConfig.visual_kd_weight / feature_weight",
             fix="set those weights to 0, or give the student the teacher's patch grid",
         )
+    return _Models(teacher_adapter, teacher_name, student_adapter, student_desc)
 
-    encoder = ConversationEncoder.for_adapter(teacher_adapter if api is None else student_adapter)
-    if api is not None and cfg.kd_weight > 0:  # before asking anything: KD on its tokens needs the same tokenizer
-        from transformers import AutoTokenizer
 
-        api_tokenizer = AutoTokenizer.from_pretrained(api.tokenizer)
-        check_same_tokenizer(api_tokenizer, encoder.tokenizer, f"teacher_api.tokenizer {api.tokenizer}")
-    data_id = dataset_fingerprint(records)
-    run_id = {"teacher": teacher_name, "student": student_desc, "data": data_id, "n": len(records), **cfg.fingerprint()}
-    # the main process checks and claims the directory; the others wait (checking too would race with the claim)
+def _claim_out(cfg: DistillConfig, run_id: dict[str, Any], accelerator: Any) -> tuple[Path, dict[str, Any] | None]:
+    """The state directory and the checkpoint state to resume from (None: a fresh run). The main process checks
+    and claims the directory; the others wait (checking too would race with the claim)."""
     if accelerator.is_main_process:
         state_dir, saved = _prepare_out(cfg, run_id, True)
     accelerator.wait_for_everyone()
@@ -213,142 +321,113 @@ def distill(
         state_dir = Path(cfg.out) / STATE_DIR
         state_file = state_dir / "checkpoint" / "state.json"
         saved = json.loads(state_file.read_text()) if cfg.resume and state_file.is_file() else None
-    teacher_params = sum(p.numel() for p in teacher_adapter.model.parameters()) if api is None else 0
-    api_targets, api_stats = None, None
-    if api is not None:
-        records, api_targets, api_stats = _api_teacher(records, cfg, encoder, state_dir, accelerator)
-        data_id = dataset_fingerprint(records)
-    if cfg.teacher_generate:
-        records = _teacher_responses(teacher_adapter, records, cfg, accelerator)
-        data_id = dataset_fingerprint(records)
+    return state_dir, saved
 
-    cache = None
-    if cfg.cache_teacher is not None:
-        cache = _teacher_cache(teacher_adapter, records, encoder, cfg, teacher_name, data_id, accelerator)
 
-    # projections for the feature losses
+def _trained_module(models: _Models, cfg: DistillConfig) -> tuple[Any, Any]:
+    """The student with the feature losses' learned projections, and its AdamW (no decay on norms, biases and
+    embeddings)."""
+    import torch
+
+    from edgelvm.distill.losses import feature_projection
+
     projections: dict[str, Any] = {}
-    if cfg.feature_weight > 0:
-        from edgelvm.distill.losses import feature_projection
-
-        projections["features"] = feature_projection(
-            student_adapter.text_config.hidden_size, teacher_adapter.text_config.hidden_size
-        )
-    if cfg.hidden_weight > 0:
-        from edgelvm.distill.losses import feature_projection
-
-        projections["hidden"] = feature_projection(
-            student_adapter.text_config.hidden_size, teacher_adapter.text_config.hidden_size
-        )
-    module = _student_module(student_model, projections)
-
+    for name, weight in (("features", cfg.feature_weight), ("hidden", cfg.hidden_weight)):
+        if weight > 0:
+            projections[name] = feature_projection(
+                models.student.text_config.hidden_size, models.teacher.text_config.hidden_size
+            )
+    module = _student_module(models.student.model, projections)
     decay = [p for n, p in module.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in module.named_parameters() if p.ndim < 2 or "embed" in n]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
-    state: dict[str, Any] = {"run": run_id, "step": 0, "history": [], "evals": []}
-    resumed_from = None
-    if saved is not None:
-        state = _load_checkpoint(state_dir / "checkpoint", module, optimizer, saved)
-        resumed_from = state["step"]
-        log.info("resuming %s at step %d", cfg.out, state["step"])
+    return module, optimizer
 
-    module, optimizer = accelerator.prepare(module, optimizer)
-    device = accelerator.device
-    teacher_model = teacher_adapter.model if cache is None and api is None else None
-    if teacher_model is not None:
-        teacher_model.to(device).eval()
-    elif teacher_adapter is not None and not hasattr(teacher, "processor"):
-        teacher_adapter.model = None  # we loaded it: drop it, the student trains without it in memory
-    inner = accelerator.unwrap_model(module)
 
-    from edgelvm.distill.teacher import FeatureTap
+# ------------------------------------------------------------------------------------------------ the loop
 
-    s_tap = FeatureTap(student_adapter.image_feature_module()) if cfg.feature_weight > 0 else None
-    t_tap = FeatureTap(teacher_adapter.image_feature_module()) if (cfg.feature_weight > 0 and cache is None) else None
-    image_token_id = teacher_adapter.image_token()[1] if cfg.visual_kd_weight > 0 else None
-    step_fn = _StepLoss(cfg, inner, teacher_model, cache, s_tap, t_tap, image_token_id, api_targets)
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    pad_id = encoder.tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else 0
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    val = load_jsonl_dataset(cfg.val_data)[: cfg.eval_limit] if cfg.val_data else None
+@dataclass
+class _Loop:
+    cfg: DistillConfig
+    accelerator: Any
+    module: Any
+    optimizer: Any
+    encoder: ConversationEncoder
+    records: list[VQARecord]
+    step_fn: Any
+    state: dict[str, Any]  # step, history, evals: what a checkpoint saves
+    state_dir: Path
+    resumed_from: int | None
+    pad_id: int
+    val: list[VQARecord] | None
+    inner: Any  # the unwrapped module (student + projections)
 
-    progress = _progress(cfg, accelerator)
+    @property
+    def per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
+
+
+def _train_loop(loop: _Loop) -> float:
+    """Optimizer steps until ``cfg.steps`` (or ``stop_after``), logging, evaluating and checkpointing on the way;
+    returns the loop's seconds."""
+    cfg, state = loop.cfg, loop.state
+    progress = _progress(cfg, loop.accelerator)
     task = progress.add_task("distill", total=cfg.steps, completed=state["step"], info="") if progress else None
     t0 = t_loop = time.time()
-    t_first = step_first = state["step"]
+    t_first = state["step"]
     running: dict[str, float] = {}
     with progress or contextlib.nullcontext():
         while state["step"] < cfg.steps:
-            step = state["step"]
-            for g in optimizer.param_groups:
-                g["lr"] = _lr_at(cfg, step)
-            parts: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
-                idx = batch_indices(len(records), cfg.seed, first, cfg.batch_size)
-                batch = collate([encoder.encode(records[i]) for i in idx], idx, pad_id)
-                sync = micro == cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(module), accelerator.autocast():
-                    loss, terms = step_fn(module, batch, device)
-                    accelerator.backward(loss / cfg.grad_accum)
-                for k, v in terms.items():
-                    parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step = step + 1
+            parts = _optimizer_step(loop, state["step"])
+            state["step"] = step = state["step"] + 1
             for k, v in parts.items():
                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
             if step % cfg.log_every == 0 or step == cfg.steps:
-                rate = (step - t_first) * per_step / max(time.time() - t0, 1e-9)
+                rate = (step - t_first) * loop.per_step / max(time.time() - t0, 1e-9)
                 state["history"].append({"step": step, **{k: round(v, 5) for k, v in running.items()}})
                 if progress:
                     info = " ".join(f"{k} {v:.4f}" for k, v in running.items()) + f" | {rate:.1f} samples/s"
                     progress.update(task, completed=step, info=info)
-            if val is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                state["evals"].append({"step": step, **_evaluate(inner.student, encoder, val, device, pad_id)})
-            stopping = cfg.stop_after is not None and step - (resumed_from or 0) >= cfg.stop_after
+            if loop.val is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                scores = _evaluate(loop.inner.student, loop.encoder, loop.val, loop.accelerator.device, loop.pad_id)
+                state["evals"].append({"step": step, **scores})
+            stopping = cfg.stop_after is not None and step - (loop.resumed_from or 0) >= cfg.stop_after
             if (step % cfg.save_every == 0 or stopping) and step < cfg.steps:
                 t0, t_first = time.time(), step  # the rate shown excludes checkpoint writes
-                _save_checkpoint(state_dir / "checkpoint", accelerator, module, optimizer, state)
+                _save_checkpoint(loop.state_dir / "checkpoint", loop.accelerator, loop.module, loop.optimizer, state)
             elif progress:
                 progress.update(task, completed=step)
             if stopping and step < cfg.steps:
                 break
-    loop_seconds = time.time() - t_loop
-    finished = state["step"] >= cfg.steps
-    if val is not None and finished:
-        state["evals"].append({"step": state["step"], **_evaluate(inner.student, encoder, val, device, pad_id)})
+    return time.time() - t_loop
 
-    report = DistillReport(
-        out=str(cfg.out),
-        teacher=teacher_name,
-        student_params=sum(p.numel() for p in inner.student.parameters()),
-        teacher_params=teacher_params,
-        steps=state["step"],
-        samples=state["step"] * per_step,
-        wall_seconds=round(time.time() - t_start, 2),
-        samples_per_second=round((state["step"] - step_first) * per_step / max(loop_seconds, 1e-9), 2),
-        data={"records": len(records), "fingerprint": data_id, "teacher_generate": cfg.teacher_generate},
-        config={"student": student_desc, **cfg.fingerprint()},
-        history=state["history"],
-        evals=state["evals"],
-        resumed_from=resumed_from,
-        finished=finished,
-        teacher_api=None if api_stats is None else {**api_stats, **(api_targets.stats if api_targets else {})},
-    )
-    if accelerator.is_main_process and finished:
-        _save_final(Path(cfg.out), inner.student, encoder.processor, report, state_dir)
-    accelerator.wait_for_everyone()
-    for tap in (s_tap, t_tap):
-        if tap is not None:
-            tap.close()
-    return report
+
+def _optimizer_step(loop: _Loop, step: int) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches (this rank's slice of each global batch); the loss
+    terms averaged over them."""
+    cfg, accelerator, module = loop.cfg, loop.accelerator, loop.module
+    world, rank = accelerator.num_processes, accelerator.process_index
+    for g in loop.optimizer.param_groups:
+        g["lr"] = _lr_at(cfg, step)
+    parts: dict[str, float] = {}
+    for micro in range(cfg.grad_accum):
+        first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
+        idx = batch_indices(len(loop.records), cfg.seed, first, cfg.batch_size)
+        batch = collate([loop.encoder.encode(loop.records[i]) for i in idx], idx, loop.pad_id)
+        sync = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(module), accelerator.autocast():
+            loss, terms = loop.step_fn(module, batch, accelerator.device)
+            accelerator.backward(loss / cfg.grad_accum)
+        for k, v in terms.items():
+            parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return parts
 
 
 # ------------------------------------------------------------------------------------------------ one step's loss
@@ -634,8 +713,6 @@ def _load_checkpoint(path: Path, module: Any, optimizer: Any, saved: dict) -> di
 
 
 def _save_final(out: Path, student: Any, processor: Any, report: DistillReport, state_dir: Path) -> None:
-    from edgelvm.prune.surgery import save_checkpoint_files
-
     """Write the student into ``out`` (each file through a temporary name), the report last, then drop the
     resumable checkpoint (optimizer state is 2x the model)."""
     out.mkdir(parents=True, exist_ok=True)

@@ -49,18 +49,20 @@ class EvalReport:
             "",
             f"data: `{self.data}` — {m['n']} questions, {self.seconds:.0f} s",
             "",
-            "| question type | n | exact match |",
-            "| --- | --- | --- |",
+            "| question type | n | exact match | 95% interval |",
+            "| --- | --- | --- | --- |",
         ]
         for qtype, row in m["per_type"].items():
-            lines.append(f"| {qtype} | {row['n']} | {row['exact_match']:.1%} |")
-        lines.append(f"| **all** | {m['n']} | **{m['exact_match']:.1%}** |")
+            lines.append(f"| {qtype} | {row['n']} | {row['exact_match']:.1%} | {_interval(row)} |")
+        lines.append(f"| **all** | {m['n']} | **{m['exact_match']:.1%}** | {_interval(m)} |")
         if m.get("hallucination_rate") is not None:
+            low, high = m.get("hallucination_rate_ci95") or (float("nan"), float("nan"))
             lines += [
                 "",
                 f'hallucination rate ("yes" to an absent object): {m["hallucination_rate"]:.1%} '
-                f"of {m['n_absent_probes']} probes",
+                f"[{low:.1%}, {high:.1%}] of {m['n_absent_probes']} probes",
             ]
+        lines += ["", "Intervals: 95% percentile bootstrap over questions (2000 resamples)."]
         if "reference" in m:
             r = m["reference"]
             lines += [
@@ -75,6 +77,11 @@ class EvalReport:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "eval.json", json.dumps(self.to_dict(), indent=2) + "\n")
         write_text_atomic(out / "eval.md", self.markdown())
+
+
+def _interval(row: dict[str, Any]) -> str:
+    low, high = row.get("exact_match_ci95") or (float("nan"), float("nan"))
+    return f"{low:.1%} – {high:.1%}"
 
 
 def _progress() -> Any:

@@ -1,4 +1,5 @@
-"""Task metrics for VQA-style data: exact match per question type and the hallucination rate (torch-free)."""
+"""Task metrics for VQA-style data: exact match per question type and the hallucination rate, each with its 95%
+bootstrap interval over questions (torch-free)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from edgelvm.eval.intervals import bootstrap_interval
 
 
 def normalize_answer(text: str) -> str:
@@ -34,16 +37,21 @@ def summarize(items: list[ScoredItem]) -> dict[str, Any]:
     for item in items:
         by_type[item.qtype].append(item)
     absent = [i for i in items if i.absent]
+    said_yes = [normalize_answer(i.prediction) == "yes" for i in absent]
     return {
         "n": len(items),
         "exact_match": sum(i.correct for i in items) / len(items) if items else math.nan,
+        "exact_match_ci95": list(bootstrap_interval([i.correct for i in items])),
         "per_type": {
-            qtype: {"n": len(group), "exact_match": sum(i.correct for i in group) / len(group)}
+            qtype: {
+                "n": len(group),
+                "exact_match": sum(i.correct for i in group) / len(group),
+                "exact_match_ci95": list(bootstrap_interval([i.correct for i in group])),
+            }
             for qtype, group in sorted(by_type.items())
         },
-        "hallucination_rate": (
-            sum(normalize_answer(i.prediction) == "yes" for i in absent) / len(absent) if absent else None
-        ),
+        "hallucination_rate": sum(said_yes) / len(absent) if absent else None,
+        "hallucination_rate_ci95": list(bootstrap_interval(said_yes)) if absent else None,
         "n_absent_probes": len(absent),
     }
 

@@ -17,10 +17,14 @@ from typing import Any, Literal
 import numpy as np
 
 from edgelvm import __version__
-from edgelvm.errors import ConfigError, ExportError
+from edgelvm.devices.fit import plan_for_target
+from edgelvm.devices.profiles import load_profile
+from edgelvm.errors import ConfigError, ExportError, UnsupportedModelError
 from edgelvm.export.external_data import ContentIndex
-from edgelvm.fsutil import make_staging, swap_into_place
+from edgelvm.fsutil import make_staging, prepare_output, swap_into_place
 from edgelvm.manifest import MANIFEST_NAME, Manifest, hash_bundle_files, write_text_atomic
+from edgelvm.models import load_model
+from edgelvm.plan import footprint_from_config, footprint_of_adapter
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,6 @@ class ExportReport:
 
 
 def _prepare_output(out_dir: Path, force: bool, model: Any = None) -> Path:
-    from edgelvm.fsutil import prepare_output
-
     sources = [model if isinstance(model, (str, Path)) else None, getattr(model, "source", None)]
     return prepare_output(out_dir, force=force, inputs=sources, option="-o", error=ExportError)
 
@@ -77,8 +79,7 @@ def _prepare_output(out_dir: Path, force: bool, model: Any = None) -> Path:
 def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) -> ExportReport:
     """Export ``model`` (a checkpoint path / hub id, or a loaded :class:`~edgelvm.models.base.VLMAdapter`)."""
     from edgelvm.export.onnx_graphs import export_decoder, export_embedding_table, export_vision
-    from edgelvm.models import load_model
-    from edgelvm.quantize.export import quantization_recipe, quantized_graph_rewrites
+    from edgelvm.export.quantized import quantization_recipe, quantized_graph_rewrites
 
     config = config or ExportConfig()
     if config.dtype not in ("fp32", "fp16"):
@@ -189,7 +190,6 @@ def toolchain_versions() -> dict[str, str]:
 
 
 def _export_fused(adapter: Any, path: Path, kv: Any, config: ExportConfig, index: ContentIndex) -> Any:
-    from edgelvm.errors import ExportError, UnsupportedModelError
     from edgelvm.export.onnx_graphs import export_fused_decoder
 
     if config.decoder == "portable":
@@ -218,10 +218,6 @@ def _export_fused(adapter: Any, path: Path, kv: Any, config: ExportConfig, index
 def _plan_target(adapter: Any, kv: Any, config: ExportConfig) -> Any:
     """Fit check for ``config.target`` with the byte counts of what this export will write: the loaded graphs'
     parameters (the embedding table excluded: the runtime memory-maps it) in ``config.dtype``."""
-    from edgelvm.devices.fit import plan_for_target
-    from edgelvm.devices.plan import footprint_of_adapter
-    from edgelvm.devices.profiles import load_profile
-
     footprint = footprint_of_adapter(adapter)
     arguments = footprint.fit_arguments(
         precision=config.dtype, vision_precision=config.dtype, max_length=kv.max_length, kv_dtype=kv.dtype
@@ -234,10 +230,6 @@ def _plan_target(adapter: Any, kv: Any, config: ExportConfig) -> Any:
 def _plan_target_from_config(model: str | Path, config: ExportConfig) -> Any:
     """The same fit check from the checkpoint's config alone (``edgelvm plan``'s numbers), so that a model that
     cannot fit is refused in about a second instead of after loading its weights."""
-    from edgelvm.devices.fit import plan_for_target
-    from edgelvm.devices.plan import footprint_from_config
-    from edgelvm.devices.profiles import load_profile
-
     profile = load_profile(config.target, config.profiles_dir)  # an unknown name fails before the config is read
     footprint = footprint_from_config(model)
     if footprint.notes:  # the weights disagree with the config (e.g. pruned): only the loaded model's count holds

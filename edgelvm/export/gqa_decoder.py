@@ -32,6 +32,7 @@ import numpy as np
 
 from edgelvm.export.external_data import ContentIndex, WeightWriter
 from edgelvm.manifest import GraphSpec, KVCacheSpec, TensorSpec
+from edgelvm.models.checkpoint.codes import Int4Weight
 from edgelvm.models.llama_family import DecoderWeights
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ def build_gqa_decoder(
         """``x @ W``: MatMulNBits when the weight is INT4, else a plain MatMul."""
         if q4 is None:
             return node("MatMul", [x, init(name, dense)], [out])[0]
-        from edgelvm.quantize.int4 import matmul_nbits_node
-
         qnode, q_inits = matmul_nbits_node(name, x, out, q4, accuracy_level)
         nodes.append(qnode)
         inits.extend(writer.tensor(t.name, numpy_helper.to_array(t)) for t in q_inits)
@@ -196,3 +195,33 @@ def build_gqa_decoder(
     log.info("fused decoder: %d nodes", len(nodes))
     precision = "int4" if any(layer.int4 for layer in w.layers) else "fp32"
     return GraphSpec(file=path.name, kind="onnx-ort-gqa", precision=precision, inputs=spec_in, outputs=spec_out)
+
+
+def matmul_nbits_node(
+    name: str, activation: str, output: str, weight: Int4Weight, accuracy_level: int = 0
+) -> tuple[object, list[object]]:
+    """An ONNX ``com.microsoft.MatMulNBits`` node and its initializers for ``activation @ weight``."""
+    from onnx import helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(weight.packed, f"{name}.q4"),
+        numpy_helper.from_array(weight.scales.reshape(-1), f"{name}.scales"),
+    ]
+    inputs = [activation, f"{name}.q4", f"{name}.scales"]
+    zp = weight.zero_points_packed()
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp, f"{name}.zp"))
+        inputs.append(f"{name}.zp")
+    node = helper.make_node(
+        "MatMulNBits",
+        inputs,
+        [output],
+        name=name,
+        domain="com.microsoft",
+        K=weight.k,
+        N=weight.n,
+        bits=4,
+        block_size=weight.block_size,
+        accuracy_level=accuracy_level,
+    )
+    return node, inits

@@ -21,9 +21,11 @@ import torch
 
 from edgelvm.errors import ExportError
 from edgelvm.export.external_data import ContentIndex, save_npy_aligned, share_external_data
+from edgelvm.export.gqa_decoder import build_gqa_decoder
 from edgelvm.export.rewrite import GraphRewrite
 from edgelvm.manifest import GraphSpec, KVCacheSpec, TensorSpec
 from edgelvm.models.base import VLMAdapter
+from edgelvm.models.checkpoint.activations import float_activations
 from edgelvm.runtime.session_settings import SessionSettings
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ def _export(
     weight_bytes: int,
 ) -> None:
     """Run the dynamo exporter quietly (it prints progress to stdout) and save, with external data if large."""
-    from edgelvm.quantize.activations import float_activations
-
     sink = io.StringIO()
     # the float graph is traced (the rewrite adds the QDQ); a loaded W8A8 checkpoint's quantizers are off meanwhile
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), float_activations(module):
@@ -296,8 +296,6 @@ def export_fused_decoder(
 ) -> GraphSpec:
     """The ONNX Runtime–fused decoder (in-place KV, GroupQueryAttention), checked against the PyTorch decoder on a
     right-padded two-row prompt and a decode step. Weights ``index`` knows are shared, not written again."""
-    from edgelvm.export.gqa_decoder import build_gqa_decoder
-
     spec = build_gqa_decoder(adapter.decoder_weights(kv.max_length), kv, path, accuracy_level, index)
     module = adapter.decoder_module()
     session = _ort_session(path, prepack=spec.precision != "fp32")

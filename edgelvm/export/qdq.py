@@ -4,9 +4,10 @@ weight-only as block-wise DequantizeLinear.
 Why rewrite the traced graph instead of tracing a quantized torch module: the float graph already passed export
 parity, and QDQ is the one form every backend reads — TensorRT's explicit quantization builds integer kernels from
 Q/DQ pairs, ONNX Runtime's QDQ fusions do the same on CPU — while a torch fake-quant module traces into ops neither
-recognises. The writers never invent numerics: every value comes from the quantize stage's representations
-(:class:`~edgelvm.quantize.int8.Int8Linear`, :class:`~edgelvm.quantize.int4.Int4Weight`), so the graph computes
-exactly what the torch-side reference computes with dequantized weights (and fake-quantized inputs for INT8).
+recognises. The writers never invent numerics: every value comes from the checkpoint's integer representations
+(:class:`~edgelvm.models.checkpoint.codes.Int8Linear`, :class:`~edgelvm.models.checkpoint.codes.Int4Weight`), so the
+graph computes exactly what the torch-side reference computes with dequantized weights (and fake-quantized inputs
+for INT8).
 
 Which node is which ``nn.Linear`` comes from the dynamo exporter's node metadata: ``pkg.torch.onnx.name_scopes``
 (the module path is its second-to-last entry) and ``pkg.torch.onnx.class_hierarchy`` (ending in
@@ -30,8 +31,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-    from edgelvm.quantize.int4 import Int4Weight
-    from edgelvm.quantize.int8 import Int8Linear
+    from edgelvm.models.checkpoint.codes import Int4Weight, Int8Linear
 
 __all__ = [
     "WriteResult",

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 from edgelvm.errors import ExportError, UnsupportedModelError
 from edgelvm.manifest import KVCacheSpec, PreprocessSpec, TokenizerSpec
+from edgelvm.models.checkpoint.activations import install_checkpoint_quantizers
+from edgelvm.models.checkpoint.pruned import is_pruned, load_pruned
 from edgelvm.models.param_counts import ParameterCounts
 
 log = logging.getLogger(__name__)
@@ -96,15 +98,11 @@ class VLMAdapter(ABC):
 
         _require_processor_files(source)
         torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-        if _is_pruned(source):  # shapes no transformers config can describe: see edgelvm.prune.surgery
-            from edgelvm.prune.surgery import load_pruned
-
+        if is_pruned(source):  # shapes no transformers config can describe: see edgelvm.models.checkpoint.pruned
             adapter = load_pruned(cls, source, torch_dtype)
         else:
             model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype).eval()
             adapter = cls(model, cls.load_processor(source), source=source)
-        from edgelvm.quantize.activations import install_checkpoint_quantizers
-
         install_checkpoint_quantizers(adapter)  # W8A8 checkpoints: the A8 half (what their INT8 graphs compute)
         return adapter
 
@@ -120,6 +118,12 @@ class VLMAdapter(ABC):
         adapter.model, adapter.processor, adapter.source = SimpleNamespace(config=config), None, source
         VLMAdapter._check_text_model(adapter)
         return adapter
+
+    @classmethod
+    def plain_config_layout(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """config.json as transformers' config class would lay it out, for the torch-free reader
+        (:mod:`edgelvm.models.config_json`); families whose hub configs use an older layout override this."""
+        return raw
 
     @classmethod
     def load_processor(cls, source: str) -> Any:
@@ -278,10 +282,10 @@ class VLMAdapter(ABC):
     def decoder_module(self) -> Any:
         """The torch module the decoder graphs are traced from and checked against: ``(inputs_embeds,
         attention_mask [batch, past + seq], position_ids, *past) -> (last logits, *present)``
-        (:class:`~edgelvm.export.wrappers.DecoderForExport`), with the language model at ``.language_model`` (graph
-        rewrites find its layers by that prefix). A family whose decoder masks or offsets positions differently
+        (:class:`~edgelvm.models.export_wrappers.DecoderForExport`), with the language model at ``.language_model``
+        (graph rewrites find its layers by that prefix). A family whose decoder masks or offsets positions differently
         returns its own module with that interface; the manifest says so as data (:meth:`attention_kind`)."""
-        from edgelvm.export.wrappers import DecoderForExport
+        from edgelvm.models.export_wrappers import DecoderForExport
 
         return DecoderForExport(self.language_model(), self.lm_head(), self.text_config).eval()
 
@@ -423,13 +427,6 @@ def preprocess_spec_from_image_processor(
         image_token_id=image_token_id,
         tokens_per_image=tokens,
     )
-
-
-def _is_pruned(source: str) -> bool:
-    import json
-
-    config = Path(source) / "config.json"
-    return config.is_file() and "edgelvm_pruning" in json.loads(config.read_text())
 
 
 def _require_processor_files(source: str) -> None:

@@ -101,7 +101,7 @@ class _Modules:
     def decoder(language_model: Any, lm_head: Any, config: Any) -> Any:
         import torch
 
-        from edgelvm.export.wrappers import DecoderForExport
+        from edgelvm.models.export_wrappers import DecoderForExport
 
         class IdeficsDecoder(DecoderForExport):
             """``(inputs_embeds, attention_mask, position_ids, cross_states [B, I, L, D], cross_mask [B, S, I],

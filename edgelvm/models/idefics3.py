@@ -9,7 +9,7 @@ graph is ``[views, 3, tile, tile] -> [views, image_seq_len, text hidden]`` (towe
 projection: ``get_image_features`` for full tiles, whose ``pixel_attention_mask`` is all ones). The splitting, the
 per-image prompt (``<fake_token_around_image>``, ``<row_i_col_j>``, ``<global-img>``, newlines and the image tokens)
 and their token ids are plain data in the manifest (``preprocess.tiling = "split"``,
-:class:`~edgelvm.runtime.image_splitting.ImageSplittingRule`). Positions are plain 1-D.
+:class:`~edgelvm.runtime.images.image_splitting.ImageSplittingRule`). Positions are plain 1-D.
 
 ``SmolVLMProcessor`` holds a video processor, which transformers only builds with torchvision. Where
 ``AutoProcessor`` fails for that reason, :meth:`Idefics3Adapter.load_processor` loads the processor without one
@@ -161,7 +161,7 @@ class Idefics3Adapter(LlavaAdapter):
         return [int(i) for i in ids[len(head) : len(ids) - len(tail)]]
 
     def preprocess_spec(self) -> PreprocessSpec:
-        from edgelvm.runtime.image_splitting import ImageSplittingRule  # plain numpy: the runtime's description
+        from edgelvm.runtime.images.image_splitting import ImageSplittingRule  # plain numpy: the runtime's description
 
         ip = self.processor.image_processor
         tile, seq = self._geometry()

@@ -18,6 +18,7 @@ from typing import Any
 from edgelvm.manifest import PreprocessSpec
 from edgelvm.models.base import ScaleGroup
 from edgelvm.models.blip2 import Blip2Adapter
+from edgelvm.models.checkpoint.quantized import fused_decoder_int4
 
 #: The Q-Former tokenizer's file in the bundle.
 VISION_TEXT_TOKENIZER = "vision_text_tokenizer.json"
@@ -114,7 +115,6 @@ class InstructBlipAdapter(Blip2Adapter):
         if not self._is_llama():
             return super().decoder_weights(max_length)  # raises: OPT has no fused decoder
         from edgelvm.models.llama_family import describe_llama_decoder
-        from edgelvm.quantize.api import fused_decoder_int4
 
         int4 = fused_decoder_int4(self.config, self.source)
         return describe_llama_decoder(self.language_model(), self.lm_head(), self.text_config, max_length, int4)

@@ -7,7 +7,7 @@ Linear, GELU, Linear) → a Qwen2 or Llama language model. The vision graph is t
 
 Images are tiled dynamically (``GotOcr2ImageProcessor`` with ``crop_to_patches``, which ``InternVLProcessor`` turns
 on): a grid of tiles chosen by aspect ratio (up to ``max_patches``), plus a thumbnail last. The rule is plain data
-in the manifest (``preprocess.tiling = "dynamic_tiles"``, ``runtime/dynamic_tiles.py``). In the prompt the chat
+in the manifest (``preprocess.tiling = "dynamic_tiles"``, ``runtime/images/dynamic_tiles.py``). In the prompt the chat
 template writes ``<IMG_CONTEXT>`` per image; the processor expands it to ``<img>`` + ``<IMG_CONTEXT>`` x (tokens per
 tile x views) + ``</img>``, and the features fill the ``<IMG_CONTEXT>`` positions. The manifest's image token is
 ``<IMG_CONTEXT>`` (placeholder and feature positions alike); ``<img>`` / ``</img>`` ids are in ``tiling_params``.
@@ -82,8 +82,8 @@ class _InternVLVisionEncoder:
 
 
 class _HeadCount:
-    """An InternVL vision attention as :func:`edgelvm.prune.surgery.apply_plan` patches it: setting ``num_heads``
-    also sets ``embed_dim`` (its forward reshapes the heads' output to ``embed_dim``)."""
+    """An InternVL vision attention as :func:`edgelvm.models.checkpoint.pruned.cut_heads` patches it: setting
+    ``num_heads`` also sets ``embed_dim`` (its forward reshapes the heads' output to ``embed_dim``)."""
 
     def __init__(self, attention: Any) -> None:
         self.attention = attention
@@ -194,7 +194,7 @@ class InternVLAdapter(LlavaAdapter):
         return {name: merged.get(name, getattr(ip, name)) for name in ("crop_to_patches", "min_patches", "max_patches")}
 
     def preprocess_spec(self) -> PreprocessSpec:
-        from edgelvm.runtime.dynamic_tiles import DynamicTilesRule  # plain numpy: the runtime's own rule
+        from edgelvm.runtime.images.dynamic_tiles import DynamicTilesRule  # plain numpy: the runtime's own rule
 
         spec = super().preprocess_spec()  # each view: exact resize (a no-op on tiles) → rescale → normalize
         tile, tokens = self._geometry()

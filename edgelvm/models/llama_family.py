@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgelvm.errors import UnsupportedModelError
+from edgelvm.models.checkpoint.codes import concat_columns
 
 #: Rope variants whose cos/sin depend only on the position (so they can be tabulated once).
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn", "longrope"}
@@ -34,8 +35,8 @@ class LayerWeights:
     gate: np.ndarray  # [hidden, intermediate]
     up: np.ndarray  # [hidden, intermediate]
     down: np.ndarray  # [intermediate, hidden]
-    #: INT4 versions of "qkv", "o_proj", "gate_up", "down" (edgelvm.quantize.int4.Int4Weight), when quantized; q/k/v
-    #: and gate/up are side by side there (one MatMulNBits each: small INT4 matmuls are overhead-bound)
+    #: INT4 versions of "qkv", "o_proj", "gate_up", "down" (edgelvm.models.checkpoint.codes.Int4Weight), when quantized;
+    #: q/k/v and gate/up are side by side there (one MatMulNBits each: small INT4 matmuls are overhead-bound)
     int4: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,8 +59,6 @@ def _np(tensor: Any) -> np.ndarray:
 
 
 def _layer_int4(int4: dict[str, Any], i: int) -> dict[str, Any]:
-    from edgelvm.quantize.int4 import concat_columns
-
     parts = {
         "qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         "o_proj": ["self_attn.o_proj"],

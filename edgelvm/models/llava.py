@@ -10,6 +10,7 @@ from typing import Any
 
 from edgelvm.errors import ExportError
 from edgelvm.models.base import AttentionBlock, MLPBlock, VLMAdapter, qkvo_attention_blocks
+from edgelvm.models.checkpoint.quantized import fused_decoder_int4
 
 
 class LlavaLayout:
@@ -113,7 +114,6 @@ class LlavaAdapter(LlavaLayout, VLMAdapter):
 
     def decoder_weights(self, max_length: int) -> Any:
         from edgelvm.models.llama_family import describe_llama_decoder
-        from edgelvm.quantize.api import fused_decoder_int4
 
         int4 = fused_decoder_int4(self.config, self.source)
         return describe_llama_decoder(self.language_model(), self.lm_head(), self.text_config, max_length, int4)

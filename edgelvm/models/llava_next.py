@@ -6,7 +6,7 @@ differs is how an image becomes features: a base view plus the tiles of a high-r
 from ``image_grid_pinpoints`` by the image's size; the tiles' feature maps are stitched, unpadded to the image's
 aspect ratio, and closed row by row with the learned ``image_newline`` vector. The vision graph stays LLaVA's
 (``[views, 3, H, W] -> [views, T, E]``); the tiling, unpadding and newline rows are plain data in the manifest
-(``preprocess.tiling = "anyres"``) that the runtime applies in numpy (``edgelvm/runtime/tiling.py``), with
+(``preprocess.tiling = "anyres"``) that the runtime applies in numpy (``edgelvm/runtime/images/tiling.py``), with
 ``image_newline.npy`` shipped in the bundle. Positions are plain 1-D.
 """
 
@@ -72,7 +72,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return int(tile), base, vc.image_size // vc.patch_size
 
     def preprocess_spec(self) -> PreprocessSpec:
-        from edgelvm.runtime.tiling import AnyresRule  # plain numpy: the runtime's own description of the rule
+        from edgelvm.runtime.images.tiling import AnyresRule  # plain numpy: the runtime's own description of the rule
 
         spec = super().preprocess_spec()  # each view: resize → crop → rescale → normalize, like LLaVA's image
         tile, base, side = self._tiling_geometry()

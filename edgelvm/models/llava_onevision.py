@@ -7,8 +7,8 @@ LLaVA-NeXT's, so everything but the image rule is inherited from
 rule differs in one step: ``vision_aspect_ratio = "anyres_max_N"`` — after the tiles' feature grid is unpadded, a grid
 of more than about ``N`` tiles' worth of features is bilinearly downscaled (``pack_image_features``), and the
 processor counts tokens to match. The manifest says ``preprocess.tiling = "anyres_max"`` with ``max_num_patches``
-in ``tiling_params`` (:class:`~edgelvm.runtime.tiling.AnyresMaxRule`); the views (base view = the whole image resized
-to the tile size, then the tiles of the padded best-resolution copy) are LLaVA-NeXT's.
+in ``tiling_params`` (:class:`~edgelvm.runtime.images.tiling.AnyresMaxRule`); the views (base view = the whole
+image resized to the tile size, then the tiles of the padded best-resolution copy) are LLaVA-NeXT's.
 
 Scope: one image per prompt (a batch of requests may each have one). For a prompt of several images transformers
 switches to its multi-image layout (each image padded to a square with the mean colour, one untiled view, one
@@ -81,7 +81,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             )
 
     def preprocess_spec(self) -> PreprocessSpec:
-        from edgelvm.runtime.tiling import AnyresMaxRule  # plain numpy: the runtime's own description of the rule
+        from edgelvm.runtime.images.tiling import AnyresMaxRule  # plain numpy: the runtime's description of the rule
 
         spec = super().preprocess_spec()  # LLaVA-NeXT's views and per-view steps
         tile, base, side = self._tiling_geometry()

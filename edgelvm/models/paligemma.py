@@ -58,7 +58,7 @@ def _prefix_lm_decoder(language_model: Any, lm_head: Any, text_config: Any) -> A
     """The decoder module with PaliGemma's masking, position offset and logit soft-capping (see the module doc)."""
     import torch
 
-    from edgelvm.export.wrappers import DecoderForExport
+    from edgelvm.models.export_wrappers import DecoderForExport
 
     class PrefixLMDecoder(DecoderForExport):
         """``DecoderForExport``'s interface; every token of a step attends to every real token of the cache and of

@@ -3,7 +3,7 @@
 An image is resized to a multiple of ``patch_size * merge_size`` pixels within ``[min_pixels, max_pixels]``
 (``smart_resize``) and cut into patches; the tower sees *all* patches of one image (its own grid, no fixed size) and
 the merger turns every ``merge_size²`` neighbouring patches into one language-model token, so an image's token count
-is ``grid_h * grid_w / merge_size²``. The runtime does this in numpy (``runtime/native_resolution.py``, manifest
+is ``grid_h * grid_w / merge_size²``. The runtime does this in numpy (``runtime/images/native_resolution.py``, manifest
 ``preprocess.tiling = "native"``) and runs the vision graph once per image.
 
 The vision graph is an export-friendly rewrite of the tower for ONE image (transformers' forward splits a packed
@@ -15,8 +15,9 @@ the tower's own modules and weights (patch embedding, rotary table, blocks, merg
 Positions are M-RoPE: every token has a (temporal, height, width) position; text tokens have three equal ones, an
 image's tokens their grid coordinates offset by the text before them, and text after an image continues from the
 largest position + 1 (``get_rope_index``). The decoder graph takes ``position_ids [3, B, S]`` and the runtime
-computes them (``runtime/positions.py``, manifest ``positions.kind = "mrope"``). The language model is Qwen2-shaped
-(RMSNorm, SwiGLU, GQA, q/k/v biases) but rotates by 3-D positions, so only the portable decoder is exported.
+computes them (``runtime/images/positions.py``, manifest ``positions.kind = "mrope"``). The language model is
+Qwen2-shaped (RMSNorm, SwiGLU, GQA, q/k/v biases) but rotates by 3-D positions, so only the portable decoder is
+exported.
 
 Qwen2.5-VL (``qwen2_5_vl``, :class:`Qwen25VLAdapter`) is the same layout with window attention in the tower: the
 graph also takes ``window_index`` / ``window_ids`` (computed by the runtime from ``tiling_params.window_size``).
@@ -41,6 +42,7 @@ from edgelvm.models.base import (
     VLMAdapter,
     qkvo_attention_blocks,
 )
+from edgelvm.models.config_json import move_flat_fields
 from edgelvm.models.processors import load_processor_without_video
 
 #: Graph input names of the vision graph, in order (the runtime's native-resolution rule produces the second one).
@@ -118,6 +120,12 @@ class Qwen2VLAdapter(VLMAdapter):
     model_types = ("qwen2_vl",)
     #: The family's name in messages.
     display_name = "Qwen2-VL"
+
+    @classmethod
+    def plain_config_layout(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Qwen2-VL's hub configs are flat: the text model's fields sit at the top level (transformers moves them
+        into ``text_config`` when it builds the config; so does this)."""
+        return move_flat_fields(raw, "text_config")
 
     @classmethod
     def load_processor(cls, source: str) -> Any:
@@ -247,7 +255,7 @@ class Qwen2VLAdapter(VLMAdapter):
         return None
 
     def _native_rule(self) -> Any:
-        from edgelvm.runtime.native_resolution import NativeResolutionRule  # plain numpy: the runtime's own rule
+        from edgelvm.runtime.images.native_resolution import NativeResolutionRule  # plain numpy: the runtime's own rule
 
         ip = self.processor.image_processor
         return NativeResolutionRule(

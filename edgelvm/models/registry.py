@@ -49,6 +49,12 @@ def adapter_for_model_type(model_type: str, *, where: str | Path | None = None) 
 
 def read_model_type(model_dir: str | Path) -> str:
     """``model_type`` from ``config.json`` without importing transformers (so errors are fast and clear)."""
+    return read_config_json(model_dir)["model_type"]
+
+
+def read_config_json(model_dir: str | Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint directory as a dict holding a string ``model_type``; every defect (missing,
+    truncated, not an object, no model_type) is an :class:`~edgelvm.errors.ExportError`."""
     path = Path(model_dir)
     if not path.exists():
         raise ExportError(
@@ -78,12 +84,11 @@ def read_model_type(model_dir: str | Path) -> str:
             where=config_path,
             fix="this must be a transformers config.json",
         )
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str):
+    if not isinstance(config.get("model_type"), str):
         raise ExportError(
             "field 'model_type' is missing", where=config_path, fix="this must be a transformers config.json"
         )
-    return model_type
+    return config
 
 
 def _is_local(model: str | Path) -> bool:

@@ -1,9 +1,18 @@
 """``edgelvm prune``: structured removal of attention heads (vision and language, GQA-aware) and MLP neurons.
 
-Public surface: :func:`prune`, :class:`PruneConfig`, :class:`PruneReport`.
+Public surface: :func:`prune`, :class:`PruneConfig`, :class:`PruneReport`, and the importance callables
+(:mod:`edgelvm.prune.importance`: any ``(adapter, batches) -> Scores`` works).
 """
 
 from edgelvm.prune.config import PruneConfig, PruneReport
+from edgelvm.prune.importance import (
+    ActivationImportance,
+    GradientImportance,
+    MagnitudeImportance,
+    RandomImportance,
+    Scores,
+    importance_by_name,
+)
 
 
 def prune(*args, **kwargs):
@@ -13,4 +22,14 @@ def prune(*args, **kwargs):
     return _prune(*args, **kwargs)
 
 
-__all__ = ["PruneConfig", "PruneReport", "prune"]
+__all__ = [
+    "ActivationImportance",
+    "GradientImportance",
+    "MagnitudeImportance",
+    "PruneConfig",
+    "PruneReport",
+    "RandomImportance",
+    "Scores",
+    "importance_by_name",
+    "prune",
+]

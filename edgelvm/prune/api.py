@@ -1,4 +1,7 @@
-"""``prune(model, calib_data, PruneConfig) -> PruneReport``: score, plan, cut, (recover), save."""
+"""``prune(model, calib_data, PruneConfig) -> PruneReport``: score, plan, cut, (recover), save.
+
+Scoring calls ``config.importance(adapter, batches)`` — an injected callable (:mod:`edgelvm.prune.importance`) —
+with the calibration batches this module iterates (or None for a data-free importance)."""
 
 from __future__ import annotations
 
@@ -41,11 +44,12 @@ def model_stats(adapter: Any) -> dict[str, Any]:
 def prune(model: str | Path | Any, calib_data: str | Path | list | None, config: PruneConfig | None = None):
     """Prune heads and MLP neurons of ``model`` (checkpoint path or adapter); writes a checkpoint to ``config.out``
     that :func:`edgelvm.models.load_model` (and ``edgelvm export``) reload. Returns the report."""
-    from edgelvm.calibration.dataset import load_calibration_set
+    from edgelvm.calibration.dataset import iter_labeled_batches, load_calibration_set
     from edgelvm.models import load_model
+    from edgelvm.models.checkpoint.pruned import shapes
     from edgelvm.prune import importance as imp
     from edgelvm.prune.plan import PrunePlan, plan_heads, plan_neurons
-    from edgelvm.prune.surgery import apply_plan, save_pruned, shapes
+    from edgelvm.prune.surgery import apply_plan, save_pruned
 
     cfg = config or PruneConfig()
     cfg.validate()
@@ -57,17 +61,20 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
     adapter = model if hasattr(model, "processor") else load_model(str(model))
     adapter.check_stage("prune", cfg, calib_data)  # what this family cannot prune, said before any work
     source = str(getattr(adapter, "source", "") or model)
-    needs_data = cfg.importance in ("activation", "gradient") or cfg.recover_steps > 0
+    importance_name = imp.importance_name(cfg.importance)
+    scores_need_data = getattr(cfg.importance, "needs_data", True)
     records: list = []
-    if needs_data:
+    calib = None
+    if scores_need_data or cfg.recover_steps > 0:
         if calib_data is None:
             raise ConfigError(
-                f"importance {cfg.importance!r} / recovery needs calibration data",
+                f"importance {importance_name!r} / recovery needs calibration data",
                 where="--calib",
                 fix="pass a jsonl dataset (or 'shapes'), or use --importance magnitude",
             )
         # the quantize stage's resolver: a jsonl dataset, a list of records, or "shapes"; calib_limit of them
-        records = load_calibration_set(calib_data, cfg.calib_limit, cfg.seed).records
+        calib = load_calibration_set(calib_data, cfg.calib_limit, cfg.seed)
+        records = calib.records
 
     # plan first (cheap): an impossible ratio fails before any calibration work
     blocks = adapter.attention_blocks()
@@ -76,13 +83,12 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
         plan_heads(_dummy(b.heads), b.heads, b.kv_heads, ratios[b.side], cfg.gqa, f"{b.side} layer {b.layer}")
 
     before = model_stats(adapter)
-    if cfg.importance == "magnitude":
-        scores = imp.magnitude_scores(adapter)
-    elif cfg.importance == "random":
-        scores = imp.random_scores(adapter, cfg.seed)
+    if scores_need_data:  # the data loop is ours; the importance only sees the batches
+        scores = _with_progress(cfg, len(records), lambda tick: cfg.importance(
+            adapter, _ticking(iter_labeled_batches(adapter, calib, cfg.batch_size), tick)))  # fmt: skip
+        scores.calibration = {"records": len(records), "sha256": calib.sha256}
     else:
-        scores = _with_progress(cfg, len(records), lambda tick: imp.calibration_scores(
-            adapter, records, cfg.importance, cfg.batch_size, tick))  # fmt: skip
+        scores = cfg.importance(adapter, None)
 
     plan = PrunePlan()
     for b in blocks:
@@ -108,14 +114,17 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
         result["report"] = PruneReport(
             out=str(out),
             source=source,
-            importance=cfg.importance,
+            importance=importance_name,
             calibration=scores.calibration,
             before=before,
             after=after,
             kept={**shapes(adapter), "dropped_blocks": dropped},
             recovery=recovery,
             scores_file=SCORES,
-            config={k: v for k, v in vars(cfg).items() if k not in ("out", "progress", "force")},
+            config={
+                **{k: v for k, v in vars(cfg).items() if k not in ("out", "progress", "force")},
+                "importance": importance_name,
+            },
         )
         result["report"].write(stage / REPORT)
 
@@ -126,7 +135,8 @@ def prune(model: str | Path | Any, calib_data: str | Path | list | None, config:
 
 def _drop_blocks(adapter: Any, scores: Any, counts: dict[str, int]) -> dict[str, list[int]]:
     """Drop each tower's ``counts[side]`` least influential blocks (lowest mean 1 - cos(input, output))."""
-    from edgelvm.prune.surgery import drop_blocks, write_record
+    from edgelvm.models.checkpoint.pruned import write_record
+    from edgelvm.prune.surgery import drop_blocks
 
     dropped: dict[str, list[int]] = {}
     for side, n in counts.items():
@@ -168,6 +178,14 @@ def _dummy(n: int) -> Any:
     import numpy as np
 
     return np.zeros(n)
+
+
+def _ticking(batches: Any, tick: Any) -> Any:
+    """``batches`` unchanged, advancing the progress bar by each batch's rows after it was used."""
+    for batch in batches:
+        yield batch
+        if tick:
+            tick(batch[2])
 
 
 def _with_progress(cfg: PruneConfig, total: int, work: Any) -> Any:

@@ -43,6 +43,7 @@ def prune_command(
     from rich.console import Console
 
     from edgelvm.prune import PruneConfig, prune
+    from edgelvm.prune.importance import importance_by_name
 
     report = prune(
         model,
@@ -55,7 +56,7 @@ def prune_command(
             text_mlp=text_mlp,
             vision_drop_layers=vision_drop_layers,
             text_drop_layers=text_drop_layers,
-            importance=importance,
+            importance=importance_by_name(importance),
             gqa=gqa,
             mlp_ranking=mlp_ranking,
             calib_limit=calib_limit,

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from edgelvm.errors import ConfigError
+from edgelvm.prune.importance import ActivationImportance, Importance, importance_by_name
 
-IMPORTANCE = ("activation", "gradient", "magnitude", "random")
 GQA_MODES = ("per_group", "kv_groups", "expand")
 RANKINGS = ("uniform", "global")
 
@@ -25,7 +25,10 @@ class PruneConfig:
     text_mlp: float = 0.0
     vision_drop_layers: int = 0  # depth: remove this many whole blocks (lowest 1 - cos(block input, output))
     text_drop_layers: int = 0
-    importance: str = "activation"  # activation (Minitron) | gradient (Michel et al. head mask) | magnitude | random
+    #: a callable ``(adapter, batches) -> Scores`` (:mod:`edgelvm.prune.importance`): ActivationImportance
+    #: (Minitron), GradientImportance (Michel et al. head mask), MagnitudeImportance, RandomImportance, or your own;
+    #: a built-in's name is accepted as shorthand (``importance_by_name``)
+    importance: Importance | str = field(default_factory=ActivationImportance)
     gqa: str = "per_group"  # per_group: the same query heads from every KV group | kv_groups: whole groups | expand
     mlp_ranking: str = "uniform"  # uniform: the same fraction per layer | global: one ranking across a tower's layers
     calib_limit: int = 256
@@ -46,16 +49,24 @@ class PruneConfig:
                     where="PruneConfig",
                     fix=f"give {name} as a fraction to remove, 0 <= {name} < 1 (e.g. 0.25)",
                 )
-        for name, allowed in (("importance", IMPORTANCE), ("gqa", GQA_MODES), ("mlp_ranking", RANKINGS)):
+        if isinstance(self.importance, str):
+            self.importance = importance_by_name(self.importance, self.seed)
+        if not callable(self.importance):
+            raise ConfigError(
+                f"importance {self.importance!r} is not callable",
+                where="PruneConfig.importance",
+                fix="pass e.g. ActivationImportance() or a function (adapter, batches) -> Scores",
+            )
+        for name, allowed in (("gqa", GQA_MODES), ("mlp_ranking", RANKINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"{name}={getattr(self, name)!r} is unknown", where="PruneConfig", fix=f"use one of {allowed}"
                 )
         if self.vision_drop_layers < 0 or self.text_drop_layers < 0:
             raise ConfigError("layers to drop must be >= 0", where="PruneConfig", fix="use 0 to keep every block")
-        if (self.vision_drop_layers or self.text_drop_layers) and self.importance == "magnitude":
+        if (self.vision_drop_layers or self.text_drop_layers) and not getattr(self.importance, "scores_blocks", True):
             raise ConfigError(
-                "depth pruning scores blocks on calibration data; magnitude importance has none",
+                "depth pruning scores blocks on calibration data; this importance scores none",
                 where="PruneConfig.importance",
                 fix="use --importance activation (or gradient / random) with --*-drop-layers",
             )

@@ -1,5 +1,11 @@
 """Importance of every attention head and MLP neuron, from calibration data or from the weights.
 
+An importance is any callable ``importance(adapter, batches) -> Scores`` (Torch-Pruning's injected importance):
+``batches`` yields ``(model inputs, labels, rows)`` — the caller owns the data loop — or is None for a data-free
+one. Optional attributes: ``name`` (for the report), ``needs_data`` (default True), ``scores_blocks`` (whether it
+scores whole blocks for depth pruning; default True). The built-ins, by the name the CLI gives them
+(:data:`IMPORTANCES`, :func:`importance_by_name`):
+
 - ``activation`` (Minitron): at the input of ``o_proj`` (per head) and of ``down_proj``/``fc2`` (per neuron), the
   mean ``|x|`` over a sample's valid positions, then the L2 norm over samples; a head's score is the L2 norm of
   its channels' scores.
@@ -11,10 +17,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
+
+from edgelvm.errors import ConfigError
 
 
 @dataclass
@@ -148,18 +157,15 @@ class _Collector:
             h.remove()
 
 
-def calibration_scores(adapter: Any, records: list, method: str, batch_size: int, progress: Any = None) -> Scores:
-    """Run the calibration records through the model (with gradients for ``gradient``) and score every unit."""
+def calibration_scores(adapter: Any, batches: Iterable[tuple[dict, Any, int]], method: str) -> Scores:
+    """Run ``batches`` through the model (with gradients for ``gradient``) and score every unit."""
     import torch
 
-    from edgelvm.calibration.dataset import CalibrationSet, iter_labeled_batches, records_digest
-
-    calib = CalibrationSet(records, records_digest(records), "records")
     model = adapter.model
     model.eval()
     collector = _Collector(adapter, method)
     try:
-        for inputs, labels, rows in iter_labeled_batches(adapter, calib, batch_size):
+        for inputs, labels, _rows in batches:
             collector.mask = inputs["attention_mask"]
             if method == "gradient":
                 model.zero_grad(set_to_none=True)
@@ -168,11 +174,94 @@ def calibration_scores(adapter: Any, records: list, method: str, batch_size: int
             else:
                 with torch.no_grad():
                     model(**inputs)
-            if progress:
-                progress(rows)
     finally:
         collector.close()
         model.zero_grad(set_to_none=True)
-    scores = collector.scores()
-    scores.calibration = {"records": len(records), "sha256": calib.sha256}
-    return scores
+    return collector.scores()
+
+
+class Importance(Protocol):
+    """What :func:`edgelvm.prune.prune` calls (see the module docstring for the optional attributes)."""
+
+    def __call__(self, adapter: Any, batches: Iterable[tuple[dict, Any, int]] | None) -> Scores: ...
+
+
+@dataclass(frozen=True)
+class ActivationImportance:
+    """Minitron: mean |x| at each unit's output per sample, L2 over samples."""
+
+    name: ClassVar[str] = "activation"
+    needs_data: ClassVar[bool] = True
+    scores_blocks: ClassVar[bool] = True
+
+    def __call__(self, adapter: Any, batches: Iterable[tuple[dict, Any, int]] | None) -> Scores:
+        return calibration_scores(adapter, _required(batches, self.name), "activation")
+
+
+@dataclass(frozen=True)
+class GradientImportance:
+    """Michel et al.: |dL/d mask| of each unit on the answer-token loss."""
+
+    name: ClassVar[str] = "gradient"
+    needs_data: ClassVar[bool] = True
+    scores_blocks: ClassVar[bool] = True
+
+    def __call__(self, adapter: Any, batches: Iterable[tuple[dict, Any, int]] | None) -> Scores:
+        return calibration_scores(adapter, _required(batches, self.name), "gradient")
+
+
+@dataclass(frozen=True)
+class MagnitudeImportance:
+    """Weight norms; no data, so no block scores."""
+
+    name: ClassVar[str] = "magnitude"
+    needs_data: ClassVar[bool] = False
+    scores_blocks: ClassVar[bool] = False
+
+    def __call__(self, adapter: Any, batches: Iterable[tuple[dict, Any, int]] | None = None) -> Scores:
+        return magnitude_scores(adapter)
+
+
+@dataclass(frozen=True)
+class RandomImportance:
+    """The baseline any importance must beat."""
+
+    seed: int = 0
+    name: ClassVar[str] = "random"
+    needs_data: ClassVar[bool] = False
+    scores_blocks: ClassVar[bool] = True
+
+    def __call__(self, adapter: Any, batches: Iterable[tuple[dict, Any, int]] | None = None) -> Scores:
+        return random_scores(adapter, self.seed)
+
+
+#: the built-in importances by the name ``--importance`` takes
+IMPORTANCES: dict[str, Callable[..., Importance]] = {
+    "activation": ActivationImportance,
+    "gradient": GradientImportance,
+    "magnitude": MagnitudeImportance,
+    "random": RandomImportance,
+}
+
+
+def importance_by_name(name: str, seed: int = 0) -> Importance:
+    """The built-in importance ``name`` (``random`` seeded with ``seed``)."""
+    if name not in IMPORTANCES:
+        raise ConfigError(f"importance {name!r} is unknown", where="--importance",
+                          fix=f"use one of {', '.join(IMPORTANCES)}, or pass a callable")  # fmt: skip
+    return RandomImportance(seed) if name == "random" else IMPORTANCES[name]()
+
+
+def importance_name(importance: Any) -> str:
+    """What the report calls ``importance``: its ``name``, else its function or class name."""
+    return str(getattr(importance, "name", None) or getattr(importance, "__name__", type(importance).__name__))
+
+
+def _required(batches: Any, name: str) -> Any:
+    if batches is None:
+        raise ConfigError(
+            f"{name} importance scores units on calibration data, and none was given",
+            where="--calib",
+            fix="pass a jsonl dataset (or 'shapes'), or use --importance magnitude",
+        )
+    return batches

@@ -1,14 +1,18 @@
-"""``quantize(model, calib_data, QuantConfig) -> QuantReport``: INT4 weight-only LLM, INT8 W8A8 vision encoder.
+"""``quantize(model, calib_data, [AWQConfig(group_size=64), Int8VisionConfig()], out=...) -> QuantReport``.
+
+Two layers. :func:`quantize_model` is the library verb: a loaded model (adapter), the method configs
+(:mod:`edgelvm.quantize.methods`, one per part: language model, vision encoder) and the calibration set already
+loaded; each config is applied by the handler registered for its type (:mod:`edgelvm.quantize.handlers`), so this
+module names no method. :func:`quantize` is the path-level boundary the CLI calls: it checks the output, loads the
+data and the model once, runs the verb and writes the checkpoint.
 
 The quantized checkpoint is a normal Hugging Face checkpoint whose quantized weights are the *dequantized* values
 (and, after AWQ, whose norms carry the folded scales), so PyTorch computes the quantized model's weights exactly.
-Next to it:
-- ``int4.safetensors``: the language model's block-wise INT4 codes and scales (:class:`~edgelvm.quantize.int4.
-  Int4Weight`), by ``layers.{i}.<path>``;
-- ``int8.safetensors``: the vision encoder's INT8 codes, per-channel weight scales and per-tensor input scales
-  (:class:`~edgelvm.quantize.int8.Int8Linear`), by their path in the export-facing vision module;
-- ``config.edgelvm_quantization``: what was done (methods, group size, observer, calibration hash);
-- ``quant_report.json``: per-layer weight and output error, bytes before / after, what stayed in float and why.
+Next to it (:mod:`edgelvm.models.checkpoint.quantized`): ``int4.safetensors`` (the language model's block-wise
+INT4 codes and scales by ``layers.{i}.<path>``), ``int8.safetensors`` (the vision encoder's INT8 codes, per-channel
+weight scales and per-tensor input scales, by their path in the export-facing vision module),
+``int8_llm.safetensors`` (SmoothQuant), ``config.edgelvm_quantization`` (what was done) and ``quant_report.json``
+(per-layer weight and output error, bytes before / after, what stayed in float and why).
 
 ``edgelvm export`` turns that one representation into two writers' graphs: ``MatMulNBits`` in the ONNX Runtime
 decoder and block-wise ``DequantizeLinear`` (INT4) in the portable one (what TensorRT builds); explicit QDQ in the
@@ -17,84 +21,30 @@ vision graph (ONNX Runtime runs it, TensorRT's INT8 path consumes it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgelvm.calibration.dataset import CalibrationSet, load_calibration_set
 from edgelvm.errors import ConfigError
+from edgelvm.fsutil import prepare_output, write_dir_atomically
+from edgelvm.models import load_model
+from edgelvm.models.checkpoint.quantized import RECORD
+from edgelvm.models.checkpoint.save import save_checkpoint_files
+from edgelvm.quantize.handlers import Handler, handler_for
+from edgelvm.quantize.methods import METHODS, Int8VisionConfig, MethodConfig, ObserverSweep
 
 log = logging.getLogger(__name__)
 
-RECORD = "edgelvm_quantization"
-SIDECAR = "int4.safetensors"
-VISION_SIDECAR = "int8.safetensors"
-LLM_METHODS = ("none", "rtn", "awq", "gptq", "smoothquant")
-LLM_INT8_SIDECAR = "int8_llm.safetensors"
-VISION_METHODS = ("none", "int8")
-SWEEP_IMAGES = 64  # images the observer sweep scores each candidate on
-
-
-@dataclass
-class QuantConfig:
-    out: str | Path = "quantized"
-    #: Language model, INT4 weight-only: ``rtn`` (no data), ``awq`` (activation-aware scales + clipping), ``gptq``;
-    #: or ``smoothquant``: W8A8 (smoothed activations, per-channel weights; portable decoder only).
-    llm: str = "awq"
-    group_size: int = 128
-    symmetric: bool = True
-    #: Vision encoder + projector: ``int8`` (W8A8) or ``none``.
-    vision: str = "int8"
-    #: Activation observer for the vision INT8 ranges; ``auto`` tries every one and keeps the best features.
-    calibrator: str = "auto"
-    #: With ``calibrator="auto"``: score the observers by the task — teacher-forced answer-token accuracy on these
-    #: records (jsonl dataset or list; up to ``calib_limit``) — instead of feature cosine on the calibration images.
-    eval_data: Any = None
-    calib_limit: int = 256
-    batch_size: int = 16
-    awq_clip: bool = True
-    gptq_damp: float = 0.01
-    gptq_act_order: bool = True
-    smoothquant_alpha: float = 0.5
-    #: Memory for the language model's Gram matrices (float64 ``K×K`` per layer input). When all layers' do not fit,
-    #: the layers are calibrated and quantized in consecutive groups, one calibration pass each — later groups then
-    #: see the outputs of already-quantized earlier layers (as GPTQ's sequential variant does). A 7B Llama needs
-    #: ~1.4 GB per layer: the default 4 GB makes 2-layer passes.
-    stats_memory_gb: float = 4.0
-    seed: int = 0
-    force: bool = False
-    progress: bool = False
-
-    def validate(self) -> None:
-        from edgelvm.calibration.observers import check_observer
-        from edgelvm.quantize.int4 import check_block_size
-
-        if self.llm not in LLM_METHODS:
-            raise ConfigError(f"unknown llm method {self.llm!r}", where="--llm", fix=f"use {', '.join(LLM_METHODS)}")
-        if self.vision not in VISION_METHODS:
-            raise ConfigError(
-                f"unknown vision method {self.vision!r}", where="--vision", fix=f"use {', '.join(VISION_METHODS)}"
-            )
-        if self.llm == "none" and self.vision == "none":
-            raise ConfigError("nothing to quantize", where="--llm / --vision", fix="choose --llm or --vision")
-        check_block_size(self.group_size)
-        check_observer(self.calibrator)
-        if not 0.0 < self.smoothquant_alpha < 1.0:
-            raise ConfigError(f"smoothquant_alpha {self.smoothquant_alpha} not in (0, 1)", where="--smoothquant-alpha",
-                              fix="use e.g. 0.5 (the paper's default for most models)")  # fmt: skip
-        if self.stats_memory_gb <= 0:
-            raise ConfigError(f"stats_memory_gb {self.stats_memory_gb} <= 0", where="--stats-memory-gb",
-                              fix="give the memory (GB) the Gram matrices may take, e.g. 4")  # fmt: skip
-        if not 0.0 < self.gptq_damp < 1.0:
-            raise ConfigError(f"gptq_damp {self.gptq_damp} not in (0, 1)", where="--gptq-damp", fix="use e.g. 0.01")
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.llm in ("awq", "gptq", "smoothquant") or self.vision == "int8"
+PARTS = tuple(METHODS)  # ("llm", "vision"): the record and the report list them in this order
+KEPT_FLOAT_WITHOUT = {"llm": "language model (--llm none)", "vision": "vision encoder and projector (--vision none)"}
 
 
 @dataclass
@@ -135,100 +85,213 @@ class QuantReport:
         return "\n".join(lines)
 
 
-def text_linears(adapter: Any) -> dict[str, Any]:
-    """``layers.{i}.<path>`` -> Linear, for every linear layer inside the language model's decoder layers."""
-    import torch
+@dataclass
+class QuantizedModel:
+    """What :func:`quantize_model` returns: the adapter (quantized in place, its config carrying the record), the
+    report, and the sidecar files' tensors by file name (:func:`save_quantized` writes them)."""
 
-    out = {}
-    for i, layer in enumerate(adapter.layer_stacks()["text"]):
-        for name, module in layer.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                out[f"layers.{i}.{name}"] = module
-    return out
+    adapter: Any
+    report: QuantReport
+    sidecars: dict[str, dict[str, np.ndarray]]
 
 
-def quantize(model: str | Path | Any, calib_data: Any = None, config: QuantConfig | None = None) -> QuantReport:
-    """Quantize ``model`` (checkpoint path or loaded adapter) with calibration records ``calib_data`` (a jsonl
-    dataset, a list of records, or ``"shapes"``; not needed for ``llm="rtn", vision="none"``)."""
-    from edgelvm.calibration.dataset import load_calibration_set
-    from edgelvm.models import load_model
+def quantize(
+    model: str | Path | Any,
+    calib_data: Any,
+    methods: MethodConfig | Sequence[MethodConfig],
+    *,
+    out: str | Path = "quantized",
+    force: bool = False,
+    calib_limit: int = 256,
+    seed: int = 0,
+    batch_size: int = 16,
+    stats_memory_gb: float = 4.0,
+    progress: bool = False,
+) -> QuantReport:
+    """Quantize ``model`` (checkpoint path or loaded adapter) into the checkpoint directory ``out``.
 
+    ``calib_data``: a jsonl dataset, a list of records or ``"shapes"`` (``calib_limit`` records drawn with
+    ``seed``); None is allowed when every method is data-free (RTN; given, the report still has each layer's output
+    error). An :class:`ObserverSweep`'s ``eval_data`` may be a path here: it is loaded the same way."""
     started = time.perf_counter()
-    cfg = config or QuantConfig()
-    cfg.validate()
-    out = Path(cfg.out)
-    from edgelvm.fsutil import prepare_output
-
+    methods = _method_list(methods)
+    for cfg in _by_part(methods).values():  # a bad method list fails before the output is touched
+        handler_for(cfg)
     sources = [model if isinstance(model, (str, Path)) else None, getattr(model, "source", None)]
     if isinstance(calib_data, (str, Path)):
         sources.append(calib_data)
-    out = prepare_output(out, force=cfg.force, inputs=sources)
-    calib = None
-    if cfg.needs_calibration and calib_data is None:
-        raise ConfigError(
-            f"--llm {cfg.llm} / --vision {cfg.vision} need calibration data",
-            where="--calib",
-            fix="pass --calib DATA (a jsonl dataset, or 'shapes'), or use --llm rtn --vision none",
-        )
-    if calib_data is not None:  # RTN needs none, but with it the report has each layer's output error
-        calib = load_calibration_set(calib_data, cfg.calib_limit, cfg.seed)  # fails on an empty set, before loading
+    out = prepare_output(Path(out), force=force, inputs=sources)
+    _check_calibration(methods, calib_data)  # before loading anything
+    calib = load_calibration_set(calib_data, calib_limit, seed) if calib_data is not None else None
+    methods = [_load_eval_data(m, calib_limit, seed) for m in methods]
     adapter = model if hasattr(model, "processor") else load_model(str(model))
-    adapter.check_stage("quantize", cfg, calib_data)  # a family that cannot be quantized so says it before any work
+    result = quantize_model(adapter, methods, calib, batch_size=batch_size, stats_memory_gb=stats_memory_gb,
+                            progress=progress)  # fmt: skip
+    result.report.out = str(out)
+    result.report.seconds = round(time.perf_counter() - started, 2)
+    save_quantized(result, out)
+    return result.report
+
+
+def quantize_model(
+    adapter: Any,
+    methods: MethodConfig | Sequence[MethodConfig],
+    calib: CalibrationSet | list | None = None,
+    *,
+    batch_size: int = 16,
+    stats_memory_gb: float = 4.0,
+    progress: bool = False,
+) -> QuantizedModel:
+    """Apply ``methods`` (at most one per part) to the loaded ``adapter`` in place, calibrated on ``calib`` (a
+    loaded :class:`~edgelvm.calibration.dataset.CalibrationSet` or a list of records; no paths here).
+
+    The language model's layers are calibrated and quantized in consecutive groups of decoder layers whose Gram
+    matrices (float64 ``K×K`` per layer input) fit ``stats_memory_gb``, one calibration pass each — later groups
+    then see the outputs of already-quantized earlier layers (GPTQ's sequential variant); a 7B Llama needs ~1.4 GB
+    per layer. Methods that are not sequential (the vision encoder's) use the first, float pass's statistics."""
+    started = time.perf_counter()
+    by_part = _by_part(_method_list(methods))
+    handlers = {part: handler_for(cfg) for part, cfg in by_part.items()}  # a config that matches nothing fails here
+    _check_calibration(list(by_part.values()), calib)
+    if stats_memory_gb <= 0:
+        raise ConfigError(f"stats_memory_gb {stats_memory_gb} <= 0", where="--stats-memory-gb",
+                          fix="give the memory (GB) the Gram matrices may take, e.g. 4")  # fmt: skip
+    calib = _as_set(calib) if calib is not None else None
+    adapter.check_stage("quantize", tuple(by_part.values()), calib)  # a family's refusal comes before any work
     if getattr(adapter.config, RECORD, None):
         raise ConfigError("the checkpoint is already quantized", where=adapter.source or None,
                           fix="quantize the float checkpoint it came from")  # fmt: skip
 
-    report = QuantReport(out=str(out), method=cfg.llm, group_size=cfg.group_size, vision=cfg.vision)
+    llm, vision = by_part.get("llm"), by_part.get("vision")
+    report = QuantReport(out="", method=llm.name if llm else "none", group_size=getattr(llm, "group_size", 0),
+                         vision=vision.name if vision else "none")  # fmt: skip
     report.kept_float = ["token embedding (a memory-mapped table)", "lm_head (logit precision)"]
-    record: dict[str, Any] = {}
-    int4: dict[str, Any] = {}
-    int8: dict[str, Any] = {}
-    text = text_linears(adapter) if cfg.llm != "none" else {}
-    vision = _vision_modules(adapter) if cfg.vision == "int8" else {}
-    vision_stats = None
-    sweep_inputs = None
+    report.kept_float += [why for part, why in KEPT_FLOAT_WITHOUT.items() if part not in by_part]
+    layers = {part: handler.layers(adapter) for part, handler in handlers.items()}
+    states: dict[str, Any] = {}
     if calib is not None:
         report.calibration = calib.describe()
-        if vision:
-            sweep_inputs = _sweep_inputs(adapter, calib, cfg.batch_size)  # float references, before any change
-    llm_int8: dict[str, Any] = {}
-    passes = _layer_passes(text, cfg.stats_memory_gb) if calib is not None else [text]
-    for index, chunk in enumerate(passes):
-        stats = None
-        if calib is not None:  # the vision statistics ride along with the first pass (the float model's)
-            stats = _calibrate(adapter, calib, chunk, vision if index == 0 else {}, cfg, index, len(passes))
-            report.calibration_passes += 1
-            if index == 0:
-                vision_stats = stats
-        if chunk and cfg.llm == "smoothquant":
-            from edgelvm.quantize.smoothquant import smooth_and_quantize
+        states = {part: h.prepare(adapter, by_part[part], calib, batch_size) for part, h in handlers.items()}
+    quantized = _run_passes(adapter, by_part, handlers, layers, states, calib, report,
+                            batch_size=batch_size, stats_memory_gb=stats_memory_gb, progress=progress)  # fmt: skip
 
-            llm_int8.update(smooth_and_quantize(adapter, chunk, stats, cfg.smoothquant_alpha, report))
-        elif chunk:
-            from edgelvm.quantize.llm_int4 import quantize_llm
-
-            int4.update(quantize_llm(adapter, chunk, stats, cfg, report))
-        if stats is not None:
-            stats.grams.clear()  # free this pass's Gram matrices (the vision histograms stay)
-    if text and cfg.llm == "smoothquant":
-        record["llm"] = {"method": "smoothquant", "bits": 8, "alpha": cfg.smoothquant_alpha, "file": LLM_INT8_SIDECAR}
-    elif text:
-        record["llm"] = {"method": cfg.llm, "bits": 4, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
-                         "file": SIDECAR}  # fmt: skip
-    else:
-        report.kept_float.append("language model (--llm none)")
-    if vision:
-        int8 = _quantize_vision(adapter, vision, vision_stats, sweep_inputs, cfg, report)
-        record["vision"] = {"method": "int8", "calibrator": report.calibrator, "file": VISION_SIDECAR}
-    else:
-        report.kept_float.append("vision encoder and projector (--vision none)")
+    record: dict[str, Any] = {part: handlers[part].record(by_part[part], report) for part in by_part if layers[part]}
     if calib is not None:
         record["calibration_sha256"] = calib.sha256
     setattr(adapter.config, RECORD, record)
+    sidecars = {handlers[part].sidecar: handlers[part].tensors(quantized[part]) for part in by_part}
     report.seconds = round(time.perf_counter() - started, 2)
-    _write(adapter, out, {SIDECAR: int4_tensors(int4), VISION_SIDECAR: int8_tensors(int8),
-                          LLM_INT8_SIDECAR: int8_tensors(llm_int8)}, report)  # fmt: skip
-    return report
+    return QuantizedModel(adapter, report, sidecars)
+
+
+def save_quantized(result: QuantizedModel, out: str | Path) -> None:
+    """Write the checkpoint, its sidecars and ``quant_report.json`` into ``out`` atomically (call
+    :func:`~edgelvm.fsutil.prepare_output` first)."""
+    from safetensors.numpy import save_file
+
+    adapter = result.adapter
+
+    def write(stage: Path) -> None:
+        save_checkpoint_files(adapter.model, adapter.processor, stage, getattr(adapter, "source", None))
+        for name, tensors in result.sidecars.items():
+            if tensors:
+                save_file(tensors, str(stage / name))
+        (stage / "quant_report.json").write_text(json.dumps(result.report.to_dict(), indent=2))
+
+    write_dir_atomically(Path(out), write, stage="quantize")
+
+
+def _run_passes(
+    adapter: Any, by_part: dict[str, MethodConfig], handlers: dict[str, Handler], layers: dict[str, dict],
+    states: dict[str, Any], calib: CalibrationSet | None, report: QuantReport, *, batch_size: int,
+    stats_memory_gb: float, progress: bool,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Calibrate and apply: sequential handlers pass by pass, then the others on the first pass's statistics.
+    Statistics are keyed ``part:name`` (one pass serves every part); each handler sees its own names."""
+    sequential = {f"{p}:{n}": m for p in by_part if handlers[p].sequential for n, m in layers[p].items()}
+    deferred = {f"{p}:{n}": m for p in by_part if not handlers[p].sequential for n, m in layers[p].items()}
+    passes = _layer_passes(sequential, stats_memory_gb) if calib is not None else [sequential]
+    quantized: dict[str, dict[str, Any]] = {part: {} for part in by_part}
+    first = None
+    for index, chunk in enumerate(passes):
+        stats = None
+        if calib is not None:
+            modules = {**chunk, **(deferred if index == 0 else {})}
+            label = "calibration" if len(passes) == 1 else f"calibration pass {index + 1}/{len(passes)}"
+            stats = _calibrate(adapter, calib, modules, set(chunk), batch_size, progress, label)
+            report.calibration_passes += 1
+            first = first or stats
+        for part in by_part:
+            mine = {k.split(":", 1)[1]: m for k, m in chunk.items() if k.startswith(f"{part}:")}
+            if mine:
+                part_stats = stats.with_prefix(f"{part}:") if stats is not None else None
+                quantized[part].update(handlers[part].apply(adapter, by_part[part], mine, part_stats, report,
+                                                            states.get(part)))  # fmt: skip
+        if stats is not None:
+            stats.grams.clear()  # free this pass's Gram matrices (the histograms stay)
+    for part in by_part:
+        if not handlers[part].sequential and layers[part]:
+            part_stats = first.with_prefix(f"{part}:") if first is not None else None
+            quantized[part] = handlers[part].apply(adapter, by_part[part], layers[part], part_stats, report,
+                                                   states.get(part))  # fmt: skip
+    return quantized
+
+
+def _method_list(methods: Any) -> list[Any]:
+    return [methods] if isinstance(methods, MethodConfig) else list(methods)
+
+
+def _by_part(methods: list[Any]) -> dict[str, MethodConfig]:
+    """The configs by part, in :data:`PARTS` order; anything that is not one method config per part is an error."""
+    by_part: dict[str, MethodConfig] = {}
+    for cfg in methods:
+        if not isinstance(cfg, MethodConfig):
+            raise ConfigError(f"{cfg!r} is not a quantization method config", where="quantize methods",
+                              fix="pass e.g. AWQConfig(group_size=64) or Int8VisionConfig() "
+                                  "(edgelvm.quantize.methods)")  # fmt: skip
+        if cfg.part not in PARTS:
+            raise ConfigError(f"{type(cfg).__name__} quantizes part {cfg.part!r}, which no model has",
+                              where="quantize methods", fix=f"set part to one of {', '.join(PARTS)}")  # fmt: skip
+        if cfg.part in by_part:
+            raise ConfigError(f"two methods for the {cfg.part} part: {by_part[cfg.part].name} and {cfg.name}",
+                              where="quantize methods", fix="give one method per part")  # fmt: skip
+        by_part[cfg.part] = cfg
+    if not by_part:
+        raise ConfigError("nothing to quantize", where="--llm / --vision", fix="choose --llm or --vision")
+    return {part: by_part[part] for part in PARTS if part in by_part}
+
+
+def _check_calibration(methods: list[Any], calib: Any) -> None:
+    needs = [m.name for m in methods if isinstance(m, MethodConfig) and m.needs_calibration]
+    if needs and calib is None:
+        raise ConfigError(
+            f"{', '.join(needs)} need calibration data",
+            where="--calib",
+            fix="pass --calib DATA (a jsonl dataset, or 'shapes'), or use --llm rtn --vision none",
+        )
+
+
+def _as_set(calib: CalibrationSet | list) -> CalibrationSet:
+    if isinstance(calib, CalibrationSet):
+        return calib
+    if isinstance(calib, list):
+        return load_calibration_set(calib, max(len(calib), 1))  # records in memory: every one, order kept
+    raise ConfigError(
+        f"calibration data {type(calib).__name__} is not loaded",
+        where="quantize_model",
+        fix="pass a CalibrationSet or a list of records (edgelvm.quantize.quantize loads paths)",
+    )
+
+
+def _load_eval_data(cfg: Any, limit: int, seed: int) -> Any:
+    """The boundary's one place that resolves a path inside a config: an observer sweep's ``eval_data``."""
+    if not isinstance(cfg, Int8VisionConfig) or not isinstance(cfg.observer, ObserverSweep):
+        return cfg
+    data = cfg.observer.eval_data
+    if data is None or isinstance(data, CalibrationSet):
+        return cfg
+    loaded = load_calibration_set(data, limit, seed)
+    return dataclasses.replace(cfg, observer=dataclasses.replace(cfg.observer, eval_data=loaded))
 
 
 def _layer_passes(text: dict[str, Any], memory_gb: float) -> list[dict[str, Any]]:
@@ -236,7 +299,7 @@ def _layer_passes(text: dict[str, Any], memory_gb: float) -> list[dict[str, Any]
     counted per linear: an over-estimate where q/k/v share one) fit ``memory_gb``; at least one layer per group."""
     by_layer: dict[str, dict[str, Any]] = {}
     for name, module in text.items():
-        by_layer.setdefault(".".join(name.split(".")[:2]), {})[name] = module  # "layers.{i}"
+        by_layer.setdefault(".".join(name.split(".")[:2]), {})[name] = module  # "part:layers.{i}"
     budget = memory_gb * 1e9
     passes: list[dict[str, Any]] = [{}]
     used = 0.0
@@ -250,175 +313,21 @@ def _layer_passes(text: dict[str, Any], memory_gb: float) -> list[dict[str, Any]
     return passes
 
 
-def _calibrate(adapter: Any, calib: Any, text: dict, vision: dict, cfg: QuantConfig, index: int, total: int) -> Any:
+def _calibrate(adapter: Any, calib: Any, modules: dict, gram: set[str], batch_size: int, progress: bool,
+               label: str) -> Any:  # fmt: skip
     from edgelvm.calibration.stats import collect_stats
 
-    label = "calibration" if total == 1 else f"calibration pass {index + 1}/{total}"
-    return _with_progress(cfg, len(calib), label, lambda tick: collect_stats(
-        adapter, calib, {**text, **vision}, gram=set(text), text=set(text), batch_size=cfg.batch_size, progress=tick,
+    text = {name for name in modules if name.startswith("llm:")}  # padding positions excluded there
+    return _with_progress(progress, len(calib), label, lambda tick: collect_stats(
+        adapter, calib, modules, gram=gram, text=text, batch_size=batch_size, progress=tick,
     ))  # fmt: skip
 
 
-def _vision_modules(adapter: Any) -> dict[str, Any]:
-    from edgelvm.quantize.vision_int8 import vision_linears
-
-    return {f"vision:{name}": m for name, m in vision_linears(adapter).items()}
-
-
-def _sweep_inputs(adapter: Any, calib: Any, batch_size: int) -> tuple[list[Any], list[Any]]:
-    """About ``SWEEP_IMAGES`` calibration images as the vision encoder's keyword inputs, and its float outputs."""
-    import torch
-
-    from edgelvm.calibration.dataset import iter_batches
-
-    encoder = adapter.vision_encoder()
-    calls, refs, n = [], [], 0
-    with torch.no_grad():
-        for inputs, _rows in iter_batches(adapter, calib, batch_size):
-            if n >= SWEEP_IMAGES:
-                break
-            for call in adapter.vision_inputs(inputs):
-                calls.append(call)
-                refs.append(encoder(**call).float())
-                n += next(iter(call.values())).shape[0]
-    return calls, refs
-
-
-def _quantize_vision(
-    adapter: Any, vision: dict[str, Any], stats: Any, sweep_inputs: Any, cfg: QuantConfig, report: QuantReport
-) -> dict[str, Any]:
-    from edgelvm.calibration.observers import OBSERVERS
-    from edgelvm.quantize import vision_int8 as v8
-
-    if not sweep_inputs or not sweep_inputs[0]:
-        from edgelvm.errors import DatasetError
-
-        raise DatasetError(
-            "the calibration set has no images, so the vision encoder cannot be calibrated",
-            where=report.calibration.get("source"),
-            fix="use records with images, or --vision none",
-        )
-    modules = {name.split(":", 1)[1]: m for name, m in vision.items()}
-    originals = {name: m.weight.detach().float().clone() for name, m in modules.items()}
-    weights = v8.quantize_weights(modules)
-    stats_by_name = stats.with_prefix("vision:")
-    candidates = OBSERVERS if cfg.calibrator == "auto" else (cfg.calibrator,)
-    if cfg.eval_data is not None and len(candidates) > 1:
-        from edgelvm.calibration.dataset import load_calibration_set
-
-        eval_set = load_calibration_set(cfg.eval_data, cfg.calib_limit, cfg.seed)
-        sweep = v8.sweep_observers_on_answers(adapter, modules, stats_by_name, eval_set, cfg.batch_size, candidates)
-    else:
-        sweep = v8.sweep_observers(adapter, modules, stats_by_name, *sweep_inputs, candidates=candidates)
-    report.calibrator, report.observer_scores, report.observer_metric = sweep.chosen, sweep.scores, sweep.metric
-    scales = v8.input_scales_for(stats_by_name, list(modules), sweep.chosen)
-    for name, linear in modules.items():
-        w = originals[name]
-        deq = linear.weight.detach().float()
-        report.layers.append({
-            "name": name, "side": "vision", "bits": 8, "K": int(w.shape[1]), "N": int(w.shape[0]),
-            "weight_error": round(float((deq - w).norm() / (w.norm() + 1e-12)), 6),
-            "output_error": None, "input_scale": scales[name],
-        })  # fmt: skip
-        report.weight_bytes_before += w.numel() * 4
-        report.weight_bytes_after += w.numel() + w.shape[0] * 4
-    report.kept_float.extend(f"vision {what}: {why}" for what, why in v8.KEPT_FLOAT.items())
-    return v8.records(weights, scales)
-
-
-def _with_progress(cfg: QuantConfig, total: int, label: str, work: Any) -> Any:
-    if not cfg.progress:
+def _with_progress(progress: bool, total: int, label: str, work: Any) -> Any:
+    if not progress:
         return work(None)
     from rich.progress import Progress
 
-    with Progress(transient=True) as progress:
-        task = progress.add_task(label, total=total)
-        return work(lambda n: progress.advance(task, n))
-
-
-def _write(adapter: Any, out: Path, sidecars: dict[str, dict[str, np.ndarray]], report: QuantReport) -> None:
-    from safetensors.numpy import save_file
-
-    from edgelvm.fsutil import write_dir_atomically
-    from edgelvm.prune.surgery import save_checkpoint_files
-
-    def write(stage: Path) -> None:
-        save_checkpoint_files(adapter.model, adapter.processor, stage, getattr(adapter, "source", None))
-        for name, tensors in sidecars.items():
-            if tensors:
-                save_file(tensors, str(stage / name))
-        (stage / "quant_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-
-    write_dir_atomically(out, write, stage="quantize")
-
-
-def int4_tensors(weights: dict[str, Any]) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
-    for name, q in weights.items():
-        tensors[f"{name}.packed"] = q.packed
-        tensors[f"{name}.scales"] = q.scales
-        if q.zero_points is not None:
-            tensors[f"{name}.zero_points"] = q.zero_points
-        tensors[f"{name}.shape"] = np.array([q.k, q.n, q.block_size], dtype=np.int64)
-    return tensors
-
-
-def int8_tensors(layers: dict[str, Any]) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
-    for name, layer in layers.items():
-        tensors[f"{name}.codes"] = np.ascontiguousarray(layer.codes)
-        tensors[f"{name}.weight_scales"] = np.ascontiguousarray(layer.weight_scales)
-        tensors[f"{name}.input_scale"] = np.array([layer.input_scale], np.float32)
-    return tensors
-
-
-def load_int4(source: str | Path) -> dict[str, Any]:
-    """The INT4 weights of a quantized checkpoint, by ``layers.{i}.<path>`` name."""
-    from safetensors.numpy import load_file
-
-    from edgelvm.quantize.int4 import Int4Weight
-
-    tensors = load_file(str(Path(source) / SIDECAR))
-    out = {}
-    for key in tensors:
-        if key.endswith(".shape"):
-            name = key[: -len(".shape")]
-            k, n, block = (int(x) for x in tensors[key])
-            zp = tensors.get(f"{name}.zero_points")
-            out[name] = Int4Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales"], zp, k, n, block)
-    return out
-
-
-def fused_decoder_int4(config: Any, source: str | Path | None) -> dict[str, Any] | None:
-    """The INT4 weights the fused decoder writes as MatMulNBits (None for a float language model); a W8A8 language
-    model has no fused form (UnsupportedModelError: export then writes only the portable, QDQ decoder)."""
-    from edgelvm.errors import UnsupportedModelError
-
-    llm = (getattr(config, RECORD, None) or {}).get("llm")
-    if not llm:
-        return None
-    if llm.get("bits") != 4:
-        raise UnsupportedModelError(
-            f"a W{llm.get('bits')}A{llm.get('bits')} ({llm.get('method')}) language model: the fused decoder has "
-            "INT4 weight-only and float forms only",
-            fix="it runs as QDQ in the portable decoder, which export writes",
-        )
-    if not source:
-        raise ConfigError("an INT4 checkpoint loaded without its directory", where="model",
-                          fix="export the directory `edgelvm quantize` wrote")  # fmt: skip
-    return load_int4(source)
-
-
-def load_int8(source: str | Path, file: str = VISION_SIDECAR) -> dict[str, Any]:
-    """The INT8 layers of a quantized checkpoint: the vision encoder's by their path in the export-facing vision
-    module (``int8.safetensors``), or SmoothQuant's language-model layers by ``layers.{i}.<path>``."""
-    from safetensors.numpy import load_file
-
-    from edgelvm.quantize.int8 import Int8Linear
-
-    tensors = load_file(str(Path(source) / file))
-    names = [key[: -len(".codes")] for key in tensors if key.endswith(".codes")]
-    return {
-        n: Int8Linear(tensors[f"{n}.codes"], tensors[f"{n}.weight_scales"], float(tensors[f"{n}.input_scale"][0]))
-        for n in names
-    }
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        return work(lambda n: bar.advance(task, n))

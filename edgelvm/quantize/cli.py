@@ -1,4 +1,7 @@
-"""``edgelvm quantize``: the CLI shell over :func:`edgelvm.quantize.quantize`."""
+"""``edgelvm quantize``: the CLI shell over :func:`edgelvm.quantize.quantize`.
+
+``--llm`` / ``--vision`` pick a method config (:mod:`edgelvm.quantize.methods`); the options typed on the command
+line become its knobs, and one the chosen method does not take is an error rather than silently ignored."""
 
 from __future__ import annotations
 
@@ -7,8 +10,21 @@ from typing import Annotated
 
 import typer
 
+#: option (its parameter name) -> (part, the method config's knob)
+KNOBS = {
+    "group_size": ("llm", "group_size"),
+    "asymmetric": ("llm", "symmetric"),
+    "awq_clip": ("llm", "clip"),
+    "gptq_damp": ("llm", "damp"),
+    "act_order": ("llm", "act_order"),
+    "smoothquant_alpha": ("llm", "alpha"),
+    "calibrator": ("vision", "observer"),
+    "eval_data": ("vision", "observer"),
+}
+
 
 def quantize_command(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Checkpoint directory (or hub id when online).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the quantized checkpoint and report.")],
     calib: Annotated[
@@ -53,19 +69,30 @@ def quantize_command(
     """
     from rich.console import Console
 
-    from edgelvm.quantize import QuantConfig, quantize
+    from edgelvm.errors import ConfigError
+    from edgelvm.quantize import ObserverSweep, quantize
+    from edgelvm.quantize.methods import method_config
 
-    report = quantize(
-        model,
-        calib,
-        QuantConfig(
-            out=out, llm=llm, group_size=group_size, symmetric=not asymmetric, vision=vision, calibrator=calibrator,
-            eval_data=eval_data,
-            calib_limit=calib_limit, batch_size=batch_size, awq_clip=awq_clip, gptq_damp=gptq_damp,
-            gptq_act_order=act_order, smoothquant_alpha=smoothquant_alpha, stats_memory_gb=stats_memory_gb,
-            force=force, progress=True,
-        ),
-    )  # fmt: skip
+    if eval_data is not None and calibrator != "auto":
+        raise ConfigError("--eval-data scores the observers of --calibrator auto; a named observer is not scored",
+                          where="--eval-data", fix="drop --eval-data, or use --calibrator auto")  # fmt: skip
+    observer = ObserverSweep(eval_data=eval_data) if calibrator == "auto" else calibrator
+    values = {"group_size": group_size, "asymmetric": not asymmetric, "awq_clip": awq_clip, "gptq_damp": gptq_damp,
+              "act_order": act_order, "smoothquant_alpha": smoothquant_alpha, "calibrator": observer,
+              "eval_data": observer}  # fmt: skip
+    # typer vendors click: its ParameterSource is compared by name
+    typed = [p for p in KNOBS if ctx.get_parameter_source(p).name in ("COMMANDLINE", "ENVIRONMENT")]
+    methods = []
+    for part, name in (("llm", llm), ("vision", vision)):
+        knobs = {KNOBS[p][1]: values[p] for p in typed if KNOBS[p][0] == part}
+        where = {KNOBS[p][1]: "--" + p.replace("_", "-") for p in typed if KNOBS[p][0] == part}
+        if part == "vision" and name != "none":
+            knobs["observer"] = observer
+        config = method_config(part, name, where, **knobs)
+        if config is not None:
+            methods.append(config)
+    report = quantize(model, calib, methods, out=out, force=force, calib_limit=calib_limit, batch_size=batch_size,
+                      stats_memory_gb=stats_memory_gb, progress=True)  # fmt: skip
     console = Console(stderr=True)
     console.print(report.summary())
     console.print(f"quantized checkpoint: {out} (export it with `edgelvm export {out} -o BUNDLE`; "

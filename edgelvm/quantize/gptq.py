@@ -4,7 +4,7 @@ error onto the not-yet-quantized columns through the inverse Hessian of the laye
 Static groups with activation order: the columns are processed in order of decreasing ``H_ii`` (the inputs that
 matter most first, while the most columns remain to absorb their error), but each column keeps the scale of its
 block in the original order, computed before the updates — so the result is an ordinary block-wise
-:class:`~edgelvm.quantize.int4.Int4Weight` that MatMulNBits and DequantizeLinear read without a permutation.
+:class:`~edgelvm.models.checkpoint.codes.Int4Weight` that MatMulNBits and DequantizeLinear read without a permutation.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from edgelvm.quantize.int4 import Int4Weight, int4_params, quantize_with_params
+from edgelvm.models.checkpoint.codes import Int4Weight
+from edgelvm.quantize.int4 import int4_params, quantize_with_params
 
 LAZY_BLOCK = 128  # columns updated together (the paper's lazy batch updates)
 

@@ -3,38 +3,15 @@
 Symmetric (zero point 0) on both sides because that is what TensorRT's explicit-quantization path accepts and what
 ONNX Runtime's QDQ fusions turn into integer kernels; per-channel weights because ViT weight rows differ in range by
 orders of magnitude. The layout is ONNX's ``MatMul`` layout (``y = x @ W``, ``W`` of shape ``[K, N]``), so the
-ONNX writer (``edgelvm.export.qdq``) stores ``codes`` as they are and the torch side transposes.
-
-numpy only: the representation can be inspected, tested and written without torch.
+ONNX writer (``edgelvm.export.qdq``) stores ``codes`` as they are and the torch side transposes. The stored form is
+the checkpoint's :class:`~edgelvm.models.checkpoint.codes.Int8Linear`; this module chooses its values (numpy only).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 QMAX = 127
-
-
-@dataclass
-class Int8Linear:
-    codes: np.ndarray  # int8 [K, N]
-    weight_scales: np.ndarray  # float32 [N] (one per output channel)
-    input_scale: float  # x ≈ clip(round(x / input_scale), -128, 127) * input_scale
-    bias: np.ndarray | None = None  # float32 [N], kept in float (added after the matmul)
-
-    @property
-    def k(self) -> int:
-        return int(self.codes.shape[0])
-
-    @property
-    def n(self) -> int:
-        return int(self.codes.shape[1])
-
-    def dequantize(self) -> np.ndarray:
-        """The float weight ``[K, N]`` the integer matmul stands for."""
-        return self.codes.astype(np.float32) * self.weight_scales[None, :]
 
 
 def quantize_weight_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""INT4 weight-only quantization of the language model's linear layers: RTN, AWQ or GPTQ → :class:`Int4Weight`.
+"""INT4 weight-only quantization of the language model's linear layers: RTN, AWQ or GPTQ → :class:`Int4Weight`
+(one function per method, registered as handlers in :mod:`edgelvm.quantize.handlers`).
 
 Each method leaves the torch model computing exactly the quantized weights (dequantized in place; AWQ's scales
 folded into the producing norms / linears, which stay float) and returns the codes by ``layers.{i}.<path>``.
@@ -13,40 +14,70 @@ from typing import Any
 
 import numpy as np
 
-from edgelvm.quantize.int4 import Int4Weight, quantize_rtn
+from edgelvm.models.checkpoint.codes import Int4Weight
+from edgelvm.quantize.int4 import quantize_rtn
 
 log = logging.getLogger(__name__)
 
 
-def quantize_llm(adapter: Any, linears: dict[str, Any], stats: Any, cfg: Any, report: Any) -> dict[str, Int4Weight]:
+def quantize_rtn_layers(adapter: Any, linears: dict[str, Any], stats: Any, cfg: Any, report: Any) -> dict:
+    """Round to nearest (``cfg``: :class:`~edgelvm.quantize.methods.RTNConfig`); ``stats`` may be None."""
+    return _quantize_each(linears, stats, report, lambda _name, w, _gram, _s: quantize_rtn(
+        w.numpy().T, cfg.group_size, cfg.symmetric))  # fmt: skip
+
+
+def quantize_gptq_layers(adapter: Any, linears: dict[str, Any], stats: Any, cfg: Any, report: Any) -> dict:
+    """GPTQ (``cfg``: :class:`~edgelvm.quantize.methods.GPTQConfig`) from each layer's calibration Gram matrix."""
+    from edgelvm.quantize.gptq import gptq_quantize
+
+    return _quantize_each(linears, stats, report, lambda _name, w, gram, _s: gptq_quantize(
+        w, gram, cfg.group_size, cfg.symmetric, damp=cfg.damp, act_order=cfg.act_order))  # fmt: skip
+
+
+def quantize_awq_layers(adapter: Any, linears: dict[str, Any], stats: Any, cfg: Any, report: Any) -> dict:
+    """AWQ (``cfg``: :class:`~edgelvm.quantize.methods.AWQConfig`): scales folded into the producers, then
+    round to nearest with each block's clipping searched (q/k never clipped)."""
     import torch
 
-    originals = {name: m.weight.detach().float().clone() for name, m in linears.items()}
-    grams = {name: stats.gram(name) for name in linears} if stats is not None else {}
-    # AWQ changes a group's input space by 1/s: keep each layer's scale to map errors back to the original one.
-    input_scale: dict[str, Any] = {}
-    if cfg.llm == "awq":
-        input_scale, row_scale = _apply_awq_scales(adapter, linears, stats, cfg)
-        for name, r in row_scale.items():  # a producer's float rows were divided exactly: that is the reference now
-            originals[name] = originals[name] / r[:, None]
+    from edgelvm.quantize.awq import search_clip
 
+    originals = _originals(linears)
+    # AWQ changes a group's input space by 1/s: keep each layer's scale to map errors back to the original one.
+    input_scale, row_scale = _apply_awq_scales(adapter, linears, stats, cfg)
+    for name, r in row_scale.items():  # a producer's float rows were divided exactly: that is the reference now
+        originals[name] = originals[name] / r[:, None]
+
+    def one(name: str, w: Any, gram: Any, s: Any) -> Int4Weight:
+        clip = None
+        if cfg.clip and not _is_query_or_key(name):
+            scaled = gram if s is None else gram / torch.outer(s, s).double()
+            clip = search_clip(w, scaled, cfg.group_size, cfg.symmetric).numpy()
+        return quantize_rtn(w.numpy().T, cfg.group_size, cfg.symmetric, clip)
+
+    return _quantize_each(linears, stats, report, one, input_scale, originals)
+
+
+def _originals(linears: dict[str, Any]) -> dict[str, Any]:
+    return {name: m.weight.detach().float().clone() for name, m in linears.items()}
+
+
+def _quantize_each(
+    linears: dict[str, Any], stats: Any, report: Any, quantize_one: Any, input_scale: dict | None = None,
+    originals: dict | None = None,
+) -> dict[str, Int4Weight]:  # fmt: skip
+    """``quantize_one(name, w, gram, s)`` -> :class:`Int4Weight` per layer; the torch weight becomes its
+    dequantized value and the report gets the layer's errors in the original input space (``w`` was scaled by
+    ``s`` along its input, when ``input_scale`` has it)."""
+    import torch
+
+    originals = originals if originals is not None else _originals(linears)
+    input_scale = input_scale or {}
+    grams = {name: stats.gram(name) for name in linears} if stats is not None else {}
     out: dict[str, Int4Weight] = {}
     for name, linear in linears.items():
         w = linear.weight.detach().float()  # [N, K], scaled by AWQ when it applies
         s = input_scale.get(name)
-        if cfg.llm == "gptq":
-            from edgelvm.quantize.gptq import gptq_quantize
-
-            q = gptq_quantize(w, grams[name], cfg.group_size, cfg.symmetric, damp=cfg.gptq_damp,
-                              act_order=cfg.gptq_act_order)  # fmt: skip
-        else:
-            clip = None
-            if cfg.llm == "awq" and cfg.awq_clip and not _is_query_or_key(name):
-                from edgelvm.quantize.awq import search_clip
-
-                gram = grams[name] if s is None else grams[name] / torch.outer(s, s).double()
-                clip = search_clip(w, gram, cfg.group_size, cfg.symmetric).numpy()
-            q = quantize_rtn(w.numpy().T, cfg.group_size, cfg.symmetric, clip)
+        q = quantize_one(name, w, grams.get(name), s)
         deq = torch.from_numpy(q.dequantize().T.copy())
         with torch.no_grad():
             linear.weight.copy_(deq.to(linear.weight.dtype))

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from edgelvm.quantize.int8 import Int8Linear, activation_scale, quantize_weight_int8
+from edgelvm.models.checkpoint.codes import Int8Linear
+from edgelvm.quantize.int8 import activation_scale, quantize_weight_int8
 
 
 def smooth_and_quantize(adapter: Any, linears: dict[str, Any], stats: Any, alpha: float, report: Any) -> dict:

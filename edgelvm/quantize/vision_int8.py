@@ -5,9 +5,10 @@ adds, the attention's activation-by-activation matmuls and the patch-embedding c
 ranges of LayerNorm inputs span orders of magnitude per channel in ViTs (FQ-ViT), and TensorRT keeps the same ops
 in higher precision in its own INT8 recipes.
 
-The torch side simulates exactly what the QDQ graph computes (:func:`edgelvm.quantize.activations.fake_quantize`):
-the observer sweep through :func:`fake_quant_inputs`, a loaded checkpoint through the quantizers
-:func:`edgelvm.models.load_model` installs (:mod:`edgelvm.quantize.activations`), which export's parity check uses.
+The torch side simulates exactly what the QDQ graph computes
+(:func:`edgelvm.models.checkpoint.activations.fake_quantize`): the observer sweep through :func:`fake_quant_inputs`,
+a loaded checkpoint through the quantizers :func:`edgelvm.models.load_model` installs
+(:mod:`edgelvm.models.checkpoint.activations`), which export's parity check uses.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from edgelvm.calibration.observers import OBSERVERS, observe
-from edgelvm.quantize.int8 import Int8Linear, activation_scale, quantize_weight_int8
+from edgelvm.models.checkpoint.codes import Int8Linear
+from edgelvm.quantize.int8 import activation_scale, quantize_weight_int8
 
 #: What stays in float, for the report.
 KEPT_FLOAT = {
@@ -55,10 +57,10 @@ def quantize_weights(modules: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.
 @contextlib.contextmanager
 def fake_quant_inputs(modules: dict[str, Any], input_scales: dict[str, float]) -> Iterator[None]:
     """While active, each listed linear sees its input as QuantizeLinear → DequantizeLinear (int8, zero point 0)
-    would give it: round half to even, saturate (:func:`~edgelvm.quantize.activations.fake_quantize`, the function
-    a loaded W8A8 checkpoint's quantizers apply). For trying scales (the observer sweep); a loaded checkpoint
-    already carries its own (:mod:`edgelvm.quantize.activations`)."""
-    from edgelvm.quantize.activations import fake_quantize
+    would give it: round half to even, saturate (:func:`~edgelvm.models.checkpoint.activations.fake_quantize`, the
+    function a loaded W8A8 checkpoint's quantizers apply). For trying scales (the observer sweep); a loaded checkpoint
+    already carries its own (:mod:`edgelvm.models.checkpoint.activations`)."""
+    from edgelvm.models.checkpoint.activations import fake_quantize
 
     def hook_for(scale: float) -> Any:
         def hook(_module: Any, args: tuple) -> tuple:

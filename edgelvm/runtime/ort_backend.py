@@ -1,14 +1,8 @@
 """ONNX Runtime backend: CPU here; CUDA and ORT's TensorRT execution provider where the install has them.
 
-KV cache on CPU: for each layer and key/value, two flat buffers sized for the bundle's full context are allocated
-once per generation (``KVCache``). A decode step binds the first ``past`` positions of one buffer as input and the
-first ``past + seq`` positions of the other as output (IO binding, zero copy), then the two swap. Both views are
-contiguous because the ``[batch, heads, len, dim]`` tensor is laid out as a flat prefix of the buffer. Nothing is
-allocated per token. The graph still concatenates past and new keys (a plain transformers export); an in-place
-cache with fused attention is a later graph change that keeps this backend's interface.
-
-On CUDA the cache stays on the device: present outputs are bound to device memory and fed back as the next past.
-(That path is written against the ORT IO-binding API and was not run on hardware in this repository.)
+KV caches (``runtime/kv_cache.py``): on CPU ping-pong host buffers bound with IO binding (zero copy, nothing
+allocated per token), or the fused decoder's in-place cache; on CUDA present outputs stay on the device and are fed
+back as the next past (written against the ORT IO-binding API, not run on hardware in this repository).
 
 GPU providers run the portable decoder only: the fused decoder is fp32 and binds its in-place cache from host
 memory, and ONNX Runtime's CUDA ``GroupQueryAttention`` kernel is fp16/bf16-only, so on CUDA its attention would
@@ -25,17 +19,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgelvm.errors import BackendError
-from edgelvm.manifest import KVCacheSpec, Manifest
-from edgelvm.runtime.inplace_cache import InPlaceKVCache
-from edgelvm.runtime.padding import LeftPadState
-from edgelvm.runtime.session_settings import SessionSettings
+from edgelvm.manifest import Manifest
+from edgelvm.runtime.backend import NO_INPUTS
+from edgelvm.runtime.kv_cache import DeviceCache, InPlaceKVCache, PingPongCache
+from edgelvm.runtime.session_settings import SessionSettings, is_jetson
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +65,7 @@ def installed_onnxruntime_builds() -> list[str]:
 
 def gpu_expected() -> str | None:
     """Why this machine looks like it should use a GPU build of onnxruntime (None: it does not)."""
-    if Path("/etc/nv_tegra_release").exists():
+    if is_jetson():
         return "this is a Jetson (/etc/nv_tegra_release)"
     import shutil
 
@@ -258,62 +252,8 @@ def ort_tensorrt_cache_dir(bundle_dir: Path, ort_version: str, gpu_name: str | N
         return fallback
 
 
-@dataclass
-class KVCache:
-    """Preallocated ping-pong key/value buffers for one generation (CPU)."""
-
-    spec: KVCacheSpec
-    batch: int
-    dtype: Any
-    length: int = 0
-    _buffers: list[list[np.ndarray]] = field(default_factory=list)  # [2][2 * layers] flat arrays
-    _read: int = 0
-
-    def __post_init__(self) -> None:
-        size = self.batch * self.spec.num_kv_heads * self.spec.max_length * self.spec.head_dim
-        self._buffers = [[np.empty(size, dtype=self.dtype) for _ in range(2 * self.spec.num_layers)] for _ in range(2)]
-        self.pad = LeftPadState(self.batch, self.spec.max_length)
-
-    def view(self, which: int, index: int, length: int) -> np.ndarray:
-        shape = (self.batch, self.spec.num_kv_heads, length, self.spec.head_dim)
-        return self._buffers[which][index][: int(np.prod(shape))].reshape(shape)
-
-    def past(self, index: int) -> np.ndarray:
-        return self.view(self._read, index, self.length)
-
-    def target(self, index: int, new_length: int) -> np.ndarray:
-        return self.view(1 - self._read, index, new_length)
-
-    def advance(self, new_length: int) -> None:
-        self._read = 1 - self._read
-        self.length = new_length
-        self.pad.commit(new_length)
-
-    supports_reuse = True
-
-    def crop(self, length: int) -> None:
-        """Keep the first ``length`` positions (e.g. the part of a chat history that did not change)."""
-        if length >= self.length:
-            return
-        for index in range(2 * self.spec.num_layers):
-            self.target(index, length)[...] = self.past(index)[:, :, :length]
-        self.pad.crop(length)
-        self.advance(length)
-
-    def fill_from(self, prefix: KVCache) -> None:
-        """Start every row from the same (batch-1) prefix: several questions about one image share its prefill."""
-        for index in range(2 * self.spec.num_layers):
-            self.target(index, prefix.length)[...] = prefix.past(index)  # broadcasts over the batch
-        self.pad.fill_from(prefix.pad)
-        self.advance(prefix.length)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for pair in self._buffers for b in pair)
-
-
 class OrtBackend:
-    """Runs a bundle's vision and decoder graphs in ONNX Runtime."""
+    """Runs a bundle's vision and decoder graphs in ONNX Runtime (a :class:`~edgelvm.runtime.backend.Backend`)."""
 
     def __init__(
         self,
@@ -346,20 +286,34 @@ class OrtBackend:
                 fix="use decoder='auto' or 'portable' on a GPU (the portable decoder is the CUDA / TensorRT path), "
                 "or backend='onnxruntime-cpu' for the fused one",
             )
+        # The fused graph takes embeddings only (1-D positions from its lengths, no cross-attention inputs).
+        extra_inputs = (manifest.positions or {}).get("kind", "1d") != "1d" or (
+            manifest.preprocess.image_placement == "cross_attention"
+        )
+        if fused and extra_inputs:
+            raise BackendError(
+                "the fused decoder takes 1-D positions and no cross-attention inputs, which this bundle needs",
+                where="decoder_ort",
+                fix="load the bundle with decoder='portable'",
+            )
         self._trt_cache_dir: Path | None = None
         if "TensorrtExecutionProvider" in self.providers:
             self._trt_cache_dir = ort_tensorrt_cache_dir(Path(bundle_dir), ort.__version__)
         self.vision = self._session(ort, bundle_dir / manifest.graphs["vision"].file, options, "vision")
         # The fused graph's in-place cache is bound from host memory: CPU only until a device-side variant exists.
-        self.fused = "decoder_ort" in manifest.graphs and self.device == "cpu" and fused is not False
+        self.fused = (
+            "decoder_ort" in manifest.graphs and self.device == "cpu" and not extra_inputs and fused is not False
+        )
         graph = manifest.graphs["decoder_ort" if self.fused else "decoder"]
         self.decoder = self._session(ort, bundle_dir / graph.file, options, "decoder_ort" if self.fused else "decoder")
         self._out_names = [o.name for o in self.decoder.get_outputs()]
         self._kv_inputs = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past")]
-        self._embed_dtype = _NP_DTYPES[graph.inputs[0].dtype]
+        self.embed_dtype = _NP_DTYPES[graph.inputs[0].dtype]
+        self._vision_dtype = _NP_DTYPES[manifest.graphs["vision"].inputs[0].dtype]
         self._kv_dtype = _NP_DTYPES[self.kv_spec.dtype]
         self._logits_dtype = _NP_DTYPES[graph.outputs[0].dtype]
         self._vocab = int(graph.outputs[0].shape[-1])
+        self._cache_type = InPlaceKVCache if self.fused else PingPongCache if self.device == "cpu" else DeviceCache
 
     def _session(self, ort: Any, path: Path, options: Any, graph: str) -> Any:
         providers: list[Any] = list(self.providers)
@@ -374,67 +328,27 @@ class OrtBackend:
                 fix="re-export the bundle; check that onnxruntime is at least the version that exported it",
             ) from None
 
-    @property
-    def embed_dtype(self) -> Any:
-        return self._embed_dtype
+    def encode_images(self, pixel_values: np.ndarray, inputs: Mapping[str, np.ndarray] = NO_INPUTS) -> np.ndarray:
+        pixels = pixel_values.astype(self._vision_dtype, copy=False)
+        return self.vision.run(None, {"pixel_values": pixels, **inputs})[0]
 
-    # ---- vision --------------------------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: np.ndarray, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Run the vision graph; ``inputs``: its inputs besides ``pixel_values`` (native-resolution graphs take the
-        patches' rotary positions), by name."""
-        dtype = _NP_DTYPES[self.manifest.graphs["vision"].inputs[0].dtype]
-        return self.vision.run(None, {"pixel_values": pixel_values.astype(dtype, copy=False), **(inputs or {})})[0]
-
-    # ---- decoder -------------------------------------------------------------------------------------------------
     def new_cache(self, batch: int) -> Any:
-        if self.fused:
-            return InPlaceKVCache(self.kv_spec, batch, self._kv_dtype)
-        if self.device == "cpu":
-            return KVCache(self.kv_spec, batch, self._kv_dtype)
-        return _DeviceCache(self.kv_spec, batch, self._kv_dtype)
+        return self._cache_type(self.kv_spec, batch, self._kv_dtype)
 
-    def step(
-        self,
-        rows: list[np.ndarray],
-        cache: Any,
-        positions: list[np.ndarray] | None = None,
-        inputs: dict[str, np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """Append ``rows[r]`` (``[S_r, E]`` embeddings) to row ``r`` of the cache; return each row's last logits.
-
-        ``positions``: explicit per-row position ids ``[P, S_r]`` for bundles whose positions are not 1-D
-        (``manifest.positions``); without them the positions count the real tokens of each row.
-        ``inputs``: the decoder graph's further inputs by name, already batched (cross-attention image states and
-        mask, ``runtime/cross_attention.py``)."""
+    def step(self, rows: list[np.ndarray], cache: Any, inputs: Mapping[str, np.ndarray] = NO_INPUTS) -> np.ndarray:
+        """See :meth:`edgelvm.runtime.backend.Backend.step`."""
         if self.fused:
-            if inputs:
-                raise BackendError(
-                    f"the fused decoder has no inputs {', '.join(inputs)}",
-                    where="decoder_ort",
-                    fix="load the bundle with decoder='portable'",
-                )
-            if positions is not None:
-                raise BackendError(
-                    "the fused decoder takes 1-D positions only",
-                    where="decoder_ort",
-                    fix="load the bundle with decoder='portable'",
-                )
             return self._fused_step(rows, cache)
-        embeds, attention_mask, positions = cache.pad.pack(rows, self._embed_dtype, positions)
-        batch, seq = embeds.shape[:2]
-        new_length = cache.length + seq
+        embeds, attention_mask, positions = cache.pad.pack(rows, self.embed_dtype)
+        new_length = cache.length + embeds.shape[1]
         binding = self.decoder.io_binding()
-        binding.bind_cpu_input("inputs_embeds", embeds)
-        binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_cpu_input("position_ids", positions)
-        for name, value in (inputs or {}).items():
+        feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": positions, **inputs}
+        for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        logits = np.empty((batch, self._vocab), dtype=self._logits_dtype)
-        binding.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
-        if isinstance(cache, KVCache):
+        logits = self._bind_logits(binding, len(rows))
+        if self.device == "cpu":
             for index, (past_name, present_name) in enumerate(zip(self._kv_inputs, self._out_names[1:])):
-                past = cache.past(index)
-                target = cache.target(index, new_length)
+                past, target = cache.past(index), cache.target(index, new_length)
                 binding.bind_input(past_name, "cpu", 0, past.dtype, past.shape, past.ctypes.data)
                 binding.bind_output(present_name, "cpu", 0, target.dtype, target.shape, target.ctypes.data)
             self.decoder.run_with_iobinding(binding)
@@ -443,6 +357,11 @@ class OrtBackend:
             cache.bind(binding, self._kv_inputs, self._out_names[1:])
             self.decoder.run_with_iobinding(binding)
             cache.collect(binding, new_length)
+        return logits
+
+    def _bind_logits(self, binding: Any, batch: int) -> np.ndarray:
+        logits = np.empty((batch, self._vocab), dtype=self._logits_dtype)
+        binding.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
         return logits
 
     def _fused_step(self, rows: list[np.ndarray], cache: InPlaceKVCache) -> np.ndarray:
@@ -456,7 +375,7 @@ class OrtBackend:
     def _fused_run(self, rows: list[np.ndarray], cache: InPlaceKVCache, which: slice) -> np.ndarray:
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         batch, seq = len(rows), int(lengths.max())
-        embeds = np.zeros((batch, seq, rows[0].shape[-1]), dtype=self._embed_dtype)
+        embeds = np.zeros((batch, seq, rows[0].shape[-1]), dtype=self.embed_dtype)
         for index, row in enumerate(rows):
             embeds[index, : len(row)] = row  # right padding
         totals = cache.lengths[which] + lengths
@@ -465,8 +384,7 @@ class OrtBackend:
         binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(totals.max(), dtype=np.int32))
         binding.bind_cpu_input("logits_index", np.arange(batch, dtype=np.int64) * seq + lengths - 1)
-        logits = np.empty((batch, self._vocab), dtype=self._logits_dtype)
-        binding.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        logits = self._bind_logits(binding, batch)
         for name, present, buffer in zip(self._kv_inputs, self._out_names[1:], cache.buffers):
             view = buffer[which]  # rows are the outer axis: a row range is contiguous
             binding.bind_input(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
@@ -474,34 +392,3 @@ class OrtBackend:
         self.decoder.run_with_iobinding(binding)
         cache.lengths[which] = totals
         return logits
-
-
-class _DeviceCache:
-    """CUDA: present tensors stay on the device and become the next step's past (ORT allocates them).
-
-    Crop and prefix sharing need device-side copies that the ORT Python API does not offer; the runtime falls back
-    to a full prefill on this cache (``supports_reuse = False``).
-    """
-
-    supports_reuse = False
-
-    def __init__(self, spec: KVCacheSpec, batch: int, dtype: Any) -> None:
-        import onnxruntime as ort
-
-        self.spec, self.batch, self.dtype, self.length = spec, batch, dtype, 0
-        self.pad = LeftPadState(batch, spec.max_length)
-        empty = (batch, spec.num_kv_heads, 0, spec.head_dim)
-        self.values = [
-            ort.OrtValue.ortvalue_from_shape_and_type(empty, dtype, "cuda", 0) for _ in range(2 * spec.num_layers)
-        ]
-
-    def bind(self, binding: Any, past_names: list[str], present_names: list[str]) -> None:
-        for value, past_name, present_name in zip(self.values, past_names, present_names):
-            binding.bind_ortvalue_input(past_name, value)
-            binding.bind_output(present_name, "cuda", 0)
-
-    def collect(self, binding: Any, new_length: int) -> None:
-        outputs = binding.get_outputs()
-        self.values = list(outputs[1:])
-        self.length = new_length
-        self.pad.commit(new_length)

@@ -141,3 +141,35 @@ class StreamDecoder:
         """At the end of generation: the text including any incomplete trailing character (as U+FFFD)."""
         self.text = self.tokenizer.decode(self.ids)
         return self.text
+
+
+class StopText:
+    """One row's streamed text: emits decoded text, holding back any tail that could begin a stop string."""
+
+    def __init__(self, tokenizer: ChatTokenizer, stop: tuple[str, ...]) -> None:
+        self.decoder, self.stop = StreamDecoder(tokenizer), tuple(s for s in stop if s)
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.decoder.push(token)
+        text = self.decoder.text
+        if not self.stop:
+            return self._emit_to(len(text))
+        window = max(0, self.emitted - max(len(s) for s in self.stop) + 1)
+        hits = [i for s in self.stop if (i := text.find(s, window)) != -1]
+        if hits:
+            self.stopped = True
+            return self._emit_to(min(hits))
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit_to(len(text) - hold)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        return self._emit_to(len(self.decoder.flush()))
+
+    def _emit_to(self, end: int) -> str:
+        piece = self.decoder.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece

@@ -5,7 +5,7 @@ version differences live in ``edgelvm.tensorrt_compat``, TensorRT < 10 is refuse
 (``Runtime.deserialize_cuda_engine``, ``IExecutionContext.set_input_shape / set_tensor_address /
 execute_async_v3 / set_optimization_profile_async``) and the CUDA runtime bindings of ``cuda-python``
 (``cudaMalloc``, ``cudaMemcpyAsync``, ``cudaStreamCreate``), and kept behind the same seam as ``OrtBackend``
-(``name``, ``embed_dtype``, ``encode_images``, ``new_cache``, ``step``), so the generation loop does not change.
+(:class:`~edgelvm.runtime.backend.Backend`), so the generation loop does not change.
 ``benchmarks/gpu_check.sh`` is its first real test.
 
 Why cuda-python: it is NVIDIA's thin, torch-free binding for the CUDA runtime (what TensorRT's own samples use);
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ import numpy as np
 from edgelvm import tensorrt_compat as compat
 from edgelvm.errors import BackendError
 from edgelvm.manifest import KVCacheSpec, Manifest
-from edgelvm.runtime.padding import LeftPadState
+from edgelvm.runtime.backend import NO_INPUTS
+from edgelvm.runtime.kv_cache import LeftPadState, no_reuse
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +63,14 @@ def _cudart() -> Any:
 
 
 def _bindings_version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        return version("cuda-bindings")
-    except Exception:  # older cuda-python has no separate cuda-bindings distribution
+    for name in ("cuda-bindings", "cuda-python"):  # older cuda-python has no separate cuda-bindings distribution
         try:
-            from importlib.metadata import version
-
-            return version("cuda-python")
-        except Exception:
-            return "0"
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "0"
 
 
 class _Cuda:
@@ -119,7 +118,7 @@ class TrtKVCache:
     """Ping-pong device KV buffers for one generation: ``[batch, kv_heads, length, head_dim]`` as a flat prefix.
 
     Crop / prefix sharing (chat KV reuse, batch prefix fork) would need strided device copies; until they are
-    written the runtime falls back to a full prefill with this cache.
+    written the runtime prefills in full with this cache (``supports_reuse = False``).
     """
 
     supports_reuse = False
@@ -142,11 +141,13 @@ class TrtKVCache:
 
     def advance(self, new_length: int) -> None:
         self._read, self.length = 1 - self._read, new_length
-        self.pad.commit(new_length)
+        self.pad.length = new_length
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * len(self._ptrs[0]) * self.nbytes_each
+    def crop(self, length: int) -> None:
+        no_reuse(self)
+
+    def fill_from(self, prefix: Any) -> None:
+        no_reuse(self)
 
     def __del__(self) -> None:
         for pair in getattr(self, "_ptrs", []):
@@ -185,6 +186,12 @@ class TrtBackend:
                 where="backend",
                 fix="use backend='auto' (ONNX Runtime)",
             )
+        if extra := [spec.name for spec in manifest.graphs["vision"].inputs[1:]]:
+            raise BackendError(
+                f"the TensorRT backend does not feed vision inputs besides pixel_values ({', '.join(extra)}) yet",
+                where="backend",
+                fix="use backend='auto' (ONNX Runtime) for this bundle",
+            )
         try:
             import tensorrt as trt
         except ImportError as err:
@@ -209,7 +216,7 @@ class TrtBackend:
         self._contexts, self._scratch = self._decoder_contexts()
         self._in_names = [spec.name for spec in manifest.graphs["decoder"].inputs]
         self._out_names = [spec.name for spec in manifest.graphs["decoder"].outputs]
-        self._embed_dtype = trt.nptype(self.decoder.get_tensor_dtype("inputs_embeds"))
+        self.embed_dtype = trt.nptype(self.decoder.get_tensor_dtype("inputs_embeds"))
         self._kv_dtype = trt.nptype(self.decoder.get_tensor_dtype(self._in_names[3]))
         self._logits_dtype = trt.nptype(self.decoder.get_tensor_dtype(self._out_names[0]))
         self.max_batch = int(self.info["config"]["max_batch"])
@@ -218,7 +225,7 @@ class TrtBackend:
         vocab = int(manifest.graphs["decoder"].outputs[0].shape[-1])
         length = self.kv_spec.max_length
         self._bufs = {
-            "inputs_embeds": self.cuda.malloc(self.max_batch * length * hidden * np.dtype(self._embed_dtype).itemsize),
+            "inputs_embeds": self.cuda.malloc(self.max_batch * length * hidden * np.dtype(self.embed_dtype).itemsize),
             "attention_mask": self.cuda.malloc(self.max_batch * length * 8),
             # position_ids: [B, S], or [rows, B, S] for M-RoPE (manifest.positions.rows)
             "position_ids": self.cuda.malloc(int(manifest.positions.get("rows", 1)) * self.max_batch * length * 8),
@@ -264,18 +271,8 @@ class TrtBackend:
         return contexts, scratch
 
     # ---- backend interface ---------------------------------------------------------------------------------------
-    @property
-    def embed_dtype(self) -> Any:
-        return self._embed_dtype
-
-    def encode_images(self, pixel_values: np.ndarray, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        if inputs:
-            raise BackendError(
-                f"vision graphs with inputs besides pixel_values ({', '.join(inputs)}) are not supported by the "
-                "TensorRT backend yet",
-                where=self.engine_dir,
-                fix="use backend='auto' (onnxruntime) for this bundle",
-            )
+    def encode_images(self, pixel_values: np.ndarray, inputs: Mapping[str, np.ndarray] = NO_INPUTS) -> np.ndarray:
+        """``inputs`` is always empty: bundles whose vision graph takes more are refused at construction."""
         trt, ctx = self.trt, self._vision_ctx
         in_name = self.manifest.graphs["vision"].inputs[0].name
         out_name = self.manifest.graphs["vision"].outputs[0].name
@@ -305,10 +302,11 @@ class TrtBackend:
             )
         return TrtKVCache(self.cuda, self.kv_spec, batch, self._kv_dtype)
 
-    def step(self, rows: list[np.ndarray], cache: TrtKVCache, positions: list[np.ndarray] | None = None) -> Any:
-        """Append ``rows[r]`` (``[S_r, E]``) to row ``r`` of the cache; return each row's last-position logits.
-        ``positions``: explicit per-row position ids (see :meth:`OrtBackend.step`)."""
-        embeds, attention_mask, positions = cache.pad.pack(rows, self._embed_dtype, positions)
+    def step(self, rows: list[np.ndarray], cache: Any, inputs: Mapping[str, np.ndarray] = NO_INPUTS) -> np.ndarray:
+        """See :meth:`edgelvm.runtime.backend.Backend.step`; ``inputs``: M-RoPE ``position_ids`` at most
+        (cross-attention bundles are refused at construction)."""
+        embeds, attention_mask, positions = cache.pad.pack(rows, self.embed_dtype)
+        positions = inputs.get("position_ids", positions)
         batch, seq = embeds.shape[:2]
         past, new_length = cache.length, cache.length + seq
         profile = DECODE if seq == 1 else PREFILL
@@ -321,7 +319,7 @@ class TrtBackend:
             )
         ctx = self._contexts[profile]
         host = {
-            "inputs_embeds": np.ascontiguousarray(embeds, dtype=self._embed_dtype),
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=self.embed_dtype),
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
             "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
         }

@@ -1,9 +1,10 @@
 """``VLM``: load a bundle, give it images and a prompt, get text (or a stream of text pieces).
 
-The whole inference loop is here and short enough to read in one sitting (gpt-fast style): build the prompt,
-encode the images (through a feature cache), splice their features into the token embeddings, prefill what is not
-already in the KV cache — a prefix shared by every request of a batch is prefilled once and forked — then decode one
-token per step into a preallocated cache until EOS, a stop string, the budget, a cancel or a deadline.
+Per batch the VLM builds a :class:`~edgelvm.runtime.generate.Plan` once — the prompt (chat template, image tokens
+placed by ``runtime/images``), the images' features (through a cache), the embeddings (features spliced in, or not
+for cross-attention decoders) and the family's per-step inputs (M-RoPE positions, cross-attention states) — and
+hands it to the family-agnostic loop in ``runtime/generate.py``. A prefix shared by every request of a batch is
+prefilled once and forked; a chat session keeps its KV cache and prefills only each turn's new tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,28 @@ import numpy as np
 
 from edgelvm.errors import BundleError, ConfigError, PromptTooLongError
 from edgelvm.manifest import Manifest, verify_bundle_files
-from edgelvm.runtime.cross_attention import cross_attention_inputs
-from edgelvm.runtime.images import ImageInput, load_image
+from edgelvm.runtime.backend import Backend
+from edgelvm.runtime.generate import (
+    AllInputs,
+    Control,
+    Decoding,
+    GenerationConfig,
+    GenerationStats,
+    Plan,
+    Request,
+    generate,
+    make_config,
+)
+from edgelvm.runtime.images import ImageEncoder, ImageInput, load_image, step_input_rules
 from edgelvm.runtime.ort_backend import OrtBackend
-from edgelvm.runtime.positions import positions_rule
-from edgelvm.runtime.preprocess import ImagePreprocessor, PreparedImage
-from edgelvm.runtime.sampling import Sampler, SamplingConfig
 from edgelvm.runtime.session_settings import SessionSettings
-from edgelvm.runtime.text import ChatTokenizer, Message, StreamDecoder, user_message, without_images
-from edgelvm.runtime.vision_cache import VisionCache, pixel_key
-from edgelvm.runtime.vision_text import VisionTextTokenizer
+from edgelvm.runtime.text import ChatTokenizer, Message, user_message, without_images
+
+__all__ = ["VLM", "ChatSession", "Control", "GenerationConfig", "GenerationStats", "Request", "make_config"]
 
 log = logging.getLogger(__name__)
 
 Images = ImageInput | Sequence[ImageInput] | None
-#: A batch shares its prefix (prefilled once, then forked) only when the prefix is at least this long.
-MIN_SHARED_PREFIX = 8
 #: Prompt text is refused before it is tokenized when it has more than ``max_length`` × this many characters: no
 #: prompt that long can fit the context (a BPE token rarely spans more than 16 characters), and tokenizing it would
 #: cost seconds (a 20 MB prompt took 82 s). The cost of tokenizing is bounded with it.
@@ -44,87 +51,6 @@ MAX_CHARS_PER_TOKEN = 32
 #: The largest ``kv_cache.max_length`` a manifest may declare (16M tokens); the KV cache it implies must also fit
 #: this machine's memory (checked when the bundle is loaded, not at the first generate).
 MAX_CONTEXT_LENGTH = 2**24
-
-
-@dataclass
-class Request:
-    """One conversation to answer: its images (in placeholder order) and either a prompt or full chat messages."""
-
-    prompt: str | None = None
-    images: list[ImageInput] = field(default_factory=list)
-    messages: list[Message] | None = None
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """How to generate: token budget, stop conditions and sampling (greedy unless ``temperature > 0``)."""
-
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks use it for fixed lengths)
-    stop: Sequence[str] = ()
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(
-                f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}",
-                where="max_new_tokens",
-                fix="ask for at least one token",
-            )
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ConfigError(
-                f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}",
-                where="min_new_tokens",
-                fix="lower it or raise max_new_tokens",
-            )
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
-
-
-@dataclass
-class Control:
-    """Cancellation and deadline for one generation, checked before every decode step."""
-
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    deadline: float | None = None  # time.monotonic() value
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def reason(self) -> str | None:
-        if self.cancelled.is_set():
-            return "cancelled"
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            return "timeout"
-        return None
-
-
-@dataclass
-class GenerationStats:
-    """What the last call did and how long it took (milliseconds; decode excludes the prefill step)."""
-
-    vision_ms: float = 0.0
-    prefill_ms: float = 0.0
-    decode_ms: float = 0.0
-    prompt_tokens: int = 0
-    prefill_tokens: int = 0  # positions actually run through the decoder at prefill (after reuse)
-    reused_tokens: int = 0  # positions taken from an existing cache (chat history, shared batch prefix)
-    new_tokens: int = 0
-    images_encoded: int = 0  # vision-encoder runs (cache misses)
-    image_cache_hits: int = 0
-    finish_reasons: list[str] = field(default_factory=list)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        steps = max(self.new_tokens - 1, 0)
-        return steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
 
 
 class VLM:
@@ -135,20 +61,19 @@ class VLM:
     :class:`edgelvm.runtime.engine.Engine`.
     """
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Any, *, vision_cache_mb: float = 64) -> None:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, *, vision_cache_mb: float = 64) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = ChatTokenizer(manifest.tokenizer, bundle_dir)
-        self.preprocessor = ImagePreprocessor(manifest.preprocess, bundle_dir)
-        #: the vision graph's text input (``preprocess.vision_text``: InstructBLIP's Q-Former reads the prompt)
-        vision_text = manifest.preprocess.vision_text
-        self.vision_text = VisionTextTokenizer(vision_text, bundle_dir) if vision_text else None
-        #: None for 1-D positions (the backend derives them from the mask), else the rule computing them per token
-        self.positions = positions_rule(manifest.positions)
-        #: None unless the decoder cross-attends to the images (``preprocess.image_placement = "cross_attention"``)
-        self.cross = cross_attention_inputs(manifest.preprocess)
-        self.vision_cache = VisionCache(int(vision_cache_mb * 2**20))
+        self.encoder = ImageEncoder(manifest, bundle_dir, int(vision_cache_mb * 2**20))
+        self.preprocessor, self.vision_text = self.encoder.preprocessor, self.encoder.vision_text
+        self.vision_cache = self.encoder.cache
+        # Decided once per bundle: the family's per-step input rules and where image features go.
+        rules = step_input_rules(manifest, self.preprocessor)
+        self.step_rules = list(rules.values())
+        self.positions, self.cross = rules.get("positions"), rules.get("cross_attention")
+        self._splice_features = manifest.preprocess.image_placement != "cross_attention"
         _check_context_fits(manifest, bundle_dir)
         self._embed_table = np.load(bundle_dir / manifest.graphs["embed"].file, mmap_mode="r")
         self._eos = set(manifest.generation["eos_token_ids"])
@@ -265,7 +190,13 @@ class VLM:
                 where="chat()",
                 fix="ask each question with generate() (one prompt per call, as the model was trained)",
             )
-        self._refuse_cross_attention("chat()")
+        if not self._splice_features:
+            raise ConfigError(
+                "chat() is not supported yet for bundles whose decoder cross-attends to the images "
+                "(preprocess.image_placement 'cross_attention', e.g. Idefics)",
+                where="chat()",
+                fix="use generate() / generate_batch() (one stateless request each)",
+            )
         return ChatSession(self, [load_image(i) for i in _as_list(images)], system=system)
 
     def forced_logits(self, images: Images, prompt: str, continuation: Sequence[int]) -> np.ndarray:
@@ -277,22 +208,17 @@ class VLM:
         request = Request(prompt=prompt, images=[load_image(i) for i in _as_list(images)])
         ids = self.prompt_ids(request)
         self._check_length(len(ids), len(continuation))
-        positions = self._positions(ids, request.images)
         with self._lock:
-            cache = self.backend.new_cache(1)
             features = self._image_features(request.images, self._texts_for([request]))
-            cross = None if self.cross is None else self.cross.batch([ids], [features], self.backend.embed_dtype)
-            embeds = self._embed(ids, features if cross is None else [])
-            first = None if cross is None else cross.prefill(0)
-            rows = [self._step([embeds], cache, None if positions is None else [positions], first)[0]]
-            start = None if positions is None else self.positions.next_position(positions)
-            for i, token in enumerate(continuation[:-1]):
-                step = None if start is None else [self.positions.decode(start + i)]
-                inputs = None if cross is None else cross.decode()
-                rows.append(self._step([self._token_embeds(np.array([token]))], cache, step, inputs)[0])
+            plan = self._plan([ids], [request.images], [features])
+            cache = self.backend.new_cache(1)
+            rows = [self.backend.step(plan.rows, cache, plan.inputs.prompt([0], 0))[0]]
+            for step, token in enumerate(continuation[:-1]):
+                embeds = self._token_embeds(np.array([token]))
+                rows.append(self.backend.step([embeds], cache, plan.inputs.decode(step))[0])
         return np.stack(rows).astype(np.float32)
 
-    # ---- prompt → embeddings -------------------------------------------------------------------------------------
+    # ---- prompt → plan -------------------------------------------------------------------------------------------
     def prompt_ids(self, request: Request) -> list[int]:
         """Token ids of the rendered prompt with each image's tokens (placeholders expanded to the image's token
         count, or the image before the prompt: ``preprocess.image_placement``)."""
@@ -329,33 +255,13 @@ class VLM:
             )
 
     def image_token_counts(self, images: list[ImageInput]) -> list[int]:
-        """How many image-feature positions each image fills in the prompt (with tiling it depends on the image's
-        size; with cross-attention, none: the features go to the decoder's cross-attention inputs)."""
-        if self.manifest.preprocess.image_placement == "cross_attention":
-            return [0] * len(images)
-        sizes = self._checked_sizes(images)
-        if not self.preprocessor.size_dependent:
-            return [self.manifest.preprocess.tokens_per_image] * len(images)
-        return [self.preprocessor.token_count(h, w) for h, w in sizes]
-
-    def image_segments(self, images: list[ImageInput]) -> list[list[int]]:
-        """The prompt token ids each image becomes (its image tokens, and any markers its tiling rule adds)."""
-        return [self.preprocessor.image_segment(h, w) for h, w in self._checked_sizes(images)]
-
-    def _checked_sizes(self, images: list[ImageInput]) -> list[tuple[int, int]]:
-        """Each image's ``(height, width)``, refusing (:class:`ImageError`) a geometry whose preprocessing would be
-        too large — when the request is built, before anything is resized."""
-        sizes = [(pil.height, pil.width) for pil in map(load_image, images)]
-        for height, width in sizes:
-            self.preprocessor.check_geometry(height, width)
-        return sizes
+        """How many image-feature positions each image fills in the prompt (see ``ImageEncoder.token_counts``)."""
+        return self.encoder.token_counts(images)
 
     def _encode(self, messages: list[Message], images: list[ImageInput]) -> list[int]:
-        """Render and encode ``messages``, with the images' tokens placed as the bundle says (at placeholders, or
-        before the prompt)."""
+        """Render and encode ``messages``, with the images' tokens placed as the bundle says."""
         self.check_prompt_text(messages)
-        ids = self.tokenizer.encode(self._render(messages))
-        return self.preprocessor.place_image_tokens(ids, self.image_segments(images))
+        return self.encoder.place(self.tokenizer.encode(self._render(messages)), images)
 
     def _render(self, messages: list[Message]) -> str:
         if not self.preprocessor.images_in_text:
@@ -364,7 +270,7 @@ class VLM:
 
     def _texts_for(self, requests: list[Request]) -> list[str] | None:
         """For a text-conditioned vision graph: each image's text, its request's rendered prompt (else None)."""
-        if self.vision_text is None:
+        if not self.encoder.reads_text:
             return None
         return [self._render(_messages(r)) for r in requests for _ in r.images]
 
@@ -378,48 +284,8 @@ class VLM:
             )
 
     def _image_features(self, images: list[ImageInput], texts: list[str] | None = None) -> list[np.ndarray]:
-        """Per image ``[tokens, hidden]``: cached features where the pixels were seen before, one encoder run over
-        the views of the rest (duplicates within the call are encoded once).
-
-        ``texts``: with a text-conditioned vision graph (``preprocess.vision_text``), each image's prompt; the
-        features then depend on both, and so does the cache key."""
-        if not images:
-            return []
-        prepared = [self.preprocessor.prepare(image) for image in images]
-        keys = [self._feature_key(p) for p in prepared]
-        text_ids: dict[str, list[int]] = {}
-        if self.vision_text is not None:
-            if texts is None or len(texts) != len(images):
-                raise ConfigError(
-                    "this bundle's vision encoder reads the prompt: pass one text per image",
-                    where="_image_features(texts=...)",
-                    fix="call it through generate() / generate_batch() / chat()",
-                )
-            encoded_texts = [self.vision_text.encode(t) for t in texts]
-            keys = [f"{k}-t{pixel_key(np.asarray(ids, dtype=np.int64))}" for k, ids in zip(keys, encoded_texts)]
-            text_ids = dict(zip(keys, encoded_texts))
-        found = {k: f for k in dict.fromkeys(keys) if (f := self.vision_cache.get(k)) is not None}
-        missing = [k for k in dict.fromkeys(keys) if k not in found]
-        stats = self.last_stats
-        stats.image_cache_hits += len(found)
-        if missing:
-            chosen = [prepared[keys.index(k)] for k in missing]
-            if any(p.inputs for p in chosen):  # graphs with per-image inputs (native resolution): one call each
-                outputs = [self.backend.encode_images(p.pixels, p.inputs) for p in chosen]
-            else:
-                extra = self.vision_text.batch([text_ids[k] for k in missing]) if text_ids else None
-                encoded = self.backend.encode_images(np.concatenate([p.pixels for p in chosen]), extra)
-                outputs = np.split(encoded, np.cumsum([len(p.pixels) for p in chosen])[:-1])
-            for key, image, views in zip(missing, chosen, outputs):
-                found[key] = self.preprocessor.pack(views, image)
-                self.vision_cache.put(key, found[key])
-            stats.images_encoded += len(missing)
-        return [found[k] for k in keys]
-
-    def _feature_key(self, image: PreparedImage) -> str:
-        key = pixel_key(image.pixels)
-        # Tiled features are unpadded by the original size, which the views alone do not determine.
-        return f"{key}-{image.height}x{image.width}" if self.preprocessor.size_dependent else key
+        """Per image ``[tokens, hidden]`` (see :meth:`ImageEncoder.features`), counted in :attr:`last_stats`."""
+        return self.encoder.features(self.backend, images, texts, self.last_stats)
 
     def _embed(self, ids: list[int], image_features: list[np.ndarray]) -> np.ndarray:
         embeds = self._token_embeds(np.asarray(ids, dtype=np.int64))
@@ -431,41 +297,29 @@ class VLM:
     def _token_embeds(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self._embed_table[ids], dtype=self.backend.embed_dtype)
 
-    # ---- positions -------------------------------------------------------------------------------------------------
-    def _positions(self, ids: list[int], images: list[ImageInput]) -> np.ndarray | None:
-        """Explicit ``[P, len(ids)]`` positions of a prompt (``manifest.positions``), or None for 1-D positions."""
-        if self.positions is None:
-            return None
-        grid = getattr(self.preprocessor.tiling, "grid", None)
-        if grid is None and images:
-            raise BundleError(
-                f"positions of kind {self.manifest.positions.get('kind')!r} need image grids, which preprocess.tiling "
-                f"{self.manifest.preprocess.tiling!r} does not give",
-                where="edgelvm.json",
-                fix="re-export the bundle with `edgelvm export`",
-            )
-        grids = [grid(pil.height, pil.width) for pil in map(load_image, images)] if images else []
-        return self.positions.prompt(ids, grids)
+    def _positions(self, ids: list[int], images: list[ImageInput]) -> np.ndarray:
+        """Explicit ``[P, len(ids)]`` positions of a prompt (bundles with ``manifest.positions``: M-RoPE)."""
+        return self.positions.image_positions(ids, images)
 
-    def _step(
-        self, rows: list[np.ndarray], cache: Any, positions: list[np.ndarray] | None, inputs: Any = None
-    ) -> np.ndarray:
-        if inputs is not None:  # the decoder graph's extra inputs (cross-attention: image states and mask), by name
-            return self.backend.step(rows, cache, positions=positions, inputs=inputs)
-        if positions is None:  # 1-D: the backend counts the real tokens (the interface every backend has)
-            return self.backend.step(rows, cache)
-        return self.backend.step(rows, cache, positions=positions)
+    def _step_inputs(self, prompts: list[list[int]], images: list[list[Any]], features: list[Any]) -> AllInputs:
+        dtype = self.backend.embed_dtype
+        return AllInputs([rule.inputs(prompts, images, features, dtype) for rule in self.step_rules])
 
-    def _refuse_cross_attention(self, what: str) -> None:
-        if self.cross is not None:
-            raise ConfigError(
-                f"{what} is not supported yet for bundles whose decoder cross-attends to the images "
-                "(preprocess.image_placement 'cross_attention', e.g. Idefics)",
-                where=what,
-                fix="use generate() / generate_batch() (one stateless request each)",
-            )
+    def _plan(self, prompts: list[list[int]], images: list[list[Any]], features: list[list[np.ndarray]]) -> Plan:
+        """The batch's plan: embeddings (features spliced in, or sent to cross-attention) and per-step inputs."""
+        spliced = features if self._splice_features else [[] for _ in prompts]
+        rows = [self._embed(ids, f) for ids, f in zip(prompts, spliced)]
+        inputs = self._step_inputs(prompts, images, features)
+        return Plan(rows, inputs, shareable=self.manifest.attention != "prefix_lm")
 
-    # ---- the loop --------------------------------------------------------------------------------------------------
+    def _decoding(self, config: GenerationConfig, control: Control, batch: int, **options: Any) -> Decoding:
+        self.last_output_ids = [[] for _ in range(batch)]
+        return Decoding(
+            self.backend, self._token_embeds, self.tokenizer, self._eos, self._pad_id, config, control,
+            self.last_stats, self.last_output_ids, **options,
+        )  # fmt: skip
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
     def _generate(
         self, requests: list[Request], prompts: list[list[int]], config: GenerationConfig, control: Control
     ) -> Iterator[tuple[int, str]]:
@@ -478,122 +332,13 @@ class VLM:
             for r in requests:
                 per_request.append(features[start : start + len(r.images)])
                 start += len(r.images)
-            cross = None
-            if self.cross is not None:  # features go to the decoder's cross-attention, not into the embeddings
-                cross = self.cross.batch(prompts, per_request, self.backend.embed_dtype)
-                per_request = [[] for _ in requests]
-            rows = [self._embed(ids, feats) for ids, feats in zip(prompts, per_request)]
-            positions = [self._positions(ids, r.images) for ids, r in zip(prompts, requests)]
-            explicit = None if self.positions is None else positions
+            plan = self._plan(prompts, [r.images for r in requests], per_request)
             stats.vision_ms = (time.perf_counter() - started) * 1e3
             interrupted = control.reason()  # the deadline / cancel between stages: after vision, before prefill
             if interrupted is not None:
                 stats.finish_reasons = [interrupted] * len(requests)
                 return
-            cache, cached = self._shared_prefix_cache(rows, explicit) if cross is None else (None, 0)
-            yield from self._decode(rows, cache, cached, config, control, positions=explicit, cross=cross)
-
-    def _shared_prefix_cache(
-        self, rows: list[np.ndarray], positions: list[np.ndarray] | None = None
-    ) -> tuple[Any, int]:
-        """A batch cache pre-filled with the longest prefix all rows share (bitwise-equal embeddings, so the same
-        images too, and with explicit positions equal positions); ``(None, 0)`` when there is nothing worth
-        sharing."""
-        batch = len(rows)
-        if self.manifest.attention == "prefix_lm":  # a prompt is one bidirectional block: never split its prefill
-            return None, 0
-        shared = _common_prefix(rows) if batch > 1 else 0
-        if positions is not None and batch > 1:
-            shared = min(shared, _common_prefix([p.T for p in positions]))
-        shared = min(shared, min(len(r) for r in rows) - 1)  # every row needs ≥ 1 own position for its logits
-        if shared < MIN_SHARED_PREFIX:
-            return None, 0
-        probe = self.backend.new_cache(1)
-        if not probe.supports_reuse:
-            return None, 0
-        started = time.perf_counter()
-        self._step([rows[0][:shared]], probe, None if positions is None else [positions[0][:, :shared]])
-        cache = self.backend.new_cache(batch)
-        cache.fill_from(probe)
-        self.last_stats.prefill_ms += (time.perf_counter() - started) * 1e3
-        self.last_stats.prefill_tokens += shared
-        self.last_stats.reused_tokens += shared * (batch - 1)
-        return cache, shared
-
-    def _decode(
-        self,
-        rows: list[np.ndarray],
-        cache: Any,
-        cached: int,
-        config: GenerationConfig,
-        control: Control,
-        on_fed: Any = None,
-        positions: list[np.ndarray] | None = None,
-        cross: Any = None,
-    ) -> Iterator[tuple[int, str]]:
-        """Prefill ``rows[r][cached:]`` after the ``cached`` positions already in ``cache``, then decode.
-
-        ``on_fed(row, token)`` is told each sampled token once it is in the cache (chat sessions track them).
-        ``positions``: each row's explicit ``[P, len(rows[r])]`` positions (None: 1-D, counted by the backend);
-        generated tokens continue at the row's largest position + 1. ``cross``: the decoder's cross-attention inputs
-        (:class:`~edgelvm.runtime.cross_attention.CrossBatch`), fed every step; None where features are spliced.
-        """
-        stats = self.last_stats
-        batch = len(rows)
-        cache = cache if cache is not None else self.backend.new_cache(batch)
-        sampler = Sampler(config.sampling)
-        eos_ids = np.fromiter(self._eos, dtype=np.int64)
-        self.last_output_ids = [[] for _ in range(batch)]
-        texts = [_RowText(StreamDecoder(self.tokenizer), tuple(config.stop)) for _ in range(batch)]
-        reasons: list[str | None] = [None] * batch
-
-        step_started = time.perf_counter()
-        suffixes = [r[cached:] for r in rows]
-        next_positions = None if positions is None else [self.positions.next_position(p) for p in positions]
-        prefill_inputs = None if cross is None else cross.prefill(cached)  # cross-attention: every step
-        logits = self._step(
-            suffixes, cache, None if positions is None else [p[:, cached:] for p in positions], prefill_inputs
-        )
-        stats.prefill_ms += (time.perf_counter() - step_started) * 1e3
-        stats.prefill_tokens += max(len(s) for s in suffixes)
-        decode_started = time.perf_counter()
-        for step in range(config.max_new_tokens):
-            if step < config.min_new_tokens:
-                logits[:, eos_ids] = -np.inf
-            tokens = sampler(logits)
-            stats.new_tokens += 1
-            last_step = step == config.max_new_tokens - 1
-            for row in range(batch):
-                if reasons[row] is not None:
-                    tokens[row] = self._pad_id
-                    continue
-                token = int(tokens[row])
-                self.last_output_ids[row].append(token)
-                if token in self._eos:
-                    reasons[row], piece = "stop", texts[row].finish()
-                else:
-                    piece = texts[row].push(token)
-                    if texts[row].stopped:
-                        reasons[row] = "stop"
-                    elif last_step:
-                        reasons[row], piece = "length", piece + texts[row].finish()
-                if piece:
-                    yield row, piece
-            interrupted = control.reason()
-            if interrupted is not None:
-                reasons = [r or interrupted for r in reasons]
-            if all(r is not None for r in reasons):
-                break
-            step_positions = None
-            if next_positions is not None:
-                step_positions = [self.positions.decode(n + step) for n in next_positions]
-            step_inputs = None if cross is None else cross.decode()
-            logits = self._step(list(self._token_embeds(tokens)[:, None, :]), cache, step_positions, step_inputs)
-            if on_fed is not None:
-                for row in range(batch):
-                    on_fed(row, int(tokens[row]))
-        stats.decode_ms = (time.perf_counter() - decode_started) * 1e3
-        stats.finish_reasons = [r or "length" for r in reasons]
+            yield from generate(self._decoding(config, control, len(requests)), plan)
 
 
 class ChatSession:
@@ -652,58 +397,30 @@ class ChatSession:
             vlm.last_stats = stats = GenerationStats(prompt_tokens=len(ids))
             reuse = 0
             # A text-conditioned vision encoder sees the whole conversation: its image features change every turn.
-            if self._cache is not None and self._cache.supports_reuse and vlm.vision_text is None:
-                reuse = _common_prefix_ids(self._cached_ids, ids)
-                reuse = min(reuse, len(ids) - 1)
+            if self._cache is not None and self._cache.supports_reuse and not vlm.encoder.reads_text:
+                reuse = min(_common_prefix_ids(self._cached_ids, ids), len(ids) - 1)
                 self._cache.crop(reuse)
             else:
                 self._cache = vlm.backend.new_cache(1)
             stats.reused_tokens = reuse
             started = time.perf_counter()
-            image_id = vlm.manifest.preprocess.image_token_id
-            if image_id in ids[reuse:]:
-                texts = [vlm._render(messages)] * len(self.images) if vlm.vision_text is not None else None
+            if vlm.manifest.preprocess.image_token_id in ids[reuse:]:
+                texts = [vlm._render(messages)] * len(self.images) if vlm.encoder.reads_text else None
                 row = vlm._embed(ids, vlm._image_features(self.images, texts))
             else:  # the images are already in the cache: embed only the new text (rows are sliced at `reuse`)
                 row = np.zeros((len(ids), vlm._embed_table.shape[1]), dtype=vlm.backend.embed_dtype)
                 row[reuse:] = vlm._token_embeds(np.asarray(ids[reuse:], dtype=np.int64))
             stats.vision_ms = (time.perf_counter() - started) * 1e3
-            # explicit positions of the whole conversation: the reused prefix's are the ones already in the cache
-            positions = vlm._positions(ids, self.images)
+            # per-step inputs of the whole conversation: the reused prefix's are the ones already in the cache
+            plan = Plan([row], vlm._step_inputs([ids], [self.images], [[]]))
             fed_ids = list(ids)
-
-            def record(_row: int, token: int) -> None:
-                fed_ids.append(token)
-
+            run = vlm._decoding(config, Control(), 1, on_fed=lambda _row, token: fed_ids.append(token))
             answer = ""
-            explicit = None if positions is None else [positions]
-            turn = vlm._decode([row], self._cache, reuse, config, Control(), on_fed=record, positions=explicit)
-            for _, piece in turn:
+            for _, piece in generate(run, plan, self._cache, reuse):
                 answer += piece
                 yield piece
             self._cached_ids = fed_ids
             self.messages = [*messages, {"role": "assistant", "content": answer}]
-
-
-def make_config(options: dict[str, Any]) -> GenerationConfig:
-    """Keyword options → :class:`GenerationConfig`, naming any unknown option."""
-    names = {f.name for f in fields(GenerationConfig)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown generation option(s): {', '.join(unknown)}",
-            where="generate()",
-            fix=f"use: {', '.join(sorted(names))}",
-        )
-    return GenerationConfig(**options)
-
-
-def _common_prefix(rows: list[np.ndarray]) -> int:
-    length = min(len(r) for r in rows)
-    same = np.ones(length, dtype=bool)
-    for other in rows[1:]:
-        same &= (other[:length] == rows[0][:length]).all(axis=-1)
-    return int(length if same.all() else np.argmin(same))
 
 
 def _common_prefix_ids(a: list[int], b: list[int]) -> int:
@@ -713,38 +430,6 @@ def _common_prefix_ids(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-class _RowText:
-    """One row's streamed text: emits decoded text, holding back any tail that could begin a stop string."""
-
-    def __init__(self, decoder: StreamDecoder, stop: tuple[str, ...]) -> None:
-        self.decoder, self.stop = decoder, tuple(s for s in stop if s)
-        self.emitted = 0
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        self.decoder.push(token)
-        text = self.decoder.text
-        if not self.stop:
-            return self._emit_to(len(text))
-        window = max(0, self.emitted - max(len(s) for s in self.stop) + 1)
-        hits = [i for s in self.stop if (i := text.find(s, window)) != -1]
-        if hits:
-            self.stopped = True
-            return self._emit_to(min(hits))
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._emit_to(len(text) - hold)
-
-    def finish(self) -> str:
-        if self.stopped:
-            return ""
-        return self._emit_to(len(self.decoder.flush()))
-
-    def _emit_to(self, end: int) -> str:
-        piece = self.decoder.text[self.emitted : end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        return piece
 
 
 def _messages(request: Request) -> list[Message]:

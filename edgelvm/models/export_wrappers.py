@@ -1,4 +1,4 @@
-"""Export-facing wrappers: only tensors cross the graph boundary.
+"""Export-facing wrappers (what an adapter hands to export to trace): only tensors cross the graph boundary.
 
 The decoder wrapper rebuilds the transformers cache object from flat per-layer tensors inside ``forward``
 (the cache API changes between transformers releases; the bundle's tensor interface must not).

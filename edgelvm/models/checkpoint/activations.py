@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelvm.errors import ExportError
+from edgelvm.models.checkpoint.quantized import LLM_INT8_SIDECAR, RECORD, VISION_SIDECAR, load_int8, text_linears
 
 #: The attribute under which a linear keeps its installed quantizer.
 ATTR = "edgelvm_input_quantizer"
@@ -106,8 +107,6 @@ def install_checkpoint_quantizers(adapter: Any) -> dict[str, InputQuantizer]:
     """Install the activation quantization a checkpoint written by ``edgelvm quantize`` records: the vision
     encoder's INT8 linears (by their path in :meth:`~edgelvm.models.base.VLMAdapter.vision_encoder`) and
     SmoothQuant's language-model linears (``layers.{i}.<path>``). A float or INT4-only checkpoint: nothing."""
-    from edgelvm.quantize.api import LLM_INT8_SIDECAR, RECORD, VISION_SIDECAR, load_int8, text_linears
-
     record = getattr(adapter.config, RECORD, None) or {}
     wanted = []
     if "vision" in record:

@@ -6,11 +6,11 @@ normalize. transformers' torchvision backend resizes slightly differently; the r
 (tested to ≤ 1e-5 against it).
 
 With a tiling rule (``preprocess.tiling``, one module each) one image becomes several views, each of which goes
-through the same per-view steps, and the number of image tokens depends on the image's size: "anyres" /
-"anyres_max" (a base view + high-resolution tiles, unpadding, newline rows, a capped grid; ``runtime/tiling.py``),
-"dynamic_tiles" (aspect-ratio grid + thumbnail last; ``runtime/dynamic_tiles.py``), "split" (row × column tiles +
-a global view, per-tile marker tokens; ``runtime/image_splitting.py``), "native" (the image at its own resolution as
-flattened patches; ``runtime/native_resolution.py``). :meth:`ImagePreprocessor.prepare` returns the views with
+through the same per-view steps, and the number of image tokens depends on the image's size (modules of this
+package): "anyres" / "anyres_max" (a base view + high-resolution tiles, unpadding, newline rows, a capped grid;
+``tiling.py``), "dynamic_tiles" (aspect-ratio grid + thumbnail last; ``dynamic_tiles.py``), "split" (row × column
+tiles + a global view, per-tile marker tokens; ``image_splitting.py``), "native" (the image at its own resolution as
+flattened patches; ``native_resolution.py``). :meth:`ImagePreprocessor.prepare` returns the views with
 their token count, and :meth:`ImagePreprocessor.pack` turns the vision graph's per-view features into the image's
 token features.
 """
@@ -26,11 +26,11 @@ import numpy as np
 
 from edgelvm.errors import BundleError, EdgeLVMError, ImageError
 from edgelvm.manifest import PreprocessSpec
-from edgelvm.runtime.dynamic_tiles import DynamicTilesRule
-from edgelvm.runtime.image_splitting import ImageSplittingRule
-from edgelvm.runtime.images import ImageInput, check_image_size, load_image
-from edgelvm.runtime.native_resolution import NativeResolutionRule
-from edgelvm.runtime.tiling import AnyresMaxRule, AnyresRule
+from edgelvm.runtime.images.dynamic_tiles import DynamicTilesRule
+from edgelvm.runtime.images.image_splitting import ImageSplittingRule
+from edgelvm.runtime.images.load import ImageInput, check_image_size, load_image
+from edgelvm.runtime.images.native_resolution import NativeResolutionRule
+from edgelvm.runtime.images.tiling import AnyresMaxRule, AnyresRule
 
 #: The most pixels of any image preprocessing makes (a resize, a tiling canvas, a view), checked from the geometry
 #: before the resize allocates it: 4096² RGB is 48 MiB as uint8 (384 MiB as the float64 of one view). Together with
@@ -52,7 +52,7 @@ class TilingRule(Protocol):
       (e.g. flattened patches);
     - ``graph_inputs(height, width) -> {name: array}``: the vision graph's inputs besides ``pixel_values`` for an
       image of this size (patch positions, window order); the image is then encoded in a call of its own;
-    - ``grid(height, width)``: the image's feature grid, for position rules that need it (``runtime/positions.py``);
+    - ``grid(height, width)``: the image's feature grid, for position rules that need it (``positions.py``);
     - ``max_images_per_prompt``: more images in one prompt are refused (a rule that lays several out differently);
     - ``planned_sizes(height, width) -> list[(h, w)]``: the size of every image :meth:`views` allocates (resizes,
       canvases, views) for an image of this size, computed without pixels, so that the preprocessor refuses a
@@ -69,7 +69,7 @@ class TilingRule(Protocol):
 
 
 #: ``preprocess.tiling`` -> a factory ``(tiling_params, bundle_dir) -> TilingRule``. A new rule is a module of its
-#: own under ``edgelvm/runtime/`` and one line here.
+#: own under ``edgelvm/runtime/images/`` and one line here.
 TILING_RULES: dict[str, Any] = {
     "anyres": AnyresRule.load,
     "anyres_max": AnyresMaxRule.load,
@@ -81,7 +81,7 @@ TILING_RULES: dict[str, Any] = {
 TILINGS = ("none", *TILING_RULES)
 #: Where image tokens go in the prompt (``preprocess.image_placement``): at each placeholder of the rendered text, or
 #: (one image) before the whole encoded prompt; "cross_attention": one image token at each placeholder, and the
-#: features go to the decoder's cross-attention inputs instead of the embeddings (``runtime/cross_attention.py``).
+#: features go to the decoder's cross-attention inputs instead of the embeddings (``cross_attention.py``).
 PLACEMENTS = ("placeholder", "prefix", "cross_attention")
 
 

@@ -119,7 +119,7 @@ class NativeResolutionRule:
         t, grid_h, grid_w = self.grid(height, width)
         return t * grid_h * grid_w // (self.merge_size**2)
 
-    # ---- the preprocessor's tiling-rule interface (runtime/preprocess.TilingRule) ------------------------------
+    # ---- the preprocessor's tiling-rule interface (images/preprocess.TilingRule) ------------------------------
     def planned_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """The one image :meth:`views` makes for an image of this size (``smart_resize``'s)."""
         return [self.resized(height, width)]

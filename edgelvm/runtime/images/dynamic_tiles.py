@@ -11,7 +11,7 @@ packing is a concatenation in view order, and the prompt holds ``<img>`` + image
 Every function mirrors transformers' ``GotOcr2ImageProcessorPil`` (``get_all_supported_aspect_ratios``,
 ``get_optimal_tiled_canvas``, ``crop_image_to_patches``, ``get_number_of_image_patches``) line for line, including
 its float comparisons and candidate order, because a different grid changes the pixels, the token count and the
-answer. Nothing from ``runtime/tiling.py`` fits beyond the view / pack protocol: LLaVA-NeXT's best resolution
+answer. Nothing from ``runtime/images/tiling.py`` fits beyond the view / pack protocol: LLaVA-NeXT's best resolution
 maximises kept pixels and pads, this rule matches aspect ratios and stretches.
 """
 

@@ -1,7 +1,7 @@
 """What ``edgelvm export`` does with a quantized checkpoint: the graph rewrites and the recipe entry.
 
 The vision graph gets explicit QDQ (INT8 W8A8), checked against the torch encoder as ``load_model`` loads it (with the
-checkpoint's activation quantizers, :mod:`edgelvm.quantize.activations`);
+checkpoint's activation quantizers, :mod:`edgelvm.models.checkpoint.activations`);
 the portable decoder gets block-wise INT4 ``DequantizeLinear`` weights, checked against the torch decoder (whose
 weights already are the dequantized INT4 values). The fused decoder reads the INT4 codes itself
 (:meth:`~edgelvm.models.base.VLMAdapter.decoder_weights`) and writes ``MatMulNBits``.
@@ -9,14 +9,17 @@ weights already are the dequantized INT4 values). The fused decoder reads the IN
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
 from edgelvm.errors import ExportError
 from edgelvm.export.onnx_graphs import DECODER_PREFIX, INT8_ACTIVATION_TOLERANCE
+from edgelvm.export.qdq import qdq_summary, write_int4_dq, write_int8_qdq
 from edgelvm.export.rewrite import GraphRewrite
-from edgelvm.quantize.api import LLM_INT8_SIDECAR, RECORD, SIDECAR, VISION_SIDECAR, load_int4, load_int8
+from edgelvm.models.checkpoint.activations import installed
+from edgelvm.models.checkpoint.quantized import LLM_INT8_SIDECAR, RECORD, SIDECAR, VISION_SIDECAR, load_int4, load_int8
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,6 @@ def _int8_rewrite(layers: dict[str, Any], prefix: str) -> GraphRewrite:
 
 def _int8_writer(layers: dict[str, Any]) -> Any:
     def apply(model: Any, prefix: str) -> tuple[Any, dict[str, Any]]:
-        from edgelvm.export.qdq import qdq_summary, write_int8_qdq
-
         # one Q/DQ per consumer: ONNX Runtime fuses a QDQ MatMul into an integer kernel only when its
         # QuantizeLinear feeds it alone (TensorRT fuses either form)
         result = write_int8_qdq(model, layers, prefix, share_activations=False)
@@ -87,10 +88,6 @@ def _int8_reference(layers: dict[str, Any], prefix: str, rewrite: GraphRewrite) 
     and no layer the graph kept float (for a reason other than not being traced) quantized on the torch side."""
 
     def reference(module: Any) -> Any:
-        import contextlib
-
-        from edgelvm.quantize.activations import installed
-
         have = installed(module)
         paths = {name for name, _ in module.named_modules()}
         want = {prefix + n: q.input_scale for n, q in layers.items() if prefix + n in paths}
@@ -112,8 +109,6 @@ def _int8_reference(layers: dict[str, Any], prefix: str, rewrite: GraphRewrite) 
 
 def _int4_writer(weights: dict[str, Any]) -> Any:
     def apply(model: Any, prefix: str) -> tuple[Any, dict[str, Any]]:
-        from edgelvm.export.qdq import write_int4_dq
-
         result = write_int4_dq(model, weights, prefix)
         _log_left_float("decoder", result)
         return result.model, {"written": len(result.written), "left_float": result.left_float}

@@ -17,12 +17,14 @@ Mask rules (``MASK_RULES``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgelvm.errors import BundleError
+from edgelvm.runtime.kv_cache import left_pad
 
 
 def latest_image_mask(
@@ -65,6 +67,10 @@ class CrossAttentionInputs:
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
 
+    def inputs(self, prompts: list[list[int]], images: Any, features: list[list[np.ndarray]], dtype: Any) -> CrossBatch:
+        """The loop's per-step inputs (a :class:`~edgelvm.runtime.generate.StepInputs`) for a batch."""
+        return self.batch(prompts, features, dtype)
+
     def batch(self, prompts: list[list[int]], features: list[list[np.ndarray]], dtype: Any) -> CrossBatch:
         """The inputs of one generation: ``features[r]`` are request ``r``'s images' ``[L, D]`` features."""
         columns = max(1, max(len(f) for f in features))
@@ -86,17 +92,20 @@ class CrossBatch:
     states: np.ndarray  # [B, I, L, D]
     masks: list[np.ndarray]  # per row [S_r, I]
 
-    def prefill(self, cached: int) -> dict[str, np.ndarray]:
-        """Inputs for a step feeding ``masks[r][cached:]``, left-padded as the backend pads the embeddings."""
-        rows = [m[cached:] for m in self.masks]
-        seq = max(len(r) for r in rows)
-        mask = np.zeros((len(rows), seq, self.states.shape[1]), dtype=np.int64)
-        for index, row in enumerate(rows):
-            if len(row):
-                mask[index, seq - len(row) :] = row
-        return {self.states_name: self.states, self.mask_name: mask}
+    def shared_prefix(self) -> int:
+        """0: equal token embeddings do not mean equal images here, so a batch never shares a prefill."""
+        return 0
 
-    def decode(self) -> dict[str, np.ndarray]:
+    def prompt(self, rows: Sequence[int], start: int, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Inputs for a step feeding ``masks[r][start:stop]``, left-padded as the backend pads the embeddings."""
+        mask = left_pad([self.masks[r][start:stop] for r in rows], axis=0)
+        return {self.states_name: self.states[list(rows)], self.mask_name: mask}
+
+    def prefill(self, cached: int) -> dict[str, np.ndarray]:
+        """Every row's prompt after its first ``cached`` positions."""
+        return self.prompt(range(len(self.masks)), cached)
+
+    def decode(self, step: int) -> dict[str, np.ndarray]:
         """Inputs for a one-token step: each row's last prompt row of the mask."""
         mask = np.stack([m[-1:] for m in self.masks])
         return {self.states_name: self.states, self.mask_name: mask}

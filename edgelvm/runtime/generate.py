@@ -1,0 +1,272 @@
+"""The generation loop, gpt-fast style: :func:`prefill`, :func:`decode_one_token`, :func:`decode_n_tokens`,
+:func:`generate`.
+
+The loop is family-agnostic. What a family adds is decided once per batch, when :class:`~edgelvm.runtime.vlm.VLM`
+builds a :class:`Plan` from the manifest's rules: the prompt embeddings (image features spliced in or not) and the
+:class:`StepInputs` that give each step the decoder's extra inputs (M-RoPE positions, cross-attention states) —
+an empty one for most families. The backend (:class:`~edgelvm.runtime.backend.Backend`) runs every step.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgelvm.errors import ConfigError
+from edgelvm.runtime.backend import Backend
+from edgelvm.runtime.images import ImageInput
+from edgelvm.runtime.sampling import Sampler, SamplingConfig
+from edgelvm.runtime.text import ChatTokenizer, Message, StopText
+
+#: A batch shares its prefix (prefilled once, then forked) only when the prefix is at least this long.
+MIN_SHARED_PREFIX = 8
+
+
+@dataclass
+class Request:
+    """One conversation to answer: its images (in placeholder order) and either a prompt or full chat messages."""
+
+    prompt: str | None = None
+    images: list[ImageInput] = field(default_factory=list)
+    messages: list[Message] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate: token budget, stop conditions and sampling (greedy unless ``temperature > 0``)."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks use it for fixed lengths)
+    stop: Sequence[str] = ()
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(
+                f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}",
+                where="max_new_tokens",
+                fix="ask for at least one token",
+            )
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(
+                f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}",
+                where="min_new_tokens",
+                fix="lower it or raise max_new_tokens",
+            )
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+
+
+def make_config(options: dict[str, Any]) -> GenerationConfig:
+    """Keyword options → :class:`GenerationConfig`, naming any unknown option."""
+    names = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown generation option(s): {', '.join(unknown)}",
+            where="generate()",
+            fix=f"use: {', '.join(sorted(names))}",
+        )
+    return GenerationConfig(**options)
+
+
+@dataclass
+class Control:
+    """Cancellation and deadline for one generation, checked before every decode step."""
+
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic() value
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def reason(self) -> str | None:
+        if self.cancelled.is_set():
+            return "cancelled"
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return "timeout"
+        return None
+
+
+@dataclass
+class GenerationStats:
+    """What the last call did and how long it took (milliseconds; decode excludes the prefill step)."""
+
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # positions actually run through the decoder at prefill (after reuse)
+    reused_tokens: int = 0  # positions taken from an existing cache (chat history, shared batch prefix)
+    new_tokens: int = 0
+    images_encoded: int = 0  # vision-encoder runs (cache misses)
+    image_cache_hits: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)
+        return steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
+
+
+# ---- the plan --------------------------------------------------------------------------------------------------------
+class StepInputs(Protocol):
+    """A family's decoder inputs besides embeddings and cache, per step (``runtime/images``: M-RoPE positions,
+    cross-attention states and mask); batched and left-padded as the backend pads the embeddings."""
+
+    def shared_prefix(self) -> int:
+        """How many leading prompt positions these inputs are equal for in every row (0: never share)."""
+
+    def prompt(self, rows: Sequence[int], start: int, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Inputs for feeding positions ``start:stop`` of the prompts of ``rows``."""
+
+    def decode(self, step: int) -> dict[str, np.ndarray]:
+        """Inputs for the ``step``-th generated token of every row (0: the first token fed back)."""
+
+
+@dataclass
+class AllInputs:
+    """The :class:`StepInputs` of every rule a bundle has (none: no extra inputs, prefixes share freely)."""
+
+    parts: list[StepInputs]
+
+    def shared_prefix(self) -> int:
+        return min((part.shared_prefix() for part in self.parts), default=sys.maxsize)
+
+    def prompt(self, rows: Sequence[int], start: int, stop: int | None = None) -> dict[str, np.ndarray]:
+        return {name: v for part in self.parts for name, v in part.prompt(rows, start, stop).items()}
+
+    def decode(self, step: int) -> dict[str, np.ndarray]:
+        return {name: v for part in self.parts for name, v in part.decode(step).items()}
+
+
+@dataclass
+class Plan:
+    """One batch's inputs, built once: each row's prompt embeddings and the family's per-step inputs."""
+
+    rows: list[np.ndarray]  # per row [S_r, E]
+    inputs: StepInputs
+    shareable: bool = True  # False where a prompt must be prefilled as one block (prefix-LM attention)
+
+    def shared_prefix(self) -> int:
+        """Leading positions every row shares (bitwise-equal embeddings and inputs), keeping ≥ 1 own per row."""
+        if not self.shareable or len(self.rows) < 2:
+            return 0
+        length = min(len(r) for r in self.rows)
+        same = np.ones(length, dtype=bool)
+        for other in self.rows[1:]:
+            same &= (other[:length] == self.rows[0][:length]).all(axis=-1)
+        shared = int(length if same.all() else np.argmin(same))
+        return min(shared, self.inputs.shared_prefix(), length - 1)
+
+
+@dataclass
+class Decoding:
+    """Everything a decode loop needs besides the plan and the cache: the token rules and where results go."""
+
+    backend: Backend
+    embed: Callable[[np.ndarray], np.ndarray]  # token ids [B] -> embeddings [B, E]
+    tokenizer: ChatTokenizer
+    eos: set[int]
+    pad_id: int
+    config: GenerationConfig
+    control: Control
+    stats: GenerationStats
+    output_ids: list[list[int]]
+    on_fed: Callable[[int, int], None] = lambda row, token: None  # told each sampled token once it is cached
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------------
+def prefill(backend: Backend, cache: Any, plan: Plan, start: int, stats: GenerationStats) -> np.ndarray:
+    """Feed every row's prompt after the ``start`` positions already in ``cache``; each row's last logits."""
+    started = time.perf_counter()
+    logits = backend.step([r[start:] for r in plan.rows], cache, plan.inputs.prompt(range(len(plan.rows)), start))
+    stats.prefill_ms += (time.perf_counter() - started) * 1e3
+    stats.prefill_tokens += max(len(r) - start for r in plan.rows)
+    return logits
+
+
+def share_prefix(backend: Backend, plan: Plan, stats: GenerationStats) -> tuple[Any, int]:
+    """A batch cache holding the prefix all rows share, prefilled once for row 0 and forked; ``(new cache, 0)``
+    when there is nothing worth sharing (or the backend's caches cannot fork)."""
+    shared = plan.shared_prefix()
+    cache = backend.new_cache(len(plan.rows))
+    if shared < MIN_SHARED_PREFIX or not cache.supports_reuse:
+        return cache, 0
+    probe = backend.new_cache(1)
+    started = time.perf_counter()
+    backend.step([plan.rows[0][:shared]], probe, plan.inputs.prompt([0], 0, shared))
+    cache.fill_from(probe)
+    stats.prefill_ms += (time.perf_counter() - started) * 1e3
+    stats.prefill_tokens += shared
+    stats.reused_tokens += shared * (len(plan.rows) - 1)
+    return cache, shared
+
+
+def decode_one_token(run: Decoding, cache: Any, plan: Plan, tokens: np.ndarray, step: int) -> np.ndarray:
+    """Feed one token per row; the next logits."""
+    return run.backend.step(list(run.embed(tokens)[:, None, :]), cache, plan.inputs.decode(step))
+
+
+def decode_n_tokens(run: Decoding, cache: Any, plan: Plan, logits: np.ndarray) -> Iterator[tuple[int, str]]:
+    """Sample, stream and feed back one token per row per step until every row stopped (EOS, a stop string, the
+    budget, a cancel or a deadline); yields ``(row, text piece)``."""
+    config, batch = run.config, len(plan.rows)
+    sampler = Sampler(config.sampling)
+    eos_ids = np.fromiter(run.eos, dtype=np.int64)
+    texts = [StopText(run.tokenizer, tuple(config.stop)) for _ in range(batch)]
+    reasons: list[str | None] = [None] * batch
+    started = time.perf_counter()
+    for step in range(config.max_new_tokens):
+        if step < config.min_new_tokens:
+            logits[:, eos_ids] = -np.inf
+        tokens = sampler(logits)
+        run.stats.new_tokens += 1
+        last_step = step == config.max_new_tokens - 1
+        for row in range(batch):
+            if reasons[row] is not None:
+                tokens[row] = run.pad_id
+                continue
+            token = int(tokens[row])
+            run.output_ids[row].append(token)
+            if token in run.eos:
+                reasons[row], piece = "stop", texts[row].finish()
+            else:
+                piece = texts[row].push(token)
+                if texts[row].stopped:
+                    reasons[row] = "stop"
+                elif last_step:
+                    reasons[row], piece = "length", piece + texts[row].finish()
+            if piece:
+                yield row, piece
+        interrupted = run.control.reason()
+        if interrupted is not None:
+            reasons = [r or interrupted for r in reasons]
+        if all(r is not None for r in reasons):
+            break
+        logits = decode_one_token(run, cache, plan, tokens, step)
+        for row in range(batch):
+            run.on_fed(row, int(tokens[row]))
+    run.stats.decode_ms = (time.perf_counter() - started) * 1e3
+    run.stats.finish_reasons = [r or "length" for r in reasons]
+
+
+def generate(run: Decoding, plan: Plan, cache: Any = None, cached: int = 0) -> Iterator[tuple[int, str]]:
+    """Prefill what ``cache`` does not hold yet (without a cache: share the batch's common prefix), then decode."""
+    if cache is None:
+        cache, cached = share_prefix(run.backend, plan, run.stats)
+    logits = prefill(run.backend, cache, plan, cached, run.stats)
+    yield from decode_n_tokens(run, cache, plan, logits)
