@@ -81,7 +81,7 @@ def test_decoder_graphs_compared_in_one_run_each_against_its_own_bytes(tiny_bund
     )
     report = bench([tiny_bundles["llama-clip"], portable_only], config)
     rows = [(Path(r.bundle).name, r.decoder) for r in report.results]
-    assert rows == [("llama-clip", "fused"), ("llama-clip", "portable"), ("bundle", "portable")]
+    assert rows == [("llava-llama-clip", "fused"), ("llava-llama-clip", "portable"), ("bundle", "portable")]
     fused, portable, _ = report.results
     source = tiny_bundles["llama-clip"]
     fused_graph, portable_graph = source / "decoder_ort.onnx", source / "decoder.onnx"
@@ -91,7 +91,7 @@ def test_decoder_graphs_compared_in_one_run_each_against_its_own_bytes(tiny_bund
     assert portable.roofline_tokens_per_s == pytest.approx(300e9 / portable.decoder_weight_bytes)  # L4: 300 GB/s
     assert report.skipped == [f"{portable_only.parent.name}/bundle / auto / fused: the bundle has no decoder_ort.onnx"]
     markdown = report.markdown()
-    assert "| llama-clip | onnxruntime-cpu | portable |" in markdown and "skipped: " in markdown
+    assert "| llava-llama-clip | onnxruntime-cpu | portable |" in markdown and "skipped: " in markdown
     with pytest.raises(ConfigError, match="unknown decoder 'gqa'"):
         BenchConfig(decoders=("gqa",))
 
@@ -156,7 +156,7 @@ def test_cli_build_and_bench(app, tiny_bundles, tmp_path, monkeypatch):
     )
     assert result.exit_code == 0, result.output
     assert "profile jetson-orin-nano-8gb datasheet" in result.output
-    assert "| llama-clip | onnxruntime-cpu | portable |" in result.output
+    assert "| llava-llama-clip | onnxruntime-cpu | portable |" in result.output
     assert (tmp_path / "latency.png").is_file() and (tmp_path / "report.md").is_file()
 
 

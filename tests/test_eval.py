@@ -35,8 +35,12 @@ def test_summarize_per_type_and_hallucination():
     ]
     m = summarize(items)
     assert m["exact_match"] == pytest.approx(3 / 5)
-    assert m["per_type"]["color"] == {"n": 2, "exact_match": 0.5}
+    # one right, one wrong: every resample of two questions scores 0, 0.5 or 1, so the 95% interval is all of [0, 1]
+    assert m["per_type"]["color"] == {"n": 2, "exact_match": 0.5, "exact_match_ci95": [0.0, 1.0]}
     assert m["hallucination_rate"] == pytest.approx(0.5) and m["n_absent_probes"] == 2
+    assert m["hallucination_rate_ci95"] == [0.0, 1.0]
+    low, high = m["exact_match_ci95"]
+    assert 0.0 <= low < 3 / 5 < high <= 1.0
 
 
 def test_bundle_and_checkpoint_answer_identically(tiny_bundles, tiny_checkpoints, shapes_split, tmp_path):
