@@ -18,7 +18,6 @@ kinds and drawing it reuses; records have the same LLaVA conversation layout, so
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,10 +25,20 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from edgelvm.data.jsonl import check_dataset_output, write_jsonl_dataset
-from edgelvm.data.shapes import COLORS, KINDS, PLURALS, SIZES, Sample, Shape, _draw_shape, _png, article
-from edgelvm.errors import ConfigError
-
-logger = logging.getLogger(__name__)
+from edgelvm.data.shapes import (
+    COLORS,
+    KINDS,
+    PLURALS,
+    SIZES,
+    Sample,
+    Shape,
+    _draw_shape,
+    _pick,
+    _png,
+    article,
+    draw_unique,
+    to_record,
+)
 
 GRID = 6
 IMAGE_SIZE = 192
@@ -96,10 +105,6 @@ def _random_scene(rng: np.random.Generator, n: int, sign: bool) -> tuple[Shape, 
               SIZES[int(rng.integers(len(SIZES)))], *cells[int(i)])
         for i in chosen
     )  # fmt: skip
-
-
-def _pick(rng: np.random.Generator, options: list | tuple) -> object:
-    return options[int(rng.integers(len(options)))]
 
 
 def _unique(scene: tuple[Shape, ...], **attrs: str) -> list[Shape]:
@@ -256,37 +261,7 @@ def generate_sample(seed: int, index: int, attempt: int = 0) -> Sample:
 
 def generate_split(seed: int, n: int, exclude: set[str] | None = None) -> list[Sample]:
     """``n`` samples from ``seed``, each redrawn while its key is in ``exclude`` or already drawn."""
-    if n < 1:
-        raise ConfigError(f"n must be >= 1, got {n}", fix="ask for at least one sample")
-    seen = set(exclude or ())
-    out: list[Sample] = []
-    for i in range(n):
-        for attempt in range(_MAX_ATTEMPTS):
-            sample = generate_sample(seed, i, attempt)
-            if sample.key not in seen:
-                break
-        else:  # pragma: no cover
-            raise RuntimeError(f"could not draw a unique sample {i} for seed {seed}")
-        seen.add(sample.key)
-        out.append(sample)
-    return out
-
-
-def to_record(sample: Sample) -> dict[str, object]:
-    """The LLaVA conversation record (the same layout as the shapes task's)."""
-    record: dict[str, object] = {
-        "id": sample.id,
-        "image": f"images/{sample.id}.png",
-        "conversations": [
-            {"from": "human", "value": f"<image>\n{sample.question}"},
-            {"from": "gpt", "value": sample.answer},
-        ],
-        "qtype": sample.qtype,
-        "scene": [s.to_dict() for s in sample.scene],
-    }
-    if sample.absent is not None:
-        record["absent"] = sample.absent
-    return record
+    return draw_unique(seed, n, lambda i, attempt: generate_sample(seed, i, attempt), exclude)
 
 
 def write_split(out_dir: str | Path, seed: int, n: int, force: bool = False, exclude: set[str] | None = None) -> Path:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -339,6 +339,12 @@ def generate_split(
 ) -> list[Sample]:
     """``n`` samples from ``seed``. A sample whose :attr:`Sample.key` is in ``exclude`` (or repeats one already
     drawn) is redrawn with the next ``attempt`` at the same index, so the qtype mix and the length stay exact."""
+    return draw_unique(seed, n, lambda i, attempt: generate_sample(seed, i, image_size, attempt), exclude)
+
+
+def draw_unique(seed: int, n: int, draw: Callable[[int, int], Sample], exclude: set[str] | None = None) -> list[Sample]:
+    """``draw(index, attempt)`` for indices ``0..n-1``, each redrawn with the next attempt while its key is in
+    ``exclude`` or already drawn (shared by the synthetic tasks)."""
     if n < 1:
         from edgelvm.errors import ConfigError
 
@@ -347,7 +353,7 @@ def generate_split(
     out: list[Sample] = []
     for i in range(n):
         for attempt in range(_MAX_ATTEMPTS):
-            sample = generate_sample(seed, i, image_size, attempt)
+            sample = draw(i, attempt)
             if sample.key not in seen:
                 break
             logger.debug("sample %s collides with an excluded sample; redrawing", sample.id)
