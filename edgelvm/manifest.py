@@ -23,7 +23,7 @@ from edgelvm.fsutil import current_umask
 
 MANIFEST_NAME = "edgelvm.json"
 #: Bumped in its major part whenever an older runtime could misread a newer bundle.
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 
 
@@ -51,6 +51,15 @@ class GraphSpec:
     outputs: list[TensorSpec] = field(default_factory=list)
     #: Largest absolute / relative error against PyTorch measured at export time, for provenance.
     parity: dict[str, float] = field(default_factory=dict)
+    #: A ``table`` stored as integer codes (:data:`TABLE_CODE_FIELDS`): ``file`` holds the codes ``uint8 [rows,
+    #: blocks, block_size * bits / 8]`` (4 bits: two per byte, low nibble first), ``scales`` the ``float32 [rows,
+    #: blocks]`` file, ``zero_points`` the ``uint8 [rows, blocks]`` file or None (symmetric: ``2 ** (bits - 1)``),
+    #: ``width`` the row's true length. A row is ``(code - zero_point) * scale``, blocks concatenated, cut to width.
+    codes: dict[str, Any] | None = None
+
+
+#: The keys of a coded table's ``codes`` and their types.
+TABLE_CODE_FIELDS = {"bits": int, "block_size": int, "width": int, "scales": str, "zero_points": (str, type(None))}
 
 
 @dataclass
@@ -403,6 +412,17 @@ def _build_graph(g: Any, prefix: str, where: str | Path) -> GraphSpec:
         spec[io] = [
             TensorSpec(**_check_fields(TensorSpec, t, f"{prefix}.{io}[{i}].", where)) for i, t in enumerate(specs)
         ]
+    codes = spec.get("codes")
+    if codes is not None:
+        for key, kind in TABLE_CODE_FIELDS.items():
+            if not isinstance(codes, dict) or not isinstance(codes.get(key, ...), kind):
+                raise _field_error(f"{prefix}.codes.{key}", f"must be {getattr(kind, '__name__', 'a string or null')}",
+                                   where)  # fmt: skip
+        if codes["bits"] not in (4, 8) or spec.get("kind") != "table":
+            raise _field_error(f"{prefix}.codes", "only tables are coded, with 4 or 8 bits", where)
+        for key in ("scales", "zero_points"):
+            if codes[key] is not None:
+                _check_rel_path(codes[key], f"{prefix}.codes.{key}", where)
     return GraphSpec(**spec)
 
 
@@ -501,6 +521,9 @@ def bundle_references(manifest: Manifest) -> dict[str, str]:
     refs: dict[str, str] = {}
     for name, graph in manifest.graphs.items():
         refs.setdefault(graph.file, f"graphs.{name}.file")
+        for key in ("scales", "zero_points"):
+            if graph.codes and graph.codes.get(key):
+                refs.setdefault(graph.codes[key], f"graphs.{name}.codes.{key}")
     refs.setdefault(manifest.tokenizer.file, "tokenizer.file")
     vision_text = manifest.preprocess.vision_text or {}
     if isinstance(vision_text.get("tokenizer"), str):

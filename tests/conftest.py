@@ -52,3 +52,14 @@ def copy_bundle(tmp_path):
         return dst
 
     return make
+
+
+@pytest.fixture(scope="session")
+def calib_records(tmp_path_factory):
+    """40 shapes-task records (66 px images): calibration data for the quantize tests."""
+    from edgelvm.data.jsonl import load_jsonl_dataset
+    from edgelvm.data.shapes import write_split
+
+    root = tmp_path_factory.mktemp("calib")
+    write_split(root / "calib", seed=11, n=40, image_size=66)
+    return load_jsonl_dataset(root / "calib")

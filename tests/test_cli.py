@@ -8,6 +8,7 @@ import sys
 from typer.testing import CliRunner
 
 from edgelvm.cli import app
+from edgelvm.manifest import FORMAT_VERSION
 
 runner = CliRunner(env={"COLUMNS": "240"})
 
@@ -32,7 +33,7 @@ def test_export_inspect_generate(tiny_checkpoints, tmp_path, test_images):
     assert "decoder.onnx" in result.output and "max length 128" in result.output
 
     result = runner.invoke(app, ["inspect", str(bundle), "--json"])
-    assert '"format_version": "1.0"' in result.output
+    assert f'"format_version": "{FORMAT_VERSION}"' in result.output
 
     image = tmp_path / "frame.png"
     test_images[0].save(image)

@@ -96,7 +96,7 @@ def test_prompt_ids_and_image_mask_match_processor(vlm, hf, images):
         assert np.array_equal(mask, ref["image_attention_mask"][0].numpy()), prompt
     # the fake token is an added token past vocab_size: the table carries the decoupled rows
     fake = processor.tokenizer.convert_tokens_to_ids("<fake_token_around_image>")
-    assert fake >= hf[1].config.vocab_size and vlm._embed_table.shape[0] == len(processor.tokenizer)
+    assert fake >= hf[1].config.vocab_size and vlm._embed_table.data.shape[0] == len(processor.tokenizer)
 
 
 # ---- graphs ----------------------------------------------------------------------------------------------------------

@@ -99,16 +99,6 @@ def test_gptq_result_is_an_ordinary_block_wise_int4_weight():
     assert np.allclose(codes, np.rint(codes), atol=1e-3)  # every value lies on its block's grid
 
 
-@pytest.fixture(scope="module")
-def calib_records(tmp_path_factory):
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import write_split
-
-    root = tmp_path_factory.mktemp("calib")
-    write_split(root / "calib", seed=11, n=40, image_size=66)
-    return load_jsonl_dataset(root / "calib")
-
-
 def test_statistics_share_one_gram_matrix_per_input_and_skip_padding(tiny_checkpoints, calib_records):
     import torch
 

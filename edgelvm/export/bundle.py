@@ -79,7 +79,7 @@ def _prepare_output(out_dir: Path, force: bool, model: Any = None) -> Path:
 def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) -> ExportReport:
     """Export ``model`` (a checkpoint path / hub id, or a loaded :class:`~edgelvm.models.base.VLMAdapter`)."""
     from edgelvm.export.onnx_graphs import export_decoder, export_embedding_table, export_vision
-    from edgelvm.export.quantized import quantization_recipe, quantized_graph_rewrites
+    from edgelvm.export.quantized import quantization_recipe, quantized_graph_rewrites, quantized_table
 
     config = config or ExportConfig()
     if config.dtype not in ("fp32", "fp16"):
@@ -127,7 +127,9 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
         log.info("exporting vision encoder")
         graphs["vision"] = export_vision(adapter, staging / "vision.onnx", config.dtype, rewrites.get("vision"))
         log.info("writing token embedding table")
-        graphs["embed"] = export_embedding_table(adapter, staging / "embed.npy", config.dtype, index)
+        graphs["embed"] = export_embedding_table(
+            adapter, staging / "embed.npy", config.dtype, index, quantized_table(adapter)
+        )
         log.info("exporting decoder")
         graphs["decoder"] = export_decoder(
             adapter, staging / "decoder.onnx", config.dtype, kv, rewrites.get("decoder"), index

@@ -154,7 +154,10 @@ def build_gqa_decoder(
     # Logits of each row's last real token only: flatten [B, S, E] → [B*S, E], gather B rows, project.
     flat = node("Reshape", [normed, flat_shape], ["flat_hidden"])[0]
     last = node("Gather", [flat, "logits_index"], ["last_hidden"], axis=0)[0]
-    node("Gemm", [last, init("lm_head", w.lm_head)], ["logits"], transB=1)  # [vocab, hidden], as the portable one
+    if w.lm_head_codes is None:
+        node("Gemm", [last, init("lm_head", w.lm_head)], ["logits"], transB=1)  # [vocab, hidden], as the portable one
+    else:  # block-wise INT4/INT8 codes: the largest matrix a decode step reads
+        matmul(last, "lm_head", None, w.lm_head_codes, "logits")
 
     hidden_size, vocab = w.final_norm.shape[0], w.lm_head.shape[0]
     kv_shape = ["batch", kv.num_kv_heads, kv.max_length, kv.head_dim]
@@ -193,14 +196,14 @@ def build_gqa_decoder(
         *[TensorSpec(n, "float32", kv_shape) for n in present_names],
     ]
     log.info("fused decoder: %d nodes", len(nodes))
-    precision = "int4" if any(layer.int4 for layer in w.layers) else "fp32"
+    precision = "int4" if any(layer.int4 for layer in w.layers) or w.lm_head_codes is not None else "fp32"
     return GraphSpec(file=path.name, kind="onnx-ort-gqa", precision=precision, inputs=spec_in, outputs=spec_out)
 
 
 def matmul_nbits_node(
     name: str, activation: str, output: str, weight: Int4Weight, accuracy_level: int = 0
 ) -> tuple[object, list[object]]:
-    """An ONNX ``com.microsoft.MatMulNBits`` node and its initializers for ``activation @ weight``."""
+    """An ONNX ``com.microsoft.MatMulNBits`` node and its initializers for ``activation @ weight`` (4 or 8 bits)."""
     from onnx import helper, numpy_helper
 
     inits = [
@@ -220,7 +223,7 @@ def matmul_nbits_node(
         domain="com.microsoft",
         K=weight.k,
         N=weight.n,
-        bits=4,
+        bits=weight.bits,
         block_size=weight.block_size,
         accuracy_level=accuracy_level,
     )

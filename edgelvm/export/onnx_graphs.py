@@ -369,13 +369,25 @@ _EMBED_CHUNK = 16384
 
 
 def export_embedding_table(
-    adapter: VLMAdapter, path: Path, precision: str, index: ContentIndex | None = None
+    adapter: VLMAdapter, path: Path, precision: str, index: ContentIndex | None = None, codes: Any = None
 ) -> GraphSpec:
     """The token embedding as a plain ``.npy`` table: the runtime memory-maps it and gathers rows. Its data starts
-    page-aligned and is recorded in ``index``, so a tied LM head in the decoder graphs points at these bytes."""
+    page-aligned and is recorded in ``index``, so a tied LM head in the decoder graphs points at these bytes.
+
+    ``codes`` (an :class:`~edgelvm.models.checkpoint.codes.Int4Weight` over ``[vocab, hidden]``, from a quantized
+    checkpoint): the table is stored as those codes and scales instead (the torch module already computes with their
+    values) — unless the module's output is not its weight's rows (e.g. Gemma scales by sqrt(hidden)), where the
+    float rows of the module's output are written."""
     embedding = adapter.input_embeddings()
     vocab, width = embedding.weight.shape
     dtype = "float16" if precision == "fp16" else "float32"
+    if codes is not None:
+        probe = torch.arange(min(vocab, 8))
+        with torch.no_grad():
+            plain = torch.equal(embedding(probe), embedding.weight[probe])
+        if plain:
+            return _coded_table(path, codes, dtype, index)
+        log.info("embedding table: the module scales its rows, so the table is written in float")
 
     def chunks() -> Any:  # the module's output, not its weight: Gemma's embedding scales by sqrt(hidden)
         with torch.no_grad():
@@ -392,3 +404,29 @@ def export_embedding_table(
         inputs=[TensorSpec("input_ids", "int64", ["batch", "seq"])],
         outputs=[TensorSpec("inputs_embeds", dtype, ["batch", "seq", int(width)])],
     )
+
+
+def _coded_table(path: Path, codes: Any, dtype: str, index: ContentIndex | None) -> GraphSpec:
+    """Codes in ``path`` and scales (zero points) beside it, each page-aligned and in ``index``: a tied head's
+    MatMulNBits initializers in the fused decoder are these same bytes and point here."""
+    files = {"scales": path.with_name(path.stem + "_scales.npy"), "zero_points": None}
+    region, digest = save_npy_aligned(path, codes.packed.shape, np.dtype(np.uint8), [codes.packed])
+    arrays = [(files["scales"], codes.scales)]
+    if codes.zero_points is not None:
+        files["zero_points"] = path.with_name(path.stem + "_zero_points.npy")
+        arrays.append((files["zero_points"], codes.zero_points))
+    regions = [(region, digest)]
+    for file, array in arrays:
+        regions.append(save_npy_aligned(file, array.shape, array.dtype, [array]))
+    if index is not None:
+        for where, hexdigest in regions:
+            index.add_digest(hexdigest, where)
+    return GraphSpec(
+        file=path.name,
+        kind="table",
+        precision=f"int{codes.bits}",
+        inputs=[TensorSpec("input_ids", "int64", ["batch", "seq"])],
+        outputs=[TensorSpec("inputs_embeds", dtype, ["batch", "seq", int(codes.k)])],
+        codes={"bits": codes.bits, "block_size": codes.block_size, "width": codes.k,
+               "scales": files["scales"].name, "zero_points": files["zero_points"] and files["zero_points"].name},
+    )  # fmt: skip

@@ -433,17 +433,21 @@ def ensure_opset(model: onnx.ModelProto, version: int = INT4_OPSET) -> onnx.Mode
 
 def _int4_tensors(weight: Int4Weight, k_axis: int, dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(codes, scales, zero points) in the graph weight's layout, K padding dropped: signed INT4 (code - 8) and no
-    zero point when symmetric, UINT4 codes with UINT4 zero points when asymmetric."""
+    zero point when symmetric, UINT4 codes with UINT4 zero points when asymmetric (8 bits: INT8 / UINT8 alike)."""
     import ml_dtypes
 
-    codes = weight.codes()[:, : weight.k]  # [N, K] uint8 in 0..15
+    codes = weight.codes()[:, : weight.k]  # [N, K] uint8 in 0..15 (0..255 for 8 bits)
     scales = weight.scales.astype(dtype)  # [N, k_blocks]
+    signed, unsigned = (ml_dtypes.int4, ml_dtypes.uint4) if weight.bits == 4 else (np.int8, np.uint8)
     if weight.zero_points is None:
-        q = (codes.astype(np.int8) - 8).astype(ml_dtypes.int4)
-        zp = None
+        q = (codes.astype(np.int16) - weight.symmetric_zero_point).astype(signed)
+        # INT8: an explicit zero point of 0 — ONNX Runtime 1.32 with session.x64quantprecision=1 (the runtime's
+        # setting) fails a blocked INT8 DequantizeLinear that has none ("x_zero_point must be null or have the same
+        # rank as x"); with zeros of x's rank it runs, and the value is the same
+        zp = None if weight.bits == 4 else np.zeros(weight.scales.shape, np.int8)
     else:
-        q = codes.astype(ml_dtypes.uint4)
-        zp = weight.zero_points.astype(ml_dtypes.uint4)
+        q = codes.astype(unsigned)
+        zp = weight.zero_points.astype(unsigned)
     if k_axis == 0:  # [K, N] like MatMul's weight
         q, scales = q.T, scales.T
         zp = None if zp is None else zp.T

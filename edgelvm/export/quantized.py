@@ -19,7 +19,16 @@ from edgelvm.export.onnx_graphs import DECODER_PREFIX, INT8_ACTIVATION_TOLERANCE
 from edgelvm.export.qdq import qdq_summary, write_int4_dq, write_int8_qdq
 from edgelvm.export.rewrite import GraphRewrite
 from edgelvm.models.checkpoint.activations import installed
-from edgelvm.models.checkpoint.quantized import LLM_INT8_SIDECAR, RECORD, SIDECAR, VISION_SIDECAR, load_int4, load_int8
+from edgelvm.models.checkpoint.quantized import (
+    HEAD_CODES,
+    LLM_INT8_SIDECAR,
+    RECORD,
+    SIDECAR,
+    TABLE_CODES,
+    VISION_SIDECAR,
+    load_int4,
+    load_int8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +117,33 @@ def _int8_reference(layers: dict[str, Any], prefix: str, rewrite: GraphRewrite) 
 
 
 def _int4_writer(weights: dict[str, Any]) -> Any:
+    """The decoder layers' INT4 under the traced language model's prefix; a quantized head (block-wise INT4/INT8)
+    at the wrapper's ``lm_head``. The table's codes are the embedding writer's."""
+    layers = {name: w for name, w in weights.items() if name not in (HEAD_CODES, TABLE_CODES)}
+    head = {HEAD_CODES: weights[HEAD_CODES]} if HEAD_CODES in weights else {}
+
     def apply(model: Any, prefix: str) -> tuple[Any, dict[str, Any]]:
-        result = write_int4_dq(model, weights, prefix)
+        result = write_int4_dq(model, layers, prefix)
+        if head:
+            on_head = write_int4_dq(result.model, head, "", inplace=True)
+            result.model, result.written = on_head.model, result.written + on_head.written
+            if HEAD_CODES in on_head.left_float:  # the bytes stay float; the values are the codes' (parity holds)
+                log.warning("decoder: the quantized LM head stays float: %s", on_head.left_float[HEAD_CODES])
+                result.left_float[HEAD_CODES] = on_head.left_float[HEAD_CODES]
         _log_left_float("decoder", result)
         return result.model, {"written": len(result.written), "left_float": result.left_float}
 
     return apply
+
+
+def quantized_table(adapter: Any) -> Any:
+    """The token table's codes (an :class:`~edgelvm.models.checkpoint.codes.Int4Weight` over ``[vocab, hidden]``)
+    when the checkpoint stores it quantized — INT8 rows, or a tied head's codes — else None."""
+    llm = (getattr(adapter.config, RECORD, None) or {}).get("llm") or {}
+    if "embeddings" not in llm and "lm_head" not in llm:
+        return None
+    source = Path(adapter.source) if adapter.source else None
+    return load_int4(_sidecar(source, SIDECAR), only=(TABLE_CODES,)).get(TABLE_CODES)
 
 
 def _log_left_float(graph: str, result: Any) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgelvm.errors import UnsupportedModelError
 from edgelvm.models.checkpoint.codes import concat_columns
+from edgelvm.models.checkpoint.quantized import HEAD_CODES
 
 #: Rope variants whose cos/sin depend only on the position (so they can be tabulated once).
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn", "longrope"}
@@ -52,6 +53,7 @@ class DecoderWeights:
     head_dim: int
     rms_eps: float
     scale: float
+    lm_head_codes: Any = None  # the head's block-wise INT4/INT8 codes (an Int4Weight), when it is quantized
 
 
 def _np(tensor: Any) -> np.ndarray:
@@ -80,7 +82,7 @@ def describe_llama_decoder(
     ``max_length``.
 
     ``int4`` maps ``layers.{i}.self_attn.q_proj``-style names to INT4 weights; fused matrices (qkv, gate_up) are
-    quantized when all their parts are."""
+    quantized when all their parts are; a quantized head is ``lm_head`` there."""
     import torch
 
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -144,6 +146,7 @@ def describe_llama_decoder(
         head_dim=head_dim,
         rms_eps=float(config.rms_norm_eps),
         scale=float(first.scaling),
+        lm_head_codes=(int4 or {}).get(HEAD_CODES),
     )
 
 

@@ -64,6 +64,9 @@ class QuantReport:
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
     seconds: float = 0.0
+    #: a quantized LM head (or a tied one computing with an INT8 table): format, top-1 agreement with the float head
+    #: and both heads' answer-token accuracy on the calibration answers (:mod:`edgelvm.quantize.lm_head`)
+    lm_head: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +82,13 @@ class QuantReport:
             errs = [r["output_error"] for r in rows if r.get("output_error") is not None]
             if errs:
                 lines.append(f"{label} output error (calibration): mean {np.mean(errs):.4f}, max {max(errs):.4f}")
+        head = self.lm_head or {}
+        if head.get("top1_agreement") is not None:
+            lines.append(
+                f"LM head {head['format']}: top-1 agreement with the float head {head['top1_agreement']:.2%} on "
+                f"{head['scored_positions']} answer positions (answer accuracy {head['answer_accuracy_float']:.2%} "
+                f"-> {head['answer_accuracy_quantized']:.2%})"
+            )
         if self.calibrator:
             lines.append(f"vision observer: {self.calibrator} (by {self.observer_metric}): " + ", ".join(
                 f"{k} {v:.5f}" for k, v in self.observer_scores.items()))  # fmt: skip
@@ -158,6 +168,8 @@ def quantize_model(
                           fix="give the memory (GB) the Gram matrices may take, e.g. 4")  # fmt: skip
     calib = _as_set(calib) if calib is not None else None
     adapter.check_stage("quantize", tuple(by_part.values()), calib)  # a family's refusal comes before any work
+    for part, handler in handlers.items():
+        handler.check(adapter, by_part[part])
     if getattr(adapter.config, RECORD, None):
         raise ConfigError("the checkpoint is already quantized", where=adapter.source or None,
                           fix="quantize the float checkpoint it came from")  # fmt: skip
@@ -174,6 +186,8 @@ def quantize_model(
         states = {part: h.prepare(adapter, by_part[part], calib, batch_size) for part, h in handlers.items()}
     quantized = _run_passes(adapter, by_part, handlers, layers, states, calib, report,
                             batch_size=batch_size, stats_memory_gb=stats_memory_gb, progress=progress)  # fmt: skip
+    for part, handler in handlers.items():
+        quantized[part].update(handler.finish(adapter, by_part[part], calib, batch_size, report))
 
     record: dict[str, Any] = {part: handlers[part].record(by_part[part], report) for part in by_part if layers[part]}
     if calib is not None:

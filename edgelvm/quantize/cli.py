@@ -14,6 +14,8 @@ import typer
 KNOBS = {
     "group_size": ("llm", "group_size"),
     "asymmetric": ("llm", "symmetric"),
+    "lm_head": ("llm", "lm_head"),
+    "embeddings": ("llm", "embeddings"),
     "awq_clip": ("llm", "clip"),
     "gptq_damp": ("llm", "damp"),
     "act_order": ("llm", "act_order"),
@@ -35,6 +37,12 @@ def quantize_command(
     ] = "awq",
     group_size: Annotated[int, typer.Option(help="INT4 block size along the input dimension (16-256).")] = 128,
     asymmetric: Annotated[bool, typer.Option(help="INT4 with zero points (TensorRT takes symmetric only).")] = False,
+    lm_head: Annotated[
+        str, typer.Option(help="INT4 methods: LM head float | int8 | int4 (block-wise, --group-size).")
+    ] = "float",
+    embeddings: Annotated[
+        str, typer.Option(help="INT4 methods: token embedding table float | int8 (one scale per row).")
+    ] = "float",
     vision: Annotated[str, typer.Option(help="Vision encoder + projector: int8 (W8A8) | none.")] = "int8",
     calibrator: Annotated[
         str, typer.Option(help="Vision activation observer: auto | minmax | percentile:99.99 | entropy | mse.")
@@ -77,7 +85,8 @@ def quantize_command(
         raise ConfigError("--eval-data scores the observers of --calibrator auto; a named observer is not scored",
                           where="--eval-data", fix="drop --eval-data, or use --calibrator auto")  # fmt: skip
     observer = ObserverSweep(eval_data=eval_data) if calibrator == "auto" else calibrator
-    values = {"group_size": group_size, "asymmetric": not asymmetric, "awq_clip": awq_clip, "gptq_damp": gptq_damp,
+    values = {"group_size": group_size, "asymmetric": not asymmetric, "lm_head": lm_head, "embeddings": embeddings,
+              "awq_clip": awq_clip, "gptq_damp": gptq_damp,
               "act_order": act_order, "smoothquant_alpha": smoothquant_alpha, "calibrator": observer,
               "eval_data": observer}  # fmt: skip
     # typer vendors click: its ParameterSource is compared by name

@@ -57,6 +57,14 @@ class Handler:
         """Quantize ``layers`` in place (torch weights become their dequantized values); the codes by name."""
         raise NotImplementedError
 
+    def check(self, adapter: Any, cfg: MethodConfig) -> None:
+        """Refuse a config this model cannot take, before any work (nothing by default)."""
+
+    def finish(self, adapter: Any, cfg: MethodConfig, calib: Any, batch_size: int, report: Any) -> dict[str, Any]:
+        """Work after every layer is quantized (the LM head, the embedding table); more codes by name ({} by
+        default)."""
+        return {}
+
     def record(self, cfg: MethodConfig, report: Any) -> dict[str, Any]:
         """This part's entry of ``config.edgelvm_quantization``."""
         raise NotImplementedError
@@ -97,9 +105,24 @@ class Int4Handler(Handler):
     def apply(self, adapter: Any, cfg: Any, layers: dict[str, Any], stats: Any, report: Any, state: Any) -> dict:
         return self.quantize_layers(adapter, layers, stats, cfg, report)
 
+    def check(self, adapter: Any, cfg: Any) -> None:
+        from edgelvm.quantize.lm_head import check_head_options
+
+        check_head_options(adapter, cfg)
+
+    def finish(self, adapter: Any, cfg: Any, calib: Any, batch_size: int, report: Any) -> dict[str, Any]:
+        from edgelvm.quantize.lm_head import quantize_head_and_table
+
+        return quantize_head_and_table(adapter, cfg, calib, batch_size, report)
+
     def record(self, cfg: Any, report: Any) -> dict[str, Any]:
-        return {"method": cfg.name, "bits": 4, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
-                "file": SIDECAR}  # fmt: skip
+        record = {"method": cfg.name, "bits": 4, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+                  "file": SIDECAR}  # fmt: skip
+        if cfg.lm_head != "float":
+            record["lm_head"] = {"bits": cfg.lm_head_bits, "group_size": cfg.group_size, **(report.lm_head or {})}
+        if cfg.embeddings != "float":
+            record["embeddings"] = {"bits": 8, "block": "row"}
+        return record
 
     def tensors(self, quantized: dict[str, Any]) -> dict[str, np.ndarray]:
         return int4_tensors(quantized)

@@ -23,6 +23,7 @@ import numpy as np
 from edgelvm.errors import BundleError, ConfigError, PromptTooLongError
 from edgelvm.manifest import Manifest, verify_bundle_files
 from edgelvm.runtime.backend import Backend
+from edgelvm.runtime.embeddings import EmbeddingTable
 from edgelvm.runtime.generate import (
     AllInputs,
     Control,
@@ -75,7 +76,7 @@ class VLM:
         self.positions, self.cross = rules.get("positions"), rules.get("cross_attention")
         self._splice_features = manifest.preprocess.image_placement != "cross_attention"
         _check_context_fits(manifest, bundle_dir)
-        self._embed_table = np.load(bundle_dir / manifest.graphs["embed"].file, mmap_mode="r")
+        self._embed_table = EmbeddingTable(bundle_dir, manifest.graphs["embed"])
         self._eos = set(manifest.generation["eos_token_ids"])
         self._pad_id = int(manifest.generation["pad_token_id"])
         self._lock = threading.RLock()
@@ -295,7 +296,7 @@ class VLM:
         return embeds
 
     def _token_embeds(self, ids: np.ndarray) -> np.ndarray:
-        return np.asarray(self._embed_table[ids], dtype=self.backend.embed_dtype)
+        return self._embed_table.rows(ids, self.backend.embed_dtype)
 
     def _positions(self, ids: list[int], images: list[ImageInput]) -> np.ndarray:
         """Explicit ``[P, len(ids)]`` positions of a prompt (bundles with ``manifest.positions``: M-RoPE)."""

@@ -21,6 +21,10 @@ from edgelvm.errors import ConfigError, UnsupportedModelError
 from edgelvm.models.checkpoint.codes import Int4Weight, Int8Linear
 
 RECORD = "edgelvm_quantization"
+#: Names in ``int4.safetensors`` besides the decoder layers' ``layers.{i}.<path>``: the quantized LM head and the
+#: token embedding table's codes (for a tied head, the head's own codes).
+HEAD_CODES = "lm_head"
+TABLE_CODES = "embed_tokens"
 SIDECAR = "int4.safetensors"
 VISION_SIDECAR = "int8.safetensors"
 LLM_INT8_SIDECAR = "int8_llm.safetensors"
@@ -46,7 +50,7 @@ def int4_tensors(weights: dict[str, Int4Weight]) -> dict[str, np.ndarray]:
         tensors[f"{name}.scales"] = q.scales
         if q.zero_points is not None:
             tensors[f"{name}.zero_points"] = q.zero_points
-        tensors[f"{name}.shape"] = np.array([q.k, q.n, q.block_size], dtype=np.int64)
+        tensors[f"{name}.shape"] = np.array([q.k, q.n, q.block_size, q.bits], dtype=np.int64)
     return tensors
 
 
@@ -59,18 +63,21 @@ def int8_tensors(layers: dict[str, Int8Linear]) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load_int4(source: str | Path) -> dict[str, Int4Weight]:
-    """The INT4 weights of a quantized checkpoint, by ``layers.{i}.<path>`` name."""
-    from safetensors.numpy import load_file
+def load_int4(source: str | Path, only: tuple[str, ...] | None = None) -> dict[str, Int4Weight]:
+    """The INT4 (and block-wise INT8) weights of a quantized checkpoint, by ``layers.{i}.<path>`` name (and
+    :data:`HEAD_CODES`, :data:`TABLE_CODES`); ``only``: just these names (the rest is not read)."""
+    from safetensors import safe_open
 
-    tensors = load_file(str(Path(source) / SIDECAR))
+    with safe_open(str(Path(source) / SIDECAR), framework="numpy") as file:
+        keys = [k for k in file.keys() if only is None or k.rsplit(".", 1)[0] in only]  # noqa: SIM118 (no __iter__)
+        tensors = {k: file.get_tensor(k) for k in keys}
     out = {}
     for key in tensors:
         if key.endswith(".shape"):
             name = key[: -len(".shape")]
-            k, n, block = (int(x) for x in tensors[key])
+            k, n, block, *bits = (int(x) for x in tensors[key])  # checkpoints before the LM head option: 4 bits
             zp = tensors.get(f"{name}.zero_points")
-            out[name] = Int4Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales"], zp, k, n, block)
+            out[name] = Int4Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales"], zp, k, n, block, *bits)
     return out
 
 
