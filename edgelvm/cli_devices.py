@@ -167,6 +167,10 @@ def plan(
     vision_precision: Annotated[
         str | None, typer.Option(help="Vision encoder weights (default fp16; fp32 with --precision fp32).")
     ] = None,
+    lm_head_precision: Annotated[
+        str | None,
+        typer.Option(help="LM head (default: --precision if float, else fp16 — `quantize --lm-head` makes it int8/4)."),
+    ] = None,
     max_length: Annotated[
         int | None, typer.Option(help="Context the KV cache is sized for (default: as export, ≤ 4096).")
     ] = None,
@@ -191,7 +195,8 @@ def plan(
     chosen = [load_profile(name, profiles_dir) for name in target] if target else profiles
     footprint = footprint_from_config(model)
     result = plan_model(footprint, chosen, precision=precision, vision_precision=vision_precision,
-                        max_length=max_length, max_batch=batch, candidates=profiles)  # fmt: skip
+                        max_length=max_length, max_batch=batch, candidates=profiles,
+                        head_precision=lm_head_precision)  # fmt: skip
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -21,6 +21,7 @@ from typing import Any
 from edgelvm.devices.fit import BITS_PER_PARAM, LENGTH_STEP, TargetPlan, evaluate_target
 from edgelvm.devices.profiles import DeviceProfile
 from edgelvm.errors import ConfigError, ExportError
+from edgelvm.models.checkpoint.quantized import RECORD
 
 #: Weight formats ``edgelvm plan --precision`` / ``--vision-precision`` accept.
 PLAN_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -31,6 +32,22 @@ DEFAULT_MAX_LENGTH_CAP = 4096
 def weight_bytes(params: int, precision: str) -> int:
     """Bytes of ``params`` parameters stored as ``precision`` (BITS_PER_PARAM: int4 is 4.5 bits with its scales)."""
     return int(params * BITS_PER_PARAM[precision] / 8)
+
+
+def default_head_precision(precision: str) -> str:
+    """The LM head's precision when not given: the model's for float precisions; fp16 next to INT8/INT4 layers,
+    as ``edgelvm quantize`` keeps the head float unless ``--lm-head int8|int4``."""
+    return precision if precision in ("fp32", "fp16", "bf16") else "fp16"
+
+
+def quantized_precisions(config: Any, dtype: str) -> tuple[str, str]:
+    """``(layers, head)`` precisions of a checkpoint exported in ``dtype``: its ``edgelvm_quantization`` record's
+    (a plain dict, or an attribute of a transformers config) where it has one."""
+    record = config.get(RECORD) if isinstance(config, dict) else getattr(config, RECORD, None)
+    llm = (record or {}).get("llm") or {}
+    layers = f"int{llm['bits']}" if llm.get("bits") in (4, 8) else dtype
+    head_bits = (llm.get("lm_head") or {}).get("bits")
+    return layers, f"int{head_bits}" if head_bits in (4, 8) else ("fp16" if dtype == "fp16" else "fp32")
 
 
 def kv_dtype_for(precision: str) -> str:
@@ -52,6 +69,7 @@ class ModelFootprint:
     max_positions: int
     checkpoint_params: int | None = None  # from the safetensors headers, when the weights are present
     notes: tuple[str, ...] = ()
+    head_params: int = 0  # the LM head's share of decoder_params (vocab x hidden), which may have its own precision
 
     def kv_bytes_per_token(self, kv_dtype: str) -> int:
         return 2 * self.kv_layers * self.kv_heads * self.head_dim * (4 if kv_dtype == "float32" else 2)
@@ -60,12 +78,16 @@ class ModelFootprint:
         return min(self.max_positions, DEFAULT_MAX_LENGTH_CAP)
 
     def fit_arguments(
-        self, *, precision: str, vision_precision: str, max_length: int, kv_dtype: str | None = None
-    ) -> dict[str, Any]:
-        """Keyword arguments for :func:`~edgelvm.devices.fit.plan_for_target` / ``evaluate_target``."""
+        self, *, precision: str, vision_precision: str, max_length: int, kv_dtype: str | None = None,
+        head_precision: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Keyword arguments for :func:`~edgelvm.devices.fit.plan_for_target` / ``evaluate_target``.
+        ``head_precision``: the LM head's (default :func:`default_head_precision`)."""
+        head = head_precision or default_head_precision(precision)
+        llm_bytes = weight_bytes(self.decoder_params - self.head_params, precision)
         return {
             "vision_weight_bytes": weight_bytes(self.vision_params, vision_precision),
-            "llm_weight_bytes": weight_bytes(self.decoder_params, precision),
+            "llm_weight_bytes": llm_bytes + weight_bytes(self.head_params, head),
             "kv_bytes_per_token": self.kv_bytes_per_token(kv_dtype or kv_dtype_for(precision)),
             "max_length": max_length,
             "precision": precision,
@@ -96,6 +118,7 @@ def footprint_of_adapter(adapter: Any, *, from_config: bool = False) -> ModelFoo
         kv_heads=kv.num_kv_heads,
         head_dim=kv.head_dim,
         max_positions=adapter.max_positions(),
+        head_params=int(adapter.text_config.vocab_size) * int(adapter.text_config.hidden_size),
     )
 
 
@@ -256,11 +279,13 @@ def plan_model(
     max_length: int | None = None,
     max_batch: int = 1,
     candidates: Sequence[DeviceProfile] | None = None,
+    head_precision: str | None = None,
 ) -> ModelPlan:
     """The fit check of ``footprint`` on every profile (never raises for a model that does not fit: see rows)."""
     from edgelvm.devices.fit import UnsupportedPrecisionError
 
-    for option, value in (("--precision", precision), ("--vision-precision", vision_precision or precision)):
+    for option, value in (("--precision", precision), ("--vision-precision", vision_precision or precision),
+                          ("--lm-head-precision", head_precision or precision)):  # fmt: skip
         if value not in PLAN_PRECISIONS:
             fix = f"use one of {', '.join(PLAN_PRECISIONS)}"
             raise ConfigError(f"unknown precision {value!r}", where=option, fix=fix)
@@ -271,7 +296,8 @@ def plan_model(
         raise ConfigError(f"batch {max_batch} must be ≥ 1", where="--batch", fix="pass a positive number")
     kv_dtype = kv_dtype_for(precision)
     result = ModelPlan(footprint, precision, vision_precision, length, max_batch, kv_dtype)
-    args = footprint.fit_arguments(precision=precision, vision_precision=vision_precision, max_length=length)
+    args = footprint.fit_arguments(precision=precision, vision_precision=vision_precision, max_length=length,
+                                   head_precision=head_precision)  # fmt: skip
     for profile in profiles:
         try:
             plan = evaluate_target(profile, max_batch=max_batch, candidates=candidates, **args)

@@ -104,6 +104,21 @@ def test_plan_answers_every_profile_from_the_config_alone(real_shapes):
     assert "jetson-orin-nano-8gb" in table.output and "h200" in table.output and "tok/s@max" in table.output
 
 
+def test_the_lm_head_counts_in_its_own_precision(real_shapes):
+    """``edgelvm quantize`` keeps the head float unless ``--lm-head``: by default the INT4 plan counts LLaVA-1.5-7B's
+    32064 × 4096 head (131_334_144 params) in fp16 and the rest at 4.5 bits:
+    (6_607_605_760 − 131_334_144) × 4.5 / 8 + 131_334_144 × 2 = 3_905_571_072 B (+188.8 MB against an INT4 head)."""
+
+    def llm_bytes(*extra: str) -> int:
+        result = runner.invoke(app, ["plan", str(real_shapes["llava-1.5-7b"]), "--precision", "int4", "--target",
+                                     "jetson-orin-nano-8gb", "--max-length", "2048", "--json", *extra])  # fmt: skip
+        return json.loads(result.stdout)["targets"][0]["budget_bytes"]["LLM weights"]
+
+    assert llm_bytes() == 3_905_571_072
+    assert llm_bytes("--lm-head-precision", "int8") == 3_642_902_784 + 131_334_144
+    assert llm_bytes("--lm-head-precision", "int4") == 3_716_778_240
+
+
 def test_config_counts_equal_a_model_built_on_the_meta_device(real_shapes):
     """Each adapter's arithmetic against the modules transformers builds (on `meta`: no memory, no weights)."""
     from edgelvm.models.base import VLMAdapter
@@ -120,9 +135,11 @@ def test_llava_15_7b_int4_at_2048_is_refused_on_orin_nano_8gb(real_shapes):
     = 648_974_336 B (0.60 GiB). Decoder: 32 × 202_383_360 (q/k/v/o 4 × 4096², gate/up/down 3 × 4096 × 11008,
     2 norms) + 4096 (norm) + 32064 × 4096 (lm_head) = 6_607_605_760 params (embedding table excluded), INT4 at
     4.5 bits = 3_716_778_240 B (3.46 GiB). KV: 32 layers × 2 × 32 heads × 128 × 2 B = 512 KiB/token × 2048 × 2
-    buffers = 2 GiB. + 0.5 GiB activations + 0.75 GiB overhead = 7_855_413_504 B = 7.32 GiB > 6.5 GiB usable."""
+    buffers = 2 GiB. + 0.5 GiB activations + 0.75 GiB overhead = 7_855_413_504 B = 7.32 GiB > 6.5 GiB usable.
+    (``--lm-head-precision int4``: the head quantized too; by default it stays fp16, see the next test.)"""
     result = runner.invoke(app, ["plan", str(real_shapes["llava-1.5-7b"]), "--precision", "int4", "--max-length",
-                                 "2048", "--target", "jetson-orin-nano-8gb", "--json"])  # fmt: skip
+                                 "2048", "--target", "jetson-orin-nano-8gb", "--json",
+                                 "--lm-head-precision", "int4"])  # fmt: skip
     assert result.exit_code == 1, result.output  # a named target that does not fit: exit code 1
     answer = json.loads(result.stdout)
     assert answer["parameters"]["vision"] == 324_487_168
@@ -138,12 +155,14 @@ def test_llava_15_7b_int4_at_2048_is_refused_on_orin_nano_8gb(real_shapes):
         "runtime overhead": OVERHEAD,
     }
     assert row["total_bytes"] == 7_855_413_504 and f"{row['total_bytes'] / GIB:.2f}" == "7.32"
+
     assert row["fits"] is False and row["headroom_bytes"] == NANO_USABLE - 7_855_413_504  # short by 0.82 GiB
     # the longest context that fits: (6.5 GiB − 5_707_929_856 B fixed) / 1 MiB per token = 1212 → 1024
     assert row["longest_fitting_context"] == 1024
     assert any("--max-length 1024" in s for s in row["suggestions"])
     text = runner.invoke(app, ["plan", str(real_shapes["llava-1.5-7b"]), "--precision", "int4", "--max-length",
-                               "2048", "--target", "jetson-orin-nano-8gb"]).output  # fmt: skip
+                               "2048", "--target", "jetson-orin-nano-8gb", "--lm-head-precision",
+                               "int4"]).output  # fmt: skip
     assert "does NOT fit (short by 0.82 GiB)" in text
 
 
@@ -156,9 +175,10 @@ def test_qwen2_vl_2b_int4_fits_orin_nano_8gb_with_its_predicted_speed(real_shape
     (3.41 GiB) ≤ 6.5 GiB: fits, 3.09 GiB headroom. Roofline at 68 GB/s: 68e9 / 868_339_296 = 78.3 tok/s on an
     empty context, 68e9 / (868_339_296 + 28_672 × 2048) = 73.4 tok/s at 2048. Build peak 4 × 1_330_542_592 +
     0.75 GiB = 6_127_476_736 B (5.71 GiB) fits too. Longest context: (6.5 GiB − 3_541_059_168) / 57_344 = 59_959
-    tokens → capped at max_position_embeddings 32768."""
+    tokens → capped at max_position_embeddings 32768. (The head INT4 as well: ``--lm-head-precision int4``.)"""
     result = runner.invoke(app, ["plan", str(real_shapes["qwen2-vl-2b"]), "--precision", "int4", "--max-length",
-                                 "2048", "--target", "jetson-orin-nano-8gb", "--json"])  # fmt: skip
+                                 "2048", "--target", "jetson-orin-nano-8gb", "--json",
+                                 "--lm-head-precision", "int4"])  # fmt: skip
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
     assert answer["parameters"] == {"vision": 665_271_296, "decoder": 1_543_714_304, "checkpoint": None}

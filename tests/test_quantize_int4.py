@@ -53,9 +53,11 @@ def test_unsupported_block_size_is_a_clear_error():
         quantize_rtn(np.zeros((64, 8), np.float32), 48)
 
 
-def test_int4_checkpoint_exports_matmulnbits_and_matches_the_torch_side(tiny_checkpoints, tmp_path, test_images):
-    """The ORT INT4 graph (MatMulNBits) against the torch-side quantized model (dequantized weights): the export's
-    own parity check, then greedy tokens."""
+def test_int4_checkpoint_exports_matmulnbits_and_matches_the_torch_side(
+    tiny_checkpoints, variant, tmp_path, test_images
+):
+    """The ORT INT4 graph (MatMulNBits; q|k|v packed into GroupQueryAttention, with Qwen2's biases) against the
+    torch-side quantized model (dequantized weights): the export's own parity check, then greedy tokens."""
     pytest.importorskip("torch")
     import onnx
 
@@ -65,7 +67,7 @@ def test_int4_checkpoint_exports_matmulnbits_and_matches_the_torch_side(tiny_che
 
     out = tmp_path / "q"
     methods = RTNConfig(group_size=32)
-    report = quantize(str(tiny_checkpoints["llama-clip"]), None, methods, out=out)
+    report = quantize(str(tiny_checkpoints[variant]), None, methods, out=out)
     assert report.weight_bytes_after < report.weight_bytes_before / 6
     assert all(0 < layer["weight_error"] < 0.2 for layer in report.layers)
     result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))

@@ -24,7 +24,8 @@ from edgelvm.export.external_data import ContentIndex
 from edgelvm.fsutil import make_staging, prepare_output, swap_into_place
 from edgelvm.manifest import MANIFEST_NAME, Manifest, hash_bundle_files, write_text_atomic
 from edgelvm.models import load_model
-from edgelvm.plan import footprint_from_config, footprint_of_adapter
+from edgelvm.models.registry import read_config_json
+from edgelvm.plan import footprint_from_config, footprint_of_adapter, kv_dtype_for, quantized_precisions
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +222,9 @@ def _plan_target(adapter: Any, kv: Any, config: ExportConfig) -> Any:
     """Fit check for ``config.target`` with the byte counts of what this export will write: the loaded graphs'
     parameters (the embedding table excluded: the runtime memory-maps it) in ``config.dtype``."""
     footprint = footprint_of_adapter(adapter)
-    arguments = footprint.fit_arguments(
-        precision=config.dtype, vision_precision=config.dtype, max_length=kv.max_length, kv_dtype=kv.dtype
-    )
+    layers, head = quantized_precisions(adapter.config, config.dtype)
+    arguments = footprint.fit_arguments(precision=layers, vision_precision=config.dtype, max_length=kv.max_length,
+                                        kv_dtype=kv.dtype, head_precision=head)  # fmt: skip
     plan = plan_for_target(load_profile(config.target, config.profiles_dir), **arguments)
     log.info("target %s:\n%s", config.target, plan.summary())
     return plan
@@ -238,5 +239,7 @@ def _plan_target_from_config(model: str | Path, config: ExportConfig) -> Any:
         log.info("fit check from the config skipped: %s", "; ".join(footprint.notes))
         return None
     max_length = footprint.check_max_length(config.max_length or footprint.default_max_length())
-    arguments = footprint.fit_arguments(precision=config.dtype, vision_precision=config.dtype, max_length=max_length)
+    layers, head = quantized_precisions(read_config_json(Path(model)) if Path(model).is_dir() else {}, config.dtype)
+    arguments = footprint.fit_arguments(precision=layers, vision_precision=config.dtype, max_length=max_length,
+                                        kv_dtype=kv_dtype_for(config.dtype), head_precision=head)  # fmt: skip
     return plan_for_target(profile, **arguments)

@@ -3,7 +3,8 @@
 Why a second decoder graph: the traced (portable) decoder grows its cache by concatenation and repeats KV heads for
 GQA — about 2,100 kernels per decode step for a 30-layer model, half of the step time outside the matrix products.
 This graph uses ONNX Runtime's fused operators instead: ``GroupQueryAttention`` (rotary inside, GQA without
-repetition, and past/present *sharing one buffer*, so a step writes only its new positions), ``SimplifiedLayer
+repetition, packed q|k|v input when INT4, and past/present *sharing one buffer*, so a step writes only its new
+positions), ``SimplifiedLayer
 Normalization`` / ``SkipSimplifiedLayerNormalization`` (RMSNorm with the residual add). About a dozen kernels per
 layer.
 
@@ -104,14 +105,18 @@ def build_gqa_decoder(
     past_names, present_names = [], []
     for i, layer in enumerate(w.layers):
         p = f"l{i}."
-        q, k, v = projections(
-            normed, p, [("q", layer.q), ("k", layer.k), ("v", layer.v)], "qkv", layer.int4.get("qkv")
-        )
-        if layer.qkv_bias is not None:
-            q, k, v = (
-                node("Add", [x, init(p + f"{part}_bias", bias)], [p + f"{part}_biased"])[0]
-                for x, part, bias in zip((q, k, v), "qkv", layer.qkv_bias)
-            )
+        if layer.int4.get("qkv") is not None:  # packed: GroupQueryAttention splits q|k|v itself (no Split kernel)
+            q = matmul(normed, p + "qkv", None, layer.int4["qkv"], p + "qkv_out")
+            k = v = ""
+            if layer.qkv_bias is not None:
+                q = node("Add", [q, init(p + "qkv_bias", np.concatenate(layer.qkv_bias))], [p + "qkv_biased"])[0]
+        else:
+            q, k, v = projections(normed, p, [("q", layer.q), ("k", layer.k), ("v", layer.v)], "qkv", None)
+            if layer.qkv_bias is not None:
+                q, k, v = (
+                    node("Add", [x, init(p + f"{part}_bias", bias)], [p + f"{part}_biased"])[0]
+                    for x, part, bias in zip((q, k, v), "qkv", layer.qkv_bias)
+                )
         past_k, past_v = kv.past_name.format(layer=i, kind="key"), kv.past_name.format(layer=i, kind="value")
         pres_k, pres_v = kv.present_name.format(layer=i, kind="key"), kv.present_name.format(layer=i, kind="value")
         past_names += [past_k, past_v]
@@ -158,6 +163,10 @@ def build_gqa_decoder(
         node("Gemm", [last, init("lm_head", w.lm_head)], ["logits"], transB=1)  # [vocab, hidden], as the portable one
     else:  # block-wise INT4/INT8 codes: the largest matrix a decode step reads
         matmul(last, "lm_head", None, w.lm_head_codes, "logits")
+        if w.lm_head_codes.bits == 8 and accuracy_level == 0:
+            log.warning("fused decoder: ONNX Runtime's CPU MatMulNBits has no fast 8-bit kernel at accuracy_level 0 "
+                        "(measured ~9x slower decode than INT4 on a SmolLM2-135M shape); quantize with --lm-head int4 "
+                        "or export with --int4-accuracy-level 4")  # fmt: skip
 
     hidden_size, vocab = w.final_norm.shape[0], w.lm_head.shape[0]
     kv_shape = ["batch", kv.num_kv_heads, kv.max_length, kv.head_dim]

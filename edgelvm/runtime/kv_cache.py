@@ -164,6 +164,8 @@ class InPlaceKVCache:
         shape = (batch, spec.num_kv_heads, spec.max_length, spec.head_dim)
         self.buffers = [np.zeros(shape, dtype=dtype) for _ in range(2 * spec.num_layers)]
         self.lengths = np.zeros(batch, dtype=np.int64)
+        #: the backend's decode-step I/O binding over these buffers, built once (``OrtBackend``)
+        self.decode_binding: Any = None
 
     @property
     def length(self) -> int:

@@ -368,9 +368,29 @@ class OrtBackend:
         """GroupQueryAttention takes a batch in one call for a first prompt (right-padded) or a decode step (one
         token per row); a multi-token step after cached tokens must run row by row (an ORT restriction)."""
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        if cache.length > 0 and (lengths == 1).all() and len(rows) == cache.batch:
+            return self._fused_decode(rows, cache)
         if cache.length == 0 or (lengths == 1).all():
             return self._fused_run(rows, cache, slice(None))
         return np.concatenate([self._fused_run([row], cache, slice(i, i + 1)) for i, row in enumerate(rows)])
+
+    def _fused_decode(self, rows: list[np.ndarray], cache: InPlaceKVCache) -> np.ndarray:
+        """A decode step (one token per row) through a binding built once per cache: the step's small inputs are
+        written into buffers the binding already points at, so no binding and no 2 x layers cache bindings are made
+        per token (measured 1.05–1.14x decode on an INT4 SmolLM2-135M shape, 2 threads)."""
+        step = cache.decode_binding
+        if step is None:
+            step = cache.decode_binding = _DecodeBinding(self.decoder, cache, self._kv_inputs, self._out_names[1:],
+                                                         rows[0].shape[-1], self.embed_dtype, self._vocab,
+                                                         self._logits_dtype)  # fmt: skip
+        for index, row in enumerate(rows):
+            step.embeds[index, 0] = row[0]
+        totals = cache.lengths + 1
+        step.seqlens[:] = totals - 1
+        step.total[...] = totals.max()
+        self.decoder.run_with_iobinding(step.binding)
+        cache.lengths[:] = totals
+        return step.logits.copy()  # the buffer is the next step's output
 
     def _fused_run(self, rows: list[np.ndarray], cache: InPlaceKVCache, which: slice) -> np.ndarray:
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
@@ -392,3 +412,25 @@ class OrtBackend:
         self.decoder.run_with_iobinding(binding)
         cache.lengths[which] = totals
         return logits
+
+
+class _DecodeBinding:
+    """One ONNX Runtime I/O binding for the fused decoder's decode steps over one cache: inputs, logits and every
+    layer's key/value buffer bound by address once; a step only writes the inputs' values."""
+
+    def __init__(self, session: Any, cache: InPlaceKVCache, past: list[str], present: list[str], width: int,
+                 embed_dtype: Any, vocab: int, logits_dtype: Any) -> None:  # fmt: skip
+        batch = cache.batch
+        self.embeds = np.zeros((batch, 1, width), dtype=embed_dtype)
+        self.seqlens = np.zeros(batch, dtype=np.int32)
+        self.total = np.zeros((), dtype=np.int32)
+        self.logits_index = np.arange(batch, dtype=np.int64)  # one token per row: row r's is flat index r
+        self.logits = np.empty((batch, vocab), dtype=logits_dtype)
+        self.binding = session.io_binding()
+        for name, array in (("inputs_embeds", self.embeds), ("seqlens_k", self.seqlens),
+                            ("total_sequence_length", self.total), ("logits_index", self.logits_index)):  # fmt: skip
+            self.binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+        self.binding.bind_output("logits", "cpu", 0, self.logits.dtype, self.logits.shape, self.logits.ctypes.data)
+        for name, out, buffer in zip(past, present, cache.buffers):
+            self.binding.bind_input(name, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+            self.binding.bind_output(out, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)

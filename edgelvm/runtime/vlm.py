@@ -409,7 +409,7 @@ class ChatSession:
                 texts = [vlm._render(messages)] * len(self.images) if vlm.encoder.reads_text else None
                 row = vlm._embed(ids, vlm._image_features(self.images, texts))
             else:  # the images are already in the cache: embed only the new text (rows are sliced at `reuse`)
-                row = np.zeros((len(ids), vlm._embed_table.shape[1]), dtype=vlm.backend.embed_dtype)
+                row = np.zeros((len(ids), vlm._embed_table.width), dtype=vlm.backend.embed_dtype)
                 row[reuse:] = vlm._token_embeds(np.asarray(ids[reuse:], dtype=np.int64))
             stats.vision_ms = (time.perf_counter() - started) * 1e3
             # per-step inputs of the whole conversation: the reused prefix's are the ones already in the cache
