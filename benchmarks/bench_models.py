@@ -32,20 +32,23 @@ def prepare(kind: str, workdir: Path) -> tuple[Path, Path]:
     return checkpoint, bundle
 
 
-def prepare_int4(kind: str, workdir: Path, accuracy_level: int = 0, group_size: int = 128) -> Path:
+def prepare_int4(
+    kind: str, workdir: Path, accuracy_level: int = 0, group_size: int = 128, lm_head: str = "float"
+) -> Path:
     """An INT4 weight-only (RTN: the method does not change the speed) bundle of ``kind``'s language model, with
-    MatMulNBits ``accuracy_level`` 0 (fp32 compute) or 4 (int8 activations)."""
+    MatMulNBits ``accuracy_level`` 0 (fp32 compute) or 4 (int8 activations); ``lm_head``: float, int8 or int4."""
     checkpoint, _ = prepare(kind, workdir)
-    quantized = workdir / kind / f"int4-g{group_size}"
+    head = "" if lm_head == "float" else f"-head-{lm_head}"
+    quantized = workdir / kind / f"int4-g{group_size}{head}"
     if not (quantized / "int4.safetensors").is_file():
         from edgelvm.quantize import RTNConfig, quantize
 
-        print(f"[{kind}] INT4 RTN g{group_size} …", file=sys.stderr)
-        quantize(checkpoint, None, RTNConfig(group_size=group_size), out=quantized, force=True)
-    bundle = workdir / kind / f"bundle-int4-g{group_size}-al{accuracy_level}"
+        print(f"[{kind}] INT4 RTN g{group_size}, LM head {lm_head} …", file=sys.stderr)
+        quantize(checkpoint, None, RTNConfig(group_size=group_size, lm_head=lm_head), out=quantized, force=True)
+    bundle = workdir / kind / f"bundle-int4-g{group_size}{head}-al{accuracy_level}"
     if not (bundle / "edgelvm.json").is_file():
         from edgelvm.export import ExportConfig, export
 
-        print(f"[{kind}] exporting INT4 (accuracy_level {accuracy_level}) …", file=sys.stderr)
+        print(f"[{kind}] exporting INT4{head} (accuracy_level {accuracy_level}) …", file=sys.stderr)
         export(quantized, bundle, ExportConfig(max_length=1024, force=True, int4_accuracy_level=accuracy_level))
     return bundle

@@ -127,11 +127,15 @@ SIDES = {
     "runtime-portable": "edgelvm runtime, portable decoder (ORT CPU)",
     "hf": "HF generate (PyTorch eager)",
 }
-#: With --int4: the INT4 (RTN g128) language model on the fused decoder (MatMulNBits), accuracy_level 0 and 4.
-INT4_SIDES = {
-    "runtime-int4": "edgelvm runtime, INT4 fused decoder (MatMulNBits, accuracy_level 0)",
-    "runtime-int4-al4": "edgelvm runtime, INT4 fused decoder (MatMulNBits, accuracy_level 4)",
+#: With --int4: the INT4 (RTN g128) language model on the fused decoder (MatMulNBits), accuracy_level 0 and 4, with
+#: the LM head float or INT4 (``edgelvm quantize --lm-head int4``): side -> (label, accuracy level, head format).
+INT4_VARIANTS = {
+    "runtime-int4": ("INT4 layers, fp32 head (accuracy_level 0)", 0, "float"),
+    "runtime-int4-al4": ("INT4 layers, fp32 head (accuracy_level 4)", 4, "float"),
+    "runtime-int4-head4": ("INT4 layers + INT4 head (accuracy_level 0)", 0, "int4"),
+    "runtime-int4-head4-al4": ("INT4 layers + INT4 head (accuracy_level 4)", 4, "int4"),
 }
+INT4_SIDES = {side: f"edgelvm runtime, fused: {label}" for side, (label, _, _) in INT4_VARIANTS.items()}
 
 
 def _child(side: str, path: Path, tokens: int, repeats: int) -> dict:
@@ -177,11 +181,14 @@ def _summary(values: list[float]) -> dict:
 def bench_model(
     kind: str, workdir: Path, tokens: int, rounds: int, repeats: int, bandwidth: float, int4: bool = False
 ) -> dict:
+    from edgelvm.bench.runner import decoder_weight_bytes
+    from edgelvm.manifest import Manifest
+
     checkpoint, bundle = prepare(kind, workdir)
     paths = {"runtime-fused": bundle, "runtime-portable": bundle, "hf": checkpoint}
     if int4:
-        paths["runtime-int4"] = prepare_int4(kind, workdir, accuracy_level=0)
-        paths["runtime-int4-al4"] = prepare_int4(kind, workdir, accuracy_level=4)
+        for side, (_, level, head) in INT4_VARIANTS.items():
+            paths[side] = prepare_int4(kind, workdir, accuracy_level=level, lm_head=head)
     runs: dict[str, list[dict]] = {side: [] for side in paths}
     for round_index in range(rounds):
         for side, path in paths.items():
@@ -200,18 +207,22 @@ def bench_model(
             "runtime-fused": kernels_per_step(bundle / "decoder_ort.onnx"),
         },
     }
-    for side in ("runtime-int4", "runtime-int4-al4"):
+    side_bytes = {side: weight_bytes for side in paths}
+    for side in INT4_VARIANTS:
         if side in paths:
             result["kernels_per_decode_step"][side] = kernels_per_step(paths[side] / "decoder_ort.onnx")
-            result.setdefault("int4_decoder_weight_bytes", (paths[side] / "decoder_ort.onnx").stat().st_size)
+            # what a step reads: the graph and every external-data region it points at (a tied INT4 head's codes
+            # lie in the embedding table's file)
+            side_bytes[side] = decoder_weight_bytes(paths[side], Manifest.load(paths[side]), "decoder_ort")
+            result.setdefault("decoder_bytes_per_token", {})[side] = side_bytes[side]
+            result.setdefault("bundle_bytes", {})[side] = sum(f.stat().st_size for f in paths[side].iterdir())
     for side, side_runs in runs.items():
         metrics = {
             key: _summary([r[key] for r in side_runs])
             for key in ("vision_ms", "prefill_ms", "decode_tok_s", "peak_rss_mb")
         }
         metrics["prompt_tokens"] = side_runs[0]["prompt_tokens"]
-        side_bytes = result.get("int4_decoder_weight_bytes", weight_bytes) if "int4" in side else weight_bytes
-        metrics["roofline_tok_s"] = bandwidth / side_bytes
+        metrics["roofline_tok_s"] = bandwidth / side_bytes[side]
         metrics["roofline_fraction"] = metrics["decode_tok_s"]["median"] / metrics["roofline_tok_s"]
         if side != "hf":
             metrics["torch_imported"] = any(r["torch_imported"] for r in side_runs)

@@ -23,7 +23,7 @@ from edgelvm.fsutil import current_umask
 
 MANIFEST_NAME = "edgelvm.json"
 #: Bumped in its major part whenever an older runtime could misread a newer bundle.
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
 
 
@@ -171,6 +171,9 @@ class Manifest:
             data["preprocess"].pop("vision_text", None)
         if data["preprocess"].get("cross_attention") is None:
             data["preprocess"].pop("cross_attention", None)
+        for graph in data["graphs"].values():  # written only when set: a float table reads in older runtimes
+            if graph.get("codes") is None:
+                graph.pop("codes", None)
         head = {key: data.pop(key) for key in ("format_version", "edgelvm_version", "family", "created_from")}
         return {**head, **data}
 

@@ -168,3 +168,21 @@ def test_bad_head_options_are_clear_errors():
     assert "int4" in err.value.fix
     with pytest.raises(ConfigError, match="not a knob of --llm smoothquant"):
         method_config("llm", "smoothquant", {"lm_head": "--lm-head"}, lm_head="int4")
+
+
+def test_coded_table_fields_are_checked_and_float_tables_omit_them(tiny_bundles, copy_bundle):
+    """A coded table names its scales file (checked like every bundle file); a float table's manifest has no
+    ``codes`` key, so bundles without quantized tables read as before."""
+    from edgelvm.errors import ManifestError
+    from edgelvm.manifest import MANIFEST_NAME, Manifest
+
+    bundle = copy_bundle(tiny_bundles["llama-clip"])
+    data = json.loads((bundle / MANIFEST_NAME).read_text())
+    assert "codes" not in data["graphs"]["embed"]
+    data["graphs"]["embed"]["codes"] = {"bits": 3, "block_size": 32, "width": 64, "scales": "s.npy",
+                                        "zero_points": None}  # fmt: skip
+    with pytest.raises(ManifestError, match=r"graphs\.embed\.codes"):
+        Manifest.from_dict(data)
+    data["graphs"]["embed"]["codes"].update(bits=8, scales="../outside.npy")
+    with pytest.raises(ManifestError, match=r"graphs\.embed\.codes\.scales"):
+        Manifest.from_dict(data)
