@@ -2,9 +2,9 @@
 
 Measures this machine's bandwidth, then decode tokens/s for the fused (in-place KV, GroupQueryAttention) and the
 portable (traced) decoders next to HF ``generate``, each as a fraction of the roofline (decoder weight bytes per
-token / bandwidth), with kernels per decode step, prefill ms and vision ms. It is ``runtime_vs_hf.py`` restricted
-to the realistic model and writing ``roofline.{json,md}``. INT4 / INT8 bundles join the table once the quantize
-stage exists (issue 6).
+token / bandwidth), with kernels per decode step, prefill ms and vision ms — and the INT4 rows (layers INT4 with the
+LM head fp32 or INT4, MatMulNBits accuracy_level 0 and 4). It is ``runtime_vs_hf.py --int4`` restricted to the
+realistic model and writing ``roofline.{json,md}``; ``matmul_ceiling.py`` measures the INT4 kernels' own ceiling.
 
     python benchmarks/roofline.py --rounds 5
 """
@@ -24,4 +24,6 @@ if __name__ == "__main__":
         for flag, value in defaults.items():
             if flag not in sys.argv:
                 sys.argv += [flag, value]
+        if "--int4" not in sys.argv:
+            sys.argv.append("--int4")
     runtime_vs_hf.main()
