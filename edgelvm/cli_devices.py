@@ -75,6 +75,11 @@ def build(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory written by `edgelvm export`.")],
     max_batch: Annotated[int, typer.Option(help="Largest batch the engines accept.")] = 1,
     max_length: Annotated[int | None, typer.Option(help="Longest context (default: the bundle's).")] = None,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(help="Prefill at most this many tokens per step (the runtime chunks longer prompts): attention "
+                          "scratch for chunk x context instead of context² (default: whole prompts)."),
+    ] = None,
     precision: Annotated[str, typer.Option(help="auto (fp16, + int8 for QDQ graphs) | fp16 | fp32.")] = "auto",
     workspace_gb: Annotated[
         float | None, typer.Option(help="TensorRT workspace limit in GiB (default: from the device; 0: TensorRT's).")
@@ -97,6 +102,7 @@ def build(
     config = BuildConfig(
         max_batch=max_batch,
         max_length=max_length,
+        prefill_chunk=prefill_chunk,
         precision=precision,
         workspace_bytes=None if workspace_gb is None else int(workspace_gb * (1 << 30)),
         tactic_dram_bytes=None if tactic_dram_gb is None else int(tactic_dram_gb * (1 << 30)),

@@ -169,3 +169,15 @@ def test_trt_backend_greedy_tokens_match_onnxruntime_on_hardware(built):
         vlm.generate(image, "Describe the image.", max_new_tokens=16, min_new_tokens=16)
         ids[backend] = vlm.last_output_ids[0]
     assert ids["tensorrt"][:8] == ids["onnxruntime-cpu"][:8]
+
+
+def test_prefill_chunk_profile_takes_chunks_after_any_cached_length(manifest):
+    """``--prefill-chunk``: the prefill profile's seq stops at the chunk and its past reaches the context, so the
+    runtime's chunks fit it; TensorRT sizes attention for chunk × context instead of context²."""
+    prefill, _ = tb.decoder_profiles(manifest, BuildConfig(max_length=128, prefill_chunk=32))
+    embeds, past = prefill.shapes["inputs_embeds"], prefill.shapes["past_key_values.0.key"]
+    assert embeds["max"][1] == 32 and embeds["opt"][1] <= 32
+    assert past["max"][2] == 127 and prefill.shapes["attention_mask"]["max"][1] == 128
+    with pytest.raises(EngineBuildError, match=r"prefill chunk 200 is outside 1\.\.128") as err:
+        tb.decoder_profiles(manifest, BuildConfig(max_length=128, prefill_chunk=200))
+    assert err.value.where == "--prefill-chunk"

@@ -464,3 +464,13 @@ def test_qwen25_quantized_checkpoint_exports_and_matches_hf(adapter25, images, t
         expected = _hf_generate(quantized, [images["landscape"]], _messages(PROMPTS[0]), 12)
     vlm.generate(images["landscape"], PROMPTS[0], max_new_tokens=12)
     assert vlm.last_output_ids[0] == expected
+
+
+def test_chunked_prefill_keeps_mrope_positions(bundle, images):
+    """Prefill in chunks (a TensorRT engine built with ``--prefill-chunk``): each chunk gets its slice of the M-RoPE
+    positions, so the answer equals the one-step prefill's."""
+    vlm = VLM.load(bundle)
+    want = vlm.generate(images["landscape"], "Describe the image.", max_new_tokens=8)
+    vlm.backend.max_step_tokens = 5
+    assert vlm.generate(images["landscape"], "Describe the image.", max_new_tokens=8) == want
+    assert vlm.last_stats.prefill_tokens > 5

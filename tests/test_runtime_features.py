@@ -186,3 +186,25 @@ def test_one_frame_in_a_batch_is_encoded_once_even_without_the_cache(tiny_bundle
     answers = vlm.generate_batch([(test_images[0], q) for q in QUESTIONS] + [(None, "Hello?")], max_new_tokens=6)
     assert vlm.last_stats.images_encoded == 1 and len(answers) == 4
     assert answers[:3] == [vlm.generate(test_images[0], q, max_new_tokens=6) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("decoder", ["fused", "portable"])
+def test_chunked_prefill_answers_as_one_step(tiny_bundles, test_images, decoder):
+    """A backend that takes at most N tokens per step (TensorRT engines built with ``--prefill-chunk``) is fed the
+    prompt in chunks after a growing cache: the same greedy tokens as one prefill step; a batch longer than a
+    chunk is a clear error, not a wrong answer."""
+    from edgelvm.errors import BackendError
+
+    vlm = VLM.load(tiny_bundles["llama-clip"], decoder=decoder)
+    want = [vlm.generate(image, "Describe the image.", max_new_tokens=8) for image in test_images]
+    prompt_tokens = vlm.last_stats.prefill_tokens
+    calls = []
+    step = vlm.backend.step
+    vlm.backend.step = lambda rows, *a, **k: calls.append(len(rows[0])) or step(rows, *a, **k)
+    vlm.backend.max_step_tokens = 7
+    got = [vlm.generate(image, "Describe the image.", max_new_tokens=8) for image in test_images]
+    assert got == want
+    chunks = calls[: -(-prompt_tokens // 7)]  # the first request's prefill steps, then its 1-token decode steps
+    assert sum(chunks) == prompt_tokens and max(chunks) == 7 and calls[len(chunks)] == 1
+    with pytest.raises(BackendError, match="only a single causal prompt is fed in chunks"):
+        vlm.generate_batch([Request(prompt="Describe the image.", images=[image]) for image in test_images])

@@ -11,8 +11,9 @@ Optimization profiles, read from the decoder's dynamic dims in the manifest
 ``past_key_values.{i}.{key,value} [batch, kv_heads, past, head_dim]``):
 
 - profile 0 "prefill": seq 1..max_length (opt: one image's tokens + 64 text tokens), past 0..prefill_past_max
-  (default 0: the runtime prefills in one step; chunked prefill would need past > 0 and makes TensorRT size its
-  activation scratch for seq × (seq + past) attention — on a Jetson that is memory the KV cache needs);
+  (default 0: the runtime prefills in one step). With ``prefill_chunk`` C: seq 1..C and past 0..max_length-1 — the
+  runtime feeds longer prompts in chunks of C (``TrtBackend.max_step_tokens``), and TensorRT sizes the attention
+  scratch for C × max_length instead of max_length² (on an 8 GB Jetson that is memory the KV cache needs);
 - profile 1 "decode": seq 1, past 0..max_length-1 (opt: half the context).
 
 Precision: fp16 by default (``BuilderFlag.FP16`` lets TensorRT pick fp16 kernels for an fp32 graph). A graph the
@@ -86,6 +87,7 @@ class BuildConfig:
     vision_max_batch: int | None = None
     opt_prefill_length: int | None = None
     prefill_past_max: int = 0
+    prefill_chunk: int | None = None
     precision: str = "auto"
     workspace_bytes: int | None = None
     tactic_dram_bytes: int | None = None
@@ -162,12 +164,20 @@ def decoder_profiles(manifest: Manifest, config: BuildConfig) -> list[Optimizati
     """Prefill and decode profiles for every decoder input, from the manifest's dynamic dims."""
     max_length = _max_length(manifest, config)
     batch: Range = (1, 1, config.max_batch)
+    chunk = max_length
+    if config.prefill_chunk is not None:
+        if not 1 <= config.prefill_chunk <= max_length:
+            raise EngineBuildError(f"prefill chunk {config.prefill_chunk} is outside 1..{max_length}",
+                                   where="--prefill-chunk", fix=f"pick a value up to {max_length}")  # fmt: skip
+        chunk = config.prefill_chunk
     opt_seq = config.opt_prefill_length or min(max_length, manifest.preprocess.tokens_per_image + 64)
-    opt_seq = max(1, min(opt_seq, max_length))
+    opt_seq = max(1, min(opt_seq, chunk))
     past_max = max(0, min(config.prefill_past_max, max_length - 1))
+    if chunk < max_length:  # later chunks come after up to max_length - 1 cached tokens
+        past_max = max_length - 1
     prefill = {
         "batch": batch,
-        "seq": (1, opt_seq, max_length),
+        "seq": (1, opt_seq, chunk),
         "past": (0, 0, past_max),
         "total": (1, opt_seq, max_length),
     }

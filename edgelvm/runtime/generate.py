@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgelvm.errors import ConfigError
+from edgelvm.errors import BackendError, ConfigError
 from edgelvm.runtime.backend import Backend
 from edgelvm.runtime.images import ImageInput
 from edgelvm.runtime.sampling import Sampler, SamplingConfig
@@ -191,12 +191,36 @@ class Decoding:
 
 # ---- the loop --------------------------------------------------------------------------------------------------------
 def prefill(backend: Backend, cache: Any, plan: Plan, start: int, stats: GenerationStats) -> np.ndarray:
-    """Feed every row's prompt after the ``start`` positions already in ``cache``; each row's last logits."""
+    """Feed every row's prompt after the ``start`` positions already in ``cache``; each row's last logits.
+
+    A backend with ``max_step_tokens`` (a TensorRT engine whose prefill profile was built for chunks: its
+    attention scratch is sized for chunk × context instead of context²) is fed a batch-1 prompt in chunks."""
     started = time.perf_counter()
-    logits = backend.step([r[start:] for r in plan.rows], cache, plan.inputs.prompt(range(len(plan.rows)), start))
+    rows, fed = range(len(plan.rows)), start
+    for stop in prefill_chunks(backend, plan, start):
+        logits = backend.step([r[fed:stop] for r in plan.rows], cache, plan.inputs.prompt(rows, fed, stop))
+        fed = stop
     stats.prefill_ms += (time.perf_counter() - started) * 1e3
     stats.prefill_tokens += max(len(r) - start for r in plan.rows)
     return logits
+
+
+def prefill_chunks(backend: Backend, plan: Plan, start: int) -> list[int | None]:
+    """Where each prefill step stops: ``[None]`` (one step, to each row's end), or chunks of the backend's
+    ``max_step_tokens``."""
+    longest = max(len(r) for r in plan.rows)
+    chunk = getattr(backend, "max_step_tokens", None)
+    if not chunk or longest - start <= chunk:
+        return [None]
+    if len(plan.rows) > 1 or not plan.shareable:
+        why = "a batch" if len(plan.rows) > 1 else "a prefix-LM prompt (attended as one block)"
+        raise BackendError(
+            f"{why} of {longest - start} new prompt tokens is longer than the {chunk} one step can take, and only a "
+            "single causal prompt is fed in chunks",
+            where="prefill",
+            fix="send such prompts one at a time, or rebuild the engines with a larger --prefill-chunk",
+        )
+    return [*range(start + chunk, longest, chunk), longest]
 
 
 def share_prefix(backend: Backend, plan: Plan, stats: GenerationStats) -> tuple[Any, int]:

@@ -221,6 +221,12 @@ class TrtBackend:
         self._logits_dtype = trt.nptype(self.decoder.get_tensor_dtype(self._out_names[0]))
         self.max_batch = int(self.info["config"]["max_batch"])
         self.prefill_past_max = int(self.info["config"].get("prefill_past_max", 0))
+        #: engines built with a prefill chunk take at most that many tokens per step (runtime/generate.prefill
+        #: chunks longer prompts), after any number of cached ones
+        self.max_step_tokens = self.info["config"].get("prefill_chunk")
+        engine_length = int(self.info["config"].get("max_length") or manifest.kv_cache.max_length)
+        if self.max_step_tokens is not None and self.max_step_tokens < engine_length:
+            self.prefill_past_max = engine_length - 1
         hidden = int(manifest.graphs["decoder"].inputs[0].shape[-1])
         vocab = int(manifest.graphs["decoder"].outputs[0].shape[-1])
         length = self.kv_spec.max_length
