@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from edgelvm import tensorrt_compat as compat
@@ -409,6 +410,41 @@ def test_cuda_errors_name_the_fix(monkeypatch):
     monkeypatch.setattr(trt_backend, "_bindings_version", lambda: "13.0.0")
     with pytest.raises(BackendError, match="needs a CUDA 13 driver"):
         trt_backend._Cuda(rt)
+
+
+def test_host_copies_go_through_pinned_memory(monkeypatch):
+    """Decoder inputs are copied into their page-locked twin and DMA'd from there; where cudaMallocHost is refused
+    the copy reads the pageable array itself. (A fake CUDA runtime: the calls' arguments are what is checked.)"""
+    from edgelvm.runtime import trt_backend
+
+    pinned_memory = np.zeros(64, np.uint8)  # stands in for cudaMallocHost's allocation
+    copies, freed = [], []
+    refuse = {"on": False}
+    rt = SimpleNamespace(
+        cudaDriverGetVersion=lambda: (0, 12060),
+        cudaStreamCreate=lambda: (0, 7),
+        cudaMallocHost=lambda n: (2, 0) if refuse["on"] else (0, pinned_memory.ctypes.data),
+        cudaFreeHost=freed.append,
+        cudaMemcpyKind=SimpleNamespace(cudaMemcpyHostToDevice="H2D", cudaMemcpyDeviceToHost="D2H"),
+        cudaMemcpyAsync=lambda dst, src, n, kind, stream: copies.append((dst, src, n, kind)) or (0,),
+    )
+    monkeypatch.setattr(trt_backend, "_bindings_version", lambda: "12.9.1")
+    cuda = trt_backend._Cuda(rt)
+    staging = cuda.malloc_host(64)
+    assert staging.ctypes.data == pinned_memory.ctypes.data and staging.nbytes == 64
+    array = np.arange(6, dtype=np.int64)[None]  # 48 bytes
+    cuda.to_device(0xD0, array, staging)
+    assert copies[-1] == (0xD0, pinned_memory.ctypes.data, 48, "H2D")
+    assert pinned_memory[:48].view(np.int64).tolist() == list(range(6))
+    too_big = np.zeros(9, np.int64)  # 72 bytes > the staging buffer: copied from where it lies
+    cuda.to_device(0xD1, too_big, staging)
+    assert copies[-1] == (0xD1, too_big.ctypes.data, 72, "H2D")
+    refuse["on"] = True
+    assert cuda.malloc_host(64) is None
+    cuda.to_device(0xD2, array, None)
+    assert copies[-1][1] == array.ctypes.data
+    cuda.free_host()
+    assert freed == [pinned_memory.ctypes.data] and cuda.pinned == []
 
 
 def test_native_handle_without_get_cuda_native_handle(monkeypatch):

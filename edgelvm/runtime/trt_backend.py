@@ -20,6 +20,10 @@ Design:
   largest shapes; the KV cache is two device buffers per layer and key/value sized for the full context that the
   decoder reads from and writes to alternately (the graph concatenates past and new keys, so present cannot alias
   past). Nothing is allocated per token.
+- Host staging in page-locked memory (``cudaMallocHost``), as NVIDIA's samples do: an async copy from pageable memory
+  is staged by the driver through its own pinned buffer synchronously; from pinned memory it is one DMA. Each decoder
+  input and the logits have their own pinned buffer (sized for the largest shapes), so no copy can overwrite one
+  still in flight before the step's single synchronisation; where pinned memory cannot be had, pageable copies.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class _Cuda:
             raise BackendError(message, where="cuda-python", fix=f"see {compat.HARDWARE_DOC}")
         self.stream = self.check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
         self.stream_handle = compat.native_handle(self.stream)
+        self.pinned: list[int] = []
 
     def check(self, result: Any, what: str) -> Any:
         err, *rest = result if isinstance(result, tuple) else (result,)
@@ -99,10 +104,33 @@ class _Cuda:
     def malloc(self, nbytes: int) -> int:
         return int(self.check(self.rt.cudaMalloc(max(int(nbytes), 1)), f"cudaMalloc({nbytes})"))
 
+    def malloc_host(self, nbytes: int) -> np.ndarray | None:
+        """``nbytes`` of page-locked host memory as a uint8 array (freed by :meth:`free_host`), or None where the
+        driver refuses (the caller then copies from pageable memory)."""
+        import ctypes
+
+        result = self.rt.cudaMallocHost(max(int(nbytes), 1))
+        if int(result[0]) != 0:
+            log.info("cudaMallocHost(%d) failed (%s): pageable host copies", nbytes, result[0])
+            return None
+        ptr = int(result[1])
+        self.pinned.append(ptr)
+        return np.ctypeslib.as_array((ctypes.c_uint8 * max(int(nbytes), 1)).from_address(ptr))
+
+    def free_host(self) -> None:
+        for ptr in self.pinned:
+            self.rt.cudaFreeHost(ptr)
+        self.pinned.clear()
+
     def free(self, ptr: int) -> None:
         self.rt.cudaFree(ptr)
 
-    def to_device(self, ptr: int, array: np.ndarray) -> None:
+    def to_device(self, ptr: int, array: np.ndarray, staging: np.ndarray | None = None) -> None:
+        """Queue a copy of ``array`` (C-contiguous) to ``ptr``, through the pinned ``staging`` buffer when given."""
+        if staging is not None and staging.nbytes >= array.nbytes:
+            staged = staging[: array.nbytes]
+            staged[:] = array.reshape(-1).view(np.uint8)
+            array = staged
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         self.check(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self.stream), "H2D copy")
 
@@ -227,19 +255,24 @@ class TrtBackend:
         engine_length = int(self.info["config"].get("max_length") or manifest.kv_cache.max_length)
         if self.max_step_tokens is not None and self.max_step_tokens < engine_length:
             self.prefill_past_max = engine_length - 1
-        hidden = int(manifest.graphs["decoder"].inputs[0].shape[-1])
-        vocab = int(manifest.graphs["decoder"].outputs[0].shape[-1])
-        length = self.kv_spec.max_length
-        self._bufs = {
-            "inputs_embeds": self.cuda.malloc(self.max_batch * length * hidden * np.dtype(self.embed_dtype).itemsize),
-            "attention_mask": self.cuda.malloc(self.max_batch * length * 8),
-            # position_ids: [B, S], or [rows, B, S] for M-RoPE (manifest.positions.rows)
-            "position_ids": self.cuda.malloc(int(manifest.positions.get("rows", 1)) * self.max_batch * length * 8),
-            "logits": self.cuda.malloc(self.max_batch * vocab * np.dtype(self._logits_dtype).itemsize),
-        }
-        self._vocab = vocab
+        self._hidden = int(manifest.graphs["decoder"].inputs[0].shape[-1])
+        self._vocab = int(manifest.graphs["decoder"].outputs[0].shape[-1])
+        self._bufs = {name: self.cuda.malloc(size) for name, size in self._buffer_bytes(manifest).items()}
+        # a pinned host twin per decoder buffer (None: pageable copies)
+        self._staging = {name: self.cuda.malloc_host(size) for name, size in self._buffer_bytes(manifest).items()}
         self._vision_bufs: dict[int, tuple[int, int]] = {}  # batch → (pixels ptr, features ptr)
         log.info("TensorRT %s engines from %s", trt.__version__, self.engine_dir)
+
+    def _buffer_bytes(self, manifest: Manifest) -> dict[str, int]:
+        """The decoder's I/O buffers at their largest shapes (position_ids: ``[B, S]``, or ``[rows, B, S]`` for
+        M-RoPE, ``manifest.positions.rows``)."""
+        batch, length = self.max_batch, self.kv_spec.max_length
+        return {
+            "inputs_embeds": batch * length * self._hidden * np.dtype(self.embed_dtype).itemsize,
+            "attention_mask": batch * length * 8,
+            "position_ids": int(manifest.positions.get("rows", 1)) * batch * length * 8,
+            "logits": batch * self._vocab * np.dtype(self._logits_dtype).itemsize,
+        }
 
     # ---- loading -------------------------------------------------------------------------------------------------
     def _check_fresh(self, manifest: Manifest) -> None:
@@ -329,8 +362,8 @@ class TrtBackend:
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
             "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
         }
-        for name, array in host.items():  # host arrays stay referenced until the sync below
-            self.cuda.to_device(self._bufs[name], array)
+        for name, array in host.items():  # host arrays (or their pinned copies) stay untouched until the sync
+            self.cuda.to_device(self._bufs[name], array, self._staging[name])
             ctx.set_input_shape(name, array.shape)
             ctx.set_tensor_address(name, self._bufs[name])
         for index, (past_name, present_name) in enumerate(zip(self._in_names[3:], self._out_names[1:])):
@@ -341,8 +374,12 @@ class TrtBackend:
         if not ctx.execute_async_v3(self.cuda.stream_handle):
             raise BackendError("the decoder engine failed to run", where=self.engine_dir, fix="see TensorRT's log")
         logits = np.empty((batch, self._vocab), dtype=self._logits_dtype)
-        self.cuda.to_host(logits, self._bufs["logits"])
+        pinned = self._staging["logits"]
+        landing = logits if pinned is None else pinned[: logits.nbytes].view(self._logits_dtype).reshape(logits.shape)
+        self.cuda.to_host(landing, self._bufs["logits"])
         self.cuda.sync()
+        if pinned is not None:
+            logits[:] = landing
         cache.advance(new_length)
         return logits
 
@@ -356,3 +393,4 @@ class TrtBackend:
         for src, dst in getattr(self, "_vision_bufs", {}).values():
             cuda.free(src)
             cuda.free(dst)
+        cuda.free_host()
