@@ -109,7 +109,7 @@ def _replace_and_score(name: str, module: Any, q: Int4Weight, scored: Any, repor
     return summary
 
 
-def head_agreement(hidden: Any, answers: Any, original: Any, quantized: Any, chunk: int = 1024) -> dict[str, Any]:
+def head_agreement(hidden: Any, answers: Any, original: Any, quantized: Any, chunk: int = 256) -> dict[str, Any]:
     """Top-1 agreement of the head ``quantized`` with ``original`` (both ``[vocab, hidden]``) on ``hidden``
     (``[P, hidden]``), the relative output error ``‖H ΔWᵀ‖ / ‖H Wᵀ‖``, and each head's accuracy on ``answers``."""
     import torch
@@ -137,7 +137,8 @@ def head_agreement(hidden: Any, answers: Any, original: Any, quantized: Any, chu
 
 
 def _answer_hidden_states(adapter: Any, calib: Any, batch_size: int) -> tuple[Any, Any] | None:
-    """The head's inputs at the positions that predict an answer token (teacher-forced), and those tokens."""
+    """The head's inputs at the positions that predict an answer token (teacher-forced), and those tokens: one
+    more forward pass over (at most :data:`MAX_SCORED_POSITIONS` answer tokens of) the calibration set."""
     import torch
 
     from edgelvm.calibration.dataset import iter_labeled_batches
