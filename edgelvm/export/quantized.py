@@ -49,7 +49,7 @@ def quantized_graph_rewrites(adapter: Any) -> dict[str, GraphRewrite]:
         layers = load_int8(_sidecar(source, LLM_INT8_SIDECAR), LLM_INT8_SIDECAR)
         rewrites["decoder"] = _int8_rewrite(layers, DECODER_PREFIX)
     elif "llm" in record:
-        weights = load_int4(_sidecar(source, SIDECAR))
+        weights = load_int4(_sidecar(source, SIDECAR), skip=(TABLE_CODES,))
         rewrites["decoder"] = GraphRewrite("int4", INT4_TOLERANCE, _int4_writer(weights))
     return rewrites
 
@@ -118,8 +118,8 @@ def _int8_reference(layers: dict[str, Any], prefix: str, rewrite: GraphRewrite) 
 
 def _int4_writer(weights: dict[str, Any]) -> Any:
     """The decoder layers' INT4 under the traced language model's prefix; a quantized head (block-wise INT4/INT8)
-    at the wrapper's ``lm_head``. The table's codes are the embedding writer's."""
-    layers = {name: w for name, w in weights.items() if name not in (HEAD_CODES, TABLE_CODES)}
+    at the wrapper's ``lm_head`` (``weights`` without the table's codes: those are the embedding writer's)."""
+    layers = {name: w for name, w in weights.items() if name != HEAD_CODES}
     head = {HEAD_CODES: weights[HEAD_CODES]} if HEAD_CODES in weights else {}
 
     def apply(model: Any, prefix: str) -> tuple[Any, dict[str, Any]]:

@@ -32,15 +32,16 @@ MAX_SCORED_POSITIONS = 8192
 
 
 def quantize_head_and_table(adapter: Any, cfg: Any, calib: Any, batch_size: int, report: Any) -> dict[str, Int4Weight]:
-    """Apply ``cfg.lm_head`` / ``cfg.embeddings`` (an :class:`~edgelvm.quantize.methods.Int4Config`) in place;
-    the codes by sidecar name. ``report.lm_head`` gets the head's agreement and accuracy (None without data)."""
-    check_head_options(adapter, cfg)
+    """Apply ``cfg.lm_head`` / ``cfg.embeddings`` (an :class:`~edgelvm.quantize.methods.Int4Config`, already
+    checked by :func:`check_head_options`) in place; the codes by sidecar name. ``report.lm_head`` gets the head's
+    agreement and accuracy (None without data)."""
     if cfg.lm_head == "float" and cfg.embeddings == "float":
         return {}
     head, table = adapter.lm_head(), adapter.input_embeddings()
     tied = head.weight is table.weight
-    scored = _answer_hidden_states(adapter, calib, batch_size) if calib is not None else None
-    if calib is None and (cfg.lm_head != "float" or tied):
+    head_changes = cfg.lm_head != "float" or tied  # an untied float head next to an INT8 table is not scored
+    scored = _answer_hidden_states(adapter, calib, batch_size) if calib is not None and head_changes else None
+    if calib is None and head_changes:
         log.warning("the quantized LM head's agreement with the float head is not measured: pass --calib")
     out: dict[str, Int4Weight] = {}
     if cfg.lm_head != "float":

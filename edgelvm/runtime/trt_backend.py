@@ -257,9 +257,10 @@ class TrtBackend:
             self.prefill_past_max = engine_length - 1
         self._hidden = int(manifest.graphs["decoder"].inputs[0].shape[-1])
         self._vocab = int(manifest.graphs["decoder"].outputs[0].shape[-1])
-        self._bufs = {name: self.cuda.malloc(size) for name, size in self._buffer_bytes(manifest).items()}
+        sizes = self._buffer_bytes(manifest)
+        self._bufs = {name: self.cuda.malloc(size) for name, size in sizes.items()}
         # a pinned host twin per decoder buffer (None: pageable copies)
-        self._staging = {name: self.cuda.malloc_host(size) for name, size in self._buffer_bytes(manifest).items()}
+        self._staging = {name: self.cuda.malloc_host(size) for name, size in sizes.items()}
         self._vision_bufs: dict[int, tuple[int, int]] = {}  # batch → (pixels ptr, features ptr)
         log.info("TensorRT %s engines from %s", trt.__version__, self.engine_dir)
 

@@ -63,13 +63,20 @@ def int8_tensors(layers: dict[str, Int8Linear]) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load_int4(source: str | Path, only: tuple[str, ...] | None = None) -> dict[str, Int4Weight]:
+def load_int4(
+    source: str | Path, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()
+) -> dict[str, Int4Weight]:
     """The INT4 (and block-wise INT8) weights of a quantized checkpoint, by ``layers.{i}.<path>`` name (and
-    :data:`HEAD_CODES`, :data:`TABLE_CODES`); ``only``: just these names (the rest is not read)."""
+    :data:`HEAD_CODES`, :data:`TABLE_CODES`); ``only``: just these names, ``skip``: all but these (the rest is
+    not read: the table's codes are a vocabulary's worth of bytes the decoder writers never use)."""
     from safetensors import safe_open
 
+    def wanted(key: str) -> bool:
+        name = key.rsplit(".", 1)[0]
+        return (only is None or name in only) and name not in skip
+
     with safe_open(str(Path(source) / SIDECAR), framework="numpy") as file:
-        keys = [k for k in file.keys() if only is None or k.rsplit(".", 1)[0] in only]  # noqa: SIM118 (no __iter__)
+        keys = [k for k in file.keys() if wanted(k)]  # noqa: SIM118 (no __iter__)
         tensors = {k: file.get_tensor(k) for k in keys}
     out = {}
     for key in tensors:
@@ -109,4 +116,4 @@ def fused_decoder_int4(config: Any, source: str | Path | None) -> dict[str, Int4
     if not source:
         raise ConfigError("an INT4 checkpoint loaded without its directory", where="model",
                           fix="export the directory `edgelvm quantize` wrote")  # fmt: skip
-    return load_int4(source)
+    return load_int4(source, skip=(TABLE_CODES,))
