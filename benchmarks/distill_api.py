@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_io import save_results  # noqa: E402 (benchmarks/ is the script directory: on sys.path)
+
 STUDENT = "text_layers=4,text_hidden=128,text_intermediate=256,vision_layers=3,vision_hidden=96,vision_intermediate=384"
 RECIPES = {
     "API teacher (its text, CE)": {"kd_weight": 0.0, "ce_weight": 1.0, "api": True},
@@ -192,12 +194,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     summary = run(args)
-    text = markdown(summary)
-    print(text)
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "distill_api.json").write_text(json.dumps(summary, indent=2, default=str))
-    (results / "distill_api.md").write_text(text)
+    save_results(args.results, "distill_api", summary, markdown(summary))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_io import save_results  # noqa: E402 (benchmarks/ is the script directory: on sys.path)
+
 RECIPES: dict[str, dict[str, float]] = {
     "distilled": {"kd_weight": 1.0, "feature_weight": 1.0, "hidden_weight": 1.0},
     "ground truth": {"kd_weight": 0.0, "ce_weight": 1.0},
@@ -131,13 +133,8 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     summary = run(args)
-    text = markdown(summary)
-    print(text)
     print(json.dumps(summary, indent=2, default=str))
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "distill_shapes.json").write_text(json.dumps(summary, indent=2, default=str))
-    (results / "distill_shapes.md").write_text(text)
+    save_results(args.results, "distill_shapes", summary, markdown(summary))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_io import save_results  # noqa: E402 (benchmarks/ is the script directory: on sys.path)
+
 
 def run(args: argparse.Namespace) -> dict:
     import torch
@@ -121,12 +123,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     summary = run(args)
-    text = markdown(summary)
-    print(text)
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "prune_shapes.json").write_text(json.dumps(summary, indent=2, default=str))
-    (results / "prune_shapes.md").write_text(text)
+    save_results(args.results, "prune_shapes", summary, markdown(summary))
 
 
 if __name__ == "__main__":

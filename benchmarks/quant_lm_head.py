@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_io import save_results  # noqa: E402 (benchmarks/ is the script directory: on sys.path)
+
 #: variant -> (LM head, token table) on top of INT4 AWQ layers
 VARIANTS = {
     "INT4 awq, fp32 head": ("float", "float"),
@@ -128,12 +130,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     summary = run(args)
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
-    table = markdown(summary)
-    (results / f"{args.name}.md").write_text(table)
-    print(table)
+    save_results(args.results, args.name, summary, markdown(summary))
 
 
 if __name__ == "__main__":

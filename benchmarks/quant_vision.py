@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from results_io import save_results  # noqa: E402 (benchmarks/ is the script directory: on sys.path)
+
 
 def _session(path: Path, threads: int):
     import onnxruntime as ort
@@ -149,12 +151,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     summary = run(args)
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "quant_vision.json").write_text(json.dumps(summary, indent=2))
-    table = markdown(summary)
-    (results / "quant_vision.md").write_text(table)
-    print(table)
+    save_results(args.results, "quant_vision", summary, markdown(summary))
 
 
 if __name__ == "__main__":
