@@ -228,6 +228,7 @@ def _print_plan(result, detailed: bool) -> None:
         f"decoder {params(fp.decoder_params)} ({result.precision}, embedding table excluded: memory-mapped), "
         f"KV {kv_token / 1024:.0f} KiB/token ({fp.kv_layers} layers × {fp.kv_heads} KV heads × {fp.head_dim}, "
         f"{result.kv_dtype}, 2 buffers); max_length {result.max_length}, batch {result.max_batch}"
+        + (f"; hybrid decoder states {fp.state_bytes / 2**20:.1f} MiB/sequence at any length" * bool(fp.state_bytes))
     )
     for note in fp.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")

@@ -53,6 +53,12 @@ def describe_bundle(bundle: str | Path, *, console: Any, verify: bool = True) ->
         f"layout {kv.layout}; max length {kv.max_length} → {per_token / 1024:.1f} KiB/token, "
         f"{per_token * kv.max_length / 2**20:.1f} MiB per sequence at max length"
     )
+    if kv.states:
+        layers, kinds = sorted({s.layer for s in kv.states}), ", ".join(sorted({s.kind for s in kv.states}))
+        console.print(
+            f"hybrid decoder: KV in layers {kv.kv_layers}; fixed-size states ({kinds}) in {len(layers)} layers → "
+            f"{kv.state_bytes() / 2**20:.2f} MiB per sequence at any length"
+        )
     pre = manifest.preprocess
     unit = "view" if pre.tiling_params else "image"  # tiled: an image's count depends on its size
     console.print(

@@ -102,6 +102,11 @@ class PreprocessSpec:
     #: The decoder then takes ``states [B, images, tokens_per_image, D]`` and ``mask [B, seq, images]`` (which
     #: image each position attends to). Written only when set.
     cross_attention: dict[str, Any] | None = None
+    #: Set when image features also enter the first decoder layers (Qwen3-VL's DeepStack): ``{"input": decoder input
+    #: name, "layers": L, "feature_dim": E}``. The vision graph then returns ``[tokens, (1 + L) * E]`` (the token
+    #: embeddings, then L deepstack features) and the decoder takes ``input [B, seq, L, E]`` (zeros at text
+    #: positions; ``runtime/images/deepstack.py``). Written only when set.
+    deepstack: dict[str, Any] | None = None
 
 
 @dataclass
@@ -119,9 +124,32 @@ class TokenizerSpec:
     prompt_suffix: str = ""
 
 
+#: The kinds of fixed-size per-sequence state a decoder layer may carry besides keys and values.
+STATE_KINDS = ("conv", "recurrent")
+
+
+@dataclass
+class StateSpec:
+    """One decoder layer's fixed-size per-sequence state ``[batch, *shape]`` (hybrid decoders: a short
+    convolution's last inputs, ``kind = "conv"``; a linear-attention layer's recurrent matrix, ``"recurrent"``).
+    Unlike keys and values it does not grow with the sequence: each step reads it (``past``) and returns it updated
+    (``present``), zeros start a sequence, and every position fed — padding included — passes through it."""
+
+    layer: int
+    kind: str
+    shape: list[int]
+    dtype: str
+
+
 @dataclass
 class KVCacheSpec:
-    """Per-layer key/value tensors ``[batch, kv_heads, seq, head_dim]``, named by the two format strings."""
+    """Per-layer key/value tensors ``[batch, kv_heads, seq, head_dim]``, named by the two format strings.
+
+    Hybrid decoders (linear-attention or short-convolution layers between attention layers) set ``layers``: the
+    decoder layer of each of the ``num_layers`` key/value pairs, and ``states``: the other layers' fixed-size states,
+    named with the same format strings (``kind`` = the state's kind), after the key/value tensors in the graph's
+    inputs and outputs. Both are written only when set: an older runtime refuses such a bundle (it does not know the
+    fields) instead of misreading it."""
 
     num_layers: int
     num_kv_heads: int
@@ -131,6 +159,31 @@ class KVCacheSpec:
     layout: str = "per_layer_bhsd"
     past_name: str = "past_key_values.{layer}.{kind}"
     present_name: str = "present.{layer}.{kind}"
+    layers: list[int] | None = None
+    states: list[StateSpec] | None = None
+
+    @property
+    def kv_layers(self) -> list[int]:
+        """The decoder layer of each key/value pair."""
+        return list(self.layers) if self.layers is not None else list(range(self.num_layers))
+
+    def io_names(self) -> tuple[list[str], list[str]]:
+        """The decoder graph's cache inputs and outputs in order: each KV layer's key and value, then the states."""
+        kinds = [(i, k) for i in self.kv_layers for k in ("key", "value")]
+        kinds += [(s.layer, s.kind) for s in self.states or []]
+        return ([self.past_name.format(layer=i, kind=k) for i, k in kinds],
+                [self.present_name.format(layer=i, kind=k) for i, k in kinds])  # fmt: skip
+
+    def state_bytes(self, batch: int = 1) -> int:
+        """Bytes of the states of ``batch`` sequences (constant in sequence length)."""
+        sizes = {"float32": 4, "float16": 2, "bfloat16": 2}
+        total = 0
+        for state in self.states or []:
+            elements = 1
+            for dim in state.shape:
+                elements *= int(dim)
+            total += elements * sizes[state.dtype]
+        return batch * total
 
 
 @dataclass
@@ -151,6 +204,9 @@ class Manifest:
     #: cache is one bidirectional block (PaliGemma's image + prompt prefix) and one-token decode steps are causal.
     #: The runtime then never splits a prompt's prefill (no shared batch prefix, no chat-cache reuse). Written
     #: only when not "causal" (a runtime older than the field ignores it: it would split prefills).
+    #: "image_bidirectional" (Gemma 3): causal, except that an image's tokens attend to each other; the decoder
+    #: graph takes ``image_blocks [batch, seq]`` and the runtime feeds each image's tokens in one step
+    #: (``runtime/images/image_blocks.py``).
     attention: str = "causal"
     format_version: str = FORMAT_VERSION
     edgelvm_version: str = ""
@@ -171,6 +227,11 @@ class Manifest:
             data["preprocess"].pop("vision_text", None)
         if data["preprocess"].get("cross_attention") is None:
             data["preprocess"].pop("cross_attention", None)
+        if data["preprocess"].get("deepstack") is None:
+            data["preprocess"].pop("deepstack", None)
+        for key in ("layers", "states"):  # written only when set: plain KV bundles read in older runtimes
+            if data["kv_cache"].get(key) is None:
+                data["kv_cache"].pop(key, None)
         for graph in data["graphs"].values():  # written only when set: a float table reads in older runtimes
             if graph.get("codes") is None:
                 graph.pop("codes", None)
@@ -232,7 +293,7 @@ class Manifest:
             graphs=built,
             preprocess=PreprocessSpec(**sections["preprocess"]),
             tokenizer=tokenizer,
-            kv_cache=KVCacheSpec(**sections["kv_cache"]),
+            kv_cache=_build_kv_cache(sections["kv_cache"], where),
             positions=data["positions"],
             generation=data["generation"],
             created_from=data.get("created_from", {}),
@@ -408,6 +469,28 @@ def _check_any_sections(data: dict[str, Any], where: str | Path) -> None:
         _check_rel_path(params["newline"], "preprocess.tiling_params.newline", where)
 
 
+def _build_kv_cache(section: dict[str, Any], where: str | Path) -> KVCacheSpec:
+    """The cache section, hybrid states checked field by field (their kinds, shapes and layers)."""
+    states = section.get("states")
+    built = None
+    if states is not None:
+        built = [
+            StateSpec(**_check_fields(StateSpec, state, f"kv_cache.states[{i}].", where))
+            for i, state in enumerate(states)
+        ]
+        for i, state in enumerate(built):
+            if state.kind not in STATE_KINDS:
+                raise _field_error(f"kv_cache.states[{i}].kind", f"must be one of {', '.join(STATE_KINDS)}", where)
+            if state.dtype not in ("float32", "float16"):
+                raise _field_error(f"kv_cache.states[{i}].dtype", "must be float32 or float16", where)
+            if not state.shape or any(d < 1 for d in state.shape):
+                raise _field_error(f"kv_cache.states[{i}].shape", "must be positive sizes", where)
+    layers = section.get("layers")
+    if layers is not None and len(layers) != section["num_layers"]:
+        raise _field_error("kv_cache.layers", f"must name num_layers ({section['num_layers']}) layers", where)
+    return KVCacheSpec(**{**section, "states": built})
+
+
 def _build_graph(g: Any, prefix: str, where: str | Path) -> GraphSpec:
     spec = dict(_check_fields(GraphSpec, g, prefix + ".", where))
     for io in ("inputs", "outputs"):
@@ -463,7 +546,7 @@ def _check_rel_path(rel: Any, name: str, where: str | Path) -> str:
 
 
 #: ``Manifest.attention`` values this runtime implements.
-ATTENTION_KINDS = ("causal", "prefix_lm")
+ATTENTION_KINDS = ("causal", "prefix_lm", "image_bidirectional")
 
 
 def _attention_kind(kind: Any, where: str | Path) -> str:

@@ -70,6 +70,9 @@ class ModelFootprint:
     checkpoint_params: int | None = None  # from the safetensors headers, when the weights are present
     notes: tuple[str, ...] = ()
     head_params: int = 0  # the LM head's share of decoder_params (vocab x hidden), which may have its own precision
+    #: a hybrid decoder's fixed-size states per sequence (linear-attention / convolution layers; kv_layers then
+    #: counts its attention layers only), at their own dtype: the same at any context length
+    state_bytes: int = 0
 
     def kv_bytes_per_token(self, kv_dtype: str) -> int:
         return 2 * self.kv_layers * self.kv_heads * self.head_dim * (4 if kv_dtype == "float32" else 2)
@@ -89,6 +92,7 @@ class ModelFootprint:
             "vision_weight_bytes": weight_bytes(self.vision_params, vision_precision),
             "llm_weight_bytes": llm_bytes + weight_bytes(self.head_params, head),
             "kv_bytes_per_token": self.kv_bytes_per_token(kv_dtype or kv_dtype_for(precision)),
+            "state_bytes": self.state_bytes,
             "max_length": max_length,
             "precision": precision,
             "vision_precision": vision_precision,
@@ -119,6 +123,7 @@ def footprint_of_adapter(adapter: Any, *, from_config: bool = False) -> ModelFoo
         head_dim=kv.head_dim,
         max_positions=adapter.max_positions(),
         head_params=int(adapter.text_config.vocab_size) * int(adapter.text_config.hidden_size),
+        state_bytes=kv.state_bytes(),
     )
 
 
@@ -259,6 +264,7 @@ class ModelPlan:
                 "head_dim": fp.head_dim,
                 "dtype": self.kv_dtype,
                 "bytes_per_token": fp.kv_bytes_per_token(self.kv_dtype),
+                "state_bytes_per_sequence": fp.state_bytes,
             },
             "max_position_embeddings": fp.max_positions,
             "precision": self.precision,

@@ -48,7 +48,7 @@ from typing import Any
 
 from edgelvm import __version__
 from edgelvm import tensorrt_compat as compat
-from edgelvm.errors import EdgeLVMError
+from edgelvm.errors import EdgeLVMError, UnsupportedModelError
 from edgelvm.fsutil import make_staging, swap_into_place
 from edgelvm.manifest import Manifest, sha256_file, verify_bundle_files
 
@@ -537,6 +537,14 @@ def build_engines(bundle_dir: str | Path, config: BuildConfig | None = None) -> 
     bundle = Path(bundle_dir)
     manifest = Manifest.load(bundle)
     verify_bundle_files(bundle, manifest, check_hashes=config.verify)
+    if manifest.kv_cache.states:
+        raise UnsupportedModelError(
+            f"{manifest.family}: a hybrid decoder (recurrent / convolution states besides the KV cache) has no "
+            "TensorRT profiles or runtime cache yet",
+            where=bundle,
+            fix="run this bundle with ONNX Runtime (`edgelvm serve/bench --backend auto`); CUDA works through its "
+            "CUDA execution provider",
+        )
     plans = {"vision": vision_profiles(manifest, config), "decoder": decoder_profiles(manifest, config)}
     trt = import_tensorrt()
     trt_version = str(trt.__version__)

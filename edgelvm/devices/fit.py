@@ -6,6 +6,7 @@ the model it is exporting, and anyone can call it from a notebook with numbers f
 Budget (all resident at once during generation)::
 
     vision weights + LLM weights + KV cache (kv_bytes_per_token × max_length × max_batch × kv_buffers)
+      + hybrid decoders' fixed-size states (state_bytes × max_batch × kv_buffers: constant in max_length)
       + activations (TensorRT's activation scratch; DEFAULT_ACTIVATION_BYTES unless given)
       + runtime overhead (RUNTIME_OVERHEAD_BYTES: CUDA context, TensorRT/cuBLAS kernels, the Python process)
     ≤ profile.usable_memory_bytes
@@ -97,6 +98,7 @@ class TargetPlan:
     warnings: list[str] = field(default_factory=list)
     kv_buffers: int = 2
     kv_bytes_per_token: int = 0
+    state_bytes: int = 0  # per sequence (hybrid decoders), whatever the length
 
     @property
     def headroom_bytes(self) -> int:
@@ -173,17 +175,19 @@ class _Inputs:
     max_batch: int
     activation_bytes: int
     kv_buffers: int
+    state_bytes: int = 0
 
     def budget(self, llm_bytes: int | None = None, max_length: int | None = None, batch: int | None = None) -> dict:
         length = self.max_length if max_length is None else max_length
         rows = self.max_batch if batch is None else batch
+        kv = f"KV cache ({length} tok × {rows} × {self.kv_buffers} buf)"
+        states = {f"decoder states (any length × {rows} × {self.kv_buffers} buf)": self.state_bytes * rows
+                  * self.kv_buffers} if self.state_bytes else {}  # fmt: skip
         return {
             "vision weights": self.vision_weight_bytes,
             "LLM weights": self.llm_weight_bytes if llm_bytes is None else llm_bytes,
-            f"KV cache ({length} tok × {rows} × {self.kv_buffers} buf)": self.kv_bytes_per_token
-            * length
-            * rows
-            * self.kv_buffers,
+            kv: self.kv_bytes_per_token * length * rows * self.kv_buffers,
+            **states,
             "activations": self.activation_bytes,
             "runtime overhead": RUNTIME_OVERHEAD_BYTES,
         }
@@ -219,6 +223,7 @@ def plan_for_target(
     kv_buffers: int = 2,
     strict_build: bool = False,
     candidates: Sequence[DeviceProfile] | None = None,
+    state_bytes: int = 0,
 ) -> TargetPlan:
     """Check that a model fits ``profile``; return the plan or raise :class:`FitError` with suggestions.
 
@@ -227,8 +232,10 @@ def plan_for_target(
     ``llm_weight_bytes``: the decoder's weights as stored (lm_head included; the embedding table only if it is kept
     resident — it is memory-mapped and gathered, so usually only touched rows are). ``precision``: the LLM weights'
     format (``fp16``, ``int8``, ``int4``, ...), used for the precision check and to compute what INT4 would save.
-    ``kv_bytes_per_token``: 2 × layers × kv_heads × head_dim × bytes per element. ``candidates``: devices to
-    suggest instead (default: every known profile).
+    ``kv_bytes_per_token``: 2 × layers × kv_heads × head_dim × bytes per element (attention layers only).
+    ``state_bytes``: a hybrid decoder's fixed-size states per sequence (linear-attention / convolution layers), read
+    and written every step whatever the context. ``candidates``: devices to suggest instead (default: every known
+    profile).
     """
     plan = evaluate_target(
         profile,
@@ -242,6 +249,7 @@ def plan_for_target(
         vision_precision=vision_precision,
         kv_buffers=kv_buffers,
         candidates=candidates,
+        state_bytes=state_bytes,
     )
     if plan.fits and not (strict_build and not plan.build_fits):
         for warning in plan.warnings:
@@ -270,6 +278,7 @@ def evaluate_target(
     vision_precision: str = "fp16",
     kv_buffers: int = 2,
     candidates: Sequence[DeviceProfile] | None = None,
+    state_bytes: int = 0,
 ) -> TargetPlan:
     """:func:`plan_for_target`'s numbers without the verdict: the plan whether it fits or not (suggestions filled
     in when it does not fit at runtime or to build). Raises only for an unsupported precision or a bad size."""
@@ -286,6 +295,7 @@ def evaluate_target(
         max_batch=int(max_batch),
         activation_bytes=DEFAULT_ACTIVATION_BYTES if activation_bytes is None else int(activation_bytes),
         kv_buffers=int(kv_buffers),
+        state_bytes=int(state_bytes),
     )
     budget = inputs.budget()
     bandwidth = profile.bandwidth_bytes_per_s
@@ -300,11 +310,12 @@ def evaluate_target(
         usable_bytes=profile.usable_memory_bytes,
         build_peak_bytes=int(BUILD_PEAK_FACTOR * max(inputs.vision_weight_bytes, inputs.llm_weight_bytes))
         + RUNTIME_OVERHEAD_BYTES,
-        decode_tokens_per_s=bandwidth / inputs.llm_weight_bytes,
+        decode_tokens_per_s=bandwidth / (inputs.llm_weight_bytes + 2 * inputs.state_bytes),
         decode_tokens_per_s_at_max_length=bandwidth
-        / (inputs.llm_weight_bytes + inputs.kv_bytes_per_token * inputs.max_length),
+        / (inputs.llm_weight_bytes + 2 * inputs.state_bytes + inputs.kv_bytes_per_token * inputs.max_length),
         kv_buffers=inputs.kv_buffers,
         kv_bytes_per_token=inputs.kv_bytes_per_token,
+        state_bytes=inputs.state_bytes,
     )
     if not plan.build_fits:
         swap = plan.build_peak_bytes - plan.usable_bytes

@@ -70,10 +70,15 @@ def _export(
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), float_activations(module):
         warnings.simplefilter("ignore")
         try:
+            traced: Any = module
+            if getattr(module, "export_program_first", False):
+                # torch 2.13: the ONNX exporter's own trace of a `scan` with dynamic sizes fails to decompose
+                # (SymInt outputs); the program torch.export makes converts. Only modules that ask for it.
+                traced = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
             program = torch.onnx.export(
-                module,
+                traced,
                 args,
-                dynamic_shapes=dynamic_shapes,
+                dynamic_shapes=None if traced is not module else dynamic_shapes,
                 input_names=names_in,
                 output_names=names_out,
                 dynamo=True,
@@ -194,6 +199,9 @@ def export_vision(adapter: VLMAdapter, path: Path, precision: str, rewrite: Grap
 _VISION_DIM_MAX = {"batch": 256}
 
 
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
 def _reference(rewrite: GraphRewrite | None, module: torch.nn.Module) -> Any:
     return rewrite.reference_context(module) if rewrite is not None else contextlib.nullcontext()
 
@@ -210,13 +218,13 @@ def _decoder_example(
     if rows:  # [rows, batch, seq] (M-RoPE): different per row so that a row mix-up shows in the parity check
         positions = torch.stack([positions + 3 * r for r in range(int(rows))])
     tensors = [torch.randn(batch, kv.num_kv_heads, past, kv.head_dim, dtype=dtype) for _ in range(2 * kv.num_layers)]
+    tensors += [0.1 * torch.randn(batch, *s.shape, dtype=_TORCH_DTYPES[s.dtype]) for s in kv.states or []]
     extras = adapter.decoder_example_inputs(batch, seq, dtype).values()  # e.g. cross-attention inputs; usually none
     return (torch.randn(batch, seq, hidden, dtype=dtype), mask, positions, *extras, *tensors)
 
 
 def decoder_io_names(kv: KVCacheSpec) -> tuple[list[str], list[str]]:
-    past = [kv.past_name.format(layer=i, kind=k) for i in range(kv.num_layers) for k in ("key", "value")]
-    present = [kv.present_name.format(layer=i, kind=k) for i in range(kv.num_layers) for k in ("key", "value")]
+    past, present = kv.io_names()
     return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
@@ -254,7 +262,7 @@ def export_decoder(
         {0: batch, 1: total},
         positions,
         *extra_shapes,
-        tuple({0: batch, 2: past} for _ in range(2 * kv.num_layers)),
+        tuple([*({0: batch, 2: past} for _ in range(2 * kv.num_layers)), *({0: batch} for _ in kv.states or [])]),
     )
     example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype)
     _export(module, example, shapes, names_in, names_out, path, _weight_bytes(module))
@@ -277,7 +285,9 @@ def export_decoder(
         got = session.run(None, {n: a.numpy() for n, a in zip(names_in, args)})
         # Compare logits and the cache rows of real tokens; fully padded query rows are undefined in both.
         parity = _compare(got[:1], reference[:1])
-        for g, r in zip(got[1:], reference[1:]):
+        for g, r in zip(got[1 + 2 * kv.num_layers :], reference[1 + 2 * kv.num_layers :]):  # fixed-size states
+            parity = _merge(parity, _compare([g], [r]))
+        for g, r in zip(got[1 : 1 + 2 * kv.num_layers], reference[1 : 1 + 2 * kv.num_layers]):
             valid = args[1].bool()[:, None, :, None].expand_as(r)
             parity = _merge(parity, _compare([np.where(valid.numpy(), g, 0)], [torch.where(valid, r, 0)]))
         worst = _merge(worst, parity)

@@ -53,9 +53,15 @@ _TEXT_RULES: dict[str, tuple[str | bool, str | bool, int]] = {
     "qwen2": (True, False, 2),
     "qwen2_vl_text": (True, False, 2),
     "qwen2_5_vl_text": (True, False, 2),
+    "qwen3_vl_text": ("attention_bias", "attention_bias", 2),
     "gemma": ("attention_bias", "attention_bias", 2),
     "gemma2": ("attention_bias", "attention_bias", 4),
+    "gemma3_text": ("attention_bias", "attention_bias", 4),
 }
+
+
+#: Text model_types with RMSNorms over each head's queries and keys (``q_norm`` / ``k_norm``: ``head_dim`` each).
+_QK_NORM_TEXT = {"qwen3_vl_text", "gemma3_text"}
 
 
 def decoder_params(tc: Any, *, where: Any = None) -> int:
@@ -79,6 +85,8 @@ def decoder_params(tc: Any, *, where: Any = None) -> int:
     )
     mlp = 2 * linear(h, tc.intermediate_size, mlp_bias) + linear(tc.intermediate_size, h, mlp_bias)
     layer = attention + mlp + norms * h  # RMSNorm weights
+    if tc.model_type in _QK_NORM_TEXT:
+        layer += 2 * head_dim
     return tc.num_hidden_layers * layer + h + tc.vocab_size * h
 
 
@@ -161,3 +169,18 @@ def qwen2_5_vl_vision_params(vc: Any) -> int:
     merged = e * merge**2
     merger = _norm(e, "rms") + linear(merged, merged) + linear(merged, vc.out_hidden_size)
     return patch + vc.depth * block + merger
+
+
+def qwen3_vl_vision_params(vc: Any) -> int:
+    """``Qwen3VLVisionModel``: biased 3-D patch conv, the learned position table, LayerNorm blocks with fused qkv
+    and a biased fc1 → fc2 MLP, the patch merger (LayerNorm before the 2×2 merge) and one DeepStack merger per
+    ``deepstack_visual_indexes`` entry (LayerNorm after the merge); every merger maps to ``out_hidden_size``."""
+    e, merge, inner = vc.hidden_size, vc.spatial_merge_size, vc.intermediate_size
+    patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2 * e + e
+    block = 2 * _norm(e, "layer_norm") + linear(e, 3 * e) + linear(e, e) + linear(e, inner) + linear(inner, e)
+    merged = e * merge**2
+    mergers = linear(merged, merged) + linear(merged, vc.out_hidden_size)
+    indexes = getattr(vc, "deepstack_visual_indexes", None)
+    deepstack = len(indexes) if isinstance(indexes, (list, tuple)) else 0
+    return (patch + vc.num_position_embeddings * e + vc.depth * block + _norm(e, "layer_norm") + mergers
+            + deepstack * (_norm(merged, "layer_norm") + mergers))  # fmt: skip

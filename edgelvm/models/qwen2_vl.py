@@ -28,7 +28,8 @@ the processor is loaded without it (:func:`edgelvm.models.processors.load_proces
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -53,11 +54,18 @@ class _QwenVisionEncoder:
     """Factory for the export-facing vision module (lazy: importing this file never imports torch)."""
 
     @staticmethod
-    def build(visual: Any, windowed: bool) -> Any:
+    def build(visual: Any, windowed: bool, position_table: bool = False, deepstack: Sequence[int] = ()) -> Any:
+        """``windowed``: Qwen2.5-VL's window attention; ``position_table``: Qwen3-VL's learned position table
+        (interpolated rows and weights as graph inputs); ``deepstack``: the blocks whose output (through their own
+        merger) is appended to the features (Qwen3-VL's DeepStack: ``[tokens, (1 + len(deepstack)) * E]``)."""
         import torch
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         merge_unit = int(visual.spatial_merge_size) ** 2
+        stack = list(deepstack)
+        if windowed and stack:
+            raise UnsupportedModelError("window attention together with DeepStack is not implemented",
+                                        fix="use a Qwen2.5-VL or a Qwen3-VL checkpoint")  # fmt: skip
 
         class QwenVisionEncoder(torch.nn.Module):
             """``(pixel_values [N, D], vision_position_ids [N, 2]) -> [N / merge², E]`` for one image; Qwen2.5-VL's
@@ -80,21 +88,38 @@ class _QwenVisionEncoder:
                 window_index: torch.Tensor | None = None,
                 window_ids: torch.Tensor | None = None,
             ) -> torch.Tensor:
+                return self.encode(pixel_values, vision_position_ids, window_index, window_ids)
+
+            def encode(
+                self,
+                pixel_values: torch.Tensor,
+                vision_position_ids: torch.Tensor,
+                window_index: torch.Tensor | None = None,
+                window_ids: torch.Tensor | None = None,
+                pos_indices: torch.Tensor | None = None,
+                pos_weights: torch.Tensor | None = None,
+            ) -> torch.Tensor:
                 tower = self.tower
                 hidden = tower.patch_embed(pixel_values)
+                if position_table:  # Qwen3-VL: the learned table, bilinearly resampled to this grid
+                    table = (tower.pos_embed(pos_indices) * pos_weights[:, :, None]).sum(1)
+                    hidden = hidden + table.to(hidden.dtype)
                 cos, sin = tower.rotary_pos_emb(hidden, vision_position_ids)
                 mask = None
                 if windowed:
                     hidden, cos, sin = (self._by_window(t, window_index) for t in (hidden, cos, sin))
                     mask = window_ids[:, None] == window_ids[None, :]
+                stacked = []
                 for index, block in enumerate(tower.blocks):
                     block_mask = None if index in self.full_blocks else mask
                     hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, block_mask)
                     hidden = hidden + block.mlp(block.norm2(hidden))
+                    if index in stack:
+                        stacked.append(tower.deepstack_merger_list[stack.index(index)](hidden))
                 merged = tower.merger(hidden)
                 if windowed:  # back to the patch grid's block order
                     merged = torch.zeros_like(merged).index_copy(0, window_index, merged)
-                return merged
+                return torch.cat([merged, *stacked], dim=-1) if stacked else merged
 
             @staticmethod
             def _by_window(t: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
@@ -112,12 +137,28 @@ class _QwenVisionEncoder:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
                 return attn.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
 
-        return QwenVisionEncoder(visual).eval()
+        class TableVisionEncoder(QwenVisionEncoder):
+            """Qwen3-VL's tower: ``(pixel_values, vision_position_ids, vision_pos_indices [N, 4], vision_pos_weights
+            [N, 4]) -> [N / merge², (1 + deepstack) * E]`` (the graph's inputs in this order)."""
+
+            def forward(  # type: ignore[override]
+                self,
+                pixel_values: torch.Tensor,
+                vision_position_ids: torch.Tensor,
+                vision_pos_indices: torch.Tensor,
+                vision_pos_weights: torch.Tensor,
+            ) -> torch.Tensor:
+                return self.encode(pixel_values, vision_position_ids, None, None, vision_pos_indices,
+                                   vision_pos_weights)  # fmt: skip
+
+        return (TableVisionEncoder if position_table else QwenVisionEncoder)(visual).eval()
 
 
 class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    #: The text model's layer kinds the decoder export handles (``layer_types``); a hybrid family adds its own.
+    text_layer_kinds: ClassVar[tuple[str, ...]] = ("full_attention",)
     #: The family's name in messages.
     display_name = "Qwen2-VL"
 
@@ -144,7 +185,7 @@ class Qwen2VLAdapter(VLMAdapter):
                 fix="set image_token_id in config.json to the tokenizer's <|image_pad|> id",
             )
         text = self.text_config
-        if any(t != "full_attention" for t in getattr(text, "layer_types", None) or []):
+        if any(t not in self.text_layer_kinds for t in getattr(text, "layer_types", None) or []):
             raise UnsupportedModelError(
                 "sliding-window attention layers (use_sliding_window) are not supported",
                 where=where,
@@ -226,11 +267,7 @@ class Qwen2VLAdapter(VLMAdapter):
         """The vision graph's inputs besides the patches, from the runtime's own (numpy) rule."""
         import torch
 
-        rule = self._native_rule()
-        t, grid_h, grid_w = grid
-        inputs = {"vision_position_ids": np.tile(rule.position_ids(grid_h, grid_w), (t, 1))}
-        if rule.window_size:
-            inputs["window_index"], inputs["window_ids"] = rule.windows(t, grid_h, grid_w)
+        inputs = self._native_rule().grid_inputs(*(int(v) for v in grid))
         return {name: torch.from_numpy(array) for name, array in inputs.items()}
 
     def vision_input_dims(self) -> dict[str, dict[int, str]]:
@@ -254,6 +291,10 @@ class Qwen2VLAdapter(VLMAdapter):
     def _window_size(self) -> int | None:
         return None
 
+    def _position_table_side(self) -> int | None:
+        """The side of the tower's learned position table (Qwen3-VL); None: the tower has none."""
+        return None
+
     def _native_rule(self) -> Any:
         from edgelvm.runtime.images.native_resolution import NativeResolutionRule  # plain numpy: the runtime's own rule
 
@@ -266,6 +307,7 @@ class Qwen2VLAdapter(VLMAdapter):
             max_pixels=int(ip.size["longest_edge"]),
             do_resize=bool(getattr(ip, "do_resize", True)),
             window_size=self._window_size(),
+            position_table_side=self._position_table_side(),
         )
 
     def positions_spec(self) -> dict[str, Any]:
@@ -352,7 +394,7 @@ class Qwen2VLAdapter(VLMAdapter):
                 where=where,
                 fix=fix,
             )
-        if getattr(config, "text_heads", 0):
+        if getattr(config, "text_heads", 0) and not self._text_heads_prunable():
             raise UnsupportedModelError(
                 f"pruning {name}'s language-model heads is not supported: its text attention takes head_dim as "
                 "hidden_size / num_attention_heads (there is no head_dim field, and transformers requires heads x "
@@ -361,6 +403,10 @@ class Qwen2VLAdapter(VLMAdapter):
                 fix=fix,
             )
         return None
+
+    def _text_heads_prunable(self) -> bool:
+        """Whether a config describes a head-pruned language model (Qwen2: no, head_dim is derived)."""
+        return False
 
     def patches_per_image(self) -> int:
         """Native resolution: the tower sees merge² patches per language-model token (at ``max_pixels``)."""

@@ -24,11 +24,14 @@ _ADAPTERS: dict[str, str] = {
     "idefics3": "edgelvm.models.idefics3:Idefics3Adapter",
     "llava": "edgelvm.models.llava:LlavaAdapter",
     "llava_next": "edgelvm.models.llava_next:LlavaNextAdapter",
+    "gemma3": "edgelvm.models.gemma3:Gemma3Adapter",
     "paligemma": "edgelvm.models.paligemma:PaliGemmaAdapter",
     "llava_onevision": "edgelvm.models.llava_onevision:LlavaOnevisionAdapter",
     "smolvlm": "edgelvm.models.idefics3:Idefics3Adapter",
     "qwen2_5_vl": "edgelvm.models.qwen2_vl:Qwen25VLAdapter",
     "qwen2_vl": "edgelvm.models.qwen2_vl:Qwen2VLAdapter",
+    "qwen3_vl": "edgelvm.models.qwen3_vl:Qwen3VLAdapter",
+    "qwen3_5": "edgelvm.models.qwen3_5:Qwen3_5Adapter",
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
 

@@ -22,13 +22,21 @@ class KVCache(Protocol):
 
     #: Whether :meth:`crop` and :meth:`fill_from` work (host caches); a device cache is prefilled in full instead.
     supports_reuse: bool
+    #: Whether it holds fixed-size states (hybrid decoders) that absorb every position fed, padding included: it
+    #: then rewinds only to saved points (:meth:`rewind_point`) and a shared prefix is forked only when every row's
+    #: own tokens follow it without a padding gap.
+    recurrent: bool
 
     @property
     def length(self) -> int:
         """Positions cached (the longest row)."""
 
+    def rewind_point(self, length: int) -> int:
+        """The longest prefix of at most ``length`` positions :meth:`crop` can keep (``length`` for keys and
+        values; a hybrid cache's states only rewind to where they were saved: the end of its last prompt)."""
+
     def crop(self, length: int) -> None:
-        """Keep the first ``length`` positions (a chat history that did not change)."""
+        """Keep the first ``length`` positions (a chat history that did not change); a :meth:`rewind_point`."""
 
     def fill_from(self, prefix: Any) -> None:
         """Start every row from row 0 of a batch-1 cache of the same kind (a prefix a batch shares)."""

@@ -230,6 +230,8 @@ def share_prefix(backend: Backend, plan: Plan, stats: GenerationStats) -> tuple[
     cache = backend.new_cache(len(plan.rows))
     if shared < MIN_SHARED_PREFIX or not cache.supports_reuse:
         return cache, 0
+    if cache.recurrent and len({len(r) for r in plan.rows}) > 1:
+        return cache, 0  # shorter rows' padding after the prefix would pass through the states
     probe = backend.new_cache(1)
     started = time.perf_counter()
     backend.step([plan.rows[0][:shared]], probe, plan.inputs.prompt([0], 0, shared))

@@ -70,8 +70,19 @@ class LeftPadState:
         self.length = prefix.length
 
 
+def _np_dtype(name: str) -> Any:
+    return {"float32": np.float32, "float16": np.float16}[name]
+
+
 class PingPongCache:
-    """Preallocated ping-pong key/value buffers for one generation (CPU)."""
+    """Preallocated ping-pong key/value buffers for one generation (CPU); a hybrid decoder's fixed-size states
+    ping-pong the same way (two zero-initialised buffers each, read one, write the other).
+
+    States summarise every position fed, so they cannot be cropped like keys and values. The cache keeps a copy of
+    them as they were after its latest multi-token step (a prefill: the end of a prompt) and can rewind exactly
+    there (:meth:`rewind_point`): a chat turn whose history re-renders differently after the last prompt (the
+    answer's tokens) restarts from that prompt's end instead of from scratch. The copy costs the states' bytes once
+    (constant in context length)."""
 
     supports_reuse = True
 
@@ -79,9 +90,19 @@ class PingPongCache:
         self.spec, self.batch, self.length, self._read = spec, batch, 0, 0
         size = batch * spec.num_kv_heads * spec.max_length * spec.head_dim
         self._buffers = [[np.empty(size, dtype=dtype) for _ in range(2 * spec.num_layers)] for _ in range(2)]
+        self._states = [[np.zeros((batch, *s.shape), _np_dtype(s.dtype)) for s in spec.states or []] for _ in range(2)]
+        self._snapshot: tuple[int, list[np.ndarray]] = (0, [np.zeros_like(a) for a in self._states[0]])
         self.pad = LeftPadState(batch, spec.max_length)
 
+    @property
+    def recurrent(self) -> bool:
+        """Whether fixed-size states absorb every position fed (padding included): then the cache cannot be cropped,
+        and a row's own tokens must follow a shared prefix without a padding gap."""
+        return bool(self.spec.states)
+
     def _view(self, which: int, index: int, length: int) -> np.ndarray:
+        if index >= 2 * self.spec.num_layers:
+            return self._states[which][index - 2 * self.spec.num_layers]
         shape = (self.batch, self.spec.num_kv_heads, length, self.spec.head_dim)
         return self._buffers[which][index][: int(np.prod(shape))].reshape(shape)
 
@@ -92,13 +113,34 @@ class PingPongCache:
         return self._view(1 - self._read, index, new_length)
 
     def advance(self, new_length: int) -> None:
+        fed = new_length - self.length
         self._read, self.length = 1 - self._read, new_length
         self.pad.length = new_length
+        if self.recurrent and fed > 1:  # the end of a prompt: where a chat turn can rewind to
+            self._snapshot = (new_length, [state.copy() for state in self._states[self._read]])
+
+    def rewind_point(self, length: int) -> int:
+        """The longest prefix of at most ``length`` positions that :meth:`crop` can keep."""
+        if not self.recurrent or length >= self.length:
+            return min(length, self.length)
+        return self._snapshot[0] if self._snapshot[0] <= length else 0
 
     def crop(self, length: int) -> None:
-        """Keep the first ``length`` positions (e.g. the part of a chat history that did not change)."""
+        """Keep the first ``length`` positions (e.g. the part of a chat history that did not change); with states,
+        ``length`` must be a :meth:`rewind_point`."""
         if length >= self.length:
             return
+        if self.recurrent:
+            if length not in (0, self._snapshot[0]):
+                raise BackendError(
+                    f"this decoder's recurrent / convolution states cannot be cropped to {length} positions: they "
+                    f"summarise every position fed, and were saved only at {self._snapshot[0]}",
+                    where="KV cache",
+                    fix="crop to cache.rewind_point(length)",
+                )
+            saved = self._snapshot[1] if length else [np.zeros_like(a) for a in self._snapshot[1]]
+            for mine, theirs in zip(self._states[1 - self._read], saved):
+                mine[...] = theirs
         for index in range(2 * self.spec.num_layers):
             self.target(index, length)[...] = self.past(index)[:, :, :length]
         self.pad.crop(length)
@@ -106,7 +148,7 @@ class PingPongCache:
 
     def fill_from(self, prefix: Any) -> None:
         """Start every row from the same (batch-1) prefix: several questions about one image share its prefill."""
-        for index in range(2 * self.spec.num_layers):
+        for index in range(2 * self.spec.num_layers + len(self.spec.states or [])):
             self.target(index, prefix.length)[...] = prefix.past(index)  # broadcasts over the batch
         self.pad.fill_from(prefix.pad)
         self.advance(prefix.length)
@@ -136,6 +178,14 @@ class DeviceCache:
         self.values = [
             ort.OrtValue.ortvalue_from_shape_and_type(empty, dtype, "cuda", 0) for _ in range(2 * spec.num_layers)
         ]
+        self.values += [  # a hybrid decoder's states start at zero
+            ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, *s.shape), _np_dtype(s.dtype)), "cuda", 0)
+            for s in spec.states or []
+        ]
+
+    @property
+    def recurrent(self) -> bool:
+        return bool(self.spec.states)
 
     def bind(self, binding: Any, past_names: list[str], present_names: list[str]) -> None:
         for value, past_name, present_name in zip(self.values, past_names, present_names):
@@ -145,6 +195,9 @@ class DeviceCache:
     def collect(self, binding: Any, new_length: int) -> None:
         self.values = list(binding.get_outputs()[1:])
         self.length = self.pad.length = new_length
+
+    def rewind_point(self, length: int) -> int:
+        return 0  # nothing is kept: supports_reuse is False
 
     def crop(self, length: int) -> None:
         no_reuse(self)
@@ -158,6 +211,7 @@ class InPlaceKVCache:
     (no copy per token, half the memory of the ping-pong cache)."""
 
     supports_reuse = True
+    recurrent = False  # the fused decoder is written for attention-only (Llama-family) models
 
     def __init__(self, spec: KVCacheSpec, batch: int, dtype: Any) -> None:
         self.spec, self.batch = spec, batch
@@ -170,6 +224,9 @@ class InPlaceKVCache:
     @property
     def length(self) -> int:
         return int(self.lengths.max(initial=0))
+
+    def rewind_point(self, length: int) -> int:
+        return min(length, self.length)
 
     def crop(self, length: int) -> None:
         """Forget positions from ``length`` on (they are overwritten by the next step)."""

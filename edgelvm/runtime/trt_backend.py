@@ -150,6 +150,7 @@ class TrtKVCache:
     """
 
     supports_reuse = False
+    recurrent = False  # hybrid bundles are refused by TrtBackend
 
     def __init__(self, cuda: _Cuda, spec: KVCacheSpec, batch: int, dtype: Any) -> None:
         self.cuda, self.spec, self.batch, self.length = cuda, spec, batch, 0
@@ -170,6 +171,9 @@ class TrtKVCache:
     def advance(self, new_length: int) -> None:
         self._read, self.length = 1 - self._read, new_length
         self.pad.length = new_length
+
+    def rewind_point(self, length: int) -> int:
+        return 0  # nothing is kept: supports_reuse is False
 
     def crop(self, length: int) -> None:
         no_reuse(self)
@@ -207,10 +211,23 @@ class TrtBackend:
     name = "tensorrt"
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, *, engine_dir: Path | None = None) -> None:
+        if manifest.kv_cache.states:
+            raise BackendError(
+                "the TensorRT backend has no cache for a hybrid decoder's recurrent / convolution states yet",
+                where="backend",
+                fix="use backend='auto' (ONNX Runtime)",
+            )
         if manifest.preprocess.image_placement == "cross_attention":
             raise BackendError(
                 "the TensorRT backend does not feed a cross-attention decoder's image inputs yet "
                 "(preprocess.image_placement 'cross_attention', e.g. Idefics)",
+                where="backend",
+                fix="use backend='auto' (ONNX Runtime)",
+            )
+        if manifest.attention == "image_bidirectional":
+            raise BackendError(
+                "the TensorRT backend does not feed the decoder's image_blocks input yet (attention "
+                "'image_bidirectional', e.g. Gemma 3)",
                 where="backend",
                 fix="use backend='auto' (ONNX Runtime)",
             )

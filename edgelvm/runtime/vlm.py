@@ -292,7 +292,8 @@ class VLM:
         embeds = self._token_embeds(np.asarray(ids, dtype=np.int64))
         if image_features:
             positions = np.flatnonzero(np.asarray(ids) == self.manifest.preprocess.image_token_id)
-            embeds[positions] = np.concatenate(image_features).reshape(-1, embeds.shape[-1])
+            width = embeds.shape[-1]  # a wider feature carries per-step inputs after the embedding (DeepStack)
+            embeds[positions] = np.concatenate([f.reshape(-1, f.shape[-1])[:, :width] for f in image_features])
         return embeds
 
     def _token_embeds(self, ids: np.ndarray) -> np.ndarray:
@@ -399,21 +400,24 @@ class ChatSession:
             reuse = 0
             # A text-conditioned vision encoder sees the whole conversation: its image features change every turn.
             if self._cache is not None and self._cache.supports_reuse and not vlm.encoder.reads_text:
-                reuse = min(_common_prefix_ids(self._cached_ids, ids), len(ids) - 1)
+                # a hybrid decoder's states rewind only to where they were saved (the last prompt's end)
+                reuse = self._cache.rewind_point(min(_common_prefix_ids(self._cached_ids, ids), len(ids) - 1))
                 self._cache.crop(reuse)
             else:
                 self._cache = vlm.backend.new_cache(1)
             stats.reused_tokens = reuse
             started = time.perf_counter()
+            features: list[np.ndarray] = []  # only when the new positions hold images (per-step rules read them)
             if vlm.manifest.preprocess.image_token_id in ids[reuse:]:
                 texts = [vlm._render(messages)] * len(self.images) if vlm.encoder.reads_text else None
-                row = vlm._embed(ids, vlm._image_features(self.images, texts))
+                features = vlm._image_features(self.images, texts)
+                row = vlm._embed(ids, features)
             else:  # the images are already in the cache: embed only the new text (rows are sliced at `reuse`)
                 row = np.zeros((len(ids), vlm._embed_table.width), dtype=vlm.backend.embed_dtype)
                 row[reuse:] = vlm._token_embeds(np.asarray(ids[reuse:], dtype=np.int64))
             stats.vision_ms = (time.perf_counter() - started) * 1e3
             # per-step inputs of the whole conversation: the reused prefix's are the ones already in the cache
-            plan = Plan([row], vlm._step_inputs([ids], [self.images], [[]]))
+            plan = Plan([row], vlm._step_inputs([ids], [self.images], [features]))
             fed_ids = list(ids)
             run = vlm._decoding(config, Control(), 1, on_fed=lambda _row, token: fed_ids.append(token))
             answer = ""
@@ -461,7 +465,7 @@ def _check_context_fits(manifest: Manifest, bundle_dir: Path) -> None:
         itemsize = np.dtype(kv.dtype).itemsize
     except TypeError:
         itemsize = 4
-    cache_bytes = 2 * 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * kv.max_length * itemsize
+    cache_bytes = 2 * (2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * kv.max_length * itemsize + kv.state_bytes())
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not on this platform: only the length bound applies

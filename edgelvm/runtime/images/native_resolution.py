@@ -10,6 +10,10 @@ vision graph takes, besides them, each patch's (row, column) in the patch grid f
 With ``window_size`` (Qwen2.5-VL) most vision blocks attend only within windows of that many pixels: the rule
 also gives the block order window by window and each patch's window (:meth:`NativeResolutionRule.windows`).
 
+With ``position_table_side`` (Qwen3-VL, Qwen3.5) the tower also adds a learned ``side x side`` position table,
+resampled to the image's patch grid by bilinear interpolation (corners aligned): the rule gives each patch's four
+table rows and their weights (:meth:`NativeResolutionRule.position_interpolation`), and the graph sums the rows.
+
 The image's grid is ``(1, grid_h, grid_w)`` patches (``image_grid_thw``) and it occupies
 ``grid_h * grid_w / merge_size²`` tokens in the prompt. Every function mirrors transformers'
 ``Qwen2VLImageProcessorPil`` (``smart_resize``, ``patchify``) and ``vision_utils.get_vision_position_ids`` line for
@@ -60,6 +64,8 @@ class NativeResolutionRule:
     do_resize: bool = True
     #: Qwen2.5-VL's window attention: the window side in pixels (None: every block attends over the whole image)
     window_size: int | None = None
+    #: Qwen3-VL's learned position table: its side (``sqrt(num_position_embeddings)``; None: no table)
+    position_table_side: int | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> NativeResolutionRule:
@@ -72,6 +78,7 @@ class NativeResolutionRule:
                 max_pixels=int(params["max_pixels"]),
                 do_resize=bool(params.get("do_resize", True)),
                 window_size=int(params["window_size"]) if params.get("window_size") else None,
+                position_table_side=int(params["position_table_side"]) if params.get("position_table_side") else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(
@@ -94,12 +101,17 @@ class NativeResolutionRule:
             "max_pixels": self.max_pixels,
             "do_resize": self.do_resize,
             **({"window_size": self.window_size} if self.window_size else {}),
+            **({"position_table_side": self.position_table_side} if self.position_table_side else {}),
             "graph_inputs": ["pixel_values", *self._extra_inputs],  # informative: what the vision graph takes
         }
 
     @property
     def _extra_inputs(self) -> list[str]:
-        return ["vision_position_ids", *(["window_index", "window_ids"] if self.window_size else [])]
+        return [
+            "vision_position_ids",
+            *(["window_index", "window_ids"] if self.window_size else []),
+            *(["vision_pos_indices", "vision_pos_weights"] if self.position_table_side else []),
+        ]
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     def resized(self, height: int, width: int) -> tuple[int, int]:
@@ -172,11 +184,39 @@ class NativeResolutionRule:
 
     def graph_inputs(self, height: int, width: int) -> dict[str, np.ndarray]:
         """The vision graph's inputs besides ``pixel_values`` for one image of this size."""
-        t, grid_h, grid_w = self.grid(height, width)
+        return self.grid_inputs(*self.grid(height, width))
+
+    def grid_inputs(self, t: int, grid_h: int, grid_w: int) -> dict[str, np.ndarray]:
+        """The vision graph's inputs besides ``pixel_values`` for one image of ``(t, grid_h, grid_w)`` patches, in
+        the graph's input order."""
         inputs = {"vision_position_ids": np.tile(self.position_ids(grid_h, grid_w), (t, 1))}
         if self.window_size:
             inputs["window_index"], inputs["window_ids"] = self.windows(t, grid_h, grid_w)
+        if self.position_table_side:
+            inputs["vision_pos_indices"], inputs["vision_pos_weights"] = self.position_interpolation(t, grid_h, grid_w)
         return inputs
+
+    def position_interpolation(self, t: int, grid_h: int, grid_w: int) -> tuple[np.ndarray, np.ndarray]:
+        """The learned position table resampled to the patch grid (Qwen3-VL; ``vision_utils.
+        get_vision_interpolation_indices_and_weights`` with bilinear, corners aligned): ``indices [N, 4]`` int64
+        rows of the flattened ``side x side`` table and ``weights [N, 4]`` float32, per patch in the patches' order.
+        Computed in float32 in transformers' operation order, so the weights are bitwise equal."""
+        side = self.position_table_side
+        positions = np.tile(self.position_ids(grid_h, grid_w), (t, 1))
+
+        def axis(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+            src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+            floor = np.floor(src)
+            offsets = np.arange(2)
+            taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+            distance = np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32))
+            return taps, np.maximum(np.float32(1) - distance, np.float32(0))
+
+        h_taps, h_weights = axis(positions[:, 0], grid_h)
+        w_taps, w_weights = axis(positions[:, 1], grid_w)
+        indices = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+        weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+        return indices.astype(np.int64), weights.astype(np.float32)
 
     def windows(self, t: int, grid_h: int, grid_w: int) -> tuple[np.ndarray, np.ndarray]:
         """Window attention (Qwen2.5-VL, ``vision_utils.get_vision_window_index``): ``window_index [N / m²]`` —
