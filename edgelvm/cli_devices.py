@@ -226,9 +226,15 @@ def _print_plan(result, detailed: bool) -> None:
     console.print(
         f"{escape(fp.source)} ({fp.family}): vision {params(fp.vision_params)} params ({result.vision_precision}), "
         f"decoder {params(fp.decoder_params)} ({result.precision}, embedding table excluded: memory-mapped), "
-        f"KV {kv_token / 1024:.0f} KiB/token ({fp.kv_layers} layers × {fp.kv_heads} KV heads × {fp.head_dim}, "
+        f"KV {kv_token / 1024:.0f} KiB/token ({fp.kv_layers - fp.window_layers} layers × {fp.kv_heads} KV heads × "
+        f"{fp.head_dim}, "
         f"{result.kv_dtype}, 2 buffers); max_length {result.max_length}, batch {result.max_batch}"
         + (f"; hybrid decoder states {fp.state_bytes / 2**20:.1f} MiB/sequence at any length" * bool(fp.state_bytes))
+        + (
+            f"; plus {fp.window_layers} sliding-window layers holding at most {fp.window} positions "
+            f"({fp.window_kv_bytes_per_token(result.kv_dtype) / 1024:.0f} KiB/position) at any length"
+        )
+        * bool(fp.window_layers)
     )
     for note in fp.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")

@@ -53,6 +53,12 @@ def describe_bundle(bundle: str | Path, *, console: Any, verify: bool = True) ->
         f"layout {kv.layout}; max length {kv.max_length} → {per_token / 1024:.1f} KiB/token, "
         f"{per_token * kv.max_length / 2**20:.1f} MiB per sequence at max length"
     )
+    if kv.windows:
+        local = [layer for layer, w in zip(kv.kv_layers, kv.windows) if w is not None]
+        console.print(
+            f"sliding-window layers {local}: at most {kv.window} positions each at any length (the per-token figure "
+            "above counts every layer at full length)"
+        )
     if kv.states:
         layers, kinds = sorted({s.layer for s in kv.states}), ", ".join(sorted({s.kind for s in kv.states}))
         console.print(

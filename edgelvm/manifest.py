@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import posixpath
 import tempfile
@@ -124,6 +125,10 @@ class TokenizerSpec:
     prompt_suffix: str = ""
 
 
+#: The decoder graph's input giving the position of each key column of its sliding-window layers
+#: (``KVCacheSpec.windows``): ``[batch, local past + seq]`` int64, -1 for an empty or padded column.
+WINDOW_POSITIONS = "window_positions"
+
 #: The kinds of fixed-size per-sequence state a decoder layer may carry besides keys and values.
 STATE_KINDS = ("conv", "recurrent")
 
@@ -149,7 +154,13 @@ class KVCacheSpec:
     decoder layer of each of the ``num_layers`` key/value pairs, and ``states``: the other layers' fixed-size states,
     named with the same format strings (``kind`` = the state's kind), after the key/value tensors in the graph's
     inputs and outputs. Both are written only when set: an older runtime refuses such a bundle (it does not know the
-    fields) instead of misreading it."""
+    fields) instead of misreading it.
+
+    Decoders with sliding-window (local) layers set ``windows``: per key/value pair, the layer's window (None for a
+    global layer). A local layer's past then holds at most ``window - 1`` columns (the most recent positions of each
+    row, keys after RoPE), not the whole context, and the decoder graph takes :data:`WINDOW_POSITIONS` ``[batch,
+    local past + seq]``: each local column's position (-1: empty or padding), from which it masks those layers.
+    Written only when set (same compatibility rule as ``layers``)."""
 
     num_layers: int
     num_kv_heads: int
@@ -161,6 +172,14 @@ class KVCacheSpec:
     present_name: str = "present.{layer}.{kind}"
     layers: list[int] | None = None
     states: list[StateSpec] | None = None
+    windows: list[int | None] | None = None
+
+    @property
+    def window(self) -> int | None:
+        """The local layers' sliding window (one for all of them), or None when every layer keeps the whole
+        context."""
+        sizes = {w for w in self.windows or [] if w is not None}
+        return sizes.pop() if len(sizes) == 1 else None
 
     @property
     def kv_layers(self) -> list[int]:
@@ -176,14 +195,8 @@ class KVCacheSpec:
 
     def state_bytes(self, batch: int = 1) -> int:
         """Bytes of the states of ``batch`` sequences (constant in sequence length)."""
-        sizes = {"float32": 4, "float16": 2, "bfloat16": 2}
-        total = 0
-        for state in self.states or []:
-            elements = 1
-            for dim in state.shape:
-                elements *= int(dim)
-            total += elements * sizes[state.dtype]
-        return batch * total
+        itemsize = {"float32": 4, "float16": 2}
+        return batch * sum(math.prod(s.shape) * itemsize[s.dtype] for s in self.states or [])
 
 
 @dataclass
@@ -229,7 +242,7 @@ class Manifest:
             data["preprocess"].pop("cross_attention", None)
         if data["preprocess"].get("deepstack") is None:
             data["preprocess"].pop("deepstack", None)
-        for key in ("layers", "states"):  # written only when set: plain KV bundles read in older runtimes
+        for key in ("layers", "states", "windows"):  # written only when set: plain KV bundles read in older runtimes
             if data["kv_cache"].get(key) is None:
                 data["kv_cache"].pop(key, None)
         for graph in data["graphs"].values():  # written only when set: a float table reads in older runtimes
@@ -488,6 +501,14 @@ def _build_kv_cache(section: dict[str, Any], where: str | Path) -> KVCacheSpec:
     layers = section.get("layers")
     if layers is not None and len(layers) != section["num_layers"]:
         raise _field_error("kv_cache.layers", f"must name num_layers ({section['num_layers']}) layers", where)
+    windows = section.get("windows")
+    if windows is not None:
+        sizes = {w for w in windows if w is not None}
+        if len(windows) != section["num_layers"] or len(sizes) != 1 or min(sizes) < 2:
+            raise _field_error(
+                "kv_cache.windows", f"must give num_layers ({section['num_layers']}) entries: one window (>= 2) for "
+                "the local layers, null for the global ones", where
+            )  # fmt: skip
     return KVCacheSpec(**{**section, "states": built})
 
 

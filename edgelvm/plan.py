@@ -73,9 +73,18 @@ class ModelFootprint:
     #: a hybrid decoder's fixed-size states per sequence (linear-attention / convolution layers; kv_layers then
     #: counts its attention layers only), at their own dtype: the same at any context length
     state_bytes: int = 0
+    #: sliding-window layers (of ``kv_layers``) whose caches hold at most ``window`` positions at any context
+    window_layers: int = 0
+    window: int = 0
 
     def kv_bytes_per_token(self, kv_dtype: str) -> int:
-        return 2 * self.kv_layers * self.kv_heads * self.head_dim * (4 if kv_dtype == "float32" else 2)
+        """Per token of context: the layers that keep the whole context (global layers)."""
+        layers = self.kv_layers - self.window_layers
+        return 2 * layers * self.kv_heads * self.head_dim * (4 if kv_dtype == "float32" else 2)
+
+    def window_kv_bytes_per_token(self, kv_dtype: str) -> int:
+        """Per position of the sliding-window layers' caches (counted at ``min(max_length, window)``)."""
+        return 2 * self.window_layers * self.kv_heads * self.head_dim * (4 if kv_dtype == "float32" else 2)
 
     def default_max_length(self) -> int:
         return min(self.max_positions, DEFAULT_MAX_LENGTH_CAP)
@@ -93,6 +102,8 @@ class ModelFootprint:
             "llm_weight_bytes": llm_bytes + weight_bytes(self.head_params, head),
             "kv_bytes_per_token": self.kv_bytes_per_token(kv_dtype or kv_dtype_for(precision)),
             "state_bytes": self.state_bytes,
+            "window_kv_bytes_per_token": self.window_kv_bytes_per_token(kv_dtype or kv_dtype_for(precision)),
+            "window": self.window,
             "max_length": max_length,
             "precision": precision,
             "vision_precision": vision_precision,
@@ -113,6 +124,7 @@ def footprint_of_adapter(adapter: Any, *, from_config: bool = False) -> ModelFoo
     :meth:`~edgelvm.models.base.VLMAdapter.for_config` (arithmetic over the config)."""
     counts = adapter.config_parameter_counts() if from_config else adapter.parameter_counts()
     kv = adapter.kv_cache_spec(max_length=1, dtype="float16")
+    windows = adapter.kv_windows() or []
     return ModelFootprint(
         source=str(adapter.source),
         family=adapter.family,
@@ -124,6 +136,8 @@ def footprint_of_adapter(adapter: Any, *, from_config: bool = False) -> ModelFoo
         max_positions=adapter.max_positions(),
         head_params=int(adapter.text_config.vocab_size) * int(adapter.text_config.hidden_size),
         state_bytes=kv.state_bytes(),
+        window_layers=sum(w is not None for w in windows),
+        window=max((w for w in windows if w is not None), default=0),
     )
 
 
@@ -265,6 +279,9 @@ class ModelPlan:
                 "dtype": self.kv_dtype,
                 "bytes_per_token": fp.kv_bytes_per_token(self.kv_dtype),
                 "state_bytes_per_sequence": fp.state_bytes,
+                "window_layers": fp.window_layers,
+                "window": fp.window,
+                "window_bytes_per_position": fp.window_kv_bytes_per_token(self.kv_dtype),
             },
             "max_position_embeddings": fp.max_positions,
             "precision": self.precision,

@@ -545,6 +545,13 @@ def build_engines(bundle_dir: str | Path, config: BuildConfig | None = None) -> 
             fix="run this bundle with ONNX Runtime (`edgelvm serve/bench --backend auto`); CUDA works through its "
             "CUDA execution provider",
         )
+    if manifest.kv_cache.windows:
+        raise UnsupportedModelError(
+            f"{manifest.family}: sliding-window layers with window-sized caches (kv_cache.windows) have no TensorRT "
+            "profiles or runtime cache yet",
+            where=bundle,
+            fix="run this bundle with ONNX Runtime CPU, or re-export with --max-length up to the sliding window",
+        )
     plans = {"vision": vision_profiles(manifest, config), "decoder": decoder_profiles(manifest, config)}
     trt = import_tensorrt()
     trt_version = str(trt.__version__)

@@ -7,6 +7,7 @@ Budget (all resident at once during generation)::
 
     vision weights + LLM weights + KV cache (kv_bytes_per_token × max_length × max_batch × kv_buffers)
       + hybrid decoders' fixed-size states (state_bytes × max_batch × kv_buffers: constant in max_length)
+      + sliding-window layers' caches (window_kv_bytes_per_token × min(max_length, window) × max_batch × kv_buffers)
       + activations (TensorRT's activation scratch; DEFAULT_ACTIVATION_BYTES unless given)
       + runtime overhead (RUNTIME_OVERHEAD_BYTES: CUDA context, TensorRT/cuBLAS kernels, the Python process)
     ≤ profile.usable_memory_bytes
@@ -99,6 +100,8 @@ class TargetPlan:
     kv_buffers: int = 2
     kv_bytes_per_token: int = 0
     state_bytes: int = 0  # per sequence (hybrid decoders), whatever the length
+    window_kv_bytes_per_token: int = 0  # sliding-window layers, counted at min(max_length, window) positions
+    window: int = 0
 
     @property
     def headroom_bytes(self) -> int:
@@ -176,13 +179,25 @@ class _Inputs:
     activation_bytes: int
     kv_buffers: int
     state_bytes: int = 0
+    window_kv_bytes_per_token: int = 0
+    window: int = 0
+
+    def window_positions(self, length: int) -> int:
+        return min(length, self.window) if self.window else length
 
     def budget(self, llm_bytes: int | None = None, max_length: int | None = None, batch: int | None = None) -> dict:
         length = self.max_length if max_length is None else max_length
         rows = self.max_batch if batch is None else batch
         kv = f"KV cache ({length} tok × {rows} × {self.kv_buffers} buf)"
+        if self.window_kv_bytes_per_token:
+            kv = f"KV cache, global layers ({length} tok × {rows} × {self.kv_buffers} buf)"
         states = {f"decoder states (any length × {rows} × {self.kv_buffers} buf)": self.state_bytes * rows
                   * self.kv_buffers} if self.state_bytes else {}  # fmt: skip
+        if self.window_kv_bytes_per_token:
+            held = self.window_positions(length)
+            states[f"KV cache, sliding-window layers ({held} tok × {rows} × {self.kv_buffers} buf)"] = (
+                self.window_kv_bytes_per_token * held * rows * self.kv_buffers
+            )
         return {
             "vision weights": self.vision_weight_bytes,
             "LLM weights": self.llm_weight_bytes if llm_bytes is None else llm_bytes,
@@ -224,6 +239,8 @@ def plan_for_target(
     strict_build: bool = False,
     candidates: Sequence[DeviceProfile] | None = None,
     state_bytes: int = 0,
+    window_kv_bytes_per_token: int = 0,
+    window: int = 0,
 ) -> TargetPlan:
     """Check that a model fits ``profile``; return the plan or raise :class:`FitError` with suggestions.
 
@@ -234,8 +251,9 @@ def plan_for_target(
     format (``fp16``, ``int8``, ``int4``, ...), used for the precision check and to compute what INT4 would save.
     ``kv_bytes_per_token``: 2 × layers × kv_heads × head_dim × bytes per element (attention layers only).
     ``state_bytes``: a hybrid decoder's fixed-size states per sequence (linear-attention / convolution layers), read
-    and written every step whatever the context. ``candidates``: devices to suggest instead (default: every known
-    profile).
+    and written every step whatever the context. ``window_kv_bytes_per_token`` / ``window``: sliding-window layers
+    whose caches hold at most ``window`` positions (``kv_bytes_per_token`` then counts the global layers only).
+    ``candidates``: devices to suggest instead (default: every known profile).
     """
     plan = evaluate_target(
         profile,
@@ -250,6 +268,8 @@ def plan_for_target(
         kv_buffers=kv_buffers,
         candidates=candidates,
         state_bytes=state_bytes,
+        window_kv_bytes_per_token=window_kv_bytes_per_token,
+        window=window,
     )
     if plan.fits and not (strict_build and not plan.build_fits):
         for warning in plan.warnings:
@@ -279,6 +299,8 @@ def evaluate_target(
     kv_buffers: int = 2,
     candidates: Sequence[DeviceProfile] | None = None,
     state_bytes: int = 0,
+    window_kv_bytes_per_token: int = 0,
+    window: int = 0,
 ) -> TargetPlan:
     """:func:`plan_for_target`'s numbers without the verdict: the plan whether it fits or not (suggestions filled
     in when it does not fit at runtime or to build). Raises only for an unsupported precision or a bad size."""
@@ -296,8 +318,11 @@ def evaluate_target(
         activation_bytes=DEFAULT_ACTIVATION_BYTES if activation_bytes is None else int(activation_bytes),
         kv_buffers=int(kv_buffers),
         state_bytes=int(state_bytes),
+        window_kv_bytes_per_token=int(window_kv_bytes_per_token),
+        window=int(window),
     )
     budget = inputs.budget()
+    window_read = inputs.window_kv_bytes_per_token * inputs.window_positions(inputs.max_length)
     bandwidth = profile.bandwidth_bytes_per_s
     plan = TargetPlan(
         profile=profile,
@@ -312,10 +337,17 @@ def evaluate_target(
         + RUNTIME_OVERHEAD_BYTES,
         decode_tokens_per_s=bandwidth / (inputs.llm_weight_bytes + 2 * inputs.state_bytes),
         decode_tokens_per_s_at_max_length=bandwidth
-        / (inputs.llm_weight_bytes + 2 * inputs.state_bytes + inputs.kv_bytes_per_token * inputs.max_length),
+        / (
+            inputs.llm_weight_bytes
+            + 2 * inputs.state_bytes
+            + inputs.kv_bytes_per_token * inputs.max_length
+            + window_read
+        ),
         kv_buffers=inputs.kv_buffers,
         kv_bytes_per_token=inputs.kv_bytes_per_token,
         state_bytes=inputs.state_bytes,
+        window_kv_bytes_per_token=inputs.window_kv_bytes_per_token,
+        window=inputs.window,
     )
     if not plan.build_fits:
         swap = plan.build_peak_bytes - plan.usable_bytes

@@ -23,7 +23,7 @@ from edgelvm.errors import ExportError
 from edgelvm.export.external_data import ContentIndex, save_npy_aligned, share_external_data
 from edgelvm.export.gqa_decoder import build_gqa_decoder
 from edgelvm.export.rewrite import GraphRewrite
-from edgelvm.manifest import GraphSpec, KVCacheSpec, TensorSpec
+from edgelvm.manifest import WINDOW_POSITIONS, GraphSpec, KVCacheSpec, TensorSpec
 from edgelvm.models.base import VLMAdapter
 from edgelvm.models.checkpoint.activations import float_activations
 from edgelvm.runtime.session_settings import SessionSettings
@@ -207,20 +207,34 @@ def _reference(rewrite: GraphRewrite | None, module: torch.nn.Module) -> Any:
 
 
 def _decoder_example(
-    adapter: VLMAdapter, kv: KVCacheSpec, batch: int, seq: int, past: int, dtype: torch.dtype, pad_rows: int = 0
-) -> tuple[torch.Tensor, ...]:
+    adapter: VLMAdapter, kv: KVCacheSpec, batch: int, seq: int, past: int, dtype: torch.dtype, pad_rows: int = 0,
+    window_past: int | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The decoder's inputs in graph order. Sliding-window layers (``kv.windows``) get ``window_past`` columns
+    (default ``min(past, window - 1)``): the most recent positions before the step, as the runtime keeps them."""
     hidden = adapter.text_config.hidden_size
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     for row in range(min(pad_rows, batch)):
         mask[row, : row + 1] = 0  # left padding of different lengths
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    counts = mask.cumsum(-1) - 1
+    positions = counts.clamp(min=0)[:, past:]
     rows = adapter.positions_spec().get("rows")
     if rows:  # [rows, batch, seq] (M-RoPE): different per row so that a row mix-up shows in the parity check
         positions = torch.stack([positions + 3 * r for r in range(int(rows))])
-    tensors = [torch.randn(batch, kv.num_kv_heads, past, kv.head_dim, dtype=dtype) for _ in range(2 * kv.num_layers)]
+    window, local = kv.window, [w is not None for w in kv.windows or []]
+    windows: list[torch.Tensor] = []
+    kept = past
+    if window is not None:
+        kept = min(past, window - 1) if window_past is None else window_past
+        before = counts[:, past - 1 : past] + 1 if past else torch.zeros(batch, 1, dtype=torch.int64)
+        old = before - kept + torch.arange(kept)  # the last `kept` positions of each row before the step
+        new = torch.where(mask[:, past:].bool(), counts[:, past:], -1)
+        windows = [torch.cat([torch.where(old >= 0, old, -1), new], dim=1)]
+    lengths = [kept if local and local[i // 2] else past for i in range(2 * kv.num_layers)]
+    tensors = [torch.randn(batch, kv.num_kv_heads, n, kv.head_dim, dtype=dtype) for n in lengths]
     tensors += [0.1 * torch.randn(batch, *s.shape, dtype=_TORCH_DTYPES[s.dtype]) for s in kv.states or []]
     extras = adapter.decoder_example_inputs(batch, seq, dtype).values()  # e.g. cross-attention inputs; usually none
-    return (torch.randn(batch, seq, hidden, dtype=dtype), mask, positions, *extras, *tensors)
+    return (torch.randn(batch, seq, hidden, dtype=dtype), mask, positions, *extras, *windows, *tensors)
 
 
 def decoder_io_names(kv: KVCacheSpec) -> tuple[list[str], list[str]]:
@@ -244,7 +258,9 @@ def export_decoder(
     dtype = next(module.parameters()).dtype
     names_in, names_out = decoder_io_names(kv)
     extra_names = list(adapter.decoder_example_inputs(1, 1, dtype))  # between position_ids and the past tensors
-    names_in = [*names_in[:3], *extra_names, *names_in[3:]]
+    window, local = kv.window, [w is not None for w in kv.windows or []]
+    window_names = [WINDOW_POSITIONS] if window is not None else []  # after the adapter's inputs
+    names_in = [*names_in[:3], *extra_names, *window_names, *names_in[3:]]
 
     batch = torch.export.Dim("batch", min=1, max=256)
     seq = torch.export.Dim("seq", min=1, max=kv.max_length)
@@ -257,14 +273,19 @@ def export_decoder(
         for label in axes.values():
             labels.setdefault(label, torch.export.Dim(label, min=1, max=256))
     extra_shapes = [{axis: labels[label] for axis, label in extra_dims.get(n, {}).items()} for n in extra_names]
+    past_window = torch.export.Dim("past_window", min=1, max=kv.max_length)  # the local layers' kept columns
+    window_shapes = [{0: batch, 1: torch.export.Dim("window_total", min=2, max=2 * kv.max_length)}] * len(window_names)
+    kv_shapes = [{0: batch, 2: past_window if window is not None and local[i // 2] else past}
+                 for i in range(2 * kv.num_layers)]  # fmt: skip
     shapes = (
         {0: batch, 1: seq},
         {0: batch, 1: total},
         positions,
         *extra_shapes,
-        tuple([*({0: batch, 2: past} for _ in range(2 * kv.num_layers)), *({0: batch} for _ in kv.states or [])]),
+        # the module's variadic arguments: window_positions (when windowed) first, then the past tensors
+        tuple([*window_shapes, *kv_shapes, *({0: batch} for _ in kv.states or [])]),
     )
-    example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype)
+    example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype, window_past=6)
     _export(module, example, shapes, names_in, names_out, path, _weight_bytes(module))
     if rewrite is not None:
         rewrite.rewrite_file(path, DECODER_PREFIX)
@@ -276,10 +297,13 @@ def export_decoder(
     session = _ort_session(path, prepack=rewrite is not None)
     worst = ParityResult(0.0, 0.0)
     # Decode step with padding, and a prefill with an empty cache (the runtime's two uses of the graph).
-    for args in (
+    examples = [
         _decoder_example(adapter, kv, batch=3, seq=1, past=6, dtype=dtype, pad_rows=2),
         _decoder_example(adapter, kv, batch=1, seq=7, past=0, dtype=dtype),
-    ):
+    ]
+    if window is not None:  # past the window: full local windows, and a step whose later queries see fewer of them
+        examples.append(_decoder_example(adapter, kv, batch=2, seq=4, past=window + 2, dtype=dtype, pad_rows=1))
+    for args in examples:
         with torch.no_grad(), _reference(rewrite, module):
             reference = module(*args)
         got = session.run(None, {n: a.numpy() for n, a in zip(names_in, args)})
@@ -287,8 +311,11 @@ def export_decoder(
         parity = _compare(got[:1], reference[:1])
         for g, r in zip(got[1 + 2 * kv.num_layers :], reference[1 + 2 * kv.num_layers :]):  # fixed-size states
             parity = _merge(parity, _compare([g], [r]))
-        for g, r in zip(got[1 : 1 + 2 * kv.num_layers], reference[1 : 1 + 2 * kv.num_layers]):
-            valid = args[1].bool()[:, None, :, None].expand_as(r)
+        columns = args[1].bool()  # which key columns hold real tokens (global layers: the attention mask)
+        local_columns = args[3 + len(extra_names)] >= 0 if window is not None else columns
+        for i, (g, r) in enumerate(zip(got[1 : 1 + 2 * kv.num_layers], reference[1 : 1 + 2 * kv.num_layers])):
+            valid = (local_columns if window is not None and local[i // 2] else columns)[:, None, :, None]
+            valid = valid.expand_as(r)
             parity = _merge(parity, _compare([np.where(valid.numpy(), g, 0)], [torch.where(valid, r, 0)]))
         worst = _merge(worst, parity)
     _check("decoder", worst, precision, rewrite)

@@ -274,6 +274,12 @@ class VLMAdapter(ABC):
             max_length=max_length,
         )
 
+    def kv_windows(self) -> list[int | None] | None:
+        """Each key/value layer's sliding window when some layers keep a window-sized cache past it (None: global
+        layer), whatever ``max_length`` is: the fit check counts those layers at ``min(max_length, window)``. None
+        when every layer keeps the whole context."""
+        return None
+
     def decoder_weights(self, max_length: int) -> Any:
         """The language model as plain weights (:class:`~edgelvm.models.llama_family.DecoderWeights`) for the fused
         ONNX Runtime decoder; families whose text model has no such description raise UnsupportedModelError."""

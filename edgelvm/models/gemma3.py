@@ -18,10 +18,12 @@ Attention: causal, except that the soft tokens of one image attend to each other
 ``causal OR same image block``; the manifest's ``attention = "image_bidirectional"`` tells the runtime to compute it
 (``runtime/images/image_blocks.py``) and never to split an image's tokens across decoder steps.
 
-Sliding window: 5 of every 6 layers are local (``sliding_window`` 1024 on the 4B). transformers' cache keeps only
-the last ``window - 1`` positions of those layers, which the bundle's per-layer ``[batch, heads, length, dim]``
-contract cannot say; so, as PaliGemma 2, a ``max_length`` beyond the window is refused (inside it HF's window hides
-nothing, and the full-size cache IS a window-sized one).
+Sliding window: 5 of every 6 layers are local (``sliding_window`` 1024 on the 4B): a query sees the keys of the
+last ``window`` positions (itself included), and transformers' cache keeps the last ``window - 1`` of those layers.
+Past the window the bundle says so (``kv_cache.windows``): the local layers' caches hold at most ``window - 1``
+columns per row (the runtime's :class:`~edgelvm.runtime.kv_cache.SlidingWindows`), and the decoder takes their
+columns' positions (``window_positions``) and masks them on positions — so padding, a shared prefix and a chat
+rewind change nothing. Within the window nothing is hidden, and the bundle keeps plain full-length caches.
 
 Embeddings: Gemma3's embedding module multiplies by ``sqrt(hidden_size)``; the bundle's table is the module's output
 (stored apart from a tied head). ``Gemma3ForConditionalGeneration`` applies no final logit soft-capping.
@@ -68,39 +70,70 @@ class _Gemma3VisionEncoder:
 
 
 def _image_block_decoder(language_model: Any, lm_head: Any, text_config: Any) -> Any:
-    """The decoder module with Gemma 3's image-block masking (see the module doc)."""
+    """The decoder module with Gemma 3's image-block masking and window-sized local caches (see the module doc)."""
     import torch
 
     from edgelvm.models.export_wrappers import DecoderForExport
 
     class ImageBlockDecoder(DecoderForExport):
-        """``DecoderForExport``'s interface plus ``image_blocks [batch, seq]`` after ``position_ids``: a token
-        attends to the real tokens at or before it (cache included) and to every token of its own image block in
-        the step. Sliding layers get the same mask: the context is at most their window (``kv_cache_spec``)."""
+        """``DecoderForExport``'s interface plus ``image_blocks [batch, seq]`` after ``position_ids`` and, for a
+        bundle whose local layers keep window-sized caches (``KVCacheSpec.windows``), ``window_positions [batch,
+        local past + seq]`` after it (the position of each key column of the local layers, -1 for none).
+
+        Global layers: a token attends to the real tokens at or before it (cache included) and to every token of its
+        own image block in the step. Local layers, as transformers' ``create_masks_for_vision_model``: the same,
+        AND the key within the window (``key > query - window``), on positions. Every layer's present is its past
+        plus the step (transformers' sliding cache would cut it to ``window - 1`` inside the graph; the runtime
+        selects what each row keeps)."""
 
         def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                    image_blocks: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+                    image_blocks: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+            windowed = len(rest) % 2 == 1  # window_positions, then the key/value pairs
+            past = rest[1:] if windowed else rest
             seq, total = inputs_embeds.shape[1], attention_mask.shape[1]
             keys = torch.arange(total, device=inputs_embeds.device)
             queries = torch.arange(seq, device=inputs_embeds.device) + (total - seq)
             causal = keys[None, :] <= queries[:, None]  # [seq, total]
-            cached = torch.zeros_like(attention_mask[:, : total - seq])  # cached tokens are in no block of the step
-            key_blocks = torch.cat([cached, image_blocks], dim=1)  # [batch, total]
-            same = (image_blocks[:, :, None] == key_blocks[:, None, :]) & (image_blocks[:, :, None] > 0)
-            allowed = attention_mask.bool()[:, None, :] & (causal[None] | same)  # [batch, seq, total]
-            zero = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-            mask = torch.where(allowed[:, None], zero, torch.finfo(inputs_embeds.dtype).min)
+            allowed = attention_mask.bool()[:, None, :] & (causal[None] | _same_block(image_blocks, total))
+            masks = {"full_attention": self._additive(allowed, inputs_embeds), "sliding_attention": None}
+            if windowed:
+                key_pos, query_pos = rest[0][:, None, :], position_ids[:, :, None]  # [B, 1, W], [B, S, 1]
+                inside = (key_pos >= 0) & (key_pos > query_pos - self.window)
+                local = inside & ((key_pos <= query_pos) | _same_block(image_blocks, rest[0].shape[1]))
+                masks["sliding_attention"] = self._additive(local, inputs_embeds)
+            else:  # a context within the window: the window hides nothing
+                masks["sliding_attention"] = masks["full_attention"]
             cache = self.cache_from(past)
             out = self.language_model(
                 inputs_embeds=inputs_embeds,
-                attention_mask={"full_attention": mask, "sliding_attention": mask},  # used as given
+                attention_mask=masks,  # used as given
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=True,
             )
             return self.outputs(self.lm_head(out.last_hidden_state[:, -1, :]), cache)
 
-    return ImageBlockDecoder(language_model, lm_head, text_config).eval()
+        @staticmethod
+        def _additive(allowed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            zero = torch.zeros((), dtype=like.dtype, device=like.device)
+            return torch.where(allowed[:, None], zero, torch.finfo(like.dtype).min)
+
+        def cache_from(self, past: tuple[torch.Tensor, ...]) -> Any:
+            """Plain layers for every pair: transformers' sliding layer would drop columns (the runtime does)."""
+            from transformers.cache_utils import DynamicCache
+
+            return DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+
+    def _same_block(image_blocks: torch.Tensor, columns: int) -> torch.Tensor:
+        """``[batch, seq, columns]``: query and key in the same image block of the step (the last ``seq`` of
+        ``columns`` key columns; cached columns are in no block of the step)."""
+        cached = torch.zeros_like(image_blocks[:, :1]).expand(-1, columns - image_blocks.shape[1])
+        key_blocks = torch.cat([cached, image_blocks], dim=1)
+        return (image_blocks[:, :, None] == key_blocks[:, None, :]) & (image_blocks[:, :, None] > 0)
+
+    module = ImageBlockDecoder(language_model, lm_head, text_config)
+    module.window = int(getattr(text_config, "sliding_window", None) or 0)
+    return module.eval()
 
 
 def sliding_window_of(text_config: Any) -> int | None:
@@ -209,18 +242,27 @@ class Gemma3Adapter(LlavaLayout, VLMAdapter):
     def attention_kind(self) -> str:
         return "image_bidirectional"
 
-    def kv_cache_spec(self, max_length: int, dtype: str) -> Any:
+    def kv_windows(self) -> list[int | None] | None:
+        """Each layer's sliding window (None: global), from ``layer_types`` (or Gemma 3's default pattern)."""
         window = sliding_window_of(self.text_config)
-        if window is not None and max_length > window:
-            # transformers' cache keeps only the last `window - 1` positions of a local layer: its present tensors
-            # would stop growing, which the bundle's per-layer [batch, heads, length, dim] contract cannot say.
-            raise UnsupportedModelError(
-                f"max_length {max_length} exceeds the sliding window ({window}) of this Gemma 3's local layers "
-                "(window-sized caches for those layers are not implemented yet)",
-                where=self.source or None,
-                fix=f"export with --max-length {window} or less",
-            )
-        return super().kv_cache_spec(max_length, dtype)
+        if window is None:
+            return None
+        text = self.text_config
+        types = getattr(text, "layer_types", None) or [
+            "sliding_attention" if (i + 1) % int(getattr(text, "sliding_window_pattern", 6) or 6) else "full_attention"
+            for i in range(int(text.num_hidden_layers))
+        ]
+        return [window if kind == "sliding_attention" else None for kind in types]
+
+    def kv_cache_spec(self, max_length: int, dtype: str) -> Any:
+        """Past the sliding window, the local layers keep window-sized caches (``windows``: transformers' cache
+        keeps their last ``window - 1`` positions too); within it, the window hides nothing and every layer keeps
+        the whole context, as in bundles written before windows existed."""
+        spec = super().kv_cache_spec(max_length, dtype)
+        windows = self.kv_windows()
+        if windows is not None and max_length > max(w or 0 for w in windows):
+            spec.windows = windows
+        return spec
 
     def config_parameter_counts(self) -> Any:
         """SigLIP (no head) + the projector (RMSNorm over the tower width, ``[vision, text]`` matrix) and the

@@ -68,24 +68,25 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         )
 
     # ---- compression stages ---------------------------------------------------------------------------------------
+    def _prune_refusal(self) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            "pruning Qwen3.5 is not supported: a Gated DeltaNet layer's heads run through in_proj_qkv, the "
+            "depthwise convolution, the gated norm and in_proj_a/b together, and the attention layers' q_proj also "
+            "produces the output gate; neither is described to the pruner yet",
+            where=self.source or None,
+            fix="quantize instead (`edgelvm quantize --llm rtn` or gptq, `--vision int8`)",
+        )
+
     def check_stage(self, stage: str, config: Any = None, data: Any = None) -> None:
         if stage == "prune":
-            raise UnsupportedModelError(
-                "pruning Qwen3.5 is not supported: a Gated DeltaNet layer's heads run through in_proj_qkv, the "
-                "depthwise convolution, the gated norm and in_proj_a/b together, and the attention layers' q_proj "
-                "also produces the output gate; neither is described to the pruner yet",
-                where=self.source or None,
-                fix="quantize instead (`edgelvm quantize --llm rtn` or gptq, `--vision int8`)",
-            )
+            raise self._prune_refusal()
         return super().check_stage(stage, config, data)
 
     def attention_blocks(self) -> list[AttentionBlock]:
-        self.check_stage("prune")
-        return []
+        raise self._prune_refusal()
 
     def mlp_blocks(self) -> list[MLPBlock]:
-        self.check_stage("prune")
-        return []
+        raise self._prune_refusal()
 
     def text_scale_groups(self) -> list[ScaleGroup]:
         raise UnsupportedModelError(

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgelvm.errors import BackendError
-from edgelvm.manifest import Manifest
+from edgelvm.manifest import WINDOW_POSITIONS, Manifest
 from edgelvm.runtime.backend import NO_INPUTS
 from edgelvm.runtime.kv_cache import DeviceCache, InPlaceKVCache, PingPongCache
 from edgelvm.runtime.session_settings import SessionSettings, is_jetson
@@ -296,6 +296,13 @@ class OrtBackend:
                 where="decoder_ort",
                 fix="load the bundle with decoder='portable'",
             )
+        if manifest.kv_cache.windows and (self.device != "cpu" or fused):
+            raise BackendError(
+                "this bundle's sliding-window layers keep window-sized caches, which only the ONNX Runtime CPU "
+                "backend's portable decoder keeps so far (a device cache would need device-side copies)",
+                where="kv_cache.windows",
+                fix="load it with backend='onnxruntime-cpu' and decoder='portable' (or 'auto')",
+            )
         self._trt_cache_dir: Path | None = None
         if "TensorrtExecutionProvider" in self.providers:
             self._trt_cache_dir = ort_tensorrt_cache_dir(Path(bundle_dir), ort.__version__)
@@ -343,6 +350,8 @@ class OrtBackend:
         new_length = cache.length + embeds.shape[1]
         binding = self.decoder.io_binding()
         feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": positions, **inputs}
+        if self.kv_spec.windows:  # the local layers' key positions (their mask); sizes their present buffers
+            feeds[WINDOW_POSITIONS] = cache.window_positions(attention_mask)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         logits = self._bind_logits(binding, len(rows))

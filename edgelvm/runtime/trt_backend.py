@@ -217,6 +217,12 @@ class TrtBackend:
                 where="backend",
                 fix="use backend='auto' (ONNX Runtime)",
             )
+        if manifest.kv_cache.windows:
+            raise BackendError(
+                "the TensorRT backend has no window-sized cache for sliding-window layers (kv_cache.windows) yet",
+                where="backend",
+                fix="use backend='auto' (ONNX Runtime CPU)",
+            )
         if manifest.preprocess.image_placement == "cross_attention":
             raise BackendError(
                 "the TensorRT backend does not feed a cross-attention decoder's image inputs yet "

@@ -465,7 +465,9 @@ def _check_context_fits(manifest: Manifest, bundle_dir: Path) -> None:
         itemsize = np.dtype(kv.dtype).itemsize
     except TypeError:
         itemsize = 4
-    cache_bytes = 2 * (2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * kv.max_length * itemsize + kv.state_bytes())
+    local = sum(w is not None for w in kv.windows or [])  # sliding-window layers hold at most `window` positions
+    positions = (kv.num_layers - local) * kv.max_length + local * min(kv.max_length, kv.window or kv.max_length)
+    cache_bytes = 2 * (2 * positions * kv.num_kv_heads * kv.head_dim * itemsize + kv.state_bytes())
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not on this platform: only the length bound applies
