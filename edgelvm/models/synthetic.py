@@ -27,6 +27,30 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+#: Qwen2-VL / Qwen3-VL / Qwen3.5 special tokens by processor attribute name (test and benchmark checkpoints).
+QWEN_VL_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+    "im_start_token": "<|im_start|>",
+    "im_end_token": "<|im_end|>",
+}
+
+#: A Qwen3-VL style chat template (ChatML turns without a default system prompt, each image as
+#: ``<|vision_start|><|image_pad|><|vision_end|>``).
+TINY_QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 #: What the tiny tokenizers are trained on: short VQA-like sentences, digits and a few non-ASCII characters.
 CORPUS = [
     "What is on the table? A red cup and a blue plate.",
