@@ -3,7 +3,8 @@
 Random-weight LLaVA-layout checkpoints with the shapes of real models (their public config.json values; the tiny
 byte-level tokenizer is reused, which is irrelevant for time and memory). Each export runs as ``edgelvm export`` in
 its own process; peak RSS is sampled from /proc every 50 ms over the whole process tree (resident file pages of
-the memory-mapped safetensors included, as the kernel counts them).
+the memory-mapped safetensors included, as the kernel counts them), and per phase of the export (its progress log
+lines, ``edgelvm -v``: printed, and ``phases`` in the JSON), which says where the peak is.
 
     python benchmarks/scale.py                         # every shape that fits this machine; table + JSON + plot
     python benchmarks/scale.py --models smollm2-135m qwen2-0.5b
@@ -87,23 +88,43 @@ def _tree_rss(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
-def run_measured(command: list[str]) -> tuple[float, int, int, int]:
-    """Wall seconds, peak RSS bytes, peak anonymous RSS bytes and exit code of ``command``."""
+def run_measured(command: list[str]) -> tuple[float, int, int, int, list[dict]]:
+    """Wall seconds, peak RSS bytes, peak anonymous RSS bytes, exit code of ``command``, and its phases: each
+    progress log line (``-v``) with the peak RSS and anonymous RSS until the next one — where the peak is."""
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    peak = [0, 0]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak, last = [0, 0], [0, 0]
+    phases: list[dict] = [{"phase": "start", "at_s": 0.0, "peak_rss_bytes": 0, "peak_anon_bytes": 0}]
 
     def sample() -> None:
         while proc.poll() is None:
             rss, anon = _tree_rss(proc.pid)
             peak[0], peak[1] = max(peak[0], rss), max(peak[1], anon)
+            last[:] = rss, anon
+            phase = phases[-1]
+            phase["peak_rss_bytes"] = max(phase["peak_rss_bytes"], rss)
+            phase["peak_anon_bytes"] = max(phase["peak_anon_bytes"], anon)
             time.sleep(0.05)
 
+    def read_log() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("INFO ") and not line.startswith("INFO edgelvm"):
+                continue  # the ONNX exporter's passes
+            sys.stderr.write(line)
+            if line.startswith("INFO edgelvm"):  # a phase starts, at the memory the last sample saw
+                at = round(time.perf_counter() - started, 1)
+                phases.append({"phase": line.split(": ", 1)[-1].strip()[:80], "at_s": at, "peak_rss_bytes": last[0],
+                               "peak_anon_bytes": last[1]})  # fmt: skip
+
     sampler = threading.Thread(target=sample, daemon=True)
+    reader = threading.Thread(target=read_log, daemon=True)
     sampler.start()
+    reader.start()
     code = proc.wait()
     sampler.join()
-    return time.perf_counter() - started, peak[0], peak[1], code
+    reader.join()
+    return time.perf_counter() - started, peak[0], peak[1], code, phases
 
 
 def _bytes(folder: Path, suffixes: tuple[str, ...]) -> int:
@@ -122,16 +143,23 @@ def main() -> None:
         checkpoint = build(name, args.work / name / "checkpoint")
         bundle = args.work / name / "bundle"
         dtype = SHAPES[name][5]
-        command = [edgelvm, "export", str(checkpoint), "-o", str(bundle), "--force", "--dtype", dtype,
+        command = [edgelvm, "-v", "export", str(checkpoint), "-o", str(bundle), "--force", "--dtype", dtype,
                    "--max-length", str(args.max_length)]  # fmt: skip
-        seconds, peak, anon, code = run_measured(command)
+        seconds, peak, anon, code, phases = run_measured(command)
         weights = _bytes(checkpoint, (".safetensors",))
         row = {"model": name, "dtype": dtype, "checkpoint_bytes": weights, "export_s": round(seconds, 1),
-               "export_peak_rss_bytes": peak, "export_peak_anon_bytes": anon, "exit": code}  # fmt: skip
+               "export_peak_rss_bytes": peak, "export_peak_anon_bytes": anon, "exit": code,
+               "phases": phases}  # fmt: skip
         if code == 0:
             row["bundle_bytes"] = _bytes(bundle, (".onnx", ".data", ".npy"))
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "phases"}), flush=True)
+        for phase in phases:  # where the peak is: each progress step's own peak
+            print(
+                f"  {phase['at_s']:7.1f} s  {phase['peak_rss_bytes'] / 1e9:5.2f} GB RSS  "
+                f"{phase['peak_anon_bytes'] / 1e9:5.2f} GB anon.  {phase['phase']}",
+                flush=True,
+            )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(rows, indent=1))
     header = "| model | dtype | checkpoint | export | peak RSS (× ckpt) | peak anon. RSS (× ckpt) | bundle (× ckpt) |"

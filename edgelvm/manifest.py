@@ -50,8 +50,9 @@ class GraphSpec:
     precision: str = "fp32"
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
-    #: Largest absolute / relative error against PyTorch measured at export time, for provenance.
-    parity: dict[str, float] = field(default_factory=dict)
+    #: Largest absolute / relative error against PyTorch measured at export time, for provenance; ``scope`` (a
+    #: string) when only a part of the graph was compared (large decoders: its first layers), else the whole graph.
+    parity: dict[str, float | str] = field(default_factory=dict)
     #: A ``table`` stored as integer codes (:data:`TABLE_CODE_FIELDS`): ``file`` holds the codes ``uint8 [rows,
     #: blocks, block_size * bits / 8]`` (4 bits: two per byte, low nibble first), ``scales`` the ``float32 [rows,
     #: blocks]`` file, ``zero_points`` the ``uint8 [rows, blocks]`` file or None (symmetric: ``2 ** (bits - 1)``),

@@ -54,6 +54,10 @@ class ExportConfig:
     #: MatMulNBits ``accuracy_level`` for an INT4 checkpoint's fused decoder: 0 = fp32 compute (default), 4 = int8
     #: activations (faster on CPU; can flip top tokens — onnxruntime #29849, measured in benchmarks/quant_shapes.py).
     int4_accuracy_level: int = 0
+    #: Decoders with more weight bytes than this are parity-checked on their first layers (a part of the shipped
+    #: graph: ONNX Runtime maps only those layers' bytes), the rest whole; the manifest's ``parity.scope`` says
+    #: which. None: ``onnx_graphs.PARITY_WHOLE_BYTES`` (1 GiB).
+    parity_whole_bytes: int | None = None
 
 
 @dataclass
@@ -68,6 +72,8 @@ class ExportReport:
         for name, graph in self.manifest.graphs.items():
             parity = graph.parity
             err = f"{parity['max_rel']:.1e} rel / {parity['max_abs']:.1e} abs" if parity else "exact copy"
+            if parity.get("scope"):
+                err += f" ({parity['scope']})"
             rows.append((name, graph.file, f"{self.sizes.get(graph.file, 0) / 1e6:.1f} MB", err))
         return rows
 
@@ -133,7 +139,13 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
         )
         log.info("exporting decoder")
         graphs["decoder"] = export_decoder(
-            adapter, staging / "decoder.onnx", config.dtype, kv, rewrites.get("decoder"), index
+            adapter,
+            staging / "decoder.onnx",
+            config.dtype,
+            kv,
+            rewrites.get("decoder"),
+            index,
+            config.parity_whole_bytes,
         )
         fused = _export_fused(adapter, staging / "decoder_ort.onnx", kv, config, index)
         if fused is not None:
@@ -204,7 +216,7 @@ def _export_fused(adapter: Any, path: Path, kv: Any, config: ExportConfig, index
                 fix="export with --dtype fp32 or --decoder portable",
             )
         log.info("building the fused ONNX Runtime decoder")
-        return export_fused_decoder(adapter, path, kv, config.int4_accuracy_level, index)
+        return export_fused_decoder(adapter, path, kv, config.int4_accuracy_level, index, config.parity_whole_bytes)
     except UnsupportedModelError as err:
         if config.decoder == "fused":
             raise

@@ -44,15 +44,30 @@ INT8_ACTIVATION_TOLERANCE = 5e-2
 #: Above this, weights go to a side file: ONNX protobufs are capped at 2 GB, and external tensors can be shared
 #: between graphs (the fused decoder points into the portable decoder's file: export/external_data.py).
 _EXTERNAL_DATA_BYTES = 64 << 20
+#: A decoder whose weights exceed this many bytes is checked on a part of the shipped graph instead of whole: the
+#: present keys/values of its first :data:`PARTIAL_PARITY_LAYERS` layers, from a sub-graph whose initializers point
+#: into the same data files, so ONNX Runtime maps only those layers' bytes. A whole-graph session would map every
+#: weight a second time next to the PyTorch model's (issue 19: the 0.8B-class export peaked at 1.9x the checkpoint,
+#: mostly those two mappings). Smaller decoders are checked whole (``ExportConfig.parity_whole_bytes``).
+PARITY_WHOLE_BYTES = 1 << 30
+#: Key/value layers a partial check compares: all but the last of them are checked whole (attention, MLP, norms),
+#: the last up to its key/value projections.
+PARTIAL_PARITY_LAYERS = 3
 
 
 @dataclass
 class ParityResult:
     max_abs: float
     max_rel: float
+    #: What was compared when not the whole graph (the manifest's ``parity.scope``), e.g. "present key/value of
+    #: layers 0-2 of 24".
+    scope: str | None = None
 
-    def as_dict(self) -> dict[str, float]:
-        return {"max_abs": self.max_abs, "max_rel": self.max_rel}
+    def as_dict(self) -> dict[str, float | str]:
+        found: dict[str, float | str] = {"max_abs": self.max_abs, "max_rel": self.max_rel}
+        if self.scope is not None:
+            found["scope"] = self.scope
+        return found
 
 
 def _export(
@@ -121,6 +136,92 @@ def _compare(onnx_outputs: list[np.ndarray], torch_outputs: list[torch.Tensor]) 
         max_abs = max(max_abs, float(np.abs(got.astype(np.float32) - ref_np).max(initial=0.0)))
         scale = max(scale, float(np.abs(ref_np).max(initial=0.0)))
     return ParityResult(max_abs=max_abs, max_rel=max_abs / max(scale, 1e-12))
+
+
+def _partial_graph(path: Path, inputs: list[str], outputs: list[str]) -> Path:
+    """The part of the saved graph ``path`` that computes ``outputs`` from ``inputs``, saved beside it. Its
+    initializers keep pointing into the graph's own external data (nothing is loaded or copied), so a session on it
+    maps only their bytes: the shipped weights, not a re-export. The caller removes the file.
+
+    Not ``onnx.utils.Extractor``: it follows only a node's listed inputs, and a ``Scan`` / ``If`` body may read
+    values of the outer graph by name (the hybrid decoder's scan does)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
+    keep: set[int] = set()
+    used: set[str] = set()
+    stack, stop = list(outputs), set(inputs)
+    while stack:
+        name = stack.pop()
+        if name in used:
+            continue
+        used.add(name)
+        i = producer.get(name)
+        if name not in stop and i is not None and i not in keep:
+            keep.add(i)
+            stack.extend(_node_reads(graph.node[i]))
+    part = helper.make_graph(
+        [node for i, node in enumerate(graph.node) if i in keep],  # in the original (topological) order
+        f"part of {graph.name}",
+        [v for v in graph.input if v.name in stop],
+        [v for v in graph.output if v.name in outputs],
+        initializer=[t for t in graph.initializer if t.name in used],
+        value_info=[v for v in graph.value_info if v.name in used],
+    )
+    extracted = helper.make_model(part, opset_imports=model.opset_import, functions=model.functions)
+    extracted.ir_version = model.ir_version
+    target = path.with_name(f".parity.{path.name}")
+    onnx.save_model(extracted, str(target))
+    return target
+
+
+def _node_reads(node: Any) -> list[str]:
+    """The values a node reads: its inputs and what its subgraphs (loop / branch bodies) read from outside them."""
+    reads = [name for name in node.input if name]
+    for attr in node.attribute:
+        for body in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            defined = {v.name for v in body.input} | {t.name for t in body.initializer}
+            defined |= {name for inner in body.node for name in inner.output}
+            inner_reads = [name for inner in body.node for name in _node_reads(inner)]
+            reads += [name for name in [*inner_reads, *(v.name for v in body.output)] if name not in defined]
+    return reads
+
+
+def _graph_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The inputs and outputs of a saved graph as :func:`_specs` reads them from a session, without opening one
+    (which would map every weight)."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def convert(values: Any) -> list[TensorSpec]:
+        specs = []
+        for v in values:
+            tensor = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+            specs.append(TensorSpec(name=v.name, dtype=dtype, shape=dims))
+        return specs
+
+    return convert(graph.input), convert(graph.output)
+
+
+def _partial_layers(kv: KVCacheSpec, weight_bytes: int, whole_bytes: int | None) -> int | None:
+    """How many key/value layers a partial check compares, or None for a whole-graph check."""
+    limit = PARITY_WHOLE_BYTES if whole_bytes is None else whole_bytes
+    if weight_bytes <= limit or kv.num_layers <= PARTIAL_PARITY_LAYERS:
+        return None
+    return PARTIAL_PARITY_LAYERS
+
+
+def _partial_scope(kv: KVCacheSpec, layers: int, total: int) -> str:
+    last = kv.kv_layers[layers - 1]
+    states = " and states" if kv.states else ""
+    return f"present key/value{states} of layers 0-{last} of {total} (layer {last} up to its key/value projections)"
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:
@@ -249,11 +350,13 @@ def export_decoder(
     kv: KVCacheSpec,
     rewrite: GraphRewrite | None = None,
     index: ContentIndex | None = None,
+    parity_whole_bytes: int | None = None,
 ) -> GraphSpec:
     """The KV-cache decoder; one graph serves prefill (past_len 0) and decode (seq 1). ``rewrite`` as for the vision
     graph (the module-path prefix of the language model inside the wrapper is ``language_model.``). Weights whose
     bytes ``index`` holds (a tied LM head: the embedding table) point there instead of being stored twice; the
-    parity check runs on the graph as it is finally stored."""
+    parity check runs on the graph as it is finally stored — whole, or above ``parity_whole_bytes`` of weights
+    (default :data:`PARITY_WHOLE_BYTES`) on its first layers (:func:`_partial_graph`)."""
     module = adapter.decoder_module()
     dtype = next(module.parameters()).dtype
     names_in, names_out = decoder_io_names(kv)
@@ -286,7 +389,9 @@ def export_decoder(
         tuple([*window_shapes, *kv_shapes, *({0: batch} for _ in kv.states or [])]),
     )
     example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype, window_past=6)
-    _export(module, example, shapes, names_in, names_out, path, _weight_bytes(module))
+    weight_bytes = _weight_bytes(module)
+    _export(module, example, shapes, names_in, names_out, path, weight_bytes)
+    log.info("decoder: traced and saved")
     if rewrite is not None:
         rewrite.rewrite_file(path, DECODER_PREFIX)
     if index is not None:
@@ -294,7 +399,44 @@ def export_decoder(
         if shared:
             log.info("decoder: %.1f MB of weights shared with files written before it", shared / 1e6)
 
-    session = _ort_session(path, prepack=rewrite is not None)
+    partial = _partial_layers(kv, weight_bytes, parity_whole_bytes)
+    # which outputs are compared: logits, every key/value and state — or the first `partial` layers' presents
+    checked = list(range(len(names_out)))
+    scope, graph = None, path
+    if partial is not None:
+        last = kv.kv_layers[partial - 1]
+        states = [1 + 2 * kv.num_layers + j for j, s in enumerate(kv.states or []) if s.layer <= last]
+        checked = [*range(1, 1 + 2 * partial), *states]
+        scope = _partial_scope(kv, partial, adapter.text_config.num_hidden_layers)
+        graph = _partial_graph(path, names_in, [names_out[i] for i in checked])
+    log.info("decoder: checking %s against PyTorch", scope or "the whole graph")
+    try:
+        worst = _decoder_parity(adapter, module, graph, names_in, kv, dtype, rewrite, extra_names, checked)
+    finally:
+        if graph != path:
+            graph.unlink(missing_ok=True)
+    worst.scope = scope
+    _check("decoder", worst, precision, rewrite)
+    inputs, outputs = _graph_specs(path)
+    return GraphSpec(file=path.name, precision=rewrite.precision if rewrite else precision, inputs=inputs,
+                     outputs=outputs, parity=worst.as_dict())  # fmt: skip
+
+
+def _decoder_parity(
+    adapter: VLMAdapter,
+    module: torch.nn.Module,
+    graph: Path,
+    names_in: list[str],
+    kv: KVCacheSpec,
+    dtype: torch.dtype,
+    rewrite: GraphRewrite | None,
+    extra_names: list[str],
+    checked: list[int],
+) -> ParityResult:
+    """The portable decoder's outputs numbered ``checked`` (of logits, presents, states) against the module's, on a
+    padded decode step and a prefill; ``graph`` computes exactly those outputs, in that order."""
+    window, local = kv.window, [w is not None for w in kv.windows or []]
+    session = _ort_session(graph, prepack=rewrite is not None)
     worst = ParityResult(0.0, 0.0)
     # Decode step with padding, and a prefill with an empty cache (the runtime's two uses of the graph).
     examples = [
@@ -306,22 +448,22 @@ def export_decoder(
     for args in examples:
         with torch.no_grad(), _reference(rewrite, module):
             reference = module(*args)
-        got = session.run(None, {n: a.numpy() for n, a in zip(names_in, args)})
+        got = dict(zip(checked, session.run(None, {n: a.numpy() for n, a in zip(names_in, args)})))
         # Compare logits and the cache rows of real tokens; fully padded query rows are undefined in both.
-        parity = _compare(got[:1], reference[:1])
-        for g, r in zip(got[1 + 2 * kv.num_layers :], reference[1 + 2 * kv.num_layers :]):  # fixed-size states
-            parity = _merge(parity, _compare([g], [r]))
+        parity = ParityResult(0.0, 0.0)
         columns = args[1].bool()  # which key columns hold real tokens (global layers: the attention mask)
         local_columns = args[3 + len(extra_names)] >= 0 if window is not None else columns
-        for i, (g, r) in enumerate(zip(got[1 : 1 + 2 * kv.num_layers], reference[1 : 1 + 2 * kv.num_layers])):
-            valid = (local_columns if window is not None and local[i // 2] else columns)[:, None, :, None]
-            valid = valid.expand_as(r)
-            parity = _merge(parity, _compare([np.where(valid.numpy(), g, 0)], [torch.where(valid, r, 0)]))
+        for k, g in got.items():
+            r = reference[k]
+            if 1 <= k < 1 + 2 * kv.num_layers:  # keys / values: real columns only
+                i = k - 1
+                valid = (local_columns if window is not None and local[i // 2] else columns)[:, None, :, None]
+                valid = valid.expand_as(r)
+                parity = _merge(parity, _compare([np.where(valid.numpy(), g, 0)], [torch.where(valid, r, 0)]))
+            else:  # logits, fixed-size states
+                parity = _merge(parity, _compare([g], [r]))
         worst = _merge(worst, parity)
-    _check("decoder", worst, precision, rewrite)
-    inputs, outputs = _specs(session)
-    return GraphSpec(file=path.name, precision=rewrite.precision if rewrite else precision, inputs=inputs,
-                     outputs=outputs, parity=worst.as_dict())  # fmt: skip
+    return worst
 
 
 def _merge(a: ParityResult, b: ParityResult) -> ParityResult:
@@ -329,13 +471,44 @@ def _merge(a: ParityResult, b: ParityResult) -> ParityResult:
 
 
 def export_fused_decoder(
-    adapter: VLMAdapter, path: Path, kv: KVCacheSpec, accuracy_level: int = 0, index: ContentIndex | None = None
+    adapter: VLMAdapter,
+    path: Path,
+    kv: KVCacheSpec,
+    accuracy_level: int = 0,
+    index: ContentIndex | None = None,
+    parity_whole_bytes: int | None = None,
 ) -> GraphSpec:
     """The ONNX Runtime–fused decoder (in-place KV, GroupQueryAttention), checked against the PyTorch decoder on a
-    right-padded two-row prompt and a decode step. Weights ``index`` knows are shared, not written again."""
+    right-padded two-row prompt and a decode step. Weights ``index`` knows are shared, not written again. Above
+    ``parity_whole_bytes`` of weights the check compares the first layers' caches after those steps instead of the
+    logits, on a part of the graph (as :func:`export_decoder`)."""
     spec = build_gqa_decoder(adapter.decoder_weights(kv.max_length), kv, path, accuracy_level, index)
     module = adapter.decoder_module()
-    session = _ort_session(path, prepack=spec.precision != "fp32")
+    partial = _partial_layers(kv, _weight_bytes(module), parity_whole_bytes)
+    scope, graph = None, path
+    if partial is not None:
+        scope = _partial_scope(kv, partial, adapter.text_config.num_hidden_layers)
+        graph = _partial_graph(path, [t.name for t in spec.inputs], kv.io_names()[1][: 2 * partial])
+    log.info("fused decoder: checking %s against PyTorch", scope or "the whole graph")
+    try:
+        worst = _fused_parity(adapter, module, graph, kv, spec.precision, 2 * partial if partial else None)
+    finally:
+        if graph != path:
+            graph.unlink(missing_ok=True)
+    worst.scope = scope
+    # accuracy_level 4 quantizes the INT4 matmuls' activations to int8 on purpose: held to the INT8 bound instead
+    _check("fused decoder", worst, "fp32", limit=INT8_ACTIVATION_TOLERANCE if accuracy_level else None)
+    spec.parity = worst.as_dict()
+    return spec
+
+
+def _fused_parity(
+    adapter: VLMAdapter, module: torch.nn.Module, graph: Path, kv: KVCacheSpec, precision: str, caches: int | None
+) -> ParityResult:
+    """Run the fused ``graph`` on a right-padded two-row prompt and decode steps; compare each step's logits with
+    the module's, or (``caches``: a part of the graph without logits) the first ``caches`` present buffers after
+    the last step with the module's cache."""
+    session = _ort_session(graph, prepack=precision != "fp32")
     hidden = adapter.text_config.hidden_size
     generator = torch.Generator().manual_seed(3)
     lengths, steps = [7, 4], 2
@@ -349,6 +522,7 @@ def export_fused_decoder(
     }
     worst = ParityResult(0.0, 0.0)
     references = []  # per row: torch logits for the prompt, then each decode step
+    final_caches = []  # per row: the module's cache after the last step
     for row, prompt in enumerate(prompts):
         empty = [torch.zeros(1, kv.num_kv_heads, 0, kv.head_dim) for _ in range(2 * kv.num_layers)]
         with torch.no_grad():
@@ -363,6 +537,7 @@ def export_fused_decoder(
                 row_refs.append(out[0])
                 past = list(out[1:])
         references.append(row_refs)
+        final_caches.append(past)
     embeds = np.zeros((len(lengths), max(lengths), hidden), np.float32)
     for row, prompt in enumerate(prompts):
         embeds[row, : lengths[row]] = prompt[0].numpy()
@@ -377,29 +552,37 @@ def export_fused_decoder(
         }
         got = _run_in_place(session, feeds, buffers)
         for row in range(len(lengths)):
-            worst = _merge(worst, _compare([got[row : row + 1]], [references[row][step]]))
+            if got is not None:
+                worst = _merge(worst, _compare([got[row : row + 1]], [references[row][step]]))
         if step < steps:
             embeds = np.concatenate([tokens[step][r][0].numpy()[None] for r in range(len(lengths))])
             totals = totals + 1
-    # accuracy_level 4 quantizes the INT4 matmuls' activations to int8 on purpose: held to the INT8 bound instead
-    _check("fused decoder", worst, "fp32", limit=INT8_ACTIVATION_TOLERANCE if accuracy_level else None)
-    spec.parity = worst.as_dict()
-    return spec
+    if caches is not None:  # rows are packed from position 0: each row's first `total` columns are its cache
+        past_names = kv.io_names()[0]
+        for row, total in enumerate(totals):
+            for i in range(caches):
+                got_rows = buffers[past_names[i]][row : row + 1, :, :total]
+                worst = _merge(worst, _compare([got_rows], [final_caches[row][i]]))
+    return worst
 
 
 def _run_in_place(session: Any, feeds: dict[str, np.ndarray], buffers: dict[str, np.ndarray]) -> np.ndarray:
     """Run with each past buffer bound as its own present output (how the runtime shares them)."""
     binding = session.io_binding()
-    binding.bind_output("logits")  # first, so it is output 0 below
+    outputs = {o.name for o in session.get_outputs()}  # a part of the graph (partial check) may lack some
+    if "logits" in outputs:
+        binding.bind_output("logits")  # first, so it is output 0 below
+    inputs = {i.name for i in session.get_inputs()}
     for name, value in feeds.items():
-        if name not in buffers:
+        if name not in buffers and name in inputs:
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
     for name, buffer in buffers.items():
         present = name.replace("past_key_values", "present")
         binding.bind_input(name, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
-        binding.bind_output(present, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+        if present in outputs:
+            binding.bind_output(present, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
     session.run_with_iobinding(binding)
-    return binding.copy_outputs_to_cpu()[0]
+    return binding.copy_outputs_to_cpu()[0] if "logits" in outputs else None
 
 
 _EMBED_CHUNK = 16384
