@@ -6,10 +6,15 @@ its own process; peak RSS is sampled from /proc every 50 ms over the whole proce
 the memory-mapped safetensors included, as the kernel counts them), and per phase of the export (its progress log
 lines, ``edgelvm -v``: printed, and ``phases`` in the JSON), which says where the peak is.
 
+Each bundle then answers one question about a picture in its own measured process (load, vision, prefill, decode
+tokens/s, peak RSS). With ``--parity-layers N`` (the default for fp16 shapes), a copy of the same checkpoint cut to
+its first N language-model layers (every other weight the same bytes) is exported the same way, and its greedy
+tokens are compared with PyTorch's on that copy, in the checkpoint's dtype — the whole model's PyTorch reference
+would need a second copy of the weights (and in fp16, days of CPU time).
+
     python benchmarks/scale.py                         # every shape that fits this machine; table + JSON + plot
     python benchmarks/scale.py --models smollm2-135m qwen2-0.5b
-
-The 7B shape (LLaVA-1.5-7B, fp16, a 14 GB checkpoint) is listed but not run by default (not yet measured here).
+    python benchmarks/scale.py --models llava-1.5-7b   # fp16, a 14 GB checkpoint; about 20 GB of disk per copy
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -62,10 +69,10 @@ DEFAULT = ["smollm2-135m", "qwen2-0.5b"]
 def build(name: str, out: Path) -> Path:
     from edgelvm.models.synthetic import build_tiny_llava
 
-    vision, image, patch, text, text_overrides, _ = SHAPES[name]
+    vision, image, patch, text, text_overrides, dtype = SHAPES[name]
     if not (out / "config.json").exists():
-        build_tiny_llava(out, text=text, vision="clip", image_size=image, patch_size=patch,
-                         vision_overrides=vision, text_overrides=text_overrides)  # fmt: skip
+        build_tiny_llava(out, text=text, vision="clip", image_size=image, patch_size=patch, vision_overrides=vision,
+                         text_overrides=text_overrides, dtype="float16" if dtype == "fp16" else "float32")  # fmt: skip
     return out
 
 
@@ -127,6 +134,146 @@ def run_measured(command: list[str]) -> tuple[float, int, int, int, list[dict]]:
     return time.perf_counter() - started, peak[0], peak[1], code, phases
 
 
+PROMPT = "Describe the picture."
+PICTURE = 336  # pixels; each bundle's preprocessing resizes it, as HF's processor does
+
+
+def picture(size: int) -> object:
+    """A deterministic test picture: a colour gradient with a few bright squares."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    rgb = np.stack([x * 255 // size, y * 255 // size, (x + y) * 127 // size], -1).astype(np.uint8)
+    for i in range(4):
+        rgb[40 * i + 10 : 40 * i + 40, 60 * i + 10 : 60 * i + 40] = (255, 255 - 60 * i, 60 * i)
+    return Image.fromarray(rgb)
+
+
+def answer(bundle: Path, out: Path, tokens: int) -> None:
+    """Child process: load ``bundle``, answer one question about the picture, write the timings and token ids."""
+    from edgelvm.runtime import VLM
+
+    started = time.perf_counter()
+    vlm = VLM.load(bundle)
+    loaded = time.perf_counter() - started
+    vlm.generate(picture(PICTURE), PROMPT, max_new_tokens=tokens)
+    stats = vlm.last_stats
+    out.write_text(json.dumps({
+        "load_s": round(loaded, 1), "vision_ms": round(stats.vision_ms), "prefill_ms": round(stats.prefill_ms),
+        "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+        "decode_tok_s": round(stats.decode_tokens_per_s, 2), "ids": vlm.last_output_ids[0],
+    }))  # fmt: skip
+
+
+def run_answer(bundle: Path, tokens: int) -> dict:
+    """:func:`answer` in its own process, measured (peak RSS of the runtime with the bundle loaded)."""
+    out = bundle.parent / f"{bundle.name}.answer.json"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, __file__, "--answer", str(bundle), str(out), "--tokens", str(tokens)]
+    seconds, peak, anon, code, _ = run_measured(command)
+    result = json.loads(out.read_text()) if code == 0 else {}
+    return {**result, "run_s": round(seconds, 1), "run_peak_rss_bytes": peak, "run_peak_anon_bytes": anon,
+            "run_exit": code}  # fmt: skip
+
+
+_TEXT_LAYER = re.compile(r"language_model\.(?:model\.)?layers\.(\d+)\.")
+
+
+def truncate(checkpoint: Path, out: Path, layers: int) -> Path:
+    """A copy of ``checkpoint`` with only its first ``layers`` language-model layers; every kept tensor is the
+    same bytes. Streams tensor by tensor through the shards (never the whole model in memory)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in checkpoint.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and not path.name.endswith(".index.json"):
+            shutil.copy2(path, out / path.name)
+    config = json.loads((checkpoint / "config.json").read_text())
+    text = config["text_config"]
+    old = text["num_hidden_layers"]
+    for key, value in list(text.items()):  # per-layer lists (layer_types) follow the layer count
+        if isinstance(value, list) and len(value) == old:
+            text[key] = value[:layers]
+    text["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    weight_map = {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            kept = {k: f.get_tensor(k) for k in f.keys()  # noqa: SIM118 (safe_open is not a dict)
+                    if not ((m := _TEXT_LAYER.search(k)) and int(m.group(1)) >= layers)}  # fmt: skip
+        if kept:
+            save_file(kept, str(out / shard.name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(kept, shard.name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def pytorch_greedy(checkpoint: Path, dtype: str, tokens: int) -> list[int]:
+    """PyTorch's greedy answer (``generate``) to the same question, in the checkpoint's dtype."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(
+        checkpoint, dtype=torch.float16 if dtype == "fp16" else torch.float32
+    ).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[picture(PICTURE)], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=tokens, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    ids = ids.tolist()
+    return next((ids[: i + 1] for i, t in enumerate(ids) if t in eos), ids)
+
+
+def truncated_parity(name: str, checkpoint: Path, work: Path, layers: int, tokens: int, command: list[str]) -> dict:
+    """Export the first ``layers`` layers of ``checkpoint`` as the full model was (``command`` with its paths
+    replaced) and compare the bundle's greedy tokens with PyTorch's on that copy."""
+    copy = truncate(checkpoint, work / "truncated" / "checkpoint", layers)
+    bundle = work / "truncated" / "bundle"
+    command = [str(copy) if c == str(checkpoint) else str(bundle) if c.endswith("bundle") else c for c in command]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runtime = run_answer(bundle, tokens).get("ids", [])
+    reference = pytorch_greedy(copy, SHAPES[name][5], tokens)
+    same = next((i for i, (a, b) in enumerate(zip(runtime, reference)) if a != b), min(len(runtime), len(reference)))
+    shutil.rmtree(work / "truncated")
+    return {"layers": layers, "tokens": len(reference), "equal": runtime == reference, "common_prefix": same,
+            "runtime_ids": runtime, "pytorch_ids": reference}  # fmt: skip
+
+
+def quantized_row(edgelvm: str, checkpoint: Path, args: argparse.Namespace, method: str) -> dict:
+    """``edgelvm quantize --llm METHOD`` (INT4 g128, calibrated on shapes records), its export and one answer,
+    each measured in its own process."""
+    work = checkpoint.parent
+    calib = work / "calib"
+    if not (calib / "data.jsonl").exists():
+        subprocess.run([edgelvm, "data", "shapes", "-o", str(calib), "--n", str(args.calib_limit), "--force"],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    quantized, bundle = work / f"int4-{method}", work / f"bundle-int4-{method}"
+    seconds, peak, anon, code, _ = run_measured([
+        edgelvm, "-v", "quantize", str(checkpoint), "--calib", str(calib), "-o", str(quantized), "--llm", method,
+        "--vision", "none", "--group-size", "128", "--calib-limit", str(args.calib_limit), "--force",
+    ])  # fmt: skip
+    row = {"method": method, "quantize_s": round(seconds, 1), "quantize_peak_rss_bytes": peak,
+           "quantize_peak_anon_bytes": anon, "quantize_exit": code}  # fmt: skip
+    if code == 0:
+        seconds, peak, anon, code, _ = run_measured([
+            edgelvm, "-v", "export", str(quantized), "-o", str(bundle), "--force", "--max-length",
+            str(args.max_length),
+        ])  # fmt: skip
+        row.update(export_s=round(seconds, 1), export_peak_rss_bytes=peak, export_peak_anon_bytes=anon,
+                   export_exit=code)  # fmt: skip
+        if code == 0:
+            row["bundle_bytes"] = _bytes(bundle, (".onnx", ".data", ".npy"))
+            row["run"] = run_answer(bundle, args.tokens)
+    return row
+
+
 def _bytes(folder: Path, suffixes: tuple[str, ...]) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix in suffixes)
 
@@ -136,7 +283,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=DEFAULT, choices=sorted(SHAPES))
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=16, help="new tokens per answer")
+    parser.add_argument("--parity-layers", type=int, default=None,
+                        help="check a copy cut to this many LLM layers (default: 2 for fp16 shapes, else off; 0 = off)")
+    parser.add_argument("--quantize", nargs="*", default=[], choices=["rtn", "awq", "gptq"],
+                        help="also quantize each fp32 shape's LLM to INT4 with these methods, export and run it")
+    parser.add_argument("--calib-limit", type=int, default=16, help="calibration records for --quantize")
+    parser.add_argument("--answer", nargs=2, type=Path, metavar=("BUNDLE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.answer:
+        return answer(*args.answer, args.tokens)
     edgelvm = str(Path(sys.executable).with_name("edgelvm"))
     rows = []
     for name in args.models:
@@ -147,11 +303,18 @@ def main() -> None:
                    "--max-length", str(args.max_length)]  # fmt: skip
         seconds, peak, anon, code, phases = run_measured(command)
         weights = _bytes(checkpoint, (".safetensors",))
-        row = {"model": name, "dtype": dtype, "checkpoint_bytes": weights, "export_s": round(seconds, 1),
-               "export_peak_rss_bytes": peak, "export_peak_anon_bytes": anon, "exit": code,
-               "phases": phases}  # fmt: skip
+        row = {"model": name, "dtype": dtype, "checkpoint_bytes": weights, "parameters": weights // (2 if dtype ==
+               "fp16" else 4), "export_s": round(seconds, 1), "export_peak_rss_bytes": peak,
+               "export_peak_anon_bytes": anon, "exit": code, "phases": phases}  # fmt: skip
         if code == 0:
             row["bundle_bytes"] = _bytes(bundle, (".onnx", ".data", ".npy"))
+            row["run"] = run_answer(bundle, args.tokens)
+            layers = args.parity_layers if args.parity_layers is not None else 2 if dtype == "fp16" else 0
+            if layers:
+                row["truncated_parity"] = truncated_parity(name, checkpoint, args.work / name, layers, args.tokens,
+                                                           command)  # fmt: skip
+        for method in args.quantize if dtype == "fp32" else []:
+            row.setdefault("int4", []).append(quantized_row(edgelvm, checkpoint, args, method))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "phases"}), flush=True)
         for phase in phases:  # where the peak is: each progress step's own peak
@@ -160,22 +323,90 @@ def main() -> None:
                 f"{phase['peak_anon_bytes'] / 1e9:5.2f} GB anon.  {phase['phase']}",
                 flush=True,
             )
+        save(rows)  # after each model: a long run's finished rows survive a later failure
+    print(render(rows))
+
+
+def save(rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(rows, indent=1))
-    header = "| model | dtype | checkpoint | export | peak RSS (× ckpt) | peak anon. RSS (× ckpt) | bundle (× ckpt) |"
-    lines = [header, "|---" * 7 + "|"]
+    (RESULTS / "scale.md").write_text(render(rows) + "\n")
+    plot(rows, RESULTS / "scale.png")
+
+
+def render(rows: list[dict]) -> str:
+    header = ("| model | params | dtype | checkpoint | export | export peak RSS (× ckpt) | peak anon. (× ckpt) | "
+              "bundle (× ckpt) | runtime peak RSS | decode tok/s | truncated copy = PyTorch |")  # fmt: skip
+    lines = [header, "|---" * 11 + "|"]
+    extra = []
     for r in rows:
         ckpt = r["checkpoint_bytes"]
         peak, anon = r["export_peak_rss_bytes"], r["export_peak_anon_bytes"]
-        size = r.get("bundle_bytes")
+        size, run, parity = r.get("bundle_bytes"), r.get("run", {}), r.get("truncated_parity")
         bundle = f"{size / 1e9:.2f} GB ({size / ckpt:.2f}×)" if size else "failed"
-        lines.append(
-            f"| {r['model']} | {r['dtype']} | {ckpt / 1e9:.2f} GB | {r['export_s']:.0f} s | "
-            f"{peak / 1e9:.2f} GB ({peak / ckpt:.2f}×) | {anon / 1e9:.2f} GB ({anon / ckpt:.2f}×) | {bundle} |"
+        runtime = f"{run['run_peak_rss_bytes'] / 1e9:.2f} GB" if run.get("run_exit") == 0 else "—"
+        check = "—" if not parity else (
+            f"{parity['layers']} layers: {'yes' if parity['equal'] else 'no'}, "
+            f"{parity['common_prefix']}/{parity['tokens']} tokens"
         )
-    table = "\n".join(lines)
-    (RESULTS / "scale.md").write_text(table + "\n")
-    print(table)
+        for q in r.get("int4", []):
+            extra.append(quantized_line(r, q))
+        lines.append(
+            f"| {r['model']} | {r['parameters'] / 1e9:.2f} B | {r['dtype']} | {ckpt / 1e9:.2f} GB | "
+            f"{r['export_s']:.0f} s | {peak / 1e9:.2f} GB ({peak / ckpt:.2f}×) | "
+            f"{anon / 1e9:.2f} GB ({anon / ckpt:.2f}×) | {bundle} | {runtime} | {run.get('decode_tok_s', '—')} | "
+            f"{check} |"
+        )
+    if extra:
+        lines += ["", "| model | INT4 method | quantize | quantize peak RSS (× fp32 ckpt) | export | export peak RSS | "
+                  "bundle | runtime peak RSS | decode tok/s |", "|---" * 9 + "|", *extra]  # fmt: skip
+    return "\n".join(lines)
+
+
+def quantized_line(r: dict, q: dict) -> str:
+    ckpt, gb = r["checkpoint_bytes"], 1e9
+    run = q.get("run", {})
+    if q["quantize_exit"] != 0:
+        return f"| {r['model']} | {q['method']} | failed ({q['quantize_exit']}) | | | | | | |"
+    return (
+        f"| {r['model']} | {q['method']} g128 | {q['quantize_s']:.0f} s | {q['quantize_peak_rss_bytes'] / gb:.2f} GB "
+        f"({q['quantize_peak_rss_bytes'] / ckpt:.2f}×) | {q.get('export_s', 0):.0f} s | "
+        f"{q.get('export_peak_rss_bytes', 0) / gb:.2f} GB | {q.get('bundle_bytes', 0) / gb:.2f} GB | "
+        f"{run.get('run_peak_rss_bytes', 0) / gb:.2f} GB | {run.get('decode_tok_s', '—')} |"
+    )
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Export time, peak RSS, bundle bytes and decode tokens/s against parameters (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in rows if r.get("bundle_bytes")), key=lambda r: r["parameters"])
+    if not rows:
+        return
+    params = [r["parameters"] / 1e9 for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    axes[0].plot(params, [r["export_s"] / 60 for r in rows], "o-")
+    axes[0].set_ylabel("export wall time (min)")
+    for key, label in (("checkpoint_bytes", "checkpoint"), ("export_peak_rss_bytes", "export peak RSS"),
+                       ("export_peak_anon_bytes", "export peak anon. RSS"), ("bundle_bytes", "bundle")):  # fmt: skip
+        axes[1].plot(params, [r[key] / 1e9 for r in rows], "o-", label=label)
+    axes[1].set_ylabel("GB")
+    axes[1].legend(fontsize=8)
+    speeds = [r.get("run", {}).get("decode_tok_s") or float("nan") for r in rows]
+    axes[2].plot(params, speeds, "o-")
+    axes[2].set_ylabel("decode tokens/s (ONNX Runtime CPU, 2 cores)")
+    for ax in axes:
+        ax.set_xscale("log")
+        if ax is not axes[2] or any(v > 0 for v in speeds):
+            ax.set_yscale("log")
+        ax.set_xlabel("parameters (billions)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xticks(params, [r["model"] for r in rows], rotation=30, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

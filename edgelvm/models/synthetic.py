@@ -171,13 +171,15 @@ def build_tiny_llava(
     seed: int = 0,
     vision_overrides: dict | None = None,
     text_overrides: dict | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Write a complete random-weight LLaVA checkpoint (model + processor) to ``out_dir`` and return it.
 
     ``text="qwen2"`` uses grouped-query attention (4 query heads, 2 KV heads) so GQA paths are exercised;
     ``vision="siglip"`` has no CLS token and uses the ``full`` feature-select strategy.
     ``vision_overrides`` / ``text_overrides`` replace config fields, e.g. to build realistic shapes for benchmarks
-    (see :func:`build_realistic_llava`).
+    (see :func:`build_realistic_llava`). ``dtype="float16"`` builds and saves the weights in half precision (in 2 GB
+    shards), so a 7B shape never exists in fp32: 14 GB of memory instead of 28.
     """
     import torch
     from transformers import (
@@ -209,12 +211,18 @@ def build_tiny_llava(
         projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     # Random init gives near-uniform logits; widen them so greedy decoding is not decided by float noise.
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size="2GB")
+    del model
 
     processor = LlavaProcessor(
         image_processor=image_processor,

@@ -29,7 +29,7 @@ from edgelvm.errors import BackendError
 from edgelvm.manifest import WINDOW_POSITIONS, Manifest
 from edgelvm.runtime.backend import NO_INPUTS
 from edgelvm.runtime.kv_cache import DeviceCache, InPlaceKVCache, PingPongCache
-from edgelvm.runtime.session_settings import SessionSettings, is_jetson
+from edgelvm.runtime.session_settings import SessionSettings, graph_file_bytes, is_jetson
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,27 @@ def cpu_fallback_reason(builds: list[str], gpu_reason: str | None) -> str | None
     return None
 
 
+def import_onnxruntime() -> Any:
+    """``onnxruntime``, or a BackendError saying which build to install: the base install leaves it out on Linux
+    aarch64 (Jetson), where NVIDIA's JetPack build of onnxruntime-gpu is the one to use."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise BackendError(
+            f"onnxruntime is not installed ({err})",
+            where="backend",
+            fix="Jetson: install NVIDIA's JetPack build of onnxruntime-gpu (edgelvm does not pull onnxruntime on Linux "
+            f"aarch64, so that it cannot overwrite that build); elsewhere `pip install onnxruntime` ({HARDWARE_DOC}); "
+            "or use backend='tensorrt' with engines from `edgelvm build`",
+        ) from None
+    return onnxruntime
+
+
 def resolve_backend(name: str) -> tuple[str, list[str]]:
     """Map a backend name to ORT providers, checking that this onnxruntime install has them. ``auto`` picks CUDA when
     this onnxruntime has it; when it falls back to the CPU on a machine that looks like it has a GPU (or with a GPU
     build installed), it logs a warning that says why and how to fix it."""
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     available = ort.get_available_providers()
     name = _ALIASES.get(name, name)
     if name == "auto":
@@ -266,8 +281,7 @@ class OrtBackend:
     ) -> None:
         """``fused``: use the bundle's ORT-fused decoder (in-place KV, GroupQueryAttention) when it has one
         (default), or force the portable traced decoder (``False``)."""
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         self.name, self.providers = resolve_backend(backend)
         self.manifest = manifest
         self.kv_spec = manifest.kv_cache
@@ -277,6 +291,7 @@ class OrtBackend:
         self.settings = settings or SessionSettings.for_this_device(threads=threads)
         self.settings.apply(options)
         self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
+        self.fp16_modes: dict[str, str] = {}  # graph -> "upcast" | "mapped": fp16 graphs on the CPU provider
         if fused and self.device != "cpu":
             raise BackendError(
                 f"the fused decoder (decoder_ort) runs on ONNX Runtime CPU only, not on {self.name}: it is fp32 with "
@@ -306,13 +321,16 @@ class OrtBackend:
         self._trt_cache_dir: Path | None = None
         if "TensorrtExecutionProvider" in self.providers:
             self._trt_cache_dir = ort_tensorrt_cache_dir(Path(bundle_dir), ort.__version__)
-        self.vision = self._session(ort, bundle_dir / manifest.graphs["vision"].file, options, "vision")
+        self.vision = self._session(ort, bundle_dir / manifest.graphs["vision"].file, options, "vision",
+                                    manifest.graphs["vision"].precision)  # fmt: skip
         # The fused graph's in-place cache is bound from host memory: CPU only until a device-side variant exists.
         self.fused = (
             "decoder_ort" in manifest.graphs and self.device == "cpu" and not extra_inputs and fused is not False
         )
         graph = manifest.graphs["decoder_ort" if self.fused else "decoder"]
-        self.decoder = self._session(ort, bundle_dir / graph.file, options, "decoder_ort" if self.fused else "decoder")
+        self.decoder = self._session(
+            ort, bundle_dir / graph.file, options, "decoder_ort" if self.fused else "decoder", graph.precision
+        )
         self._out_names = [o.name for o in self.decoder.get_outputs()]
         self._kv_inputs = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past")]
         self.embed_dtype = _NP_DTYPES[graph.inputs[0].dtype]
@@ -322,8 +340,11 @@ class OrtBackend:
         self._vocab = int(graph.outputs[0].shape[-1])
         self._cache_type = InPlaceKVCache if self.fused else PingPongCache if self.device == "cpu" else DeviceCache
 
-    def _session(self, ort: Any, path: Path, options: Any, graph: str) -> Any:
+    def _session(self, ort: Any, path: Path, options: Any, graph: str, precision: str = "fp32") -> Any:
         providers: list[Any] = list(self.providers)
+        if precision == "fp16" and self.device == "cpu":
+            self.fp16_modes[graph] = mode = self.settings.fp16_mode(graph_file_bytes(path))
+            options = self.settings.cpu_fp16_options(ort, mode)
         if self._trt_cache_dir is not None:
             providers = session_providers(self.providers, self.manifest, graph, self._trt_cache_dir)
         try:

@@ -95,6 +95,7 @@ class VLM:
         decoder: str = "auto",
         spinning: bool | None = None,
         expected_sha256: str | None = None,
+        fp16_weights: str | None = None,
     ) -> VLM:
         """Open a bundle. ``verify`` checks every file's sha256 against the manifest (a mismatch names the file);
         whatever ``verify``, every file the runtime opens must be listed in the manifest and lie inside the bundle.
@@ -107,7 +108,9 @@ class VLM:
         ``vision_cache_mb``: image-feature cache (0 = off). ``decoder``: ``auto`` (the ORT-fused decoder when the
         bundle has one and the backend can use it), ``portable`` (the traced one), or ``fused`` (required).
         ``threads`` / ``spinning``: ONNX Runtime session settings; the defaults are chosen for this device
-        (:class:`~edgelvm.runtime.session_settings.SessionSettings`).
+        (:class:`~edgelvm.runtime.session_settings.SessionSettings`). ``fp16_weights``: an fp16 bundle on the CPU
+        provider is ``upcast`` to fp32 at load (fast, twice the bytes) or kept ``mapped`` (converted each step);
+        ``auto`` (default) upcasts when that fits in the memory available.
         """
         bundle_dir = Path(bundle)
         manifest = Manifest.load(bundle_dir, expected_sha256=expected_sha256)
@@ -126,7 +129,10 @@ class VLM:
                     fix="re-export with `edgelvm export --decoder auto` (fp32, Llama-family text model)",
                 )
             fused = {"auto": None, "portable": False, "fused": True}[decoder]
-            settings = SessionSettings.for_this_device(threads=threads, spinning=spinning)
+            if fp16_weights not in (None, "auto", "upcast", "mapped"):
+                raise ConfigError(f"unknown fp16_weights {fp16_weights!r}", where="fp16_weights",
+                                  fix="use auto, upcast or mapped")  # fmt: skip
+            settings = SessionSettings.for_this_device(threads=threads, spinning=spinning, fp16_weights=fp16_weights)
             backend_impl = OrtBackend(bundle_dir, manifest, backend=backend, fused=fused, settings=settings)
         return cls(bundle_dir, manifest, backend_impl, vision_cache_mb=vision_cache_mb)
 
