@@ -103,6 +103,7 @@ def test_engine_dir_is_written_atomically(tmp_path):
     assert target == tmp_path / "engines" / "nvidia-h200-sm90-trt10.3.0"
     info = tb.EngineInfo("decoder", "decoder.engine", "decoder.onnx", "ab" * 32, [], "fp16", ["FP16"], "cd" * 32, 3)
     data = tb.engines_manifest("fp", "10.3.0", {"decoder": info}, BuildConfig(max_batch=2))
+
     def write(blob: object, *, force: bool, cache: bytes | None = None) -> None:
         with tb.EngineDirWriter(target, force=force) as writer:
             assert writer.add_engine("decoder.engine", blob) == (len(blob), hashlib.sha256(blob).hexdigest())
@@ -128,7 +129,11 @@ def test_missing_tensorrt_is_a_clear_error(tiny_bundles, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt → ImportError
     with pytest.raises(TensorRTUnavailableError) as err:
         build_engines(tiny_bundles["llama-clip"], BuildConfig(verify=False))
-    assert "pip install tensorrt" in str(err.value) and "JetPack" in str(err.value)
+    fix = err.value.fix
+    # issue 26: the fix named a bare `pip install tensorrt` (TensorRT 11, cuda-python 13 whatever the driver)
+    assert "edgelvm[tensorrt]" in fix and '"cuda-python>=12.6,<13"' in fix and "tensorrt-cu12" in fix
+    assert "python3-libnvinfer" in fix and "--system-site-packages" in fix  # Jetson: JetPack's TensorRT
+    assert "pip install tensorrt " not in fix and "pip install tensorrt`" not in fix
 
 
 # ---- on hardware (skipped without TensorRT + an NVIDIA GPU; `benchmarks/gpu_check.sh` runs the same on a device) ----

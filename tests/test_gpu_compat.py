@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
 
 from edgelvm import tensorrt_compat as compat
 from edgelvm.build import BuildConfig, EngineBuildError, TensorRTUnavailableError, build_engines
@@ -452,6 +455,55 @@ def test_native_handle_without_get_cuda_native_handle(monkeypatch):
     assert compat.native_handle(1234) == 1234
 
 
+def test_native_handle_uses_get_cuda_native_handle_where_it_exists(monkeypatch):
+    """cuda-bindings 12.9.1+ deprecates ``int(cuda_obj)``: the handle comes from ``get_cuda_native_handle``."""
+
+    class Stream:  # int() on it is the deprecated path: it must not be taken
+        def __int__(self):
+            raise AssertionError("int(cuda_obj) used")
+
+    utils = SimpleNamespace(get_cuda_native_handle=lambda obj: 0x5EED if isinstance(obj, Stream) else None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.utils", utils)
+    assert compat.native_handle(Stream()) == 0x5EED
+
+
+def test_trt_backend_refuses_tensorrt_below_10(tmp_path, monkeypatch):
+    """The runtime side of the < 10 refusal (the builder's is above): no half-supported TensorRT 8 (no INT64)."""
+    from edgelvm.runtime.trt_backend import TrtBackend
+
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="8.6.2"))
+    with pytest.raises(BackendError, match=r"TensorRT 8\.6\.2 is too old") as err:
+        TrtBackend(tmp_path, Manifest.from_dict(manifest_dict()))
+    assert err.value.where == "backend" and "JetPack 6.1/6.2" in err.value.fix
+
+
+# ---- NVML: a failed power read keeps the memory sample --------------------------------------------------------------
+def test_nvml_power_failure_keeps_the_memory_sample(monkeypatch):
+    from edgelvm.devices import probes
+
+    class NVMLError(Exception):
+        pass
+
+    def power(handle):
+        raise NVMLError("Not Supported")
+
+    fake = SimpleNamespace(nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: i,
+                           nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=3 << 30),
+                           nvmlDeviceGetPowerUsage=power, nvmlDeviceGetTotalEnergyConsumption=power)  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    probe = probes.NvmlProbe(interval_s=10.0)
+    assert probe._read() == (3 << 30, None)  # issue 26: one try for both dropped the memory figure too
+    summary = probe.stop()
+    assert summary.peak_memory_bytes == 3 << 30 and summary.mean_power_w is None and summary.energy_j is None
+    # NVML's power reading is a ~1 s average on Ampere+: energy comes from the hardware counter where there is one
+    counter = iter([1_000_000, 1_250_000])  # mJ at start and at stop
+    fake.nvmlDeviceGetPowerUsage = lambda handle: 90_000
+    fake.nvmlDeviceGetTotalEnergyConsumption = lambda handle: next(counter)
+    summary = probes.NvmlProbe(interval_s=10.0).stop()
+    assert summary.energy_j == 250.0 and summary.power_source == "nvmlDeviceGetTotalEnergyConsumption"
+    assert summary.mean_power_w == 90.0
+
+
 # ---- ONNX Runtime: TensorRT provider options, CPU fallback, fused decoder ------------------------------------------
 def test_tensorrt_provider_options(tmp_path):
     manifest = Manifest.from_dict(manifest_dict(target={"profile": "x", "max_batch": 2}))
@@ -480,6 +532,43 @@ def test_tensorrt_provider_options(tmp_path):
     assert ob.session_providers(["CPUExecutionProvider"], manifest, "decoder", tmp_path) == ["CPUExecutionProvider"]
 
 
+def test_ort_tensorrt_sessions_are_created_with_those_options(tmp_path, monkeypatch):
+    """What OrtBackend hands ``InferenceSession`` on onnxruntime-tensorrt (a recording stand-in for onnxruntime: no
+    GPU here): both graphs get TensorRT's options — caches in the bundle's engines/, the manifest's profile — then
+    CUDA and CPU; the portable decoder with a device-resident cache."""
+    created = []
+    graphs = manifest_dict()["graphs"]["decoder"]
+
+    class Session:
+        def __init__(self, path, options, providers):
+            created.append((Path(path).name, providers))
+
+        def get_inputs(self):
+            return [SimpleNamespace(name=t["name"]) for t in graphs["inputs"]]
+
+        def get_outputs(self):
+            return [SimpleNamespace(name=t["name"]) for t in graphs["outputs"]]
+
+    fake = SimpleNamespace(__version__="1.31.1", InferenceSession=Session,
+                           SessionOptions=lambda: SimpleNamespace(add_session_config_entry=lambda key, value: None),
+                           GraphOptimizationLevel=SimpleNamespace(ORT_ENABLE_ALL=99))  # fmt: skip
+    monkeypatch.setattr(ob, "import_onnxruntime", lambda: fake)
+    monkeypatch.setattr(ob, "resolve_backend", lambda name: (name, ob.BACKENDS[name]))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    manifest = Manifest.from_dict(manifest_dict(target={"profile": "x", "max_batch": 2}))
+    backend = ob.OrtBackend(bundle, manifest, backend="onnxruntime-tensorrt")
+    assert [name for name, _ in created] == ["vision.onnx", "decoder.onnx"]
+    for _, providers in created:
+        (name, options), *rest = providers
+        assert name == "TensorrtExecutionProvider" and rest == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        assert Path(options["trt_engine_cache_path"]).parent == bundle / "engines"
+        assert options["trt_timing_cache_path"] == options["trt_engine_cache_path"]
+        assert options["trt_fp16_enable"] == "True" and options["trt_engine_cache_enable"] == "True"
+    assert f"inputs_embeds:2x{LENGTH}x{HIDDEN}" in created[1][1][0][1]["trt_profile_max_shapes"]
+    assert backend.device == "cuda" and not backend.fused and backend._cache_type.__name__ == "DeviceCache"
+
+
 def test_ort_tensorrt_cache_dir_in_the_bundle(tmp_path):
     path = ob.ort_tensorrt_cache_dir(tmp_path, "1.32.0", gpu_name="nvidia-l4-sm89")
     assert path == tmp_path / "engines" / "nvidia-l4-sm89-ort1.32.0-trt" and path.is_dir()
@@ -504,12 +593,140 @@ def test_auto_logs_the_reason(monkeypatch, caplog):
     assert "pip uninstall" in err.value.fix
 
 
+def test_missing_onnxruntime_names_the_jetson_build(monkeypatch):
+    """The base install leaves onnxruntime out on Linux aarch64: loading a bundle there says what to install."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(BackendError, match="onnxruntime is not installed") as err:
+        ob.resolve_backend("auto")
+    assert "JetPack build of onnxruntime-gpu" in err.value.fix and "backend='tensorrt'" in err.value.fix
+
+
 def test_fused_decoder_on_cuda_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(ob, "resolve_backend", lambda name: ("onnxruntime-cuda", ob.BACKENDS["onnxruntime-cuda"]))
     manifest = Manifest.from_dict(manifest_dict())
     with pytest.raises(BackendError, match=r"fused decoder .* CPU only") as err:
         ob.OrtBackend(tmp_path, manifest, backend="onnxruntime-cuda", fused=True)
     assert "portable" in err.value.fix
+
+
+def test_fused_decoder_with_tensorrt_is_refused(tiny_bundles):
+    from edgelvm.errors import ConfigError
+    from edgelvm.runtime import VLM
+
+    with pytest.raises(ConfigError, match="portable decoder") as err:
+        VLM.load(tiny_bundles["llama-clip"], backend="tensorrt", decoder="fused")
+    assert "auto" in err.value.fix
+
+
+# ---- installs: what each documented platform's requirements are (offline half of scripts/dry_run_installs.py) -----
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def dry_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import dry_run_installs
+
+    return dry_run_installs
+
+
+def test_each_platform_asks_for_one_onnxruntime_build_and_a_matching_tensorrt(dry_run):
+    """pyproject's markers evaluated per platform: one onnxruntime build at most (onnxruntime #26996), none from
+    PyPI on Jetson (NVIDIA's JetPack build), TensorRT / cuda-python on the platform's documented CUDA major."""
+    for name, target in dry_run.TARGETS.items():
+        names = [Requirement(line).name for line in dry_run.requirements(target)]
+        builds = [n for n in names if n in dry_run.ORT_BUILDS]
+        assert builds == ([target.onnxruntime] if target.onnxruntime else []), name
+        trt = [line for line in dry_run.requirements(target) if line.startswith("tensorrt")]
+        if target.tensorrt_from_pypi:
+            assert trt and all(f"-cu{target.cuda_major}-" in line and "<12" in line for line in trt), (name, trt)
+        else:
+            assert trt == [], name  # Jetson: TensorRT comes from JetPack
+        cuda = [Requirement(line) for line in dry_run.requirements(target) if line.startswith("cuda-python")]
+        assert cuda and all(f"{target.cuda_major}.9" in r.specifier and f"{target.cuda_major + 1}.0" not in r.specifier
+                            for r in cuda), (name, cuda)  # fmt: skip
+    gpu = dry_run.requirements(dry_run.Target("x86_64", "3.12", (2, 35), 12, extras=("gpu",)))
+    assert [n for n in gpu if Requirement(n).name.startswith("onnxruntime")] == ["onnxruntime>=1.20.1"]
+
+
+def test_dry_run_report_check_flags_two_onnxruntime_builds(dry_run):
+    target = dry_run.TARGETS["x86_64-cuda12"]
+    report = {"install": [{"metadata": {"name": n, "version": v}} for n, v in (("onnxruntime", "1.32.0"),
+              ("onnxruntime_gpu", "1.31.1"), ("tensorrt-cu12-bindings", "11.4.0.106"), ("cuda-python", "13.4.4"),
+              ("cuda-bindings", "13.4.4"))]}  # fmt: skip
+    resolved, problems = dry_run.check_report(report, target)
+    assert resolved["onnxruntime-gpu"] == "1.31.1"
+    assert any("onnxruntime builds ['onnxruntime', 'onnxruntime-gpu']" in p for p in problems)
+    assert any("cuda-python 13.4.4 is not built for CUDA 12" in p for p in problems)
+    del report["install"][1]
+    report["install"][2:] = [{"metadata": {"name": n, "version": "12.9.10"}} for n in ("cuda-python", "cuda-bindings")]
+    assert dry_run.check_report(report, target)[1] == []
+
+
+# ---- scripts/bootstrap.sh with a stand-in Python: which venv it makes, what it installs -----------------------------
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$0 $*" >> "$FAKE_LOG"
+if [ "$1 $2" = "-m venv" ]; then
+  dir="${@: -1}"; mkdir -p "$dir/bin"; cp "$0" "$dir/bin/python"; exit 0
+fi
+if [ "$1" = "-c" ] && [[ "$2" == *version_info* ]]; then exit "${FAKE_OLD:-0}"; fi
+exit 0
+"""
+
+
+def _bootstrap(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, str]:
+    fake = tmp_path / "python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "log"
+    log.write_text("")
+    run_env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "EDGELVM_VENV": str(tmp_path / "venv"),
+               "FAKE_LOG": str(log), **env}  # fmt: skip
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "bootstrap.sh")], env=run_env, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    return result, log.read_text()
+
+
+def test_bootstrap_makes_the_jetson_venv_with_system_site_packages(tmp_path):
+    result, log = _bootstrap(tmp_path, EDGELVM_SYSTEM_SITE_PACKAGES="1")
+    assert result.returncode == 0, result.stderr
+    assert f"-m venv --system-site-packages {tmp_path / 'venv'}" in log  # JetPack's TensorRT stays visible
+    assert "-e .[toolchain,serve,dev]" in log and "-c constraints.txt" in log
+    desktop = tmp_path / "desktop"
+    desktop.mkdir()
+    result, log = _bootstrap(desktop, EDGELVM_SYSTEM_SITE_PACKAGES="0")
+    assert result.returncode == 0 and "--system-site-packages" not in log and "-m venv" in log
+
+
+def test_bootstrap_on_python_3_10_installs_the_runtime_only(tmp_path):
+    """JetPack 6's Python is 3.10 (its TensorRT bindings' Python); transformers >= 5.24 needs 3.11: the full
+    install stops with the reason, EDGELVM_EXTRAS=runtime installs `-e .` without the 3.11 lock and without torch."""
+    result, log = _bootstrap(tmp_path, FAKE_OLD="1")
+    assert result.returncode == 1 and "EDGELVM_EXTRAS=runtime" in result.stderr and "pip" not in log
+    result, log = _bootstrap(tmp_path, FAKE_OLD="1", EDGELVM_EXTRAS="runtime")
+    assert result.returncode == 0, result.stderr
+    pip = [line for line in log.splitlines() if " -m pip " in line]
+    assert len(pip) == 1 and pip[0].endswith("install -e .") and "constraints" not in pip[0], pip
+
+
+# ---- benchmarks/gpu_check.py: the steps that need no GPU, as the script runs them ----------------------------------
+def test_gpu_check_export_and_parity_steps_run_without_a_gpu(tmp_path, monkeypatch, capsys):
+    """The export step as gpu_check.sh runs it (it once asked the tiny LLaVA for 1024 positions of its 512), then the
+    parity step: here every GPU backend is a SKIP (no GPU build of onnxruntime) or a FAIL (no TensorRT), and the
+    step exits 1 with one JSON row per backend."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    assert gpu_check.main(["export", str(tmp_path), "--only", "tiny"]) == 0
+    assert Manifest.load(tmp_path / "tiny" / "bundle").kv_cache.max_length == gpu_check.BUNDLES["tiny"]
+    assert gpu_check.main(["parity", str(tmp_path), "--only", "tiny"]) == 1
+    rows = json.loads((tmp_path / "parity.json").read_text())
+    assert [(r["backend"], r["status"].split(":")[0]) for r in rows] == [
+        ("onnxruntime-cuda", "SKIP"), ("onnxruntime-tensorrt", "SKIP"), ("tensorrt", "FAIL")]  # fmt: skip
+    assert "TensorRT is not installed" in rows[2]["status"]
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 3
+    cpu = gpu_check.parity(tmp_path, ["tiny"], backends=("onnxruntime-cpu",))  # the OK path and its fields
+    assert cpu[0]["status"] == "OK" and cpu[0]["equal"] and cpu[0]["tokens"] == gpu_check.NEW_TOKENS
 
 
 # ---- on hardware (skipped without a GPU build of onnxruntime; `benchmarks/gpu_check.sh` runs them on a device) -------

@@ -117,7 +117,9 @@ def _export(
 def _ort_session(path: Path, prepack: bool = True) -> Any:
     """``prepack=False`` for float graphs: a handful of parity runs need no pre-packed copy of every weight next to
     the one the session already holds (quantized kernels keep theirs: their packing is part of what they compute)."""
-    import onnxruntime as ort
+    from edgelvm.runtime.ort_backend import import_onnxruntime
+
+    ort = import_onnxruntime()  # export checks its graphs with it: a missing install is named, with the fix
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -90,6 +90,9 @@ class SessionSettings:
         if mode == "mapped":  # ORT_ENABLE_ALL's CPU transformers make the fp32 copies; EXTENDED keeps the casts
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             options.enable_cpu_mem_arena = False  # each step's converted weights are freed, not pooled
+            # and converted just before their matmul: in the default order the weight casts (no activation inputs)
+            # may all run first — measured on a 2-layer 7B-shape decoder, peak anonymous memory 1546 MB vs 556 MB
+            options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         else:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return options

@@ -118,6 +118,13 @@ class VLM:
         if backend == "tensorrt":  # engines built on this device by `edgelvm build`
             from edgelvm.runtime.trt_backend import TrtBackend
 
+            if decoder == "fused":
+                raise ConfigError(
+                    "the TensorRT backend runs engines built from the portable decoder, not the fused one",
+                    where="decoder",
+                    fix="use decoder='auto' or 'portable' with backend='tensorrt', or an onnxruntime backend",
+                )
+
             backend_impl: Any = TrtBackend(bundle_dir, manifest)
         else:
             if decoder not in ("auto", "portable", "fused"):
