@@ -144,6 +144,23 @@ def test_distill_writes_a_loadable_student_and_report(tiny_checkpoints, shapes_d
     assert not (out / ".distill" / "checkpoint").exists()
 
 
+def test_bf16_teacher_teaches_an_fp32_student(tiny_checkpoints, shapes_data, tmp_path):
+    """--teacher-dtype bf16 halves the teacher's memory (issue 19): its outputs reach the losses in fp32, the student
+    derived from it trains and is saved in fp32, and the first step's losses are the fp32 teacher's within bf16
+    rounding."""
+    teacher = str(tiny_checkpoints["llama-clip"])
+    kw = {"steps": 2, "log_every": 1, "feature_weight": 1.0, "hidden_weight": 0.5, "ce_weight": 0.5}
+    full = distill(teacher, SMALL, shapes_data["train"], _cfg(tmp_path / "fp32", **kw))
+    half = distill(teacher, SMALL, shapes_data["train"], _cfg(tmp_path / "bf16", teacher_dtype="bf16", **kw))
+    assert half.finished and half.steps == 2
+    for term in ("kd", "features", "hidden"):
+        assert half.history[0][term] == pytest.approx(full.history[0][term], rel=0.05), term
+    assert half.history[0] != full.history[0]  # the teacher did run in bf16
+    assert {w.dtype for w in _weights(tmp_path / "bf16").values()} == {torch.float32}
+    with pytest.raises(ConfigError, match="teacher_dtype"):
+        distill(teacher, SMALL, shapes_data["train"], _cfg(tmp_path / "bad", teacher_dtype="int8"))
+
+
 def test_training_reduces_the_divergence(tiny_checkpoints, shapes_data, tmp_path):
     cfg = _cfg(tmp_path / "s", steps=12, lr=3e-3, log_every=1)
     report = distill(str(tiny_checkpoints["qwen2-siglip"]), SMALL, shapes_data["train"], cfg)

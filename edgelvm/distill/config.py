@@ -90,6 +90,10 @@ class TeacherAPIConfig:
         return d
 
 
+#: --teacher-dtype -> the dtype edgelvm.models.load_model loads the teacher in
+TEACHER_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 @dataclass
 class DistillConfig:
     """Options of :func:`edgelvm.distill.distill`. Loss weights multiply terms that are each ~1 at the start."""
@@ -153,6 +157,11 @@ class DistillConfig:
     mixed_precision: str = field(
         default="no", metadata=_opt("no | bf16 | fp16 (Accelerate autocast where the device supports it)")
     )
+    teacher_dtype: str = field(
+        default="fp32",
+        metadata=_opt("fp32 | bf16 | fp16: the teacher's weights (half the memory; its outputs go to fp32 for the "
+                      "losses). The student trains in fp32."),
+    )  # fmt: skip
     progress: bool = field(default=True, metadata={"cli": False})
     #: the teacher is an OpenAI-compatible endpoint: the student trains on its answers (ce_weight) and, where it
     #: returns top_logprobs with the student's tokenizer, on those (kd_weight); the ``teacher`` argument of
@@ -168,6 +177,8 @@ class DistillConfig:
                 raise bad(name, "must be at least 1", f"set {name} to a positive integer")
         if self.lr <= 0:
             raise bad("lr", "must be positive", "a typical value is 1e-4 .. 1e-3")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise bad("teacher_dtype", "unknown", f"use one of {', '.join(TEACHER_DTYPES)}")
         if self.divergence not in DIVERGENCES:
             raise bad("divergence", "unknown", f"use one of {', '.join(DIVERGENCES)}")
         if self.temperature <= 0:

@@ -54,6 +54,8 @@ def run_model(
     tap: FeatureTap | None = None,
     want_hidden: bool = False,
 ) -> ModelOutputs:
+    dtype = next(model.parameters()).dtype  # a bf16/fp16 teacher gets its pixels in its own dtype
+    inputs = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in inputs.items()}
     out = model(**inputs, output_hidden_states=want_hidden, return_dict=True)
     logits = out.logits
     b, t = target_positions(labels)
@@ -61,7 +63,8 @@ def run_model(
     image_logits = None
     if image_token_id is not None:
         mask = inputs["input_ids"] == image_token_id
-        image_logits = logits[mask]
-    hidden = out.hidden_states[-1][b, t] if want_hidden else None
+        image_logits = logits[mask].float()
+    hidden = out.hidden_states[-1][b, t].float() if want_hidden else None
     features = tap.take() if tap is not None else None
-    return ModelOutputs(logits[b, t], rows, image_logits, features, hidden)
+    features = features.float() if features is not None else None
+    return ModelOutputs(logits[b, t].float(), rows, image_logits, features, hidden)  # the losses work in fp32

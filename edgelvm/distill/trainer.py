@@ -27,7 +27,7 @@ from typing import Any
 
 from edgelvm.data.batches import ConversationEncoder, batch_indices, collate, dataset_fingerprint
 from edgelvm.data.jsonl import VQARecord, load_jsonl_dataset
-from edgelvm.distill.config import DistillConfig, DistillReport
+from edgelvm.distill.config import TEACHER_DTYPES, DistillConfig, DistillReport
 from edgelvm.errors import ConfigError
 from edgelvm.fsutil import write_dir_atomically
 from edgelvm.models.checkpoint.save import save_checkpoint_files
@@ -268,7 +268,9 @@ def _load_models(teacher: Any, student: Any, cfg: DistillConfig) -> _Models:
         raise ConfigError("no teacher", where="distill()", fix="give a checkpoint, or DistillConfig.teacher_api")
     teacher_adapter = None
     if teacher is not None:
-        teacher_adapter = teacher if hasattr(teacher, "processor") else load_model(str(teacher))
+        teacher_adapter = teacher if hasattr(teacher, "processor") else load_model(
+            str(teacher), dtype=TEACHER_DTYPES[cfg.teacher_dtype]
+        )
         teacher_adapter.check_stage("distill", cfg)  # a family that cannot be distilled says so before any work
     teacher_name = str(getattr(teacher_adapter, "source", "") or teacher)
     if api is not None:
