@@ -250,10 +250,7 @@ def quantized_row(edgelvm: str, checkpoint: Path, args: argparse.Namespace, meth
     """``edgelvm quantize --llm METHOD`` (INT4 g128, calibrated on shapes records), its export and one answer,
     each measured in its own process."""
     work = checkpoint.parent
-    calib = work / "calib"
-    if not (calib / "data.jsonl").exists():
-        subprocess.run([edgelvm, "data", "shapes", "-o", str(calib), "--n", str(args.calib_limit), "--force"],
-                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    calib = calibration_records(edgelvm, work, args.calib_limit)
     quantized, bundle = work / f"int4-{method}", work / f"bundle-int4-{method}"
     seconds, peak, anon, code, _ = run_measured([
         edgelvm, "-v", "quantize", str(checkpoint), "--calib", str(calib), "-o", str(quantized), "--llm", method,
@@ -274,6 +271,57 @@ def quantized_row(edgelvm: str, checkpoint: Path, args: argparse.Namespace, meth
     return row
 
 
+def calibration_records(edgelvm: str, work: Path, n: int) -> Path:
+    calib = work / "calib"
+    if not (calib / "data.jsonl").exists():
+        subprocess.run([edgelvm, "data", "shapes", "-o", str(calib), "--n", str(n), "--force"], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    return calib
+
+
+def pruned_row(edgelvm: str, checkpoint: Path, args: argparse.Namespace) -> dict:
+    """``edgelvm prune`` (activation importance, no recovery) measured in its own process."""
+    work = checkpoint.parent
+    calib = calibration_records(edgelvm, work, args.calib_limit)
+    out = work / "pruned"
+    seconds, peak, anon, code, _ = run_measured([
+        edgelvm, "-v", "prune", str(checkpoint), "--calib", str(calib), "-o", str(out), "--vision-heads", "0.5",
+        "--text-heads", "0.25", "--text-mlp", "0.25", "--calib-limit", str(args.calib_limit), "--recover-steps", "0",
+        "--force",
+    ])  # fmt: skip
+    row = {"prune_s": round(seconds, 1), "prune_peak_rss_bytes": peak, "prune_peak_anon_bytes": anon,
+           "prune_exit": code}  # fmt: skip
+    if code == 0:
+        row["pruned_bytes"] = _bytes(out, (".safetensors",))
+    return row
+
+
+STUDENT = "text_layers=4,vision_layers=4"  # derived from the checkpoint: its first layers, same widths
+
+
+def distill_row(edgelvm: str, checkpoint: Path, args: argparse.Namespace, variant: str, derive: str = STUDENT) -> dict:
+    """Two steps of ``edgelvm distill`` into a derived 4-layer student, measured: the teacher in fp32, in bf16
+    (``--teacher-dtype``), or read from the offline top-k cache (built first, by the fp32 teacher, measured apart)."""
+    work = checkpoint.parent
+    calib = calibration_records(edgelvm, work, args.calib_limit)
+    base = [edgelvm, "-v", "distill", str(checkpoint), "-d", str(calib), "--derive", derive,
+            "--steps", "2", "--batch-size", "2", "--warmup", "1"]  # fmt: skip
+    row: dict = {"variant": variant}
+    for folder in (work / f"student-{variant}", work / "student-cache-build", work / "teacher-cache"):
+        shutil.rmtree(folder, ignore_errors=True)  # this script's own outputs: distill wants new directories
+    if variant == "cache":
+        cache = work / "teacher-cache"
+        seconds, peak, anon, code, _ = run_measured([*base, "-o", str(work / "student-cache-build"), "--cache-teacher",
+                                                     str(cache), "--steps", "1"])  # fmt: skip
+        row.update(cache_s=round(seconds, 1), cache_peak_rss_bytes=peak, cache_peak_anon_bytes=anon, cache_exit=code)
+        extra = ["--cache-teacher", str(cache)]
+    else:
+        extra = ["--teacher-dtype", variant]
+    seconds, peak, anon, code, _ = run_measured([*base, "-o", str(work / f"student-{variant}"), *extra])
+    row.update(distill_s=round(seconds, 1), peak_rss_bytes=peak, peak_anon_bytes=anon, exit=code)
+    return row
+
+
 def _bytes(folder: Path, suffixes: tuple[str, ...]) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix in suffixes)
 
@@ -288,7 +336,14 @@ def main() -> None:
                         help="check a copy cut to this many LLM layers (default: 2 for fp16 shapes, else off; 0 = off)")
     parser.add_argument("--quantize", nargs="*", default=[], choices=["rtn", "awq", "gptq"],
                         help="also quantize each fp32 shape's LLM to INT4 with these methods, export and run it")
-    parser.add_argument("--calib-limit", type=int, default=16, help="calibration records for --quantize")
+    parser.add_argument("--prune", action="store_true",
+                        help="also prune each fp32 shape (50%% vision heads, 25%% LLM heads and MLP neurons)")
+    parser.add_argument("--distill", action="store_true",
+                        help="also distil each fp32 shape into a 4-layer student: fp32 teacher, bf16 teacher, and from "
+                             "the offline top-k cache (2 steps each: memory, not quality)")
+    parser.add_argument("--no-export", action="store_true", help="skip the export, its run and parity check")
+    parser.add_argument("--name", default="scale", help="results file stem in benchmarks/results/")
+    parser.add_argument("--calib-limit", type=int, default=16, help="calibration records for --quantize / --prune")
     parser.add_argument("--answer", nargs=2, type=Path, metavar=("BUNDLE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.answer:
@@ -301,11 +356,13 @@ def main() -> None:
         dtype = SHAPES[name][5]
         command = [edgelvm, "-v", "export", str(checkpoint), "-o", str(bundle), "--force", "--dtype", dtype,
                    "--max-length", str(args.max_length)]  # fmt: skip
-        seconds, peak, anon, code, phases = run_measured(command)
         weights = _bytes(checkpoint, (".safetensors",))
-        row = {"model": name, "dtype": dtype, "checkpoint_bytes": weights, "parameters": weights // (2 if dtype ==
-               "fp16" else 4), "export_s": round(seconds, 1), "export_peak_rss_bytes": peak,
-               "export_peak_anon_bytes": anon, "exit": code, "phases": phases}  # fmt: skip
+        row = {"model": name, "dtype": dtype, "checkpoint_bytes": weights,
+               "parameters": weights // (2 if dtype == "fp16" else 4)}  # fmt: skip
+        seconds, peak, anon, code, phases = run_measured(command) if not args.no_export else (0, 0, 0, None, [])
+        if code is not None:
+            row.update(export_s=round(seconds, 1), export_peak_rss_bytes=peak, export_peak_anon_bytes=anon, exit=code,
+                       phases=phases)  # fmt: skip
         if code == 0:
             row["bundle_bytes"] = _bytes(bundle, (".onnx", ".data", ".npy"))
             row["run"] = run_answer(bundle, args.tokens)
@@ -315,6 +372,10 @@ def main() -> None:
                                                            command)  # fmt: skip
         for method in args.quantize if dtype == "fp32" else []:
             row.setdefault("int4", []).append(quantized_row(edgelvm, checkpoint, args, method))
+        if args.prune and dtype == "fp32":
+            row["pruned"] = pruned_row(edgelvm, checkpoint, args)
+        if args.distill and dtype == "fp32":
+            row["distill"] = [distill_row(edgelvm, checkpoint, args, variant) for variant in ("fp32", "bf16", "cache")]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "phases"}), flush=True)
         for phase in phases:  # where the peak is: each progress step's own peak
@@ -323,23 +384,27 @@ def main() -> None:
                 f"{phase['peak_anon_bytes'] / 1e9:5.2f} GB anon.  {phase['phase']}",
                 flush=True,
             )
-        save(rows)  # after each model: a long run's finished rows survive a later failure
+        save(rows, args.name)  # after each model: a long run's finished rows survive a later failure
     print(render(rows))
 
 
-def save(rows: list[dict]) -> None:
+def save(rows: list[dict], name: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(rows, indent=1))
-    (RESULTS / "scale.md").write_text(render(rows) + "\n")
-    plot(rows, RESULTS / "scale.png")
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"{name}.md").write_text(render(rows) + "\n")
+    plot(rows, RESULTS / f"{name}.png")
 
 
 def render(rows: list[dict]) -> str:
     header = ("| model | params | dtype | checkpoint | export | export peak RSS (× ckpt) | peak anon. (× ckpt) | "
               "bundle (× ckpt) | runtime peak RSS | decode tok/s | truncated copy = PyTorch |")  # fmt: skip
     lines = [header, "|---" * 11 + "|"]
-    extra = []
+    extra, distilled = [], []
     for r in rows:
+        distilled += [(r, d) for d in r.get("distill", [])]
+        extra += [quantized_line(r, q) for q in r.get("int4", [])]
+        if "export_s" not in r:
+            continue
         ckpt = r["checkpoint_bytes"]
         peak, anon = r["export_peak_rss_bytes"], r["export_peak_anon_bytes"]
         size, run, parity = r.get("bundle_bytes"), r.get("run", {}), r.get("truncated_parity")
@@ -349,14 +414,38 @@ def render(rows: list[dict]) -> str:
             f"{parity['layers']} layers: {'yes' if parity['equal'] else 'no'}, "
             f"{parity['common_prefix']}/{parity['tokens']} tokens"
         )
-        for q in r.get("int4", []):
-            extra.append(quantized_line(r, q))
         lines.append(
             f"| {r['model']} | {r['parameters'] / 1e9:.2f} B | {r['dtype']} | {ckpt / 1e9:.2f} GB | "
             f"{r['export_s']:.0f} s | {peak / 1e9:.2f} GB ({peak / ckpt:.2f}×) | "
             f"{anon / 1e9:.2f} GB ({anon / ckpt:.2f}×) | {bundle} | {runtime} | {run.get('decode_tok_s', '—')} | "
             f"{check} |"
         )
+    pruned = [r for r in rows if r.get("pruned")]
+    if pruned:
+        lines += ["", "| model | prune (50% vision heads, 25% LLM heads + MLP) | peak RSS (× ckpt) | "
+                  "peak anon. (× ckpt) | pruned checkpoint |", "|---" * 5 + "|"]  # fmt: skip
+        for r in pruned:
+            q, ckpt = r["pruned"], r["checkpoint_bytes"]
+            if q["prune_exit"] != 0:
+                lines.append(f"| {r['model']} | failed ({q['prune_exit']}) | | | |")
+                continue
+            lines.append(
+                f"| {r['model']} | {q['prune_s']:.0f} s | {q['prune_peak_rss_bytes'] / 1e9:.2f} GB "
+                f"({q['prune_peak_rss_bytes'] / ckpt:.2f}×) | {q['prune_peak_anon_bytes'] / 1e9:.2f} GB "
+                f"({q['prune_peak_anon_bytes'] / ckpt:.2f}×) | {q['pruned_bytes'] / 1e9:.2f} GB |"
+            )
+    if distilled:
+        lines += ["", "| model | distil (2 steps, 4-layer student) | teacher cache build: peak RSS | distil: wall | "
+                  "peak RSS (× fp32 ckpt) | peak anon. |", "|---" * 6 + "|"]  # fmt: skip
+        for r, d in distilled:
+            ckpt, gb = r["checkpoint_bytes"], 1e9
+            cache = f"{d['cache_peak_rss_bytes'] / gb:.2f} GB" if "cache_peak_rss_bytes" in d else "—"
+            status = "" if d["exit"] == 0 else f" (failed: {d['exit']})"
+            lines.append(
+                f"| {r['model']} | teacher {d['variant']}{status} | {cache} | {d['distill_s']:.0f} s | "
+                f"{d['peak_rss_bytes'] / gb:.2f} GB ({d['peak_rss_bytes'] / ckpt:.2f}×) | "
+                f"{d['peak_anon_bytes'] / gb:.2f} GB |"
+            )
     if extra:
         lines += ["", "| model | INT4 method | quantize | quantize peak RSS (× fp32 ckpt) | export | export peak RSS | "
                   "bundle | runtime peak RSS | decode tok/s |", "|---" * 9 + "|", *extra]  # fmt: skip
