@@ -73,7 +73,9 @@ class LinearStats:
 @dataclass
 class CalibrationStats:
     layers: dict[str, LinearStats]
-    grams: list[Any]  # torch float64 [K, K], shared by the layers that read one tensor
+    #: torch float32 [K, K], shared by the layers that read one tensor. float32, as GPTQ's reference keeps its
+    #: Hessian: the consumers compute in float64 one layer at a time, and a 7B's Grams are 1.4 GB per layer even so
+    grams: list[Any]
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def with_prefix(self, prefix: str) -> CalibrationStats:
@@ -82,10 +84,11 @@ class CalibrationStats:
         return CalibrationStats(layers, self.grams, self.calibration)
 
     def gram(self, name: str) -> Any:
+        """``name``'s Gram matrix as float64 (a copy: the algorithms ask for one layer's at a time)."""
         key = self.layers[name].gram_key
         if key is None:
             raise KeyError(f"no Gram matrix was collected for {name}")
-        return self.grams[key]
+        return self.grams[key].double()
 
 
 class _Collector:
@@ -127,7 +130,7 @@ class _Collector:
                 if self._last is not None and self._last[0] is original:
                     index = self._last[1]  # another reader of the same tensor: its product is already in
                 else:
-                    gram = flat.double().T @ flat.double()
+                    gram = flat.T @ flat
                     index = self._gram_index.get(name)
                     if index is None:
                         self.grams.append(gram)

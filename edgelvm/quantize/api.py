@@ -115,7 +115,7 @@ def quantize(
     calib_limit: int = 256,
     seed: int = 0,
     batch_size: int = 16,
-    stats_memory_gb: float = 4.0,
+    stats_memory_gb: float | None = None,
     progress: bool = False,
 ) -> QuantReport:
     """Quantize ``model`` (checkpoint path or loaded adapter) into the checkpoint directory ``out``.
@@ -149,20 +149,23 @@ def quantize_model(
     calib: CalibrationSet | list | None = None,
     *,
     batch_size: int = 16,
-    stats_memory_gb: float = 4.0,
+    stats_memory_gb: float | None = None,
     progress: bool = False,
 ) -> QuantizedModel:
     """Apply ``methods`` (at most one per part) to the loaded ``adapter`` in place, calibrated on ``calib`` (a
     loaded :class:`~edgelvm.calibration.dataset.CalibrationSet` or a list of records; no paths here).
 
     The language model's layers are calibrated and quantized in consecutive groups of decoder layers whose Gram
-    matrices (float64 ``K×K`` per layer input) fit ``stats_memory_gb``, one calibration pass each — later groups
-    then see the outputs of already-quantized earlier layers (GPTQ's sequential variant); a 7B Llama needs ~1.4 GB
-    per layer. Methods that are not sequential (the vision encoder's) use the first, float pass's statistics."""
+    matrices (float32 ``K×K`` per layer input) fit ``stats_memory_gb`` (default: :func:`auto_stats_memory_gb`), one
+    calibration pass each — later groups then see the outputs of already-quantized earlier layers (GPTQ's sequential
+    variant); a 7B Llama needs ~0.7 GB per layer. Methods that are not sequential (the vision encoder's) use the
+    first, float pass's statistics."""
     started = time.perf_counter()
     by_part = _by_part(_method_list(methods))
     handlers = {part: handler_for(cfg) for part, cfg in by_part.items()}  # a config that matches nothing fails here
     _check_calibration(list(by_part.values()), calib)
+    if stats_memory_gb is None:
+        stats_memory_gb = auto_stats_memory_gb(adapter)
     if stats_memory_gb <= 0:
         raise ConfigError(f"stats_memory_gb {stats_memory_gb} <= 0", where="--stats-memory-gb",
                           fix="give the memory (GB) the Gram matrices may take, e.g. 4")  # fmt: skip
@@ -308,8 +311,16 @@ def _load_eval_data(cfg: Any, limit: int, seed: int) -> Any:
     return dataclasses.replace(cfg, observer=dataclasses.replace(cfg.observer, eval_data=loaded))
 
 
+def auto_stats_memory_gb(adapter: Any) -> float:
+    """The Gram matrices' default budget: a quarter of the model's weight bytes, between 0.5 and 4 GB — so that
+    calibration adds at most ~0.25× the checkpoint to the quantize peak (issue 19), at the cost of more calibration
+    passes for models whose Grams exceed it (each pass is one forward over the calibration set)."""
+    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    return min(4.0, max(0.5, 0.25 * weights / 1e9))
+
+
 def _layer_passes(text: dict[str, Any], memory_gb: float) -> list[dict[str, Any]]:
-    """The language model's linears in consecutive groups of whole decoder layers whose Gram matrices (float64,
+    """The language model's linears in consecutive groups of whole decoder layers whose Gram matrices (float32,
     counted per linear: an over-estimate where q/k/v share one) fit ``memory_gb``; at least one layer per group."""
     by_layer: dict[str, dict[str, Any]] = {}
     for name, module in text.items():
@@ -318,7 +329,7 @@ def _layer_passes(text: dict[str, Any], memory_gb: float) -> list[dict[str, Any]
     passes: list[dict[str, Any]] = [{}]
     used = 0.0
     for layer in by_layer.values():
-        need = sum(8.0 * m.in_features**2 for m in layer.values())
+        need = sum(4.0 * m.in_features**2 for m in layer.values())
         if passes[-1] and used + need > budget:
             passes.append({})
             used = 0.0

@@ -64,8 +64,10 @@ def quantize_command(
     ] = True,
     smoothquant_alpha: Annotated[float, typer.Option(help="SmoothQuant: migration strength α.")] = 0.5,
     stats_memory_gb: Annotated[
-        float, typer.Option(help="Memory for the LLM's Gram matrices; beyond it, layers are calibrated in groups.")
-    ] = 4.0,
+        float | None,
+        typer.Option(help="Memory (GB) for the LLM's Gram matrices; beyond it, layers are calibrated in groups "
+                          "(default: a quarter of the model's weight bytes, 0.5 to 4)."),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """INT4 weight-only language model (AWQ / GPTQ / RTN) and INT8 W8A8 vision encoder, calibrated on image+text.

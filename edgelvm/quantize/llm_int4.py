@@ -72,18 +72,18 @@ def _quantize_each(
 
     originals = originals if originals is not None else _originals(linears)
     input_scale = input_scale or {}
-    grams = {name: stats.gram(name) for name in linears} if stats is not None else {}
     out: dict[str, Int4Weight] = {}
     for name, linear in linears.items():
         w = linear.weight.detach().float()  # [N, K], scaled by AWQ when it applies
         s = input_scale.get(name)
-        q = quantize_one(name, w, grams.get(name), s)
+        gram = stats.gram(name) if stats is not None else None  # one float64 copy at a time
+        q = quantize_one(name, w, gram, s)
         deq = torch.from_numpy(q.dequantize().T.copy())
         with torch.no_grad():
             linear.weight.copy_(deq.to(linear.weight.dtype))
         out[name] = q
         effective = deq if s is None else deq / s  # in the original input space
-        report.layers.append(layer_error_row(name, originals[name], effective, grams.get(name)))
+        report.layers.append(layer_error_row(name, originals[name], effective, gram))
         report.weight_bytes_before += originals[name].numel() * 4
         zero_point_bytes = 0 if q.zero_points is None else q.zero_points_packed().size
         report.weight_bytes_after += q.packed.size + q.scales.size * 4 + zero_point_bytes
