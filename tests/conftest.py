@@ -63,3 +63,26 @@ def calib_records(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
     write_split(root / "calib", seed=11, n=40, image_size=66)
     return load_jsonl_dataset(root / "calib")
+
+
+@pytest.fixture(scope="session")
+def tied_qwen2(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, bundle): a tied-embedding four-layer Qwen2 LLaVA wide enough that its matrices are shared
+    (>= 64 KiB each), exported with every graph's weights as external data and the decoders parity-checked on
+    their first layers only (what real sizes get). One export for test_bundle_sharing.py (the bytes of the bundle)
+    and test_partial_parity.py (the manifest's partial scope)."""
+    from edgelvm.export import ExportConfig, export, onnx_graphs
+    from edgelvm.models.synthetic import build_tiny_llava
+
+    root = tmp_path_factory.mktemp("tied")
+    # four layers: the partial check compares the first three (test_partial_parity.py), so one is left out
+    checkpoint = build_tiny_llava(root / "ckpt", text="qwen2", hidden_size=192,
+                                  text_overrides={"tie_word_embeddings": True, "num_hidden_layers": 4})  # fmt: skip
+    patch = pytest.MonkeyPatch()
+    patch.setattr(onnx_graphs, "_EXTERNAL_DATA_BYTES", 0)
+    try:
+        config = ExportConfig(max_length=128, parity_whole_bytes=0)
+        bundle = export(checkpoint, root / "bundle", config).bundle_dir
+    finally:
+        patch.undo()
+    return checkpoint, bundle

@@ -15,22 +15,10 @@ from tests.fixtures.reference import trim_after_eos
 
 
 @pytest.fixture(scope="module")
-def tied(tmp_path_factory):
+def tied(tied_qwen2):
     """A tied-embedding Qwen2 LLaVA wide enough that its matrices are shared (≥ 64 KiB each), exported with every
-    graph's weights as external data (the path real sizes take)."""
-    from edgelvm.export import ExportConfig, export, onnx_graphs
-    from edgelvm.models.synthetic import build_tiny_llava
-
-    root = tmp_path_factory.mktemp("tied")
-    checkpoint = build_tiny_llava(root / "ckpt", text="qwen2", hidden_size=192,
-                                  text_overrides={"tie_word_embeddings": True})  # fmt: skip
-    patch = pytest.MonkeyPatch()
-    patch.setattr(onnx_graphs, "_EXTERNAL_DATA_BYTES", 0)
-    try:
-        bundle = export(checkpoint, root / "bundle", ExportConfig(max_length=128)).bundle_dir
-    finally:
-        patch.undo()
-    return checkpoint, bundle
+    graph's weights as external data (the path real sizes take): conftest.py's ``tied_qwen2``."""
+    return tied_qwen2
 
 
 def _external_tensors(bundle):

@@ -23,8 +23,10 @@ from tests.fixtures.families import FAMILIES, Family, manifest_field, rows  # no
 from tests.fixtures.reference import HEAVY_MODULES, hf_generate  # noqa: E402
 
 
-def _params(selected: list[Family]) -> list:
-    return [pytest.param(f.name, id=f.name) for f in selected]
+def _params(selected: list[Family], scenario: str | None = None) -> list:
+    """One param per row; a row that leaves ``scenario`` to the slow suite (``Family.slow``) is marked slow."""
+    return [pytest.param(f.name, id=f.name, marks=[pytest.mark.slow] if scenario in f.slow else [])
+            for f in selected]  # fmt: skip
 
 
 def _decoder_params() -> list:
@@ -121,7 +123,7 @@ def test_runtime_runs_every_family_bundle_without_torch(artifacts):
 
 
 # ---- compression stages: the result exports and still matches its own transformers model ------------------------
-@pytest.mark.parametrize("name", _params(rows(lambda f: bool(f.quantize))))
+@pytest.mark.parametrize("name", _params(rows(lambda f: bool(f.quantize)), "quantize"))
 def test_quantized_checkpoint_exports_and_matches(name, artifacts):
     """INT4 AWQ language model + INT8 QDQ vision, calibrated through the family's processor. Fused families: the
     fused (MatMulNBits) decoder answers like the portable (DequantizeLinear) one; ``quantize_reference="hf"``: both
@@ -163,7 +165,7 @@ def test_quantized_checkpoint_exports_and_matches(name, artifacts):
             assert vlm.last_output_ids[0] == expected, (image, prompt, decoder)
 
 
-@pytest.mark.parametrize("name", _params(rows(lambda f: isinstance(f.prune, tuple) and bool(f.prune))))
+@pytest.mark.parametrize("name", _params(rows(lambda f: isinstance(f.prune, tuple) and bool(f.prune)), "prune"))
 def test_pruned_checkpoint_reloads_exports_and_matches_hf(name, artifacts):
     """Activation importance on calibration data through the family's processor; heads and neurons of both towers;
     the result reloads as the same family and model type, exports, and its greedy tokens equal HF's."""
@@ -191,7 +193,7 @@ def test_prune_is_refused_clearly(name, artifacts, tmp_path):
         prune(adapter, None, config)
 
 
-@pytest.mark.parametrize("name", _params(rows(lambda f: f.student is not None)))
+@pytest.mark.parametrize("name", _params(rows(lambda f: f.student is not None), "distill"))
 def test_distilled_student_keeps_the_family_exports_and_matches_hf(name, artifacts):
     """The family as teacher and (derived) student, with the image-position and projector-feature losses; the
     student keeps the family's rules and model type, has the asked shape, and its bundle matches HF."""

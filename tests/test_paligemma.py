@@ -197,18 +197,14 @@ def test_pruned_gemma_keeps_one_kv_head_and_its_explicit_head_dim(artifacts):
     assert report.kept["text"][0] == {"heads": 2, "kv_heads": 1, "head_dim": 16, "intermediate": 96}
 
 
-def test_prune_and_quantize_keep_the_source_processor_files(checkpoint, images, tmp_path):
+def test_prune_and_quantize_keep_the_source_processor_files(artifacts, checkpoint, images):
     """A stage does not change the processor it was given: the google-style source has no chat template, and
-    neither has the pruned or the quantized checkpoint; their processor files are the source's and give the same
-    ids (and pixels) for the same inputs."""
+    neither has the pruned or the quantized checkpoint (the shared stages of test_families.py, calibrated through
+    this processor); their processor files are the source's and give the same ids (and pixels) for the same
+    inputs."""
     from transformers import AutoProcessor
 
-    from edgelvm.prune import PruneConfig, prune
-    from edgelvm.quantize import RTNConfig, quantize
-
-    pruned, quantized = tmp_path / "pruned", tmp_path / "q"
-    prune(str(checkpoint), None, PruneConfig(out=pruned, text_mlp=0.25, importance="magnitude", progress=False))
-    quantize(str(checkpoint), None, RTNConfig(group_size=32), out=quantized)
+    pruned, quantized = artifacts.pruned(FAMILY).out, artifacts.quantized(FAMILY).out
     source = AutoProcessor.from_pretrained(checkpoint)
     files = ("tokenizer.json", "tokenizer_config.json", "processor_config.json")
     for out in (pruned, quantized):

@@ -16,12 +16,14 @@ LAYERS = 4
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from edgelvm.models.synthetic import build_tiny_llava
+def checkpoint(tied_qwen2) -> Path:
+    """A tied Qwen2 LLaVA with LAYERS decoder layers: conftest.py's ``tied_qwen2`` (shared with
+    test_bundle_sharing.py)."""
+    import json
 
-    root = tmp_path_factory.mktemp("partial")
-    return build_tiny_llava(root / "ckpt", text="qwen2", hidden_size=192,
-                            text_overrides={"tie_word_embeddings": True, "num_hidden_layers": LAYERS})  # fmt: skip
+    checkpoint = tied_qwen2[0]
+    assert json.loads((checkpoint / "config.json").read_text())["text_config"]["num_hidden_layers"] == LAYERS
+    return checkpoint
 
 
 @pytest.fixture
@@ -54,11 +56,12 @@ def _corrupt(graph: Path, name: str) -> None:
         handle.write(values.tobytes())
 
 
-def test_partial_scope_in_manifest_and_bundle_unchanged(checkpoint, external, tmp_path):
-    from edgelvm.export import ExportConfig, export
+def test_partial_scope_in_manifest_and_bundle_unchanged(tied_qwen2, external):
+    """The shared bundle was exported with the threshold at zero and every weight external (conftest.py);
+    test_bundle_sharing.py checks its bytes and that both decoders answer as HF."""
     from edgelvm.manifest import Manifest
 
-    bundle = export(checkpoint, tmp_path / "bundle", ExportConfig(max_length=64, parity_whole_bytes=0)).bundle_dir
+    bundle = tied_qwen2[1]
     manifest = Manifest.load(bundle)  # a scope string is a valid parity entry
     for name in ("decoder", "decoder_ort"):
         parity = manifest.graphs[name].parity

@@ -361,14 +361,11 @@ def test_layers_the_writer_cannot_handle_are_left_float_with_a_reason(writer):
     assert np.isfinite(_run(result.model, {"x": x.numpy()})[0]).all()
 
 
-def test_real_llava_decoder_every_text_linear_is_found_and_int4_runs(tmp_path):
-    """The tiny LLaVA's traced KV-cache decoder: every language-model Linear is found under ``language_model.``;
-    INT4 of all of them matches the same graph with the float weights replaced by the dequantized ones."""
-    from edgelvm.export import ExportConfig, export
-    from edgelvm.models.synthetic import build_tiny_llava
-
-    checkpoint = build_tiny_llava(tmp_path / "m")
-    bundle = export(checkpoint, tmp_path / "b", ExportConfig(max_length=64, decoder="portable")).bundle_dir
+def test_real_llava_decoder_every_text_linear_is_found_and_int4_runs(tiny_checkpoints, tiny_bundles):
+    """The tiny LLaVA's traced KV-cache decoder (the portable ``decoder.onnx`` of the shared bundle):
+    every language-model Linear is found under ``language_model.``; INT4 of all of them matches the same graph with
+    the float weights replaced by the dequantized ones."""
+    checkpoint, bundle = tiny_checkpoints["llama-clip"], tiny_bundles["llama-clip"]
     model = onnx.load(str(bundle / "decoder.onnx"))
     config = json.loads((checkpoint / "config.json").read_text())["text_config"]
     projections = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]

@@ -54,10 +54,12 @@ def test_unsupported_block_size_is_a_clear_error():
 
 
 def test_int4_checkpoint_exports_matmulnbits_and_matches_the_torch_side(
-    tiny_checkpoints, variant, tmp_path, test_images
+    tiny_checkpoints, variant, artifacts, tmp_path, test_images
 ):
     """The ORT INT4 graph (MatMulNBits; q|k|v packed into GroupQueryAttention, with Qwen2's biases) against the
-    torch-side quantized model (dequantized weights): the export's own parity check, then greedy tokens."""
+    torch-side quantized model (dequantized weights): the export's own parity check, then greedy tokens. Llama: the
+    bundle of the session's shared INT4 (AWQ) + INT8-vision stage, whose decoders the same INT4 writers produce
+    (an RTN checkpoint of it is exported by test_cli.py's quantize → export)."""
     pytest.importorskip("torch")
     import onnx
 
@@ -70,7 +72,10 @@ def test_int4_checkpoint_exports_matmulnbits_and_matches_the_torch_side(
     report = quantize(str(tiny_checkpoints[variant]), None, methods, out=out)
     assert report.weight_bytes_after < report.weight_bytes_before / 6
     assert all(0 < layer["weight_error"] < 0.2 for layer in report.layers)
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
+    if variant == "llama-clip":
+        result = artifacts.quantized("llava-llama-clip").export
+    else:
+        result = export(out, tmp_path / "bundle", ExportConfig(max_length=128))
     fused = onnx.load(str(result.bundle_dir / "decoder_ort.onnx"), load_external_data=False)
     assert sum(n.op_type == "MatMulNBits" for n in fused.graph.node) == 4 * 2  # qkv, o, gate_up, down x 2 layers
     parity = result.manifest.graphs["decoder_ort"].parity

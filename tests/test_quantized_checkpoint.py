@@ -32,16 +32,6 @@ def images():
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 50), (70, 33), (30, 90))]
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.data.shapes import write_split
-
-    root = tmp_path_factory.mktemp("calib")
-    write_split(root, seed=5, n=12, image_size=96)
-    return load_jsonl_dataset(root)
-
-
 def _text(adapter, prompt: str) -> str:
     if adapter.processor.tokenizer.chat_template is None and getattr(adapter.processor, "chat_template", None) is None:
         return prompt  # PaliGemma: no template, the processor adds the image tokens, BOS and "\n"
@@ -54,18 +44,16 @@ def _text(adapter, prompt: str) -> str:
     ["llava", pytest.param("paligemma", marks=pytest.mark.slow), pytest.param("idefics3", marks=pytest.mark.slow),
      pytest.param("smolvlm", marks=pytest.mark.slow)],
 )  # fmt: skip
-def test_loaded_int8_checkpoint_generates_what_its_bundle_generates(family, images, calib, artifacts, tmp_path):
-    from edgelvm.export import ExportConfig, export
+def test_loaded_int8_checkpoint_generates_what_its_bundle_generates(family, images, artifacts):
+    """The row's shared quantize stage (tests/fixtures/artifacts.py: INT4 language model + INT8 vision, calibrated
+    on 12 shapes records, and its bundle), which the other quantize suites read too."""
     from edgelvm.models import load_model
-    from edgelvm.quantize import Int8VisionConfig, RTNConfig, quantize
     from edgelvm.runtime import VLM
 
     if family in ("idefics3", "smolvlm"):
         pytest.importorskip("num2words")  # SmolVLMProcessor imports it
-    checkpoint = artifacts.checkpoint(ROWS[family])
-    out = tmp_path / "q"
-    quantize(str(checkpoint), calib, [RTNConfig(group_size=32), Int8VisionConfig()], out=out, batch_size=4)
-    result = export(out, tmp_path / "bundle", ExportConfig(max_length=512))
+    stage = artifacts.quantized(ROWS[family])
+    out, result = stage.out, stage.export
     vision = result.manifest.graphs["vision"]
     assert vision.precision == "int8"
     # against the loaded checkpoint: the same computation up to float order (a value on a rounding boundary may land

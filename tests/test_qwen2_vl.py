@@ -270,7 +270,9 @@ def test_forced_logits_equal_hf_forward(adapter, vlm, images, hf_greedy):
 
 
 # ---- compression stages ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl"])
+# qwen2_5_vl in the slow suite: the same text-MLP surgery of the same language model (Qwen25VLAdapter subclasses
+# Qwen2VLAdapter) as the fast qwen2_vl case; its windowed vision graph is exported by the fast bundle25 tests
+@pytest.mark.parametrize("variant", ["qwen2_vl", pytest.param("qwen2_5_vl", marks=pytest.mark.slow)])
 def test_language_model_mlp_pruning_reloads_with_from_pretrained_and_exports(variant, checkpoint, adapter25, images,
                                                                              tmp_path):  # fmt: skip
     """`edgelvm prune --text-mlp 0.25` (no heads asked for; activation importance on `--calib shapes` for 2-VL,
