@@ -135,7 +135,8 @@ def test_cancel_and_timeout_leave_the_model_usable(tiny_bundles, test_images):
     # 5 ms: far below what 200 tokens take even on a fast machine (a 50 ms deadline was once outrun: "length")
     late = engine.submit(test_images[0], QUESTIONS[0], max_new_tokens=200, min_new_tokens=200, timeout=0.005)
     late.result(timeout=30)
-    assert late.finish_reason == "timeout" and late.stats.new_tokens < 200
+    # on a loaded machine the deadline may pass while the job still waits in the queue: no step ran, no stats
+    assert late.finish_reason == "timeout" and (late.stats is None or late.stats.new_tokens < 200)
 
     normal = engine.submit(test_images[0], QUESTIONS[0], max_new_tokens=12).result(timeout=30)
     engine.close()
