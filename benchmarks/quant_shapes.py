@@ -10,6 +10,7 @@ and for INT4 MatMulNBits ``accuracy_level`` 0 vs 4. Results: ``benchmarks/result
     python benchmarks/quant_shapes.py --groups 128 --methods awq --limit 300
     python benchmarks/quant_shapes.py --teacher runs/distill_shapes/distilled --groups 64 32 \
         --out runs/quant_student --name quant_shapes_student     # the distilled student (distill_shapes.py)
+    python benchmarks/quant_shapes.py --task scenes --groups 128 64 32   # the harder task: paired intervals rank
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results_io import save_results  # noqa: E402 (benchmarks/ is the script directory: on sys.path)
+from tasks import TASKS, correctness, interval_text, paired_markdown, paired_rows  # noqa: E402
 
 
 def _bundle_bytes(bundle: Path, decoder: str) -> int:
@@ -54,11 +56,11 @@ def _vision_ms(bundle: Path, threads: int, repeats: int = 300) -> float:
     return statistics.median(times)
 
 
-def _decode_tok_s(bundle: Path, decoder: str, threads: int, runs: int) -> float:
+def _decode_tok_s(bundle: Path, decoder: str, threads: int, runs: int, size: int = 96) -> float:
     from edgelvm.runtime import VLM
 
     vlm = VLM.load(bundle, decoder=decoder, threads=threads)
-    image = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     rates = []
     for i in range(runs + 1):
         vlm.generate(image, "What is in the image?", max_new_tokens=48, min_new_tokens=48)
@@ -105,16 +107,16 @@ def _ort_static_vision(fp32_bundle: Path, calib_dir: Path, limit: int, target: P
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from edgelvm.data import write_shipped_splits
     from edgelvm.eval import EvalConfig, evaluate
     from edgelvm.export import ExportConfig, export
     from edgelvm.quantize import AWQConfig, Int8VisionConfig, method_config, quantize
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    task = TASKS[args.task]
+    args.teacher = args.teacher or str(task.teacher)
+    out = Path(args.out or f"runs/quant_{task.name}")
     data = out / "data"
-    if not (data / "test" / "data.jsonl").is_file():
-        write_shipped_splits(data, sizes={"train": 10}, force=True)
+    task.write_splits(data, train=10)
     variants: dict[str, list] = {"INT8 vision": [Int8VisionConfig()]}
     for group in args.groups:
         for method in args.methods:
@@ -143,19 +145,22 @@ def run(args: argparse.Namespace) -> dict:
                                                                       out / "bundles" / "ort_static")  # fmt: skip
 
     results: dict[str, dict] = {}
-    eval_config = EvalConfig(max_new_tokens=24, batch_size=32, limit=args.limit, reference=fp32,
+    scores: dict[str, list[int]] = {}
+    eval_config = EvalConfig(max_new_tokens=task.max_new_tokens, batch_size=32, limit=args.limit, reference=fp32,
                              agreement_limit=args.agreement)  # fmt: skip
     for name, bundle in bundles.items():
         metrics = evaluate(bundle, data / "test", eval_config)
+        scores[name] = correctness(metrics)
         rep = quant_reports.get(name, {})
         row = {
             "test_exact_match": metrics.metrics["exact_match"],
+            "ci95": metrics.metrics["exact_match_ci95"],
             "top1_agreement": metrics.metrics["reference"]["top1_agreement"],
             "mean_kl": metrics.metrics["reference"]["mean_kl"],
             "per_type": {q: r["exact_match"] for q, r in metrics.metrics["per_type"].items()},
             "bundle_mb_fused": _bundle_bytes(bundle, "decoder_ort.onnx") / 1e6,
             "vision_ms": _vision_ms(bundle, args.threads),
-            "decode_tok_s": _decode_tok_s(bundle, "fused", args.threads, args.runs),
+            "decode_tok_s": _decode_tok_s(bundle, "fused", args.threads, args.runs, task.image_size),
             "calibrator": rep.get("calibrator"),
             "llm_output_error": _mean([r["output_error"] for r in rep.get("layers", []) if r["side"] == "text"]),
             "quantize_seconds": rep.get("seconds"),
@@ -168,14 +173,16 @@ def run(args: argparse.Namespace) -> dict:
         export(out / "models" / combined.replace(" ", "_").replace("+", ""), level4,
                ExportConfig(max_length=128, force=True, int4_accuracy_level=4))  # fmt: skip
     metrics = evaluate(level4, data / "test", eval_config)
+    scores[combined + ", accuracy_level 4"] = correctness(metrics)
     results[combined + ", accuracy_level 4"] = {
         "test_exact_match": metrics.metrics["exact_match"],
+        "ci95": metrics.metrics["exact_match_ci95"],
         "top1_agreement": metrics.metrics["reference"]["top1_agreement"],
         "mean_kl": metrics.metrics["reference"]["mean_kl"],
         "per_type": {q: r["exact_match"] for q, r in metrics.metrics["per_type"].items()},
         "bundle_mb_fused": _bundle_bytes(level4, "decoder_ort.onnx") / 1e6,
         "vision_ms": results[combined]["vision_ms"],
-        "decode_tok_s": _decode_tok_s(level4, "fused", args.threads, args.runs),
+        "decode_tok_s": _decode_tok_s(level4, "fused", args.threads, args.runs, task.image_size),
         "calibrator": results[combined]["calibrator"],
         "llm_output_error": results[combined]["llm_output_error"],
         "quantize_seconds": results[combined]["quantize_seconds"],
@@ -186,8 +193,13 @@ def run(args: argparse.Namespace) -> dict:
         r["size_ratio"] = round(r["bundle_mb_fused"] / base["bundle_mb_fused"], 3)
         r["decode_speedup"] = round(r["decode_tok_s"] / base["decode_tok_s"], 2)
         r["vision_speedup"] = round(base["vision_ms"] / r["vision_ms"], 2)
-    return {"results": results, "calib": args.calib, "limit": args.limit, "threads": args.threads,
-            "agreement": args.agreement, "model": args.teacher, "time": time.ctime()}  # fmt: skip
+    pairs = [(name, "fp32") for name in results if name != "fp32"]
+    for group in args.groups:  # the method comparisons the yardstick is for
+        pairs += [(f"INT4 {m} g{group}", f"INT4 rtn g{group}") for m in ("awq", "gptq")]
+        pairs.append((f"INT4 gptq g{group}", f"INT4 awq g{group}"))
+    return {"results": results, "paired": paired_rows(scores, pairs), "scores": scores, "task": task.name,
+            "calib": args.calib, "limit": args.limit, "threads": args.threads, "agreement": args.agreement,
+            "model": args.teacher, "time": time.ctime()}  # fmt: skip
 
 
 def _mean(values: list) -> float | None:
@@ -197,40 +209,44 @@ def _mean(values: list) -> float | None:
 
 def markdown(summary: dict) -> str:
     res = summary["results"]
-    head = ("| model | test EM | drop (pt) | top-1 agree | KL vs fp32 | bundle MB (fused) | × size | vision ms "
-            "| × vision | decode tok/s | × decode | LLM output err | observer |")  # fmt: skip
+    head = ("| model | test EM | 95% interval | drop (pt) | top-1 agree | KL vs fp32 | bundle MB (fused) | × size "
+            "| vision ms | × vision | decode tok/s | × decode | LLM output err | observer |")  # fmt: skip
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, r in res.items():
         err = f"{r['llm_output_error']:.4f}" if r["llm_output_error"] is not None else "–"
         lines.append(
-            f"| {name} | {r['test_exact_match']:.1%} | {r['drop_points']:+.1f} | {r['top1_agreement']:.2%} | "
+            f"| {name} | {r['test_exact_match']:.1%} | {interval_text({'exact_match_ci95': r.get('ci95')})} | "
+            f"{r['drop_points']:+.1f} | {r['top1_agreement']:.2%} | "
             f"{r['mean_kl']:.5f} | {r['bundle_mb_fused']:.2f} | "
             f"{r['size_ratio']:.2f} | {r['vision_ms']:.2f} | {r['vision_speedup']:.2f} | {r['decode_tok_s']:.0f} | "
             f"{r['decode_speedup']:.2f} | {err} | {r['calibrator'] or '–'} |"
         )
     n = summary["limit"] or "all"
+    paired = paired_markdown(summary.get("paired", []))
     return "\n".join(lines) + (
-        f"\n\nShipped test split ({n} questions), greedy exact match; {summary['calib']} calibration records from the "
+        f"\n\nShipped {summary.get('task', 'shapes')} test split ({n} questions), greedy exact match; "
+        f"{summary['calib']} calibration records from the "
         f"validation split; ONNX Runtime CPU, {summary['threads']} threads; drop = fp32 EM − EM in points; decode "
         "on the fused decoder (MatMulNBits for INT4), 48 tokens, median of the runs; top-1 agreement and KL: "
         f"teacher-forced along the fp32 bundle's answers on {summary['agreement']} questions; LLM output error: "
-        "relative, on the calibration tokens, mean over layers.\n"
-    )
+        "relative, on the calibration tokens, mean over layers; 95% intervals: percentile bootstrap over questions.\n"
+    ) + (f"\nPaired differences (the same questions, 2000 bootstrap resamples):\n\n{paired}" if paired else "")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", default=str(ROOT / "models" / "shapes-teacher"))
+    p.add_argument("--task", default="shapes", choices=list(TASKS))
+    p.add_argument("--teacher", default=None, help="default: the task's shipped teacher")
     p.add_argument("--methods", nargs="+", default=["rtn", "awq", "gptq"])
     p.add_argument("--groups", nargs="+", type=int, default=[128, 32])
     p.add_argument("--calib", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None, help="test questions (default: all 1000)")
+    p.add_argument("--limit", type=int, default=None, help="test questions (default: all)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--agreement", type=int, default=200, help="questions scored against fp32 by teacher forcing")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="runs/quant_shapes")
+    p.add_argument("--out", default=None, help="default: runs/quant_<task>")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--name", default="quant_shapes", help="base name of the result files")
+    p.add_argument("--name", default=None, help="base name of the result files (default: quant_<task>)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -238,7 +254,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     summary = run(args)
-    save_results(args.results, args.name, summary, markdown(summary))
+    save_results(args.results, args.name or f"quant_{args.task}", summary, markdown(summary))
 
 
 if __name__ == "__main__":

@@ -46,15 +46,46 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from edgelvm.data import scenes as sc
 from edgelvm.data import shapes as sh
 from edgelvm.data.vocab_tokenizer import SHAPES_CHAT_TEMPLATE, build_shapes_tokenizer
 
 log = logging.getLogger("train_teacher")
 
 
+@dataclass(frozen=True)
+class Task:
+    """What differs between the two synthetic tasks: how samples are drawn, the grid the cell probe labels, the
+    answer length ``generate`` must allow, and which sample attributes the probe reads."""
+
+    name: str
+    grid: int
+    image_size: int
+    split_seeds: dict[str, int]
+    split_sizes: dict[str, int]
+    max_new_tokens: int
+
+    def sample(self, seed: int, index: int, image_size: int, attempt: int = 0) -> sh.Sample:
+        if self.name == "shapes":
+            return sh.generate_sample(seed, index, image_size, attempt)
+        return sc.generate_sample(seed, index, attempt)
+
+    def split(self, name: str, image_size: int) -> list[sh.Sample]:
+        seed, n = self.split_seeds[name], self.split_sizes[name]
+        return sh.generate_split(seed, n, image_size) if self.name == "shapes" else sc.generate_split(seed, n)
+
+
+TASKS: dict[str, Task] = {
+    "shapes": Task("shapes", sh.GRID, sh.DEFAULT_IMAGE_SIZE, sh.SPLIT_SEEDS, sh.SPLIT_SIZES, 24),
+    # captions list up to 14 objects: "a red circle," is 4 tokens
+    "scenes": Task("scenes", sc.GRID, sc.IMAGE_SIZE, sc.SPLIT_SEEDS, sc.SPLIT_SIZES, 64),
+}
+
+
 @dataclass
 class TrainConfig:
     out: str = "runs/teacher"
+    task: str = "shapes"
     steps: int = 7000
     batch_size: int = 32
     lr: float = 2e-4  # 5e-4 stalled at ~35% val (colour at chance) for 1500 steps; 2e-4 had colour at 57% by step 500
@@ -80,6 +111,12 @@ class TrainConfig:
     save_every: int = 250
     log_every: int = 20
     seed: int = 0
+    answer_weight: str = "mean"  # "mean": every answer token counts once; "sqrt": a sample weighs sqrt(its tokens)
+    max_minutes: float = 0.0  # > 0: save and stop after this much wall time (resume later with --resume)
+
+    @property
+    def spec(self) -> Task:
+        return TASKS[self.task]
 
 
 # ------------------------------------------------------------------------------------------------ model + processor
@@ -154,7 +191,7 @@ def build_model(cfg: TrainConfig, tokenizer):
         tokenizer.eos_token_id,
         tokenizer.pad_token_id,
     )
-    gc.do_sample, gc.max_new_tokens = False, 24
+    gc.do_sample, gc.max_new_tokens = False, cfg.spec.max_new_tokens
     return model
 
 
@@ -224,34 +261,75 @@ class CellProbe(torch.nn.Module):
 
     Why: trained only through the language loss, the vision tower learned colour and place (linear in the pixels)
     but not shape (measured: colour questions, which need the shape, stalled near 65% for every recipe swept). Real
-    LLaVA starts from a pretrained CLIP tower; this is the shapes task's equivalent, run jointly: with patch 32 at
-    96 px, patch token ``i`` is grid cell ``i``, so each token gets a direct label (kind or empty, colour or empty)
-    from the scene. The probe is never saved: the shipped checkpoint is a plain ``LlavaForConditionalGeneration``.
+    LLaVA starts from a pretrained CLIP tower; this is the shapes task's equivalent, run jointly: with one patch per
+    grid cell (patch 32 at 96 px for shapes, at 192 px for scenes), patch token ``i`` is grid cell ``i``, so each
+    token gets a direct label (kind or empty, colour or empty; on scenes also size) from the scene. On scenes a sign
+    head reads the number's digits off the mean of the sign's 2x2 cells (the sign sits there when present). The
+    probe is never saved in the model: the shipped checkpoint is a plain ``LlavaForConditionalGeneration``.
     """
 
-    def __init__(self, hidden: int) -> None:
+    DIGIT_SLOTS = 3  # units, tens, hundreds; class 10 = "no digit" (shorter number or no sign)
+
+    def __init__(self, hidden: int, task: str) -> None:
         super().__init__()
+        self.task = task
         self.kind = torch.nn.Linear(hidden, len(sh.KINDS) + 1)
         self.color = torch.nn.Linear(hidden, len(sh.COLORS) + 1)
+        if task == "scenes":
+            self.size = torch.nn.Linear(hidden, len(sh.SIZES) + 1)
+            self.digits = torch.nn.Linear(hidden, self.DIGIT_SLOTS * 11)
+            grid = sc.GRID
+            self.sign_cells = sorted(r * grid + c for r, c in sc.SIGN_CELLS)
 
-    def loss(self, patch_tokens: torch.Tensor, kinds: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
+    def loss(self, patch_tokens: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         ce = torch.nn.functional.cross_entropy
-        k, c = self.kind(patch_tokens), self.color(patch_tokens)
-        return 0.5 * (ce(k.flatten(0, 1), kinds.flatten()) + ce(c.flatten(0, 1), colors.flatten()))
+        heads = ["kind", "color"] + (["size"] if self.task == "scenes" else [])
+        terms = [ce(getattr(self, h)(patch_tokens).flatten(0, 1), labels[h].flatten()) for h in heads]
+        if self.task == "scenes":
+            sign = patch_tokens[:, self.sign_cells].mean(dim=1)
+            terms.append(ce(self.digits(sign).view(-1, 11), labels["digits"].flatten()))
+        return sum(terms) / len(terms)
 
 
-def cell_labels(scenes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cell (kind, colour) class ids in patch order (row-major); the last class of each means "empty"."""
+def cell_labels(samples, task: str = "shapes") -> dict[str, torch.Tensor]:
+    """Per-cell class ids in patch order (row-major; the last class of each means "empty"), and on scenes the
+    sign's digits (units first; 10 = none)."""
+    grid = TASKS[task].grid
     colors = list(sh.COLORS)
-    n = sh.GRID * sh.GRID
-    kinds_t = torch.full((len(scenes), n), len(sh.KINDS), dtype=torch.long)
-    colors_t = torch.full((len(scenes), n), len(colors), dtype=torch.long)
-    for b, scene in enumerate(scenes):
-        for shape in scene:
-            cell = shape.row * sh.GRID + shape.col
-            kinds_t[b, cell] = sh.KINDS.index(shape.kind)
-            colors_t[b, cell] = colors.index(shape.color)
-    return kinds_t, colors_t
+    n = grid * grid
+    out = {
+        "kind": torch.full((len(samples), n), len(sh.KINDS), dtype=torch.long),
+        "color": torch.full((len(samples), n), len(colors), dtype=torch.long),
+    }
+    if task == "scenes":
+        out["size"] = torch.full((len(samples), n), len(sh.SIZES), dtype=torch.long)
+        out["digits"] = torch.full((len(samples), CellProbe.DIGIT_SLOTS), 10, dtype=torch.long)
+    for b, sample in enumerate(samples):
+        for shape in sample.scene:
+            cell = shape.row * grid + shape.col
+            out["kind"][b, cell] = sh.KINDS.index(shape.kind)
+            out["color"][b, cell] = colors.index(shape.color)
+            if task == "scenes":
+                out["size"][b, cell] = sh.SIZES.index(shape.size)
+        number = getattr(sample, "number", None)
+        if task == "scenes" and number is not None:
+            for slot, digit in enumerate(reversed(str(number))):
+                out["digits"][b, slot] = int(digit)
+    return out
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weighted token losses, sum of weights) over the answer tokens of a batch.
+
+    ``mean``: every answer token weighs 1 (the usual LM loss). ``sqrt``: the tokens of a sample with ``n`` answer
+    tokens weigh ``1/sqrt(n)`` each, so a 40-token caption does not drown the one-digit counts in its batch.
+    """
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != -100
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    n = mask.sum(dim=1, keepdim=True).clamp(min=1).float()
+    w = mask.float() * (n.rsqrt() if weighting == "sqrt" else 1.0)
+    return (ce * w).sum(), w.sum()
 
 
 class TeacherLoss:
@@ -259,12 +337,15 @@ class TeacherLoss:
 
     def __init__(self, cfg: TrainConfig, model) -> None:
         self.weight = cfg.cell_loss
+        self.task = cfg.task
+        self.weighting = cfg.answer_weight
         self.probe = None
         self._tokens: torch.Tensor | None = None
         if self.weight > 0:
-            if cfg.image_size // cfg.patch_size != sh.GRID:
-                raise SystemExit(f"--cell-loss needs one patch per grid cell: --patch-size {cfg.image_size // 3}")
-            self.probe = CellProbe(cfg.vision_hidden)
+            grid = cfg.spec.grid
+            if cfg.image_size // cfg.patch_size != grid:
+                raise SystemExit(f"--cell-loss needs one patch per grid cell: --patch-size {cfg.image_size // grid}")
+            self.probe = CellProbe(cfg.vision_hidden, cfg.task)
             tower = model.model.vision_tower
             tower.register_forward_hook(lambda _m, _i, out: setattr(self, "_tokens", out.last_hidden_state[:, 1:]))
 
@@ -276,15 +357,25 @@ class TeacherLoss:
             self.probe.to(device)
         return self
 
-    def __call__(self, model, batch: dict, scenes) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total loss, language loss)."""
-        lm = model(**batch).loss
+    def answer_weight(self, labels: torch.Tensor) -> float:
+        """The batch's total answer-token weight (see :func:`answer_loss`), to normalise its parts by."""
+        mask = labels[:, 1:] != -100
+        n = mask.sum(dim=1).clamp(min=1).float()
+        return float(n.sqrt().sum() if self.weighting == "sqrt" else n.sum())
+
+    def __call__(self, model, batch: dict, samples, norm: float | None = None, share: float = 1.0):
+        """(total loss, language loss) of ``batch``, a ``share`` of the samples of a batch whose total answer
+        weight is ``norm`` (default: this batch alone)."""
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        total, weight = answer_loss(model(**batch).logits, labels, self.weighting)
+        lm = total / (weight if norm is None else norm)
         if self.probe is None:
             return lm, lm
-        kinds, colors = cell_labels(scenes)
-        aux = self.probe.loss(self._tokens, kinds.to(lm.device), colors.to(lm.device))
+        labels = {k: v.to(lm.device) for k, v in cell_labels(samples, self.task).items()}
+        aux = self.probe.loss(self._tokens, labels)
         self._tokens = None
-        return lm + self.weight * aux, lm
+        return lm + self.weight * share * aux, lm
 
 
 def train_samples(cfg: TrainConfig, step: int, held_out: set[str]) -> list[sh.Sample]:
@@ -294,15 +385,16 @@ def train_samples(cfg: TrainConfig, step: int, held_out: set[str]) -> list[sh.Sa
     idx = range(start, start + cfg.batch_size)
     if cfg.train_size:
         idx = [i % cfg.train_size for i in idx]
-    seed = sh.SPLIT_SEEDS["train"]
+    task = cfg.spec
+    seed = task.split_seeds["train"]
     out = []
     for i in idx:
         attempt = 0
-        s = sh.generate_sample(seed, i, cfg.image_size)
+        s = task.sample(seed, i, cfg.image_size)
         while s.key in held_out:
             attempt += 1
             log.warning("train sample %d equals a held-out sample; redrawing", i)
-            s = sh.generate_sample(seed, i, cfg.image_size, attempt)
+            s = task.sample(seed, i, cfg.image_size, attempt)
         out.append(s)
     return out
 
@@ -334,7 +426,7 @@ def evaluate(model, batcher: Batcher, samples: list[sh.Sample], batch_size: int 
 
 
 @torch.no_grad()
-def generate_answers(model, batcher: Batcher, samples: list[sh.Sample]) -> list[str]:
+def generate_answers(model, batcher: Batcher, samples: list[sh.Sample], max_new_tokens: int = 24) -> list[str]:
     """Real greedy ``generate`` (left-padded), used to confirm the teacher-forced numbers at the end."""
     model.eval()
     tok = batcher.tok
@@ -343,7 +435,8 @@ def generate_answers(model, batcher: Batcher, samples: list[sh.Sample]) -> list[
     ids = torch.tensor([[tok.pad_token_id] * (n - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs])
     out = model.generate(
-        input_ids=ids, attention_mask=mask, pixel_values=batcher.pixels(samples), max_new_tokens=24, do_sample=False
+        input_ids=ids, attention_mask=mask, pixel_values=batcher.pixels(samples), max_new_tokens=max_new_tokens,
+        do_sample=False,
     )
     model.train()
     return [tok.decode(o[n:], skip_special_tokens=True) for o in out]
@@ -367,6 +460,16 @@ def save_checkpoint(out: Path, model, processor, optimizer, state: dict, probe=N
     write_dir_atomically(out, write)
 
 
+def length_groups(samples: list[sh.Sample]) -> list[list[sh.Sample]]:
+    """Split a batch in two where its longest answers are much longer than the typical one (scenes captions are
+    ~40 tokens, most answers 1-3): each part is padded to its own length. One part when lengths are even."""
+    lengths = [len(s.answer) for s in samples]  # characters: a proxy for tokens, good enough to group by
+    cut = 2 * sorted(lengths)[len(lengths) // 2] + 24
+    long = [s for s, n in zip(samples, lengths, strict=True) if n > cut]
+    short = [s for s, n in zip(samples, lengths, strict=True) if n <= cut]
+    return [g for g in (short, long) if g]
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -382,13 +485,16 @@ def train(cfg: TrainConfig, resume: bool) -> dict:
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    tokenizer = build_shapes_tokenizer()
+    if cfg.task not in TASKS:
+        raise SystemExit(f"--task {cfg.task!r}: expected one of {sorted(TASKS)}")
+    task = cfg.spec
+    tokenizer = build_shapes_tokenizer(task.name)
     processor = build_processor(cfg, tokenizer)
     state: dict = {"step": 0, "history": [], "config": asdict(cfg), "elapsed_s": 0.0}
     if resume and (out / "trainer_state.json").is_file():
         state = json.loads((out / "trainer_state.json").read_text())
         saved = TrainConfig(**state["config"])
-        for k in ("image_size", "patch_size", "vision_hidden", "vision_layers", "text_hidden", "text_layers"):
+        for k in ("task", "image_size", "patch_size", "vision_hidden", "vision_layers", "text_hidden", "text_layers"):
             if getattr(saved, k) != getattr(cfg, k):
                 raise SystemExit(f"--resume: {k}={getattr(cfg, k)} but the checkpoint has {getattr(saved, k)}")
         model = LlavaForConditionalGeneration.from_pretrained(out)
@@ -404,8 +510,8 @@ def train(cfg: TrainConfig, resume: bool) -> dict:
 
     n_img = (cfg.image_size // cfg.patch_size) ** 2
     batcher = Batcher(processor, n_img)
-    val = sh.generate_split(sh.SPLIT_SEEDS["val"], sh.SPLIT_SIZES["val"], cfg.image_size)
-    test = sh.generate_split(sh.SPLIT_SEEDS["test"], sh.SPLIT_SIZES["test"], cfg.image_size)
+    val = task.split("val", cfg.image_size)
+    test = task.split("test", cfg.image_size)
     held_out = {s.key for s in val + test}
     val = val[: cfg.eval_n]
     batcher.check_against_processor(val[0])
@@ -426,15 +532,21 @@ def train(cfg: TrainConfig, resume: bool) -> dict:
 
     step = state["step"]
     t0 = time.time() - state["elapsed_s"]
+    cpu0 = time.process_time() - state.get("cpu_s", 0.0)  # CPU seconds of every thread, across resumes
     smooth = None
     step0, t_start = step, time.time()
     while step < cfg.steps:
         for g in optimizer.param_groups:
             g["lr"] = lr_at(cfg, step)
         samples = train_samples(cfg, step, held_out)
-        loss, lm_loss = loss_fn(model, batcher.train_batch(samples), [s.scene for s in samples])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        lm_loss = torch.zeros(())
+        parts = [(part, batcher.train_batch(part)) for part in length_groups(samples)]
+        norm = sum(loss_fn.answer_weight(b["labels"]) for _, b in parts)
+        for part, b in parts:  # the gradient of one padded batch, without most of the padding
+            loss, lm = loss_fn(model, b, part, norm=norm, share=len(part) / len(samples))
+            loss.backward()
+            lm_loss += lm.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
@@ -453,17 +565,23 @@ def train(cfg: TrainConfig, resume: bool) -> dict:
             )
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc = evaluate(model, batcher, val)
-            state["history"].append({"step": step, "loss": smooth, "minutes": (time.time() - t0) / 60, "val": acc})
+            state["history"].append({"step": step, "loss": smooth, "minutes": (time.time() - t0) / 60,
+                                     "cpu_minutes": (time.process_time() - cpu0) / 60, "val": acc})  # fmt: skip
             log.info("step %d val exact match %s", step, " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            state.update(step=step, elapsed_s=time.time() - t0)
+        out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+            state.update(step=step, elapsed_s=time.time() - t0, cpu_s=time.process_time() - cpu0)
             save_checkpoint(out, model, processor, optimizer, state, loss_fn.probe)
             log.info("saved %s (step %d)", out, step)
+        if out_of_time:
+            log.info("--max-minutes %.0f reached at step %d: continue with --resume", cfg.max_minutes, step)
+            return state
 
     test_acc = evaluate(model, batcher, test)
-    gen = generate_answers(model, batcher, test[:100])
+    gen = generate_answers(model, batcher, test[:100], task.max_new_tokens)
     gen_acc = sum(g == s.answer for g, s in zip(gen, test[:100], strict=True)) / len(gen)
-    state.update(test=test_acc, test_generate_100=gen_acc, elapsed_s=time.time() - t0)
+    state.update(test=test_acc, test_generate_100=gen_acc, elapsed_s=time.time() - t0,
+                 cpu_s=time.process_time() - cpu0)  # fmt: skip
     save_checkpoint(out, model, processor, optimizer, state, loss_fn.probe)
     log.info(
         "test exact match %s | generate() on 100: %.3f", " ".join(f"{k} {v:.3f}" for k, v in test_acc.items()), gen_acc

@@ -256,7 +256,7 @@ def generate_sample(seed: int, index: int, attempt: int = 0) -> Sample:
     scene, number, question, answer = _question(rng, qtype, absent)
     png = _png(render(scene, number, rng))
     return Sample(id=f"scenes-s{seed}-{index:06d}", seed=seed, index=index, qtype=qtype, question=question,
-                  answer=answer, scene=scene, png=png, absent=absent)  # fmt: skip
+                  answer=answer, scene=scene, png=png, absent=absent, number=number)  # fmt: skip
 
 
 def generate_split(seed: int, n: int, exclude: set[str] | None = None) -> list[Sample]:

@@ -104,6 +104,7 @@ class Sample:
     scene: tuple[Shape, ...]
     png: bytes = field(repr=False)
     absent: bool | None = None  # exist questions only: True when the asked-about object is not in the image
+    number: int | None = None  # scenes only: the number on the image's sign, when it has one
 
     @property
     def image(self) -> Image.Image:

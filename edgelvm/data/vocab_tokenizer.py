@@ -57,16 +57,29 @@ def _alphabet() -> list[str]:
     return sorted(set(string.printable) - {" ", "\r", "\x0b", "\x0c"} | {"▁"})
 
 
-def build_shapes_tokenizer_object() -> Tokenizer:
-    """The raw ``tokenizers.Tokenizer`` (deterministic: same corpus, same merges, same ids)."""
+TASKS: tuple[str, ...] = ("shapes", "scenes")
+
+
+def build_shapes_tokenizer_object(task: str = "shapes") -> Tokenizer:
+    """The raw ``tokenizers.Tokenizer`` of ``task`` (deterministic: same corpus, same merges, same ids).
+
+    The scenes task also splits numbers into single digits (as Llama and Qwen tokenizers do): a sign's number is
+    then read digit by digit, and the 1000 possible numbers do not each need a merge.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from edgelvm.data.shapes import task_texts
+    if task == "shapes":
+        from edgelvm.data.shapes import task_texts
+    elif task == "scenes":
+        from edgelvm.data.scenes import task_texts
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Punctuation("isolated")]
-    )
+    steps = [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Punctuation("isolated")]
+    if task == "scenes":
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     trainer = trainers.BpeTrainer(
         vocab_size=MAX_VOCAB,
@@ -80,7 +93,7 @@ def build_shapes_tokenizer_object() -> Tokenizer:
     return tok
 
 
-def build_shapes_tokenizer() -> PreTrainedTokenizerFast:
+def build_shapes_tokenizer(task: str = "shapes") -> PreTrainedTokenizerFast:
     """The task tokenizer for transformers: bos/eos/pad/unk set, ``<image>`` special, chat template attached.
 
     The chat template writes ``bos`` itself, so the tokenizer adds no special tokens on its own (no
@@ -89,7 +102,7 @@ def build_shapes_tokenizer() -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=build_shapes_tokenizer_object(),
+        tokenizer_object=build_shapes_tokenizer_object(task),
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
