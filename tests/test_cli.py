@@ -137,3 +137,23 @@ def test_quantize_bool_flags_reach_the_config(monkeypatch, tmp_path):
         result = runner.invoke(app, ["quantize", "m", "-o", str(tmp_path / "q"), *flags])
         assert result.exit_code == 0, result.output
         assert getattr(seen[-1][0], knob) == expected, flags
+
+
+def test_quantize_layerwise_in_half_precision_from_the_cli(tiny_checkpoints, calib_records, tmp_path):
+    """`--layerwise --dtype fp16`: one calibration pass, the checkpoint saved in fp16; a bad --dtype names the fix."""
+    import json
+
+    from safetensors import safe_open
+
+    model = str(tiny_checkpoints["llama-clip"])
+    calib = calib_records[0].image_path.parents[1]  # the records' dataset directory
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", model, "-o", str(out), "--calib", str(calib), "--llm", "gptq",
+                                 "--calib-limit", "8", "--vision", "none", "--group-size", "32", "--layerwise",
+                                 "--dtype", "fp16"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "quant_report.json").read_text())["calibration_passes"] == 1
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys() if "layers" in k} == {"torch.float16"}  # noqa: SIM118
+    bad = runner.invoke(app, ["quantize", model, "-o", str(tmp_path / "x"), "--llm", "rtn", "--dtype", "int8"])
+    assert bad.exit_code != 0 and "use fp32, fp16 or bf16" in str(bad.exception)  # the entry point prints it

@@ -111,13 +111,15 @@ def run_forward(
     batch_size: int = 16,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    **forward_kwargs: Any,
 ) -> None:
     """Run every calibration batch through the whole VLM (vision tower, projector, language model), no gradients.
 
     ``on_batch`` sees each batch's inputs before its forward (the statistics use its attention mask). Only the last
     position's logits are computed where the model allows it: the statistics live in the layers, and a batch's full
     logits are ``batch × tokens × vocab`` floats — 5.8 GB for 16 records of ~600 tokens at a 152k vocabulary,
-    measured as most of a 0.8B model's quantize peak."""
+    measured as most of a 0.8B model's quantize peak. ``forward_kwargs`` go to every forward (e.g.
+    ``use_cache=False``)."""
     import inspect
 
     import torch
@@ -129,7 +131,7 @@ def run_forward(
         for inputs, rows in iter_batches(adapter, calib, batch_size):
             if on_batch is not None:
                 on_batch(inputs)
-            model(**{k: v for k, v in inputs.items() if k != "labels"}, **keep)  # no loss: PaliGemma's processor
-            # returns labels, whose loss would need every position's logits
+            # no labels (PaliGemma's processor returns them): their loss would need every position's logits
+            model(**{k: v for k, v in inputs.items() if k != "labels"}, **keep, **forward_kwargs)
             if progress is not None:
                 progress(rows)

@@ -161,9 +161,26 @@ def collect_stats(
     """One forward pass of the calibration set with hooks on ``modules`` (name -> ``nn.Linear``).
 
     ``gram``: names that also need ``XᵀX``; ``text``: names on the language-model side (padding excluded)."""
+    return collect_stats_while(
+        lambda on_batch: run_forward(adapter, calib, batch_size, on_batch=on_batch, progress=progress),
+        modules, gram=gram, text=text, calibration=calib.describe(),
+    )  # fmt: skip
+
+
+def collect_stats_while(
+    feed: Any,
+    modules: dict[str, Any],
+    *,
+    gram: set[str] | None = None,
+    text: set[str] | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> CalibrationStats:
+    """The statistics of ``modules``' inputs while ``feed(on_batch)`` runs forwards; ``feed`` calls ``on_batch``
+    with each batch's inputs (its ``attention_mask`` marks padding) before that batch's forward. The whole-model
+    pass above and the layer-by-layer one (:mod:`edgelvm.quantize.layerwise`) both collect through it."""
     collector = _Collector(modules, gram or set(), text or set())
     try:
-        run_forward(adapter, calib, batch_size, on_batch=collector.new_batch, progress=progress)
+        feed(collector.new_batch)
     finally:
         collector.close()
-    return CalibrationStats(collector.stats, collector.grams, calib.describe())
+    return CalibrationStats(collector.stats, collector.grams, calibration or {})

@@ -116,13 +116,18 @@ def quantize(
     seed: int = 0,
     batch_size: int = 16,
     stats_memory_gb: float | None = None,
+    layerwise: bool = False,
+    dtype: str = "float32",
     progress: bool = False,
 ) -> QuantReport:
     """Quantize ``model`` (checkpoint path or loaded adapter) into the checkpoint directory ``out``.
 
     ``calib_data``: a jsonl dataset, a list of records or ``"shapes"`` (``calib_limit`` records drawn with
     ``seed``); None is allowed when every method is data-free (RTN; given, the report still has each layer's output
-    error). An :class:`ObserverSweep`'s ``eval_data`` may be a path here: it is loaded the same way."""
+    error). An :class:`ObserverSweep`'s ``eval_data`` may be a path here: it is loaded the same way.
+
+    ``dtype``: the load dtype of a checkpoint path (``float16`` / ``bfloat16`` halve the memory; pair them with
+    ``layerwise``, which computes each layer in fp32 — whole-model passes would run the model in that dtype)."""
     started = time.perf_counter()
     methods = _method_list(methods)
     for cfg in _by_part(methods).values():  # a bad method list fails before the output is touched
@@ -134,9 +139,9 @@ def quantize(
     _check_calibration(methods, calib_data)  # before loading anything
     calib = load_calibration_set(calib_data, calib_limit, seed) if calib_data is not None else None
     methods = [_load_eval_data(m, calib_limit, seed) for m in methods]
-    adapter = model if hasattr(model, "processor") else load_model(str(model))
+    adapter = model if hasattr(model, "processor") else load_model(str(model), dtype=dtype)
     result = quantize_model(adapter, methods, calib, batch_size=batch_size, stats_memory_gb=stats_memory_gb,
-                            progress=progress)  # fmt: skip
+                            layerwise=layerwise, progress=progress)  # fmt: skip
     result.report.out = str(out)
     result.report.seconds = round(time.perf_counter() - started, 2)
     save_quantized(result, out)
@@ -150,6 +155,7 @@ def quantize_model(
     *,
     batch_size: int = 16,
     stats_memory_gb: float | None = None,
+    layerwise: bool = False,
     progress: bool = False,
 ) -> QuantizedModel:
     """Apply ``methods`` (at most one per part) to the loaded ``adapter`` in place, calibrated on ``calib`` (a
@@ -159,7 +165,11 @@ def quantize_model(
     matrices (float32 ``K×K`` per layer input) fit ``stats_memory_gb`` (default: :func:`auto_stats_memory_gb`), one
     calibration pass each — later groups then see the outputs of already-quantized earlier layers (GPTQ's sequential
     variant); a 7B Llama needs ~0.7 GB per layer. Methods that are not sequential (the vision encoder's) use the
-    first, float pass's statistics."""
+    first, float pass's statistics.
+
+    ``layerwise``: never run the model whole — capture the first decoder layer's inputs once, then calibrate,
+    quantize and run one layer at a time in fp32 (:mod:`edgelvm.quantize.layerwise`; the same result as one
+    layer per pass, at the memory of the model in its own dtype plus one fp32 layer)."""
     started = time.perf_counter()
     by_part = _by_part(_method_list(methods))
     handlers = {part: handler_for(cfg) for part, cfg in by_part.items()}  # a config that matches nothing fails here
@@ -187,8 +197,20 @@ def quantize_model(
     if calib is not None:
         report.calibration = calib.describe()
         states = {part: h.prepare(adapter, by_part[part], calib, batch_size) for part, h in handlers.items()}
-    quantized = _run_passes(adapter, by_part, handlers, layers, states, calib, report,
-                            batch_size=batch_size, stats_memory_gb=stats_memory_gb, progress=progress)  # fmt: skip
+    if layerwise and calib is not None:
+        from edgelvm.quantize.layerwise import quantize_layerwise
+
+        parts = {p: (by_part[p], handlers[p], layers[p], states.get(p)) for p in by_part}
+        quantized, first = quantize_layerwise(adapter, parts, calib, report, batch_size=batch_size,
+                                              progress=progress)  # fmt: skip
+        for part in by_part:  # the non-sequential parts, on the capture pass's statistics
+            if not handlers[part].sequential and layers[part]:
+                part_stats = first.with_prefix(f"{part}:")
+                quantized[part] = handlers[part].apply(adapter, by_part[part], layers[part], part_stats, report,
+                                                       states.get(part))  # fmt: skip
+    else:
+        quantized = _run_passes(adapter, by_part, handlers, layers, states, calib, report,
+                                batch_size=batch_size, stats_memory_gb=stats_memory_gb, progress=progress)  # fmt: skip
     for part, handler in handlers.items():
         quantized[part].update(handler.finish(adapter, by_part[part], calib, batch_size, report))
 

@@ -68,6 +68,14 @@ def quantize_command(
         typer.Option(help="Memory (GB) for the LLM's Gram matrices; beyond it, layers are calibrated in groups "
                           "(default: a quarter of the model's weight bytes, 0.5 to 4)."),
     ] = None,
+    layerwise: Annotated[
+        bool,
+        typer.Option(help="Calibrate and quantize one decoder layer at a time in fp32 (the model never runs whole: "
+                          "pair with --dtype fp16/bf16 for models that do not fit in fp32)."),
+    ] = False,
+    dtype: Annotated[
+        str, typer.Option(help="Load dtype: fp32 | fp16 | bf16 (the quantized checkpoint keeps it).")
+    ] = "fp32",
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """INT4 weight-only language model (AWQ / GPTQ / RTN) and INT8 W8A8 vision encoder, calibrated on image+text.
@@ -83,6 +91,9 @@ def quantize_command(
     from edgelvm.quantize import ObserverSweep, quantize
     from edgelvm.quantize.methods import method_config
 
+    dtypes = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    if dtype not in dtypes:
+        raise ConfigError(f"--dtype {dtype!r} is not a load dtype", where="--dtype", fix="use fp32, fp16 or bf16")
     if eval_data is not None and calibrator != "auto":
         raise ConfigError("--eval-data scores the observers of --calibrator auto; a named observer is not scored",
                           where="--eval-data", fix="drop --eval-data, or use --calibrator auto")  # fmt: skip
@@ -103,7 +114,8 @@ def quantize_command(
         if config is not None:
             methods.append(config)
     report = quantize(model, calib, methods, out=out, force=force, calib_limit=calib_limit, batch_size=batch_size,
-                      stats_memory_gb=stats_memory_gb, progress=True)  # fmt: skip
+                      stats_memory_gb=stats_memory_gb, layerwise=layerwise, dtype=dtypes[dtype],
+                      progress=True)  # fmt: skip
     console = Console(stderr=True)
     console.print(report.summary())
     console.print(f"quantized checkpoint: {out} (export it with `edgelvm export {out} -o BUNDLE`; "
