@@ -246,17 +246,20 @@ def truncated_parity(name: str, checkpoint: Path, work: Path, layers: int, token
             "runtime_ids": runtime, "pytorch_ids": reference}  # fmt: skip
 
 
-def quantized_row(edgelvm: str, checkpoint: Path, args: argparse.Namespace, method: str) -> dict:
+def quantized_row(edgelvm: str, checkpoint: Path, args: argparse.Namespace, method: str, dtype: str = "fp32") -> dict:
     """``edgelvm quantize --llm METHOD`` (INT4 g128, calibrated on shapes records), its export and one answer,
-    each measured in its own process."""
+    each measured in its own process. ``--layerwise``: one decoder layer at a time, the model in its own dtype."""
     work = checkpoint.parent
     calib = calibration_records(edgelvm, work, args.calib_limit)
-    quantized, bundle = work / f"int4-{method}", work / f"bundle-int4-{method}"
+    tag = f"{method}-layerwise" if args.layerwise else method
+    quantized, bundle = work / f"int4-{tag}", work / f"bundle-int4-{tag}"
+    mode = ["--layerwise", "--dtype", dtype] if args.layerwise else []
     seconds, peak, anon, code, _ = run_measured([
         edgelvm, "-v", "quantize", str(checkpoint), "--calib", str(calib), "-o", str(quantized), "--llm", method,
         "--vision", "none", "--group-size", "128", "--calib-limit", str(args.calib_limit), "--force",
+        "--batch-size", str(args.calib_batch), *mode,
     ])  # fmt: skip
-    row = {"method": method, "quantize_s": round(seconds, 1), "quantize_peak_rss_bytes": peak,
+    row = {"method": tag, "quantize_s": round(seconds, 1), "quantize_peak_rss_bytes": peak,
            "quantize_peak_anon_bytes": anon, "quantize_exit": code}  # fmt: skip
     if code == 0:
         seconds, peak, anon, code, _ = run_measured([
@@ -344,6 +347,9 @@ def main() -> None:
     parser.add_argument("--no-export", action="store_true", help="skip the export, its run and parity check")
     parser.add_argument("--name", default="scale", help="results file stem in benchmarks/results/")
     parser.add_argument("--calib-limit", type=int, default=16, help="calibration records for --quantize / --prune")
+    parser.add_argument("--calib-batch", type=int, default=16, help="calibration batch size for --quantize")
+    parser.add_argument("--layerwise", action="store_true",
+                        help="--quantize one decoder layer at a time, the model in its checkpoint dtype (fp16 too)")
     parser.add_argument("--answer", nargs=2, type=Path, metavar=("BUNDLE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.answer:
@@ -370,8 +376,8 @@ def main() -> None:
             if layers:
                 row["truncated_parity"] = truncated_parity(name, checkpoint, args.work / name, layers, args.tokens,
                                                            command)  # fmt: skip
-        for method in args.quantize if dtype == "fp32" else []:
-            row.setdefault("int4", []).append(quantized_row(edgelvm, checkpoint, args, method))
+        for method in args.quantize if dtype == "fp32" or args.layerwise else []:
+            row.setdefault("int4", []).append(quantized_row(edgelvm, checkpoint, args, method, dtype))
         if args.prune and dtype == "fp32":
             row["pruned"] = pruned_row(edgelvm, checkpoint, args)
         if args.distill and dtype == "fp32":
@@ -447,7 +453,7 @@ def render(rows: list[dict]) -> str:
                 f"{d['peak_anon_bytes'] / gb:.2f} GB |"
             )
     if extra:
-        lines += ["", "| model | INT4 method | quantize | quantize peak RSS (× fp32 ckpt) | export | export peak RSS | "
+        lines += ["", "| model | INT4 method | quantize | quantize peak RSS (× ckpt) | export | export peak RSS | "
                   "bundle | runtime peak RSS | decode tok/s |", "|---" * 9 + "|", *extra]  # fmt: skip
     return "\n".join(lines)
 

@@ -249,7 +249,8 @@ def _run_passes(
     Statistics are keyed ``part:name`` (one pass serves every part); each handler sees its own names."""
     sequential = {f"{p}:{n}": m for p in by_part if handlers[p].sequential for n, m in layers[p].items()}
     deferred = {f"{p}:{n}": m for p in by_part if not handlers[p].sequential for n, m in layers[p].items()}
-    passes = _layer_passes(sequential, stats_memory_gb) if calib is not None else [sequential]
+    sampled = {k for k in sequential if handlers[k.split(":", 1)[0]].accepts_token_sample}
+    passes = _layer_passes(sequential, stats_memory_gb, sampled) if calib is not None else [sequential]
     quantized: dict[str, dict[str, Any]] = {part: {} for part in by_part}
     first = None
     for index, chunk in enumerate(passes):
@@ -257,7 +258,7 @@ def _run_passes(
         if calib is not None:
             modules = {**chunk, **(deferred if index == 0 else {})}
             label = "calibration" if len(passes) == 1 else f"calibration pass {index + 1}/{len(passes)}"
-            stats = _calibrate(adapter, calib, modules, set(chunk), batch_size, progress, label)
+            stats = _calibrate(adapter, calib, modules, set(chunk), batch_size, progress, label, sampled)
             report.calibration_passes += 1
             first = first or stats
         for part in by_part:
@@ -341,9 +342,12 @@ def auto_stats_memory_gb(adapter: Any) -> float:
     return min(4.0, max(0.5, 0.25 * weights / 1e9))
 
 
-def _layer_passes(text: dict[str, Any], memory_gb: float) -> list[dict[str, Any]]:
+def _layer_passes(text: dict[str, Any], memory_gb: float, sampled: set[str] = frozenset()) -> list[dict[str, Any]]:
     """The language model's linears in consecutive groups of whole decoder layers whose Gram matrices (float32,
-    counted per linear: an over-estimate where q/k/v share one) fit ``memory_gb``; at least one layer per group."""
+    counted per linear: an over-estimate where q/k/v share one; a token sample where ``sampled`` allows it and is
+    smaller) fit ``memory_gb``; at least one layer per group."""
+    from edgelvm.calibration import stats
+
     by_layer: dict[str, dict[str, Any]] = {}
     for name, module in text.items():
         by_layer.setdefault(".".join(name.split(".")[:2]), {})[name] = module  # "part:layers.{i}"
@@ -351,7 +355,8 @@ def _layer_passes(text: dict[str, Any], memory_gb: float) -> list[dict[str, Any]
     passes: list[dict[str, Any]] = [{}]
     used = 0.0
     for layer in by_layer.values():
-        need = sum(4.0 * m.in_features**2 for m in layer.values())
+        need = sum(4.0 * m.in_features * (min(m.in_features, stats.SAMPLE_TOKENS) if n in sampled else m.in_features)
+                   for n, m in layer.items())  # fmt: skip
         if passes[-1] and used + need > budget:
             passes.append({})
             used = 0.0
@@ -361,12 +366,12 @@ def _layer_passes(text: dict[str, Any], memory_gb: float) -> list[dict[str, Any]
 
 
 def _calibrate(adapter: Any, calib: Any, modules: dict, gram: set[str], batch_size: int, progress: bool,
-               label: str) -> Any:  # fmt: skip
+               label: str, sampled: set[str] | None = None) -> Any:  # fmt: skip
     from edgelvm.calibration.stats import collect_stats
 
     text = {name for name in modules if name.startswith("llm:")}  # padding positions excluded there
     return _with_progress(progress, len(calib), label, lambda tick: collect_stats(
-        adapter, calib, modules, gram=gram, text=text, batch_size=batch_size, progress=tick,
+        adapter, calib, modules, gram=gram, text=text, batch_size=batch_size, progress=tick, sampled=sampled,
     ))  # fmt: skip
 
 

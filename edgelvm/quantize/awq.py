@@ -45,9 +45,32 @@ def fake_int4(w: Any, block: int, symmetric: bool, clip: Any = None) -> Any:
 
 
 def output_error(delta: Any, gram: Any) -> float:
-    """``tr(Δ H Δᵀ)``: the summed squared output change over the calibration tokens."""
+    """``tr(Δ H Δᵀ)``: the summed squared output change over the calibration tokens (estimated on the sample
+    where ``gram`` is a :class:`~edgelvm.calibration.stats.TokenSample`)."""
+    if hasattr(gram, "error"):
+        return gram.error(delta)
     d = delta.double()
     return float(((d @ gram) * d).sum())
+
+
+def scaled_input(gram: Any, s: Any) -> Any:
+    """``H`` of the input ``x / s`` (AWQ's scaled space): ``H / (s sᵀ)``, or the sample divided by ``s``."""
+    import torch
+
+    return gram.divided(s) if hasattr(gram, "divided") else gram / torch.outer(s, s).double()
+
+
+def _diagonal_blocks(gram: Any, k: int, block: int) -> Any:
+    """``[k_blocks, block, block]``: the diagonal blocks of ``H`` (zero-padded past ``k``), float32."""
+    import torch
+
+    kb = -(-k // block)
+    blocks = torch.zeros(kb, block, block)
+    for i in range(kb):
+        lo, hi = i * block, min((i + 1) * block, k)
+        part = gram.gram_block(lo, hi) if hasattr(gram, "gram_block") else gram[lo:hi, lo:hi].float()
+        blocks[i, : hi - lo, : hi - lo] = part
+    return blocks
 
 
 @dataclass
@@ -90,8 +113,7 @@ def search_clip(w: Any, gram: Any, block: int, symmetric: bool) -> Any:
     n, k = w.shape
     kb = -(-k // block)
     pad = kb * block - k
-    g = torch.nn.functional.pad(gram.float(), (0, pad, 0, pad))
-    h_blocks = torch.stack([g[i * block : (i + 1) * block, i * block : (i + 1) * block] for i in range(kb)])
+    h_blocks = _diagonal_blocks(gram, k, block)
     best_err = torch.full((n, kb), float("inf"))
     best_ratio = torch.ones(n, kb)
     for ratio in CLIP_RATIOS:

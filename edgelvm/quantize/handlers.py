@@ -43,6 +43,9 @@ class Handler:
 
     sequential = True
     sidecar = SIDECAR
+    #: its statistics may hold a token sample instead of the Gram matrix where that is smaller (AWQ's search and
+    #: the error report can; GPTQ's Hessian cannot): see :class:`edgelvm.calibration.stats.TokenSample`
+    accepts_token_sample = False
 
     def layers(self, adapter: Any) -> dict[str, Any]:
         """name -> ``nn.Linear`` it quantizes (the names its sidecar and statistics use)."""
@@ -96,8 +99,9 @@ def handler_for(cfg: Any) -> Handler:
 class Int4Handler(Handler):
     """INT4 weight-only language model; ``quantize_layers`` is the method (RTN, AWQ, GPTQ)."""
 
-    def __init__(self, quantize_layers: Callable[..., dict[str, Any]]) -> None:
+    def __init__(self, quantize_layers: Callable[..., dict[str, Any]], accepts_token_sample: bool = True) -> None:
         self.quantize_layers = quantize_layers
+        self.accepts_token_sample = accepts_token_sample
 
     def layers(self, adapter: Any) -> dict[str, Any]:
         return text_linears(adapter)
@@ -130,6 +134,7 @@ class Int4Handler(Handler):
 
 class SmoothQuantHandler(Handler):
     sidecar = LLM_INT8_SIDECAR
+    accepts_token_sample = True  # the Gram matrix only feeds the error report
 
     def layers(self, adapter: Any) -> dict[str, Any]:
         return text_linears(adapter)
@@ -237,7 +242,7 @@ def _loaded_set(data: Any) -> Any:
 
 register_handler(RTNConfig, Int4Handler(llm_int4.quantize_rtn_layers))
 register_handler(AWQConfig, Int4Handler(llm_int4.quantize_awq_layers))
-register_handler(GPTQConfig, Int4Handler(llm_int4.quantize_gptq_layers))
+register_handler(GPTQConfig, Int4Handler(llm_int4.quantize_gptq_layers, accepts_token_sample=False))
 register_handler(SmoothQuantConfig, SmoothQuantHandler())
 register_handler(Int8VisionConfig, Int8VisionHandler())
 

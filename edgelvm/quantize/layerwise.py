@@ -169,9 +169,10 @@ def _one_layer(adapter: Any, index: int, layer: Any, hidden: list[Any], inputs: 
     calls = inputs.calls[index]
     if any(mine.values()):
         modules = {f"{p}:{n}": m for p, named in mine.items() for n, m in named.items()}
+        sampled = {f"{p}:{n}" for p, named in mine.items() if parts[p][1].accepts_token_sample for n in named}
         stats = collect_stats_while(
             lambda on_batch: run_layer(layer, hidden, calls, on_batch, inputs.masks),
-            modules, gram=set(modules), text=set(modules), calibration=calib.describe(),
+            modules, gram=set(modules), text=set(modules), calibration=calib.describe(), sampled=sampled,
         )  # fmt: skip
         for part, named in mine.items():
             if named:

@@ -37,9 +37,7 @@ def quantize_gptq_layers(adapter: Any, linears: dict[str, Any], stats: Any, cfg:
 def quantize_awq_layers(adapter: Any, linears: dict[str, Any], stats: Any, cfg: Any, report: Any) -> dict:
     """AWQ (``cfg``: :class:`~edgelvm.quantize.methods.AWQConfig`): scales folded into the producers, then
     round to nearest with each block's clipping searched (q/k never clipped)."""
-    import torch
-
-    from edgelvm.quantize.awq import search_clip
+    from edgelvm.quantize.awq import scaled_input, search_clip
 
     originals = _originals(linears)
     # AWQ changes a group's input space by 1/s: keep each layer's scale to map errors back to the original one.
@@ -50,7 +48,7 @@ def quantize_awq_layers(adapter: Any, linears: dict[str, Any], stats: Any, cfg: 
     def one(name: str, w: Any, gram: Any, s: Any) -> Int4Weight:
         clip = None
         if cfg.clip and not _is_query_or_key(name):
-            scaled = gram if s is None else gram / torch.outer(s, s).double()
+            scaled = gram if s is None else scaled_input(gram, s)
             clip = search_clip(w, scaled, cfg.group_size, cfg.symmetric).numpy()
         return quantize_rtn(w.numpy().T, cfg.group_size, cfg.symmetric, clip)
 
