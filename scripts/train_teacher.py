@@ -498,7 +498,11 @@ def train(cfg: TrainConfig, resume: bool) -> dict:
             if getattr(saved, k) != getattr(cfg, k):
                 raise SystemExit(f"--resume: {k}={getattr(cfg, k)} but the checkpoint has {getattr(saved, k)}")
         model = LlavaForConditionalGeneration.from_pretrained(out)
-        log.info("resuming from %s at step %d", out, state["step"])
+        changed = {k: [v, getattr(cfg, k)] for k, v in asdict(saved).items() if v != getattr(cfg, k)}
+        if changed:  # e.g. a longer --steps: the schedule continues on the new length (a warm restart of the cosine)
+            state.setdefault("resumes", []).append({"step": state["step"], "changed": changed})
+            state["config"] = asdict(cfg)
+        log.info("resuming from %s at step %d%s", out, state["step"], f" with {changed}" if changed else "")
     else:
         if out.exists() and any(out.iterdir()):
             raise SystemExit(f"{out} is not empty: pass --resume to continue it, or choose another --out")
