@@ -434,3 +434,39 @@ def test_ensure_opset_21_keeps_the_node_metadata(group_norm):
     assert bumped.opset_import[0].version == 21 and (bumped is model) == (not group_norm)
     onnx.checker.check_model(bumped, full_check=True)
     assert set(linear_matmuls(bumped)) == {"fc"}
+
+
+def test_rewrite_of_a_graph_with_external_data_reads_weights_from_disk_and_drops_the_replaced_ones(traced, tmp_path):
+    """``GraphRewrite.rewrite_file`` on a graph saved with external data (as real-size exports are): the graph is
+    loaded without its data, the writer reads each float weight it replaces from disk, and the rewritten graph's
+    data file holds the INT4 codes and the weights kept float — not the replaced fp32 ones (compacted)."""
+    from edgelvm.export.quantized import _int4_writer
+    from edgelvm.export.rewrite import GraphRewrite
+
+    net, linears, x, model, _ = traced
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    float_bytes = (tmp_path / "g.onnx.data").stat().st_size
+    weights = {name: quantize_rtn(_weight_kn(m), 32, True) for name, m in linears.items() if name != "head"}
+    rewrite = GraphRewrite("int4", 1e-4, _int4_writer(weights))
+    rewrite.rewrite_file(path, "")
+    assert rewrite.summary["written"] == 5 and rewrite.summary["left_float"] == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]  # the side file is gone
+    from edgelvm.export.external_data import ALIGNMENT, external_info
+
+    replaced = sum(m.weight.numel() * 4 for name, m in linears.items() if name in weights)
+    regions = [external_info(t) for t in onnx.load(str(path), load_external_data=False).graph.initializer]
+    stored = sum(r.length for r in regions if r is not None)
+    assert stored < float_bytes - replaced + replaced / 4  # INT4 codes + scales in place of the fp32 weights
+    assert (tmp_path / "g.onnx.data").stat().st_size <= stored + ALIGNMENT * len(regions)  # nothing else in it
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # fp32 compute (see above)
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ref = copy.deepcopy(net)
+    for name, m in ref.named_modules():
+        if name in weights:
+            m.weight.data = torch.from_numpy(weights[name].dequantize().T.copy())
+    with torch.no_grad():
+        reference = [t.numpy() for t in ref(x)]
+    outputs = sess.run(None, {"x": x.numpy()})
+    assert _rel(outputs[0], reference[0]) <= 1e-4 and _rel(outputs[1], reference[1]) <= 1e-4

@@ -302,6 +302,7 @@ def write_int8_qdq(
     inplace: bool = False,
     share_activations: bool = True,
     max_weight_error: float | None = DEFAULT_MAX_WEIGHT_ERROR,
+    base_dir: str = "",
 ) -> WriteResult:
     """W8A8 as explicit QDQ: per matched Linear, the float weight becomes an int8 initializer (``codes``) read through
     ``DequantizeLinear(codes, weight_scales[N], int8 zeros, axis=N's axis)``, and the activation input goes through
@@ -342,7 +343,7 @@ def write_int8_qdq(
         if not (np.all(np.isfinite(scales)) and np.all(scales > 0) and np.isfinite(scale_x) and scale_x > 0):
             result.left_float[name] = "non-positive or non-finite scale"
             continue
-        reason = _weight_check(numpy_helper.to_array(init), layer.dequantize(), k_axis, max_weight_error)
+        reason = _weight_check(numpy_helper.to_array(init, base_dir), layer.dequantize(), k_axis, max_weight_error)
         if reason:
             result.left_float[name] = reason
             continue
@@ -465,6 +466,7 @@ def write_int4_dq(
     *,
     inplace: bool = False,
     max_weight_error: float | None = DEFAULT_MAX_WEIGHT_ERROR,
+    base_dir: str = "",
 ) -> WriteResult:
     """INT4 weight-only as block-wise ``DequantizeLinear`` (opset 21): per matched Linear, the float weight becomes an
     INT4 initializer ``[K, N]`` (``[N, K]`` under a transB Gemm) read through ``DequantizeLinear(w, scale
@@ -473,7 +475,8 @@ def write_int4_dq(
     Symmetric weights are written as signed INT4 (code - 8) without a zero point — the form TensorRT's INT4
     weight-only path accepts. Asymmetric ones are UINT4 with UINT4 zero points: ONNX Runtime runs them, TensorRT
     (symmetric only) will not. The K padding of :class:`Int4Weight` is dropped (ONNX allows a partial last block).
-    The model is raised to opset 21 (see :func:`ensure_opset`) only if a layer is written."""
+    The model is raised to opset 21 (see :func:`ensure_opset`) only if a layer is written. ``base_dir``: where a
+    graph loaded without its external data finds it (each float weight is read once, for the plausibility check)."""
     from onnx import helper, numpy_helper
 
     model = _working_copy(model, inplace)
@@ -493,7 +496,7 @@ def write_int4_dq(
         if not (np.all(np.isfinite(scales)) and np.all(scales > 0)):
             result.left_float[name] = "non-positive or non-finite scale"
             continue
-        reason = _weight_check(numpy_helper.to_array(init), weight.dequantize(), k_axis, max_weight_error)
+        reason = _weight_check(numpy_helper.to_array(init, base_dir), weight.dequantize(), k_axis, max_weight_error)
         if reason:
             result.left_float[name] = reason
             continue

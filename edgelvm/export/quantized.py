@@ -80,10 +80,10 @@ def _int8_rewrite(layers: dict[str, Any], prefix: str) -> GraphRewrite:
 
 
 def _int8_writer(layers: dict[str, Any]) -> Any:
-    def apply(model: Any, prefix: str) -> tuple[Any, dict[str, Any]]:
+    def apply(model: Any, prefix: str, base_dir: str = "") -> tuple[Any, dict[str, Any]]:
         # one Q/DQ per consumer: ONNX Runtime fuses a QDQ MatMul into an integer kernel only when its
         # QuantizeLinear feeds it alone (TensorRT fuses either form)
-        result = write_int8_qdq(model, layers, prefix, share_activations=False)
+        result = write_int8_qdq(model, layers, prefix, share_activations=False, base_dir=base_dir)
         _log_left_float("vision", result)
         return result.model, {"written": len(result.written), "left_float": result.left_float,
                               "nodes": qdq_summary(result.model)}  # fmt: skip
@@ -122,10 +122,10 @@ def _int4_writer(weights: dict[str, Any]) -> Any:
     layers = {name: w for name, w in weights.items() if name != HEAD_CODES}
     head = {HEAD_CODES: weights[HEAD_CODES]} if HEAD_CODES in weights else {}
 
-    def apply(model: Any, prefix: str) -> tuple[Any, dict[str, Any]]:
-        result = write_int4_dq(model, layers, prefix)
+    def apply(model: Any, prefix: str, base_dir: str = "") -> tuple[Any, dict[str, Any]]:
+        result = write_int4_dq(model, layers, prefix, base_dir=base_dir)
         if head:
-            on_head = write_int4_dq(result.model, head, "", inplace=True)
+            on_head = write_int4_dq(result.model, head, "", inplace=True, base_dir=base_dir)
             result.model, result.written = on_head.model, result.written + on_head.written
             if HEAD_CODES in on_head.left_float:  # the bytes stay float; the values are the codes' (parity holds)
                 log.warning("decoder: the quantized LM head stays float: %s", on_head.left_float[HEAD_CODES])
