@@ -230,6 +230,8 @@ def save_quantized(result: QuantizedModel, out: str | Path) -> None:
 
     adapter = result.adapter
 
+    log.info("saving the quantized checkpoint to %s", out)
+
     def write(stage: Path) -> None:
         save_checkpoint_files(adapter.model, adapter.processor, stage, getattr(adapter, "source", None))
         for name, tensors in result.sidecars.items():

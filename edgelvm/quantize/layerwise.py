@@ -142,6 +142,7 @@ def quantize_layerwise(adapter: Any, parts: dict[str, Any], calib: Any, report: 
         if progress:
             task = bar.add_task("calibration: capture", total=len(calib))
             tick = lambda n: bar.advance(task, n)  # noqa: E731
+        log.info("layer-wise calibration: capture pass over %d records", len(calib))
         first = collect_stats_while(
             lambda on_batch: captured.append(capture(adapter, calib, batch_size, on_batch=on_batch, progress=tick)),
             deferred, calibration=calib.describe(),
@@ -151,6 +152,7 @@ def quantize_layerwise(adapter: Any, parts: dict[str, Any], calib: Any, report: 
         hidden = inputs.hidden
         layers_task = bar.add_task("calibration: layer by layer", total=len(stack)) if progress else None
         for index, layer in enumerate(stack):
+            log.info("layer-wise calibration: decoder layer %d/%d", index + 1, len(stack))  # -v: memory phases
             hidden = _one_layer(adapter, index, layer, hidden, inputs, sequential, parts, quantized, calib, report)
             if progress:
                 bar.advance(layers_task, 1)
