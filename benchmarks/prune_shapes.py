@@ -7,7 +7,7 @@ exact match). Results go to ``benchmarks/results/prune_shapes.{json,md}``.
     python benchmarks/prune_shapes.py
     python benchmarks/prune_shapes.py --text-heads 0.5 --recover-steps 300
     python benchmarks/prune_shapes.py --task scenes --importances random magnitude gradient activation \
-        --recover random activation --scales 0.5 1     # the harder task: paired intervals rank the importances
+        --recover random activation --scales 0.5 1 --text-heads 0.6666666666666666   # 6 heads / 2 KV: n/3 ratios
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ def run(args: argparse.Namespace) -> dict:
     args.teacher = args.teacher or str(task.teacher)
     out = Path(args.out or f"runs/prune_{task.name}")
     data = out / "data"
-    task.write_splits(data)
+    task.write_splits(data, train=None if args.recover else 10)  # the train split feeds recovery only
     base = {"vision_heads": args.vision_heads, "text_heads": args.text_heads, "vision_mlp": args.vision_mlp,
             "text_mlp": args.text_mlp}  # fmt: skip
     variants: dict[str, dict] = {}
     kinds: dict[tuple[str, str, bool], str] = {}  # (importance, scale tag, recovered) -> variant name
     for scale in args.scales:
-        ratios = {k: round(v * scale, 4) for k, v in base.items()}
+        ratios = {k: v * scale for k, v in base.items()}  # unrounded: head ratios must hit n/heads exactly
         tag = "" if len(args.scales) == 1 else f" ×{scale:g}"
         for importance in args.importances:
             name = kinds[importance, tag, False] = f"{importance}{tag}, no recovery"
