@@ -105,6 +105,16 @@ def traced():
     return net, linears, x, _export(net, x), amax
 
 
+def _dequantized_outputs(net, weights, x) -> list[np.ndarray]:
+    """``net``'s outputs with each layer in ``weights`` computing its dequantized INT4 weight (the reference)."""
+    ref = copy.deepcopy(net)
+    for name, m in ref.named_modules():
+        if name in weights:
+            m.weight.data = torch.from_numpy(weights[name].dequantize().T.copy())
+    with torch.no_grad():
+        return [t.numpy() for t in ref(x)]
+
+
 def _weight_kn(linear) -> np.ndarray:
     return linear.weight.detach().numpy().T.copy()  # [K, N], the MatMul layout the representations use
 
@@ -285,12 +295,8 @@ def test_int4_dq_computes_dequantized_matmuls(traced, symmetric, block):
         got = onnx.numpy_helper.to_array(w).astype(np.int16)  # the packed nibbles, read back by onnx
         np.testing.assert_array_equal(got, expected.T if k_axis == 0 else expected)
 
-    ref = copy.deepcopy(net)
-    for name, m in ref.named_modules():
-        if name in weights:
-            m.weight.data = torch.from_numpy(weights[name].dequantize().T.copy())
+    reference = _dequantized_outputs(net, weights, x)
     with torch.no_grad():
-        reference = [t.numpy() for t in ref(x)]
         float_y = net(x)[0].numpy()
     for outputs in (
         _run(result.model, {"x": x.numpy()}, "none"),
@@ -462,11 +468,6 @@ def test_rewrite_of_a_graph_with_external_data_reads_weights_from_disk_and_drops
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # fp32 compute (see above)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    ref = copy.deepcopy(net)
-    for name, m in ref.named_modules():
-        if name in weights:
-            m.weight.data = torch.from_numpy(weights[name].dequantize().T.copy())
-    with torch.no_grad():
-        reference = [t.numpy() for t in ref(x)]
+    reference = _dequantized_outputs(net, weights, x)
     outputs = sess.run(None, {"x": x.numpy()})
     assert _rel(outputs[0], reference[0]) <= 1e-4 and _rel(outputs[1], reference[1]) <= 1e-4
