@@ -94,6 +94,7 @@ def run_recipe(name: str, overrides: dict, data: Path, n: int, size: int, out: P
 
     torch.manual_seed(0)
     cfg = tt.TrainConfig(**{"steps": 8000, **overrides})
+    cfg.image_size = cfg.image_size or cfg.spec.image_size
     tok = tt.build_shapes_tokenizer()
     processor = tt.build_processor(cfg, tok)
     model = tt.build_model(cfg, tok).to(device)

@@ -94,7 +94,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     threads: int = 1
-    image_size: int = sh.DEFAULT_IMAGE_SIZE
+    image_size: int = 0  # 0: the task's own (96 px shapes, 192 px scenes)
     patch_size: int = 32  # 96/32 = 3: one image token per grid cell (see the module docstring)
     vision_hidden: int = 192
     vision_layers: int = 4
@@ -488,6 +488,7 @@ def train(cfg: TrainConfig, resume: bool) -> dict:
     if cfg.task not in TASKS:
         raise SystemExit(f"--task {cfg.task!r}: expected one of {sorted(TASKS)}")
     task = cfg.spec
+    cfg.image_size = cfg.image_size or task.image_size
     tokenizer = build_shapes_tokenizer(task.name)
     processor = build_processor(cfg, tokenizer)
     state: dict = {"step": 0, "history": [], "config": asdict(cfg), "elapsed_s": 0.0}
