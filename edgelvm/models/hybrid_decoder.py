@@ -1,5 +1,6 @@
-"""The decoder module of Qwen3.5-style hybrid language models, for export: Gated DeltaNet (linear attention with a
-short causal convolution) layers between gated full-attention layers.
+"""The decoder modules of hybrid language models, for export: Qwen3.5's Gated DeltaNet (linear attention with a short
+causal convolution) layers between gated full-attention layers, and LFM2's short-convolution layers between attention
+layers (:class:`Lfm2DecoderForExport`).
 
 Why a module of its own instead of transformers' forward: transformers keeps the linear layers' state in its cache
 object (with prefill and decode taking different code paths: a chunked algorithm, a per-token loop, and optional
@@ -121,13 +122,7 @@ class HybridDecoderForExport(torch.nn.Module):
     ) -> tuple[torch.Tensor, ...]:  # fmt: skip
         kv_count = 2 * len(self.attention_layers)
         kv, states = past[:kv_count], past[kv_count:]
-        seq, total = inputs_embeds.shape[1], attention_mask.shape[1]
-        queries = torch.arange(seq, device=inputs_embeds.device) + (total - seq)
-        keys = torch.arange(total, device=inputs_embeds.device)
-        allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
-        zero = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-        mask = torch.where(allowed, zero, torch.finfo(inputs_embeds.dtype).min)
-        step_mask = attention_mask[:, total - seq :]
+        mask, step_mask = _causal_mask(inputs_embeds, attention_mask)
         model = self.language_model
         rotary = model.rotary_emb(inputs_embeds, position_ids)
         hidden, present_kv, present_states = inputs_embeds, [], []
@@ -148,6 +143,17 @@ class HybridDecoderForExport(torch.nn.Module):
         return (logits, *present_kv, *present_states)
 
 
+def _causal_mask(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention layers' additive mask ``[B, 1, seq, past + seq]`` (causal and not padding) and the step's own
+    ``[B, seq]`` mask (which positions the state layers zero)."""
+    seq, total = inputs_embeds.shape[1], attention_mask.shape[1]
+    queries = torch.arange(seq, device=inputs_embeds.device) + (total - seq)
+    keys = torch.arange(total, device=inputs_embeds.device)
+    allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
+    zero = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+    return torch.where(allowed, zero, torch.finfo(inputs_embeds.dtype).min), attention_mask[:, total - seq :]
+
+
 def hybrid_state_shapes(text_config: Any) -> list[tuple[int, str, list[int]]]:
     """``(layer, kind, shape after batch)`` of every linear layer's states, in the graph's order."""
     c = text_config
@@ -159,3 +165,67 @@ def hybrid_state_shapes(text_config: Any) -> list[tuple[int, str, list[int]]]:
             shapes.append((layer, "recurrent", [c.linear_num_value_heads, c.linear_key_head_dim,
                                                 c.linear_value_head_dim]))  # fmt: skip
     return shapes
+
+
+# ---------------------------------------------------------------------------------------------- LFM2 (LFM2-VL)
+
+
+def short_conv_forward(
+    module: Any, hidden: torch.Tensor, step_mask: torch.Tensor, conv_state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transformers ``Lfm2ShortConv``'s forward over an explicit state ``[B, hidden, L - 1]`` (the last gated
+    inputs ``B * x``): ``(output, new state)``. transformers pads a fresh sequence with zeros and keeps its state in
+    the cache; a zero state is that padding, so prefill and decode are one code path here too."""
+    hidden = hidden * step_mask[:, :, None].to(hidden.dtype)
+    b, c, x = module.in_proj(hidden).transpose(-1, -2).chunk(3, dim=-2)
+    window = torch.cat([conv_state.to(x.dtype), b * x], dim=-1)
+    kernel = module.conv.weight.shape[-1]
+    new_state = window[:, :, window.shape[-1] - (kernel - 1) :]
+    out = F.conv1d(window, module.conv.weight, module.conv.bias, groups=window.shape[1])
+    return module.out_proj((c * out).transpose(-1, -2)), new_state
+
+
+class Lfm2DecoderForExport(torch.nn.Module):
+    """``(inputs_embeds, attention_mask [B, past + seq], position_ids [B, seq], *past) -> (last logits, *present)``
+    for an LFM2 text model: ``past`` is each attention layer's key and value ``[B, kv_heads, past, head_dim]``, then
+    each convolution layer's ``conv`` state (``KVCacheSpec.states`` order)."""
+
+    def __init__(self, language_model: Any, lm_head: Any, text_config: Any) -> None:
+        super().__init__()
+        self.language_model = language_model
+        self.lm_head = lm_head
+        types = list(text_config.layer_types)
+        self.attention_layers = [i for i, t in enumerate(types) if t == "full_attention"]
+        self.conv_layers = [i for i, t in enumerate(types) if t == "conv"]
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        kv_count = 2 * len(self.attention_layers)
+        kv, states = past[:kv_count], past[kv_count:]
+        mask, step_mask = _causal_mask(inputs_embeds, attention_mask)
+        model = self.language_model
+        rotary = model.rotary_emb(inputs_embeds, position_ids)
+        hidden, present_kv, present_states = inputs_embeds, [], []
+        for index, layer in enumerate(model.layers):
+            x = layer.operator_norm(hidden)
+            if index in self.conv_layers:
+                x, conv = short_conv_forward(layer.conv, x, step_mask, states[self.conv_layers.index(index)])
+                present_states.append(conv)
+            else:
+                j = 2 * self.attention_layers.index(index)
+                cache = _PairCache(kv[j], kv[j + 1])
+                x, _ = layer.self_attn(hidden_states=x, position_embeddings=rotary, attention_mask=mask, cache=cache)
+                present_kv += [cache.keys, cache.values]
+            hidden = hidden + x
+            hidden = hidden + layer.feed_forward(layer.ffn_norm(hidden))
+        logits = self.lm_head(model.embedding_norm(hidden)[:, -1, :])
+        return (logits, *present_kv, *present_states)
+
+
+def lfm2_state_shapes(text_config: Any) -> list[tuple[int, str, list[int]]]:
+    """``(layer, "conv", [hidden, L - 1])`` for every convolution layer of an LFM2 text model, in the graph's order."""
+    c = text_config
+    return [(layer, "conv", [int(c.hidden_size), int(c.conv_L_cache) - 1])
+            for layer, kind in enumerate(c.layer_types) if kind == "conv"]  # fmt: skip

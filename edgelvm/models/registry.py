@@ -32,6 +32,7 @@ _ADAPTERS: dict[str, str] = {
     "qwen2_vl": "edgelvm.models.qwen2_vl:Qwen2VLAdapter",
     "qwen3_vl": "edgelvm.models.qwen3_vl:Qwen3VLAdapter",
     "qwen3_5": "edgelvm.models.qwen3_5:Qwen3_5Adapter",
+    "lfm2_vl": "edgelvm.models.lfm2_vl:Lfm2VlAdapter",
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
 

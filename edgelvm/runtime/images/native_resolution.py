@@ -141,8 +141,8 @@ class NativeResolutionRule:
         new_h, new_w = self.resized(rgb.height, rgb.width)
         return [rgb if (new_h, new_w) == (rgb.height, rgb.width) else rgb.resize((new_w, new_h), resample=resample)]
 
-    def flatten(self, views: np.ndarray) -> np.ndarray:
-        """``[1, C, H, W]`` -> the vision graph's ``pixel_values`` ``[N, C * T * P * P]``."""
+    def flatten(self, views: list[np.ndarray]) -> np.ndarray:
+        """The one view ``[C, H, W]`` -> the vision graph's ``pixel_values`` ``[N, C * T * P * P]``."""
         return self.patchify(views[0])
 
     def pack(self, features: np.ndarray, height: int, width: int) -> np.ndarray:

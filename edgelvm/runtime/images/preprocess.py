@@ -10,7 +10,8 @@ through the same per-view steps, and the number of image tokens depends on the i
 package): "anyres" / "anyres_max" (a base view + high-resolution tiles, unpadding, newline rows, a capped grid;
 ``tiling.py``), "dynamic_tiles" (aspect-ratio grid + thumbnail last; ``dynamic_tiles.py``), "split" (row × column
 tiles + a global view, per-tile marker tokens; ``image_splitting.py``), "native" (the image at its own resolution as
-flattened patches; ``native_resolution.py``). :meth:`ImagePreprocessor.prepare` returns the views with
+flattened patches; ``native_resolution.py``), "lfm2_tiles" (LFM2-VL: tiles + a thumbnail, each view patched at its own
+grid and padded to the longest; ``lfm2_tiles.py``). :meth:`ImagePreprocessor.prepare` returns the views with
 their token count, and :meth:`ImagePreprocessor.pack` turns the vision graph's per-view features into the image's
 token features.
 """
@@ -28,6 +29,7 @@ from edgelvm.errors import BundleError, EdgeLVMError, ImageError
 from edgelvm.manifest import PreprocessSpec
 from edgelvm.runtime.images.dynamic_tiles import DynamicTilesRule
 from edgelvm.runtime.images.image_splitting import ImageSplittingRule
+from edgelvm.runtime.images.lfm2_tiles import Lfm2TilesRule
 from edgelvm.runtime.images.load import ImageInput, check_image_size, load_image
 from edgelvm.runtime.images.native_resolution import NativeResolutionRule
 from edgelvm.runtime.images.tiling import AnyresMaxRule, AnyresRule
@@ -48,8 +50,8 @@ class TilingRule(Protocol):
     - ``segment(height, width, image_token_id) -> list[int]``: the image's prompt tokens, where they are more than
       ``token_count`` image tokens (start/end markers, per-tile text tokens); the image token marks the positions
       its features fill, in order;
-    - ``flatten(views) -> array``: the normalized ``[n_views, 3, H, W]`` in the layout the vision graph takes
-      (e.g. flattened patches);
+    - ``flatten(views) -> array``: the normalized views (a list of ``[3, H, W]``, sizes may differ) in the layout
+      the vision graph takes (e.g. flattened patches, padded to the longest view);
     - ``graph_inputs(height, width) -> {name: array}``: the vision graph's inputs besides ``pixel_values`` for an
       image of this size (patch positions, window order); the image is then encoded in a call of its own;
     - ``grid(height, width)``: the image's feature grid, for position rules that need it (``positions.py``);
@@ -76,6 +78,7 @@ TILING_RULES: dict[str, Any] = {
     "native": NativeResolutionRule.load,
     "dynamic_tiles": DynamicTilesRule.load,
     "split": ImageSplittingRule.load,
+    "lfm2_tiles": Lfm2TilesRule.load,
 }
 #: Tiling rules this runtime implements (``preprocess.tiling``).
 TILINGS = ("none", *TILING_RULES)
@@ -236,9 +239,9 @@ class ImagePreprocessor:
         if self.tiling is None:
             return self.one(image)[None]
         pil = self._rgb(image)
-        views = np.stack([self._pipeline(view) for view in self.tiling.views(pil, self._filter)])
+        views = [self._pipeline(view) for view in self.tiling.views(pil, self._filter)]
         flatten = getattr(self.tiling, "flatten", None)  # a rule whose graph takes another layout (patches)
-        return flatten(views) if flatten is not None else views
+        return flatten(views) if flatten is not None else np.stack(views)
 
     def prepare(self, image: ImageInput) -> PreparedImage:
         pil = load_image(image)
