@@ -61,30 +61,36 @@ _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "
 _MARKERS = {"image_start": "<|image_start|>", "image_end": "<|image_end|>", "thumbnail": "<|img_thumbnail|>"}
 
 
+class Lfm2VlDataProcessor:
+    """LFM2-VL's processor where transformers cannot build it (no torchvision): the tokenizer and the image
+    processor's settings as data (``image_processor`` is a namespace of them), which is all export and the runtime
+    read. ``save_pretrained`` writes both back, so stages keep the source's processor files."""
+
+    is_data_only = True
+
+    def __init__(self, tokenizer: Any, settings: dict[str, Any]) -> None:
+        self.tokenizer = tokenizer
+        self.settings = settings  # preprocessor_config.json as the checkpoint has it
+        self.image_processor = SimpleNamespace(**{**IMAGE_PROCESSOR_DEFAULTS, **settings})
+        self.chat_template = getattr(tokenizer, "chat_template", None)
+        self.image_token = getattr(tokenizer, "image_token", None) or "<image>"
+
+    def save_pretrained(self, out: str | Path) -> None:
+        self.tokenizer.save_pretrained(out)
+        (Path(out) / "preprocessor_config.json").write_text(json.dumps(self.settings, indent=2) + "\n")
+
+
 def load_lfm2_vl_processor(source: str) -> Any:
-    """``AutoProcessor.from_pretrained(source)`` where it can be built (torchvision installed); else the tokenizer and
-    the image processor's settings as plain data (``is_data_only``), which is all export and the runtime read."""
+    """``AutoProcessor.from_pretrained(source)`` where it can be built (torchvision installed); else
+    :class:`Lfm2VlDataProcessor`."""
     from transformers import AutoProcessor, AutoTokenizer
-    from transformers.utils import is_torchvision_available
+    from transformers.utils import cached_file, is_torchvision_available
 
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    settings = dict(IMAGE_PROCESSOR_DEFAULTS)
-    path = Path(source) / "preprocessor_config.json"
-    if path.is_file():
-        settings.update(json.loads(path.read_text()))
-    else:  # a hub id: the file from the hub cache
-        from transformers.utils import cached_file
-
-        settings.update(json.loads(Path(cached_file(source, "preprocessor_config.json")).read_text()))
-    return SimpleNamespace(
-        tokenizer=tokenizer,
-        image_processor=SimpleNamespace(**settings),
-        chat_template=getattr(tokenizer, "chat_template", None),
-        image_token=getattr(tokenizer, "image_token", None) or "<image>",
-        is_data_only=True,
-    )
+    local = Path(source) / "preprocessor_config.json"
+    path = local if local.is_file() else Path(cached_file(source, "preprocessor_config.json"))
+    return Lfm2VlDataProcessor(AutoTokenizer.from_pretrained(source), json.loads(path.read_text()))
 
 
 def _no_check(*args: Any, **kwargs: Any) -> None:
@@ -155,6 +161,12 @@ class Lfm2VlAdapter(VLMAdapter):
 
     def input_embeddings(self) -> Any:
         return self.model.model.language_model.embed_tokens
+
+    def layer_stacks(self) -> dict[str, Any]:
+        return {"vision": self.model.model.vision_tower.encoder.layers, "text": self.language_model().layers}
+
+    def image_feature_module(self) -> Any:
+        return self.model.model.multi_modal_projector
 
     def _settings(self) -> Any:
         return self.processor.image_processor
