@@ -3,10 +3,10 @@ position table resampled per grid) and LFM2, a hybrid language model whose short
 ``conv`` state instead of keys and values — on a tiny random checkpoint (``tests/fixtures/lfm2_vl.py``).
 
 The reference is transformers' ``Lfm2VlForConditionalGeneration.generate``. Its processor is torchvision-only, which
-this project does not install, so HF's inputs here are built from their parts: the prompt from the checkpoint
-tokenizer's own chat template, each image's prompt ids and pixel inputs from the runtime's rule — which
-``tests/test_lfm2_vl_preprocess.py`` compares with ``Lfm2VlImageProcessor`` / ``Lfm2VlProcessor`` where torchvision
-is installed (layout, masks and prompt ids equal; pixels within one grey level).
+this project does not install, so HF's inputs here come from the processor edgelvm loads in its place
+(``Lfm2VlDataProcessor``: the checkpoint tokenizer's chat template, the runtime's rule for each image's prompt ids and
+pixel inputs) — which ``tests/test_lfm2_vl_preprocess.py`` compares with ``Lfm2VlImageProcessor`` /
+``Lfm2VlProcessor`` where torchvision is installed (layout, masks and prompt ids equal; pixels within one grey level).
 """
 
 from __future__ import annotations
@@ -70,32 +70,14 @@ def _messages(prompt: str, n_images: int = 1) -> list[dict]:
 
 
 def _hf_inputs(checkpoint, vlm, images: list, messages: list[dict]) -> dict:
-    """The model inputs a transformers user would pass: the tokenizer's chat template (the processor tokenizes
-    without adding special tokens), each ``<image>`` expanded to the image's markers and tokens, and the images'
-    views concatenated, padded to one patch count with ``pixel_attention_mask``."""
-    from transformers import AutoTokenizer
+    """The model inputs a transformers user passes (``processor(images, text=[template(messages)])``), from the
+    processor edgelvm loads without torchvision (``Lfm2VlDataProcessor``: ``Lfm2VlProcessor``'s ids, masks and
+    shapes, compared where torchvision is installed in ``test_lfm2_vl_preprocess.py``)."""
+    from edgelvm.models.lfm2_vl import load_lfm2_vl_processor
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    preprocessor = vlm.encoder.preprocessor
-    image_id = preprocessor.spec.image_token_id
-    prepared = [preprocessor.prepare(image) for image in images]
-    segments = iter([preprocessor.image_segment(p.height, p.width) for p in prepared])
-    expanded = [t for token in ids for t in (next(segments) if token == image_id else [token])]
-    inputs = {"input_ids": torch.tensor([expanded]), "attention_mask": torch.ones(1, len(expanded), dtype=torch.long)}
-    if prepared:
-        patches = max(p.pixels.shape[1] for p in prepared)
-
-        def padded(array: np.ndarray) -> np.ndarray:
-            return np.pad(array, [(0, 0), (0, patches - array.shape[1])] + [(0, 0)] * (array.ndim - 2))
-
-        inputs["pixel_values"] = torch.from_numpy(np.concatenate([padded(p.pixels) for p in prepared]))
-        inputs["pixel_attention_mask"] = torch.from_numpy(
-            np.concatenate([padded(p.inputs["pixel_attention_mask"]) for p in prepared])
-        )
-        inputs["spatial_shapes"] = torch.from_numpy(np.concatenate([p.inputs["spatial_shapes"] for p in prepared]))
-    return inputs
+    processor = load_lfm2_vl_processor(str(checkpoint))
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(images=images or None, text=[text], return_tensors="pt")
 
 
 def _hf_generate(model, inputs: dict, max_new_tokens: int) -> list[int]:
@@ -251,20 +233,43 @@ def test_prune_and_distill_are_refused_with_the_reason(checkpoint, stage, match)
         load_model(str(checkpoint)).check_stage(stage)
 
 
-def test_calibration_without_torchvision_and_awq_are_refused_with_the_fix(checkpoint, tmp_path):
-    from transformers.utils import is_torchvision_available
-
+def test_int8_vision_calibrated_through_the_data_processor(checkpoint, images, tmp_path):
+    """INT8 QDQ vision + INT4 RTN, calibrated on records encoded by ``Lfm2VlDataProcessor`` (views padded across a
+    batch, as the processor pads them): the bundle answers as the quantized checkpoint run with the vision linears'
+    inputs fake-quantized as the INT8 graph quantizes them."""
     from edgelvm.data import write_split
     from edgelvm.data.jsonl import load_jsonl_dataset
-    from edgelvm.quantize import AWQConfig, GPTQConfig, quantize
+    from edgelvm.export import ExportConfig, export
+    from edgelvm.export.quantized import quantized_graph_rewrites
+    from edgelvm.models import load_model
+    from edgelvm.quantize import Int8VisionConfig, RTNConfig, quantize
+
+    write_split(tmp_path / "calib", seed=5, n=8, image_size=96)
+    out = tmp_path / "q8"
+    report = quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), [RTNConfig(group_size=32),
+                      Int8VisionConfig()], out=out, batch_size=4)  # fmt: skip
+    assert {r["side"] for r in report.layers} == {"text", "vision"}
+    manifest = export(out, tmp_path / "bundle8", ExportConfig(max_length=160)).manifest
+    assert (manifest.graphs["vision"].precision, manifest.graphs["decoder"].precision) == ("int8", "int4")
+    adapter = load_model(str(out))
+    rewrite, encoder = quantized_graph_rewrites(adapter)["vision"], adapter.vision_encoder()
+    vlm = VLM.load(tmp_path / "bundle8")
+    for image in ("portrait", "wide"):
+        inputs = _hf_inputs(checkpoint, vlm, [images[image]], _messages(PROMPTS[0]))
+        with rewrite.reference_context(encoder):
+            expected = _hf_generate(adapter.model, inputs, 10)
+        vlm.generate([images[image]], PROMPTS[0], max_new_tokens=10)
+        assert vlm.last_output_ids[0] == expected, image
+
+
+def test_awq_is_refused_with_the_methods_that_work(checkpoint, tmp_path):
+    from edgelvm.data import write_split
+    from edgelvm.data.jsonl import load_jsonl_dataset
+    from edgelvm.quantize import AWQConfig, quantize
 
     write_split(tmp_path / "calib", seed=5, n=2, image_size=96)
-    data = load_jsonl_dataset(tmp_path / "calib")
-    if not is_torchvision_available():
-        with pytest.raises(UnsupportedModelError, match="torchvision"):
-            quantize(str(checkpoint), data, [GPTQConfig()], out=tmp_path / "g")
     with pytest.raises(UnsupportedModelError, match="rtn"):
-        quantize(str(checkpoint), data, [AWQConfig()], out=tmp_path / "a")
+        quantize(str(checkpoint), load_jsonl_dataset(tmp_path / "calib"), [AWQConfig()], out=tmp_path / "a")
 
 
 # ---- the fit check -------------------------------------------------------------------------------------------------
@@ -305,3 +310,10 @@ def test_the_fit_check_counts_the_conv_states_by_hand(tmp_path):
         budget = dict(plan_model(footprint, [orin], precision="int4", max_length=length).rows[0].plan.budget)
         assert next(v for k, v in budget.items() if k.startswith("KV cache")) == 12_288 * length * 2
         assert next(v for k, v in budget.items() if k.startswith("decoder states")) == 40_960 * 2
+
+
+def test_tensorrt_refuses_the_hybrid_bundle_before_touching_the_gpu(bundle):
+    from edgelvm.build.tensorrt_builder import build_engines
+
+    with pytest.raises(UnsupportedModelError, match="hybrid decoder"):
+        build_engines(bundle)

@@ -431,3 +431,24 @@ def test_pixel_values_match_transformers_within_a_grey_level(hf, kwargs):
         assert d.max() <= 1 + 1e-3, name
         assert (d > 0.5).mean() <= (0.001 if "gradient" in name else 0.3), name
     assert np.mean([(d > 0.5).mean() for d in diffs.values()]) <= 0.1
+
+
+@pytest.mark.parametrize("kwargs", [{}, SMALL], ids=["defaults", "small"])
+def test_the_data_processor_makes_the_processors_inputs(hf, kwargs):
+    """Where torchvision is missing, edgelvm encodes records (calibration) with ``Lfm2VlDataProcessor``: the same
+    ids, masks and shapes as ``Lfm2VlProcessor`` for a prompt with two images (one split, one not), pixels within the
+    grey level above."""
+    from edgelvm.models.lfm2_vl import Lfm2VlDataProcessor
+
+    processor, _, _ = hf(**kwargs)
+    ours = Lfm2VlDataProcessor(processor.tokenizer, dict(kwargs))
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 1100), (90, 70))]
+    text = "<image> first <image> second"
+    theirs = processor(images=[images], text=[text], return_tensors="pt")
+    mine = ours(images=images, text=[text], return_tensors="pt")
+    assert mine["input_ids"].tolist() == theirs["input_ids"].tolist()
+    patches = mine["pixel_values"].shape[1]
+    np.testing.assert_array_equal(mine["spatial_shapes"].numpy(), theirs["spatial_shapes"].numpy())
+    np.testing.assert_array_equal(mine["pixel_attention_mask"].numpy(), theirs["pixel_attention_mask"][:, :patches])
+    assert np.abs(mine["pixel_values"].numpy() - theirs["pixel_values"][:, :patches].numpy()).max() <= LEVEL + 1e-6

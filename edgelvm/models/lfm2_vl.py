@@ -16,9 +16,9 @@ unshuffle + MLP projector, and LFM2 — a hybrid language model of short-convolu
   context length. Portable graph only.
 
 ``Lfm2VlImageProcessor`` exists only as a torchvision backend. Where torchvision is missing the adapter loads the
-tokenizer and reads ``preprocessor_config.json`` as data (:func:`load_lfm2_vl_processor`): export and the runtime
-need nothing more; stages that run the Hugging Face processor on records (calibration, distillation) are refused
-with that reason.
+tokenizer and reads ``preprocessor_config.json`` as data (:class:`Lfm2VlDataProcessor`): export and the runtime need
+nothing more, and calibration encodes records through the runtime's rule (the same layout and ids; pixels within
+one grey level of the torchvision backend).
 """
 
 from __future__ import annotations
@@ -61,10 +61,73 @@ _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "
 _MARKERS = {"image_start": "<|image_start|>", "image_end": "<|image_end|>", "thumbnail": "<|img_thumbnail|>"}
 
 
+def _token_ids(tokenizer: Any, token: str, where: Any) -> list[int]:
+    ids = tokenizer.convert_tokens_to_ids(token)
+    if ids is None or (tokenizer.unk_token_id is not None and ids == tokenizer.unk_token_id):
+        raise UnsupportedModelError(
+            f"{token} is not a token of the checkpoint's tokenizer, but LFM2-VL's prompts use it",
+            where=where,
+            fix="use a checkpoint whose tokenizer has LFM2-VL's image marker tokens",
+        )
+    return [int(ids)]
+
+
+def lfm2_preprocess_spec(
+    tokenizer: Any, ip: Any, image_token: str, image_token_id: int, tokens_per_image: int, where: Any = None
+) -> PreprocessSpec:
+    """The bundle's ``preprocess`` section from the image processor's settings ``ip`` (attributes) and the tokenizer
+    (the marker tokens' ids): rescale / normalize per view, the ``lfm2_tiles`` rule for everything else."""
+    splitting = bool(ip.do_image_splitting)
+    min_tiles, max_tiles = (int(ip.min_tiles), int(ip.max_tiles)) if splitting else (1, 1)
+    rule = Lfm2TilesRule(
+        encoder_patch_size=int(ip.encoder_patch_size),
+        downsample_factor=int(ip.downsample_factor),
+        tile_size=int(ip.tile_size),
+        min_image_tokens=int(ip.min_image_tokens),
+        max_image_tokens=int(ip.max_image_tokens),
+        min_tiles=min_tiles,
+        max_tiles=max_tiles,
+        do_image_splitting=splitting,
+        use_thumbnail=bool(ip.use_thumbnail),
+        max_pixels_tolerance=float(ip.max_pixels_tolerance),
+        image_start_ids=_token_ids(tokenizer, _MARKERS["image_start"], where),
+        image_end_ids=_token_ids(tokenizer, _MARKERS["image_end"], where),
+        thumbnail_ids=_token_ids(tokenizer, _MARKERS["thumbnail"], where),
+        row_col_token_ids=[  # row r has at most max_tiles // r columns
+            [_token_ids(tokenizer, f"<|img_row_{r}_col_{c}|>", where) for c in range(1, max_tiles // r + 1)]
+            for r in range(1, max_tiles + 1)
+        ]
+        if splitting
+        else [],
+        use_image_special_tokens=True,
+    )
+    resample = int(getattr(ip.resample, "value", ip.resample))
+
+    def floats(values: Any) -> list[float]:
+        return [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
+
+    return PreprocessSpec(
+        resize_mode="none",  # the tiling rule decides every view's size
+        size={"tile_size": int(ip.tile_size)},
+        resample=_RESAMPLE_NAMES.get(resample, "bilinear"),
+        center_crop=None,
+        rescale_factor=float(ip.rescale_factor) if ip.do_rescale else None,
+        mean=floats(ip.image_mean) if ip.do_normalize else None,
+        std=floats(ip.image_std) if ip.do_normalize else None,
+        convert_rgb=bool(getattr(ip, "do_convert_rgb", True)),
+        image_token=image_token,
+        image_token_id=int(image_token_id),
+        tokens_per_image=tokens_per_image,
+        tiling="lfm2_tiles",
+        tiling_params=rule.to_params(),
+    )
+
+
 class Lfm2VlDataProcessor:
-    """LFM2-VL's processor where transformers cannot build it (no torchvision): the tokenizer and the image
-    processor's settings as data (``image_processor`` is a namespace of them), which is all export and the runtime
-    read. ``save_pretrained`` writes both back, so stages keep the source's processor files."""
+    """LFM2-VL's processor where transformers cannot build it (no torchvision): the tokenizer, the image processor's
+    settings as data (``image_processor`` is a namespace of them: all export and the runtime read) and a call that
+    makes ``Lfm2VlProcessor``'s outputs with the runtime's own rule, for the stages that encode records
+    (calibration). ``save_pretrained`` writes tokenizer and settings back, so stages keep the source's files."""
 
     is_data_only = True
 
@@ -74,6 +137,46 @@ class Lfm2VlDataProcessor:
         self.image_processor = SimpleNamespace(**{**IMAGE_PROCESSOR_DEFAULTS, **settings})
         self.chat_template = getattr(tokenizer, "chat_template", None)
         self.image_token = getattr(tokenizer, "image_token", None) or "<image>"
+
+    def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(conversation, chat_template=chat_template or self.chat_template,
+                                                  **kwargs)  # fmt: skip
+
+    def __call__(self, images: Any = None, text: Any = None, return_tensors: str = "pt", padding: bool = False,
+                 **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+        """``Lfm2VlProcessor(images, text)``'s outputs, made by the runtime's rule (numpy + PIL; pixels within one grey
+        level of the torchvision backend, layout and ids equal): each ``<image>`` expanded to the image's markers and
+        tokens, the images' views concatenated and padded to one patch count (``pixel_attention_mask``)."""
+        import torch
+
+        from edgelvm.runtime.images.preprocess import ImagePreprocessor
+
+        texts = [text] if isinstance(text, str) else list(text)
+        flat = [image for group in (images or []) for image in (group if isinstance(group, (list, tuple)) else [group])]
+        token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        spec = lfm2_preprocess_spec(self.tokenizer, self.image_processor, self.image_token, token_id, 0)
+        preprocessor = ImagePreprocessor(spec)
+        prepared = [preprocessor.prepare(image) for image in flat]
+        segments = iter([preprocessor.image_segment(p.height, p.width) for p in prepared])
+        rows = []
+        for one in texts:
+            ids = self.tokenizer(one, add_special_tokens=False)["input_ids"]
+            rows.append([t for token in ids for t in (next(segments) if token == token_id else [token])])
+        if next(segments, None) is not None:
+            raise ValueError(f"{len(prepared)} images but fewer {self.image_token} placeholders in the text")
+        out = dict(self.tokenizer.pad({"input_ids": rows}, padding=bool(padding or len(rows) > 1),
+                                      return_tensors="pt"))  # fmt: skip
+        if prepared:
+            patches = max(p.pixels.shape[1] for p in prepared)
+
+            def cat(arrays: list[np.ndarray]) -> Any:
+                widths = [[(0, 0), (0, patches - a.shape[1])] + [(0, 0)] * (a.ndim - 2) for a in arrays]
+                return torch.from_numpy(np.concatenate([np.pad(a, w) for a, w in zip(arrays, widths)]))
+
+            out["pixel_values"] = cat([p.pixels for p in prepared])
+            out["pixel_attention_mask"] = cat([p.inputs["pixel_attention_mask"] for p in prepared])
+            out["spatial_shapes"] = torch.from_numpy(np.concatenate([p.inputs["spatial_shapes"] for p in prepared]))
+        return out
 
     def save_pretrained(self, out: str | Path) -> None:
         self.tokenizer.save_pretrained(out)
@@ -256,68 +359,9 @@ class Lfm2VlAdapter(VLMAdapter):
         token = getattr(self.processor, "image_token", None) or "<image>"
         return token, int(self.processor.tokenizer.convert_tokens_to_ids(token))
 
-    def _token_ids(self, token: str) -> list[int]:
-        ids = self.processor.tokenizer.convert_tokens_to_ids(token)
-        unknown = self.processor.tokenizer.unk_token_id
-        if ids is None or (unknown is not None and ids == unknown):
-            raise UnsupportedModelError(
-                f"{token} is not a token of the checkpoint's tokenizer, but LFM2-VL's prompts use it",
-                where=self.source or None,
-                fix="use a checkpoint whose tokenizer has LFM2-VL's image marker tokens",
-            )
-        return [int(ids)]
-
-    def tiling_params(self) -> dict[str, Any]:
-        ip = self._settings()
-        splitting = bool(ip.do_image_splitting)
-        min_tiles, max_tiles = (int(ip.min_tiles), int(ip.max_tiles)) if splitting else (1, 1)
-        rule = Lfm2TilesRule(
-            encoder_patch_size=int(ip.encoder_patch_size),
-            downsample_factor=int(ip.downsample_factor),
-            tile_size=int(ip.tile_size),
-            min_image_tokens=int(ip.min_image_tokens),
-            max_image_tokens=int(ip.max_image_tokens),
-            min_tiles=min_tiles,
-            max_tiles=max_tiles,
-            do_image_splitting=splitting,
-            use_thumbnail=bool(ip.use_thumbnail),
-            max_pixels_tolerance=float(ip.max_pixels_tolerance),
-            image_start_ids=self._token_ids(_MARKERS["image_start"]),
-            image_end_ids=self._token_ids(_MARKERS["image_end"]),
-            thumbnail_ids=self._token_ids(_MARKERS["thumbnail"]),
-            row_col_token_ids=[  # row r has at most max_tiles // r columns
-                [self._token_ids(f"<|img_row_{r}_col_{c}|>") for c in range(1, max_tiles // r + 1)]
-                for r in range(1, max_tiles + 1)
-            ]
-            if splitting
-            else [],
-            use_image_special_tokens=True,
-        )
-        return rule.to_params()
-
     def preprocess_spec(self) -> PreprocessSpec:
-        ip = self._settings()
-        token, token_id = self.image_token()
-        resample = int(getattr(ip.resample, "value", ip.resample))
-
-        def floats(values: Any) -> list[float]:
-            return [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
-
-        return PreprocessSpec(
-            resize_mode="none",  # the tiling rule decides every view's size
-            size={"tile_size": int(ip.tile_size)},
-            resample=_RESAMPLE_NAMES.get(resample, "bilinear"),
-            center_crop=None,
-            rescale_factor=float(ip.rescale_factor) if ip.do_rescale else None,
-            mean=floats(ip.image_mean) if ip.do_normalize else None,
-            std=floats(ip.image_std) if ip.do_normalize else None,
-            convert_rgb=bool(getattr(ip, "do_convert_rgb", True)),
-            image_token=token,
-            image_token_id=token_id,
-            tokens_per_image=self.tokens_per_image(),
-            tiling="lfm2_tiles",
-            tiling_params=self.tiling_params(),
-        )
+        return lfm2_preprocess_spec(self.processor.tokenizer, self._settings(), *self.image_token(),
+                                    self.tokens_per_image(), where=self.source or None)  # fmt: skip
 
     def tokenizer_spec(self, file: str) -> TokenizerSpec:
         """The template renders BOS itself: the processor tokenizes with ``add_special_tokens=False``."""
@@ -333,13 +377,6 @@ class Lfm2VlAdapter(VLMAdapter):
         if stage == "distill":
             why = "derived students do not keep the conv / attention layer pattern yet (nor is a given student tried)"
             raise self._unsupported("distilling", why, "quantize instead (`edgelvm quantize --llm rtn`)")
-        if data is not None and getattr(self.processor, "is_data_only", False):
-            raise UnsupportedModelError(
-                f"{stage} with data needs LFM2-VL's image processor, which transformers builds only with torchvision",
-                where=self.source or None,
-                fix="install torchvision (`pip install torchvision`), or quantize without calibration data "
-                "(`--llm rtn`)",
-            )
         return None
 
     def _unsupported(self, what: str, why: str, fix: str) -> UnsupportedModelError:
