@@ -110,3 +110,16 @@ def test_split_batch_gradient_equals_the_padded_batch_gradient(weighting):
     split = grads(tt.length_groups(samples))
     assert len(tt.length_groups(samples)) == 2
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-6)
+
+
+def test_the_curriculum_draws_small_scenes_only_before_its_step():
+    """``--easy-until N --easy-objects K``: batches before step N have scenes of 1 to K objects, later ones the
+    task's own 4 to 14; the shipped splits never change (they do not take the option)."""
+    cfg = tt.TrainConfig(task="scenes", image_size=192, batch_size=24, easy_until=3, easy_objects=3)
+    early = tt.train_samples(cfg, 2, set())
+    late = tt.train_samples(cfg, 3, set())
+    assert {s.qtype for s in early} == set(sc.QTYPES)
+    assert max(len(s.scene) for s in early) <= 3 and min(len(s.scene) for s in early) >= 1
+    assert min(len(s.scene) for s in late) >= sc.MIN_OBJECTS
+    plain = tt.train_samples(tt.TrainConfig(task="scenes", image_size=192, batch_size=24), 3, set())
+    assert [s.key for s in late] == [s.key for s in plain]  # the same stream once the easy phase is over

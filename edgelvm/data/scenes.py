@@ -120,12 +120,13 @@ def _unique(scene: tuple[Shape, ...], **attrs: str) -> list[Shape]:
 
 
 def _question(
-    rng: np.random.Generator, qtype: str, absent: bool | None
+    rng: np.random.Generator, qtype: str, absent: bool | None, objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)
 ) -> tuple[tuple[Shape, ...], int | None, str, str]:
-    """Draw a scene (and a sign number for ``read``) and a question of ``qtype`` well defined on it."""
+    """Draw a scene of ``objects`` (min, max) objects (and a sign number for ``read``) and a question of ``qtype``
+    well defined on it."""
     for _ in range(_MAX_ATTEMPTS):
         sign = qtype == "read" or rng.random() < 0.3  # signs appear in other questions too: a distractor
-        n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+        n = int(rng.integers(objects[0], objects[1] + 1))
         scene = _random_scene(rng, n, sign)
         number = int(rng.integers(0, 1000)) if sign else None
         if qtype == "count":
@@ -249,11 +250,15 @@ def qtype_for_index(index: int) -> tuple[str, bool | None]:
     return qtype, absent
 
 
-def generate_sample(seed: int, index: int, attempt: int = 0) -> Sample:
-    """Sample ``index`` of the split drawn with ``seed``; ``attempt`` > 0 redraws it (de-duplication)."""
+def generate_sample(
+    seed: int, index: int, attempt: int = 0, objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)
+) -> Sample:
+    """Sample ``index`` of the split drawn with ``seed``; ``attempt`` > 0 redraws it (de-duplication). ``objects``:
+    the range of a scene's object count (the shipped splits use the default; a training curriculum may start with
+    fewer)."""
     rng = np.random.default_rng([seed, index, attempt, 2])
     qtype, absent = qtype_for_index(index)
-    scene, number, question, answer = _question(rng, qtype, absent)
+    scene, number, question, answer = _question(rng, qtype, absent, objects)
     png = _png(render(scene, number, rng))
     return Sample(id=f"scenes-s{seed}-{index:06d}", seed=seed, index=index, qtype=qtype, question=question,
                   answer=answer, scene=scene, png=png, absent=absent, number=number)  # fmt: skip
