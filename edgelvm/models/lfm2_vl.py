@@ -55,7 +55,6 @@ IMAGE_PROCESSOR_DEFAULTS: dict[str, Any] = {
     "do_normalize": True,
     "image_mean": [0.5, 0.5, 0.5],
     "image_std": [0.5, 0.5, 0.5],
-    "do_convert_rgb": True,
 }
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _MARKERS = {"image_start": "<|image_start|>", "image_end": "<|image_end|>", "thumbnail": "<|img_thumbnail|>"}
@@ -114,7 +113,9 @@ def lfm2_preprocess_spec(
         rescale_factor=float(ip.rescale_factor) if ip.do_rescale else None,
         mean=floats(ip.image_mean) if ip.do_normalize else None,
         std=floats(ip.image_std) if ip.do_normalize else None,
-        convert_rgb=bool(getattr(ip, "do_convert_rgb", True)),
+        # the tower takes 3 channels; transformers' class leaves do_convert_rgb unset (None) and then fails on RGBA
+        # or grey images, which the runtime converts (transparency on white) as do_convert_rgb=True does
+        convert_rgb=True,
         image_token=image_token,
         image_token_id=int(image_token_id),
         tokens_per_image=tokens_per_image,
@@ -208,9 +209,11 @@ class _Lfm2VisionEncoder:
         import torch
 
         class Lfm2VisionEncoder(torch.nn.Module):
-            """``(pixel_values [V, P, 3·p²], pixel_attention_mask [V, P], spatial_shapes [V, 2]) -> [V, P / f², E]``:
-            ``Lfm2VlModel.get_image_features`` without its final split into per-view lists (a data-dependent
-            shape): view ``v``'s ``(h / f)·(w / f)`` tokens come first in its row, the rest is padding."""
+            """``(pixel_values [V, P, 3·p²], pixel_attention_mask [V, P], spatial_shapes [V, 2], token_patches
+            [V, P / f², f²]) -> [V, P / f², E]``: ``Lfm2VlModel.get_image_features`` with its patch gather given as
+            data (``token_patches``, the runtime's rule computes it) and without its final split into per-view lists
+            (a data-dependent shape): view ``v``'s ``(h / f)·(w / f)`` tokens come first in its row, the rest is
+            padding."""
 
             def __init__(self, vlm: Any) -> None:
                 super().__init__()
@@ -248,6 +251,19 @@ class Lfm2VlAdapter(VLMAdapter):
     @classmethod
     def load_processor(cls, source: str) -> Any:
         return load_lfm2_vl_processor(source)
+
+    def _check_text_model(self) -> None:
+        super()._check_text_model()
+        if self.processor is None:  # a config-only adapter (the fit check)
+            return
+        _, token_id = self.image_token()
+        if int(self.config.image_token_id) != token_id:
+            raise UnsupportedModelError(
+                f"config.image_token_id is {self.config.image_token_id} but the tokenizer's image token is id "
+                f"{token_id}",
+                where=self.source or None,
+                fix="set image_token_id in config.json to the tokenizer's <image> id",
+            )
 
     # ---- structure ----------------------------------------------------------------------------------------------
     def _factor(self) -> int:
