@@ -132,9 +132,10 @@ class ImagePreprocessor:
         if self.tiling is None:
             return np.stack([self.one(image) for image in images], axis=0)
         views = [self.views(image) for image in images]
-        batch = np.zeros((len(views), max(len(v) for v in views), *views[0].shape[1:]), dtype=np.float32)
+        shape = np.max([v.shape for v in views], axis=0)  # views (and, LFM2-VL: patches) zero-padded to the largest
+        batch = np.zeros((len(views), *shape), dtype=np.float32)
         for row, v in enumerate(views):
-            batch[row, : len(v)] = v
+            batch[(row, *(slice(0, n) for n in v.shape))] = v
         return batch
 
     # ---- per image: views, token count, feature packing ----------------------------------------------------------
