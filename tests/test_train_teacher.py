@@ -123,3 +123,31 @@ def test_the_curriculum_draws_small_scenes_only_before_its_step():
     assert min(len(s.scene) for s in late) >= sc.MIN_OBJECTS
     plain = tt.train_samples(tt.TrainConfig(task="scenes", image_size=192, batch_size=24), 3, set())
     assert [s.key for s in late] == [s.key for s in plain]  # the same stream once the easy phase is over
+
+
+def test_word_alignment_pulls_cells_towards_their_words():
+    """``--align-loss``: the loss reads the projector's output through a hook and the words' input embeddings; a
+    gradient step on it alone lowers it, moving both the projector and the colour / kind / size word embeddings."""
+    cfg = tt.TrainConfig(task="scenes", image_size=192, batch_size=4, vision_hidden=32, vision_layers=1,
+                         vision_heads=2, text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1,
+                         text_intermediate=64, align_loss=1.0)  # fmt: skip
+    tokenizer = build_shapes_tokenizer("scenes")
+    model = tt.build_model(cfg, tokenizer)
+    alignment = tt.WordAlignment("scenes", model)
+    assert sorted(alignment.words) == ["color", "kind", "size"]
+    batcher = tt.Batcher(tt.build_processor(cfg, tokenizer), 36)
+    samples = tt.train_samples(cfg, 0, set())
+    batch = batcher.train_batch(samples)
+    batch.pop("labels")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(4):
+        model(**batch)
+        loss = alignment.loss(model, samples)
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        grad = model.get_input_embeddings().weight.grad
+        assert grad[alignment.words["color"]].abs().sum() > 0 and grad[0].abs().sum() == 0
+        optimizer.step()
+    assert losses[-1] < 0.6 * losses[0]
