@@ -14,7 +14,8 @@ transformers' ``Lfm2VlImageProcessor`` (torchvision only) decides per image, fro
 
 Each view is rescaled / normalized by the preprocessor and cut into ``patch x patch`` patches flattened as
 ``(py, px, channel)`` (``convert_image_to_patches``), zero-padded to the batch's largest view; the vision graph also
-takes each view's ``pixel_attention_mask`` and ``spatial_shapes`` (patch rows, patch columns). A view of
+takes each view's ``pixel_attention_mask``, ``spatial_shapes`` (patch rows, patch columns) and ``token_patches``
+(the projector's pixel-unshuffle gather, :func:`token_patch_index`). A view of
 ``h x w`` patches gives ``ceil(h / factor) * ceil(w / factor)`` image tokens, and the prompt (``Lfm2VlProcessor.
 _build_image_tokens``) is ``<|image_start|>`` then, per tile, ``<|img_row_r_col_c|>`` and its tokens, then
 ``<|img_thumbnail|>`` and the thumbnail's tokens, then ``<|image_end|>`` (one view: start, tokens, end; the markers
