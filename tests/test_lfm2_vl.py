@@ -69,13 +69,17 @@ def _messages(prompt: str, n_images: int = 1) -> list[dict]:
     return [{"role": "user", "content": [*[{"type": "image"}] * n_images, {"type": "text", "text": prompt}]}]
 
 
-def _hf_inputs(checkpoint, vlm, images: list, messages: list[dict]) -> dict:
-    """The model inputs a transformers user passes (``processor(images, text=[template(messages)])``), from the
-    processor edgelvm loads without torchvision (``Lfm2VlDataProcessor``: ``Lfm2VlProcessor``'s ids, masks and
+@pytest.fixture(scope="module")
+def processor(checkpoint):
+    """The processor edgelvm loads without torchvision (``Lfm2VlDataProcessor``: ``Lfm2VlProcessor``'s ids, masks and
     shapes, compared where torchvision is installed in ``test_lfm2_vl_preprocess.py``)."""
     from edgelvm.models.lfm2_vl import load_lfm2_vl_processor
 
-    processor = load_lfm2_vl_processor(str(checkpoint))
+    return load_lfm2_vl_processor(str(checkpoint))
+
+
+def _hf_inputs(processor, images: list, messages: list[dict]) -> dict:
+    """The model inputs a transformers user passes: ``processor(images, text=[template(messages)])``."""
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return processor(images=images or None, text=[text], return_tensors="pt")
 
@@ -102,12 +106,12 @@ def test_manifest_describes_attention_layers_conv_states_and_the_rule(bundle):
 
 # ---- greedy tokens == transformers ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("image", list(SIZES))
-def test_greedy_tokens_equal_hf_generate(checkpoint, vlm, model, images, image):
+def test_greedy_tokens_equal_hf_generate(processor, vlm, model, images, image):
     """Each image (one split into tiles and a thumbnail) x 2 prompts; the runtime's prompt ids are HF's too."""
     from edgelvm.runtime.generate import Request
 
     for prompt in PROMPTS:
-        inputs = _hf_inputs(checkpoint, vlm, [images[image]], _messages(prompt))
+        inputs = _hf_inputs(processor, [images[image]], _messages(prompt))
         assert vlm.prompt_ids(Request(prompt=prompt, images=[images[image]])) == inputs["input_ids"][0].tolist()
         vlm.generate([images[image]], prompt, max_new_tokens=12)
         assert vlm.last_output_ids[0] == _hf_generate(model, inputs, 12)
@@ -122,10 +126,10 @@ def test_the_image_and_the_split_matter(vlm, images):
     assert len(answers) == len(SIZES)
 
 
-def test_two_images_in_one_prompt_equal_hf(checkpoint, vlm, model, images):
+def test_two_images_in_one_prompt_equal_hf(processor, vlm, model, images):
     """Two views of different patch counts in one prompt: padded together, as the processor batches them."""
     pair = [images["wide"], images["portrait"]]
-    inputs = _hf_inputs(checkpoint, vlm, pair, _messages("Compare them.", n_images=2))
+    inputs = _hf_inputs(processor, pair, _messages("Compare them.", n_images=2))
     vlm.generate(pair, "Compare them.", max_new_tokens=10)
     assert vlm.last_output_ids[0] == _hf_generate(model, inputs, 10)
 
@@ -141,7 +145,7 @@ def test_a_padded_batch_equals_single_requests(vlm, images):
     assert vlm.last_output_ids == singles
 
 
-def test_a_chat_turn_prefills_only_its_new_tokens_and_equals_hf(checkpoint, vlm, model, images):
+def test_a_chat_turn_prefills_only_its_new_tokens_and_equals_hf(processor, vlm, model, images):
     """Turn 2 rewinds the states to the end of turn 1's prompt (saved after its prefill): the image is not fed
     again, and the answer equals HF on the whole conversation."""
     chat = vlm.chat(images["wide"])
@@ -153,7 +157,7 @@ def test_a_chat_turn_prefills_only_its_new_tokens_and_equals_hf(checkpoint, vlm,
     assert stats.prefill_tokens == stats.prompt_tokens - stats.reused_tokens
     messages = [*_messages(PROMPTS[0]), {"role": "assistant", "content": first},
                 {"role": "user", "content": [{"type": "text", "text": "And the color?"}]}]  # fmt: skip
-    assert vlm.last_output_ids[0] == _hf_generate(model, _hf_inputs(checkpoint, vlm, [images["wide"]], messages), 8)
+    assert vlm.last_output_ids[0] == _hf_generate(model, _hf_inputs(processor, [images["wide"]], messages), 8)
 
 
 def test_the_conv_states_carry_the_sequence(bundle):
@@ -213,7 +217,7 @@ def test_prune_and_distill_are_refused_with_the_reason(checkpoint, stage, match)
         load_model(str(checkpoint)).check_stage(stage)
 
 
-def test_int8_vision_calibrated_through_the_data_processor(checkpoint, images, tmp_path):
+def test_int8_vision_calibrated_through_the_data_processor(checkpoint, processor, images, tmp_path):
     """INT8 QDQ vision + INT4 RTN, calibrated on records encoded by ``Lfm2VlDataProcessor`` (views padded across a
     batch, as the processor pads them): the bundle answers as the quantized checkpoint run with the vision linears'
     inputs fake-quantized as the INT8 graph quantizes them; the source's processor files are kept as they were."""
@@ -236,7 +240,7 @@ def test_int8_vision_calibrated_through_the_data_processor(checkpoint, images, t
     rewrite, encoder = quantized_graph_rewrites(adapter)["vision"], adapter.vision_encoder()
     vlm = VLM.load(tmp_path / "bundle8")
     for image in ("portrait", "wide"):
-        inputs = _hf_inputs(checkpoint, vlm, [images[image]], _messages(PROMPTS[0]))
+        inputs = _hf_inputs(processor, [images[image]], _messages(PROMPTS[0]))
         with rewrite.reference_context(encoder):
             expected = _hf_generate(adapter.model, inputs, 10)
         vlm.generate([images[image]], PROMPTS[0], max_new_tokens=10)

@@ -23,6 +23,7 @@ one grey level of the torchvision backend).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -150,13 +151,9 @@ class Lfm2VlDataProcessor:
         tokens, the images' views concatenated and padded to one patch count (``pixel_attention_mask``)."""
         import torch
 
-        from edgelvm.runtime.images.preprocess import ImagePreprocessor
-
         texts = [text] if isinstance(text, str) else list(text)
         flat = [image for group in (images or []) for image in (group if isinstance(group, (list, tuple)) else [group])]
-        token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        spec = lfm2_preprocess_spec(self.tokenizer, self.image_processor, self.image_token, token_id, 0)
-        preprocessor = ImagePreprocessor(spec)
+        preprocessor, token_id = self._preprocessor, self._image_token_id
         prepared = [preprocessor.prepare(image) for image in flat]
         segments = iter([preprocessor.image_segment(p.height, p.width) for p in prepared])
         rows = []
@@ -178,6 +175,18 @@ class Lfm2VlDataProcessor:
             out["pixel_attention_mask"] = cat([p.inputs["pixel_attention_mask"] for p in prepared])
             out["spatial_shapes"] = torch.from_numpy(np.concatenate([p.inputs["spatial_shapes"] for p in prepared]))
         return out
+
+    @functools.cached_property
+    def _image_token_id(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(self.image_token))
+
+    @functools.cached_property
+    def _preprocessor(self) -> Any:
+        """The runtime's preprocessing for these settings (built once: calibration calls this processor per record)."""
+        from edgelvm.runtime.images.preprocess import ImagePreprocessor
+
+        spec = lfm2_preprocess_spec(self.tokenizer, self.image_processor, self.image_token, self._image_token_id, 0)
+        return ImagePreprocessor(spec)
 
     def save_pretrained(self, out: str | Path) -> None:
         self.tokenizer.save_pretrained(out)
