@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,25 @@ def test_the_curriculum_draws_small_scenes_only_before_its_step():
     assert min(len(s.scene) for s in late) >= sc.MIN_OBJECTS
     plain = tt.train_samples(tt.TrainConfig(task="scenes", image_size=192, batch_size=24), 3, set())
     assert [s.key for s in late] == [s.key for s in plain]  # the same stream once the easy phase is over
+
+
+def test_the_question_mix_weights_types_and_keeps_existence_balanced():
+    """``--qtype-mix exist:3,count:1``: the stream draws only the named types, in about those proportions, half the
+    existence questions about absent objects (answer ``no``); deterministic per step (resume replays it); the
+    shipped splits keep their round robin; a bad mix is refused by name."""
+    cfg = tt.TrainConfig(task="scenes", image_size=192, batch_size=400, qtype_mix="exist:3,count:1")
+    samples = tt.train_samples(cfg, 5, set())
+    kinds = Counter(s.qtype for s in samples)
+    assert set(kinds) == {"exist", "count"}
+    assert 0.65 < kinds["exist"] / len(samples) < 0.85
+    answers = Counter(s.answer for s in samples if s.qtype == "exist")
+    assert 0.4 < answers["no"] / kinds["exist"] < 0.6
+    assert all((s.answer == "no") == s.absent for s in samples if s.qtype == "exist")
+    assert [s.key for s in tt.train_samples(cfg, 5, set())[:20]] == [s.key for s in samples[:20]]
+    assert [s.qtype for s in sc.generate_split(sc.SPLIT_SEEDS["val"], 12)] == list(sc.QTYPES) * 2
+    for bad in ("exist:3,colour:1", "exist", "exist:0", "exist:-1,count:2"):
+        with pytest.raises(SystemExit, match="--qtype-mix"):
+            tt.parse_qtype_mix(bad)
 
 
 def test_word_alignment_pulls_cells_towards_their_words():

@@ -251,13 +251,20 @@ def qtype_for_index(index: int) -> tuple[str, bool | None]:
 
 
 def generate_sample(
-    seed: int, index: int, attempt: int = 0, objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)
+    seed: int,
+    index: int,
+    attempt: int = 0,
+    objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+    qtype: tuple[str, bool | None] | None = None,
 ) -> Sample:
     """Sample ``index`` of the split drawn with ``seed``; ``attempt`` > 0 redraws it (de-duplication). ``objects``:
     the range of a scene's object count (the shipped splits use the default; a training curriculum may start with
-    fewer)."""
+    fewer). ``qtype``: (question type, absent) instead of the round robin's (a training mix may weight the types;
+    the shipped splits keep the round robin)."""
     rng = np.random.default_rng([seed, index, attempt, 2])
-    qtype, absent = qtype_for_index(index)
+    qtype, absent = qtype or qtype_for_index(index)
+    if qtype not in QTYPES:
+        raise ValueError(f"unknown qtype {qtype!r}: expected one of {QTYPES}")
     scene, number, question, answer = _question(rng, qtype, absent, objects)
     png = _png(render(scene, number, rng))
     return Sample(id=f"scenes-s{seed}-{index:06d}", seed=seed, index=index, qtype=qtype, question=question,
