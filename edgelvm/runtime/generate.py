@@ -26,6 +26,9 @@ from edgelvm.runtime.text import ChatTokenizer, Message, StopText
 
 #: A batch shares its prefix (prefilled once, then forked) only when the prefix is at least this long.
 MIN_SHARED_PREFIX = 8
+#: The most tokens a draft may propose per step (speculative decoding): each is a draft step, and acceptance falls
+#: with the distance from the last verified token.
+MAX_DRAFT_TOKENS = 16
 
 
 @dataclass
@@ -48,6 +51,8 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    draft_tokens: int | None = None  # speculative decoding: tokens a loaded draft proposes per step (None: the
+    # VLM's setting, 0: off for this call)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,6 +66,12 @@ class GenerationConfig:
                 f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}",
                 where="min_new_tokens",
                 fix="lower it or raise max_new_tokens",
+            )
+        if self.draft_tokens is not None and not 0 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ConfigError(
+                f"draft_tokens must be in [0, {MAX_DRAFT_TOKENS}], got {self.draft_tokens}",
+                where="draft_tokens",
+                fix="use 0 (no speculation) or a few tokens (4 is typical)",
             )
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
@@ -114,12 +125,24 @@ class GenerationStats:
     new_tokens: int = 0
     images_encoded: int = 0  # vision-encoder runs (cache misses)
     image_cache_hits: int = 0
+    draft_images_encoded: int = 0  # the draft's vision-encoder runs (speculative decoding; its own cache)
     finish_reasons: list[str] = field(default_factory=list)
+    # speculative decoding (a draft bundle): rounds, tokens proposed and kept (per running row), the draft's time
+    speculative_rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    draft_ms: float = 0.0  # inside decode_ms
+    draft_prefill_ms: float = 0.0  # the draft's images and prompt, inside vision_ms
 
     @property
     def decode_tokens_per_s(self) -> float:
         steps = max(self.new_tokens - 1, 0)
         return steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of draft tokens the target kept (0 without a draft)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
 
 # ---- the plan --------------------------------------------------------------------------------------------------------
@@ -187,6 +210,7 @@ class Decoding:
     stats: GenerationStats
     output_ids: list[list[int]]
     on_fed: Callable[[int, int], None] = lambda row, token: None  # told each sampled token once it is cached
+    draft: Any = None  # a :class:`~edgelvm.runtime.speculative.DraftRun`: speculative decoding
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------------
@@ -247,47 +271,76 @@ def decode_one_token(run: Decoding, cache: Any, plan: Plan, tokens: np.ndarray, 
     return run.backend.step(list(run.embed(tokens)[:, None, :]), cache, plan.inputs.decode(step))
 
 
+class RowOutputs:
+    """Each row's generated tokens on their way out: recorded, streamed through the stop strings, and the reason a
+    row finished (EOS, a stop string, the token budget). Shared by the plain and the speculative loop."""
+
+    def __init__(self, run: Decoding, batch: int) -> None:
+        self.run = run
+        self.texts = [StopText(run.tokenizer, tuple(run.config.stop)) for _ in range(batch)]
+        self.reasons: list[str | None] = [None] * batch
+
+    def active(self) -> list[int]:
+        return [row for row, reason in enumerate(self.reasons) if reason is None]
+
+    def done(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def push(self, row: int, token: int) -> str:
+        """Row ``row``'s next token; the text it releases."""
+        self.run.output_ids[row].append(token)
+        text = self.texts[row]
+        if token in self.run.eos:
+            self.reasons[row] = "stop"
+            return text.finish()
+        piece = text.push(token)
+        if text.stopped:
+            self.reasons[row] = "stop"
+        elif len(self.run.output_ids[row]) >= self.run.config.max_new_tokens:
+            self.reasons[row], piece = "length", piece + text.finish()
+        return piece
+
+    def interrupt(self) -> None:
+        """A cancel or deadline ends every row still running."""
+        interrupted = self.run.control.reason()
+        if interrupted is not None:
+            self.reasons = [r or interrupted for r in self.reasons]
+
+    def finish(self) -> None:
+        self.run.stats.finish_reasons = [r or "length" for r in self.reasons]
+
+
+def suppress_eos(run: Decoding, logits: np.ndarray, index: int) -> np.ndarray:
+    """``logits`` that choose generated token ``index``, with EOS masked while ``index < min_new_tokens``."""
+    if index < run.config.min_new_tokens:
+        logits[..., np.fromiter(run.eos, dtype=np.int64)] = -np.inf
+    return logits
+
+
 def decode_n_tokens(run: Decoding, cache: Any, plan: Plan, logits: np.ndarray) -> Iterator[tuple[int, str]]:
     """Sample, stream and feed back one token per row per step until every row stopped (EOS, a stop string, the
     budget, a cancel or a deadline); yields ``(row, text piece)``."""
-    config, batch = run.config, len(plan.rows)
-    sampler = Sampler(config.sampling)
-    eos_ids = np.fromiter(run.eos, dtype=np.int64)
-    texts = [StopText(run.tokenizer, tuple(config.stop)) for _ in range(batch)]
-    reasons: list[str | None] = [None] * batch
+    sampler = Sampler(run.config.sampling)
+    outputs = RowOutputs(run, len(plan.rows))
     started = time.perf_counter()
-    for step in range(config.max_new_tokens):
-        if step < config.min_new_tokens:
-            logits[:, eos_ids] = -np.inf
-        tokens = sampler(logits)
+    for step in range(run.config.max_new_tokens):
+        tokens = sampler(suppress_eos(run, logits, step))
         run.stats.new_tokens += 1
-        last_step = step == config.max_new_tokens - 1
-        for row in range(batch):
-            if reasons[row] is not None:
+        for row in range(len(plan.rows)):
+            if outputs.reasons[row] is not None:
                 tokens[row] = run.pad_id
                 continue
-            token = int(tokens[row])
-            run.output_ids[row].append(token)
-            if token in run.eos:
-                reasons[row], piece = "stop", texts[row].finish()
-            else:
-                piece = texts[row].push(token)
-                if texts[row].stopped:
-                    reasons[row] = "stop"
-                elif last_step:
-                    reasons[row], piece = "length", piece + texts[row].finish()
+            piece = outputs.push(row, int(tokens[row]))
             if piece:
                 yield row, piece
-        interrupted = run.control.reason()
-        if interrupted is not None:
-            reasons = [r or interrupted for r in reasons]
-        if all(r is not None for r in reasons):
+        outputs.interrupt()
+        if outputs.done():
             break
         logits = decode_one_token(run, cache, plan, tokens, step)
-        for row in range(batch):
+        for row in range(len(plan.rows)):
             run.on_fed(row, int(tokens[row]))
     run.stats.decode_ms = (time.perf_counter() - started) * 1e3
-    run.stats.finish_reasons = [r or "length" for r in reasons]
+    outputs.finish()
 
 
 def generate(run: Decoding, plan: Plan, cache: Any = None, cached: int = 0) -> Iterator[tuple[int, str]]:
@@ -295,4 +348,9 @@ def generate(run: Decoding, plan: Plan, cache: Any = None, cached: int = 0) -> I
     if cache is None:
         cache, cached = share_prefix(run.backend, plan, run.stats)
     logits = prefill(run.backend, cache, plan, cached, run.stats)
-    yield from decode_n_tokens(run, cache, plan, logits)
+    if run.draft is None:
+        yield from decode_n_tokens(run, cache, plan, logits)
+        return
+    from edgelvm.runtime.speculative import speculate_n_tokens  # it builds on this module's pieces
+
+    yield from speculate_n_tokens(run, cache, plan, logits, run.draft)

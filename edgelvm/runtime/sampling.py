@@ -51,6 +51,11 @@ class Sampler:
         """``logits [batch, vocab] -> token ids [batch]``."""
         if self.config.greedy:
             return logits.argmax(axis=-1)
+        return self.draw(self.probs(logits))
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution sampling draws from: ``logits [..., vocab]`` after temperature, top-k and top-p (float64;
+        speculative decoding's rejection test compares the target's and the draft's)."""
         # Shift by the maximum before dividing: a tiny temperature (1e-320) then gives 0 for the best token and -inf
         # for the others (greedy in the limit) instead of inf - inf = NaN probabilities.
         scores = logits.astype(np.float64)
@@ -58,7 +63,7 @@ class Sampler:
             scores = (scores - scores.max(axis=-1, keepdims=True)) / self.config.temperature
         scores = np.nan_to_num(scores, nan=-np.inf, neginf=-np.inf)
         if self.config.top_k and self.config.top_k < scores.shape[-1]:
-            kth = np.partition(scores, -self.config.top_k, axis=-1)[:, -self.config.top_k][:, None]
+            kth = np.partition(scores, -self.config.top_k, axis=-1)[..., -self.config.top_k][..., None]
             scores = np.where(scores < kth, -np.inf, scores)
         probs = _softmax(scores)
         if self.config.top_p < 1.0:
@@ -69,7 +74,15 @@ class Sampler:
             keep = np.zeros_like(keep_sorted)
             np.put_along_axis(keep, order, keep_sorted, axis=-1)
             probs = _softmax(np.where(keep, scores, -np.inf))
+        return probs
+
+    def draw(self, probs: np.ndarray) -> np.ndarray:
+        """One token per row of ``probs [batch, vocab]``."""
         return np.array([self.rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
+
+    def uniform(self) -> float:
+        """A draw in [0, 1) from this sampler's stream (the rejection test)."""
+        return float(self.rng.random())
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:

@@ -34,10 +34,13 @@ from edgelvm.runtime.generate import (
     Request,
     generate,
     make_config,
+    prefill,
+    share_prefix,
 )
 from edgelvm.runtime.images import ImageEncoder, ImageInput, load_image, step_input_rules
 from edgelvm.runtime.ort_backend import OrtBackend
 from edgelvm.runtime.session_settings import SessionSettings
+from edgelvm.runtime.speculative import DEFAULT_DRAFT_TOKENS, DraftRun, check_draft
 from edgelvm.runtime.text import ChatTokenizer, Message, user_message, without_images
 
 __all__ = ["VLM", "ChatSession", "Control", "GenerationConfig", "GenerationStats", "Request", "make_config"]
@@ -82,6 +85,8 @@ class VLM:
         self._lock = threading.RLock()
         self.last_stats = GenerationStats()
         self.last_output_ids: list[list[int]] = []
+        self.draft: VLM | None = None  # speculative decoding (use_draft)
+        self.draft_tokens = DEFAULT_DRAFT_TOKENS
 
     @classmethod
     def load(
@@ -96,6 +101,8 @@ class VLM:
         spinning: bool | None = None,
         expected_sha256: str | None = None,
         fp16_weights: str | None = None,
+        draft: str | Path | VLM | None = None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> VLM:
         """Open a bundle. ``verify`` checks every file's sha256 against the manifest (a mismatch names the file);
         whatever ``verify``, every file the runtime opens must be listed in the manifest and lie inside the bundle.
@@ -111,6 +118,8 @@ class VLM:
         (:class:`~edgelvm.runtime.session_settings.SessionSettings`). ``fp16_weights``: an fp16 bundle on the CPU
         provider is ``upcast`` to fp32 at load (fast, twice the bytes) or kept ``mapped`` (converted each step);
         ``auto`` (default) upcasts when that fits in the memory available.
+        ``draft``: a bundle (or a loaded :class:`VLM`) with the same tokenizer that proposes ``draft_tokens`` tokens
+        per target step (speculative decoding, :meth:`use_draft`); a path is loaded with the same backend settings.
         """
         bundle_dir = Path(bundle)
         manifest = Manifest.load(bundle_dir, expected_sha256=expected_sha256)
@@ -141,7 +150,22 @@ class VLM:
                                   fix="use auto, upcast or mapped")  # fmt: skip
             settings = SessionSettings.for_this_device(threads=threads, spinning=spinning, fp16_weights=fp16_weights)
             backend_impl = OrtBackend(bundle_dir, manifest, backend=backend, fused=fused, settings=settings)
-        return cls(bundle_dir, manifest, backend_impl, vision_cache_mb=vision_cache_mb)
+        vlm = cls(bundle_dir, manifest, backend_impl, vision_cache_mb=vision_cache_mb)
+        if draft is not None:
+            if not isinstance(draft, VLM):
+                draft = cls.load(draft, backend, threads=threads, verify=verify, vision_cache_mb=vision_cache_mb,
+                                 spinning=spinning, fp16_weights=fp16_weights)  # fmt: skip
+            vlm.use_draft(draft, draft_tokens)
+        return vlm
+
+    def use_draft(self, draft: VLM | None, tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
+        """Speculative decoding with ``draft`` proposing ``tokens`` tokens per target step (None: off). Refused, with
+        the reason, where it cannot be exact: another tokenizer or vocabulary, a decoder with per-step inputs (M-RoPE
+        positions, cross-attention), a cache that cannot crop (hybrid states, CUDA device caches, TensorRT), or a
+        target decoder without multi-position logits (bundles exported before them)."""
+        if draft is not None:
+            check_draft(self, draft, tokens)
+        self.draft, self.draft_tokens = draft, tokens
 
     @property
     def max_length(self) -> int:
@@ -288,10 +312,10 @@ class VLM:
             return None
         return [self._render(_messages(r)) for r in requests for _ in r.images]
 
-    def _check_length(self, prompt_tokens: int, new_tokens: int) -> None:
+    def _check_length(self, prompt_tokens: int, new_tokens: int, who: str = "the bundle's") -> None:
         if prompt_tokens + new_tokens > self.max_length:
             raise PromptTooLongError(
-                f"prompt of {prompt_tokens} tokens (images included) + {new_tokens} new tokens exceeds the bundle's "
+                f"prompt of {prompt_tokens} tokens (images included) + {new_tokens} new tokens exceeds {who} "
                 f"context of {self.max_length} tokens",
                 where="prompt",
                 fix="shorten the prompt, lower max_new_tokens, or re-export with a larger --max-length",
@@ -348,12 +372,47 @@ class VLM:
                 per_request.append(features[start : start + len(r.images)])
                 start += len(r.images)
             plan = self._plan(prompts, [r.images for r in requests], per_request)
+            draft = self._start_draft(requests, config, stats)
             stats.vision_ms = (time.perf_counter() - started) * 1e3
             interrupted = control.reason()  # the deadline / cancel between stages: after vision, before prefill
             if interrupted is not None:
                 stats.finish_reasons = [interrupted] * len(requests)
                 return
-            yield from generate(self._decoding(config, control, len(requests)), plan)
+            yield from generate(self._decoding(config, control, len(requests), draft=draft), plan)
+
+    def _draft_tokens(self, config: GenerationConfig) -> int:
+        """Tokens the draft proposes per step for this call (0: no speculation)."""
+        if self.draft is None:
+            return 0
+        return self.draft_tokens if config.draft_tokens is None else config.draft_tokens
+
+    def _start_draft(
+        self, requests: list[Request], config: GenerationConfig, stats: GenerationStats, cache: Any = None,
+        cached: int = 0,
+    ) -> DraftRun | None:  # fmt: skip
+        """The draft's side of a generation: its own prompts (its image token counts), image features (its own
+        cache) and prefill — ``cache`` (a chat's) already holding ``cached`` positions; None without speculation."""
+        tokens = self._draft_tokens(config)
+        if not tokens or self.draft is None:
+            return None
+        draft, started = self.draft, time.perf_counter()
+        with draft._lock:
+            prompts = [draft.prompt_ids(r) for r in requests]
+            draft._check_length(max(len(p) for p in prompts), config.max_new_tokens, who="the draft's")
+            own = GenerationStats()
+            images = [image for r in requests for image in r.images]
+            features = draft.encoder.features(draft.backend, images, draft._texts_for(requests), own)
+            per_request, start = [], 0
+            for r in requests:
+                per_request.append(features[start : start + len(r.images)])
+                start += len(r.images)
+            plan = draft._plan(prompts, [r.images for r in requests], per_request)
+            if cache is None:
+                cache, cached = share_prefix(draft.backend, plan, own)
+            prefill(draft.backend, cache, plan, cached, own)
+        stats.draft_images_encoded += own.images_encoded
+        stats.draft_prefill_ms += (time.perf_counter() - started) * 1e3
+        return DraftRun(draft.backend, draft._token_embeds, cache, tokens)
 
 
 class ChatSession:
@@ -369,6 +428,8 @@ class ChatSession:
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self._cache: Any = None
         self._cached_ids: list[int] = []
+        self._draft_cache: Any = None  # speculative decoding: the draft's own conversation cache
+        self._draft_ids: list[int] = []
         self._turn_lock = threading.Lock()  # one turn at a time: a second concurrent one is refused, not lost
 
     def ask(self, prompt: str, *, stream: bool = False, **options: Any) -> str | Iterator[str]:
@@ -432,13 +493,35 @@ class ChatSession:
             # per-step inputs of the whole conversation: the reused prefix's are the ones already in the cache
             plan = Plan([row], vlm._step_inputs([ids], [self.images], [features]))
             fed_ids = list(ids)
-            run = vlm._decoding(config, Control(), 1, on_fed=lambda _row, token: fed_ids.append(token))
+            draft, draft_ids = self._draft_turn(messages, config, stats)
+            run = vlm._decoding(config, Control(), 1, on_fed=lambda _row, token: fed_ids.append(token), draft=draft)
             answer = ""
             for _, piece in generate(run, plan, self._cache, reuse):
                 answer += piece
                 yield piece
-            self._cached_ids = fed_ids
+            self._cached_ids, self._draft_ids = fed_ids, draft_ids
             self.messages = [*messages, {"role": "assistant", "content": answer}]
+
+
+    def _draft_turn(self, messages: list[Message], config: GenerationConfig, stats: GenerationStats) -> tuple:
+        """The draft's side of a turn, reusing its own cached conversation; ``(DraftRun or None, the ids its cache
+        will hold)`` (the list grows as the draft keeps tokens)."""
+        vlm = self.vlm
+        if not vlm._draft_tokens(config) or vlm.draft is None:
+            self._draft_cache = None  # a turn without the draft: its cache no longer follows the conversation
+            return None, []
+        request = Request(messages=messages, images=self.images)
+        ids = vlm.draft.prompt_ids(request)
+        if self._draft_cache is None or vlm.draft.encoder.reads_text:
+            self._draft_cache, reuse = None, 0
+        else:
+            reuse = self._draft_cache.rewind_point(min(_common_prefix_ids(self._draft_ids, ids), len(ids) - 1))
+            self._draft_cache.crop(reuse)
+        draft = vlm._start_draft([request], config, stats, self._draft_cache, reuse)
+        assert draft is not None
+        self._draft_cache, fed = draft.cache, list(ids)
+        draft.on_fed = lambda _row, token: fed.append(token)
+        return draft, fed
 
 
 def _common_prefix_ids(a: list[int], b: list[int]) -> int:
