@@ -350,7 +350,5 @@ def generate(run: Decoding, plan: Plan, cache: Any = None, cached: int = 0) -> I
     logits = prefill(run.backend, cache, plan, cached, run.stats)
     if run.draft is None:
         yield from decode_n_tokens(run, cache, plan, logits)
-        return
-    from edgelvm.runtime.speculative import speculate_n_tokens  # it builds on this module's pieces
-
-    yield from speculate_n_tokens(run, cache, plan, logits, run.draft)
+    else:  # the draft's own loop (runtime/speculative.py builds on this module, not the other way round)
+        yield from run.draft.decode(run, cache, plan, logits)

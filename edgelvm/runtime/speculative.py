@@ -47,6 +47,10 @@ class DraftRun:
     tokens: int = DEFAULT_DRAFT_TOKENS  # k: proposed per round
     on_fed: Callable[[int, int], None] = lambda row, token: None  # told each token its cache keeps (chat reuse)
 
+    def decode(self, run: Decoding, cache: Any, plan: Plan, logits: np.ndarray) -> Iterator[tuple[int, str]]:
+        """The decode loop :func:`~edgelvm.runtime.generate.generate` runs when a draft is given."""
+        return speculate_n_tokens(run, cache, plan, logits, self)
+
 
 def speculate_n_tokens(
     run: Decoding, cache: Any, plan: Plan, logits: np.ndarray, draft: DraftRun
