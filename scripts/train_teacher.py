@@ -132,6 +132,10 @@ class TrainConfig:
     # answered existence at chance (yes - no logit 0.03 whatever the answer, even on 1-3-object scenes) and binding /
     # relation / count below 50% — the content lookups had a sixth of the batch each and one answer token
     qtype_mix: str = ""
+    # scenes, > 0: weight of an attention target (:class:`LookupAttention`): one head of one decoder layer, at the
+    # last prompt position, must put its mass on the objects the question names (on the BOS token when none exists)
+    lookup_loss: float = 0.0
+    lookup_layer: int = 2
 
     @property
     def spec(self) -> Task:
@@ -357,6 +361,60 @@ class WordAlignment:
         return sum(terms) / len(terms)
 
 
+class LookupAttention:
+    """Training-only: head 0 of decoder layer ``layer``, at the last prompt position (the one that predicts the
+    answer), must put its attention on the image tokens of the objects the question names
+    (:func:`edgelvm.data.scenes.referents`), or on the BOS token when the question names an object that is not
+    there; ``-log`` of the mass there, averaged over the questions that name objects (not captions or signs).
+
+    Why: at step 5100 (4 recipe changes in) the teacher answered existence at chance — the ``yes`` - ``no`` logit
+    gap 0.03 whatever the answer, even on 1-3-object scenes and with existence oversampled 3x — while it captioned
+    89%: it reads the image in order but never looks an object up by the question's words. Attention that finds
+    the named object, with BOS as the "nothing there" sink, is the lookup those answers need (binding, counting and
+    the relation's anchor too). The loss needs the attention weights, so the text model runs eager attention while
+    it is on (``sdpa`` returns none); the saved checkpoint is unchanged."""
+
+    HEAD = 0
+
+    def __init__(self, model, layer: int) -> None:
+        layers = model.config.text_config.num_hidden_layers
+        if not 0 <= layer < layers:
+            raise SystemExit(f"--lookup-layer {layer}: the text model has layers 0..{layers - 1}")
+        self.layer = layer
+        self.image_token = model.config.image_token_index
+        self.text_config = model.config.text_config
+
+    def targets(self, samples, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], list[int], list]:
+        """(rows, query positions, key positions) of the samples whose question names objects."""
+        rows, queries, keys = [], [], []
+        for row, sample in enumerate(samples):
+            named = sc.referents(sample.qtype, sample.question, sample.scene)
+            if named is None:
+                continue
+            cells = torch.nonzero(input_ids[row] == self.image_token).flatten().tolist()
+            rows.append(row)
+            queries.append(int(torch.nonzero(labels[row] != -100)[0]) - 1)
+            keys.append([cells[s.row * sc.GRID + s.col] for s in named] if named else [0])
+        return rows, queries, keys
+
+    def forward(self, model, batch: dict):
+        """The model's outputs with attention weights (eager attention for this call only)."""
+        saved = self.text_config._attn_implementation
+        self.text_config._attn_implementation = "eager"
+        try:
+            return model(**batch, output_attentions=True)
+        finally:
+            self.text_config._attn_implementation = saved
+
+    def loss(self, attentions, samples, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows, queries, keys = self.targets(samples, input_ids, labels)
+        if not rows:
+            return torch.zeros(())
+        weights = attentions[self.layer][:, self.HEAD]  # [B, query, key]
+        terms = [-torch.log(weights[r, q, k].sum() + 1e-6) for r, q, k in zip(rows, queries, keys, strict=True)]
+        return torch.stack(terms).mean()
+
+
 def cell_labels(samples, task: str = "shapes") -> dict[str, torch.Tensor]:
     """Per-cell class ids in patch order (row-major; the last class of each means "empty"), and on scenes the
     sign's digits (units first; 10 = none)."""
@@ -409,6 +467,10 @@ class TeacherLoss:
         self._tokens: torch.Tensor | None = None
         self.align_weight = cfg.align_loss
         self.alignment = WordAlignment(cfg.task, model) if cfg.align_loss > 0 else None
+        self.lookup_weight = cfg.lookup_loss
+        if cfg.lookup_loss > 0 and cfg.task != "scenes":
+            raise SystemExit("--lookup-loss needs --task scenes (its questions name objects to look up)")
+        self.lookup = LookupAttention(model, cfg.lookup_layer) if cfg.lookup_loss > 0 else None
         if self.weight > 0:
             grid = cfg.spec.grid
             if cfg.image_size // cfg.patch_size != grid:
@@ -436,9 +498,13 @@ class TeacherLoss:
         weight is ``norm`` (default: this batch alone)."""
         batch = dict(batch)
         labels = batch.pop("labels")
-        total, weight = answer_loss(model(**batch).logits, labels, self.weighting)
+        out = self.lookup.forward(model, batch) if self.lookup else model(**batch)
+        total, weight = answer_loss(out.logits, labels, self.weighting)
         lm = total / (weight if norm is None else norm)
         extra = self.align_weight * share * self.alignment.loss(model, samples) if self.alignment else 0.0
+        if self.lookup:
+            lookup = self.lookup.loss(out.attentions, samples, batch["input_ids"], labels)
+            extra = extra + self.lookup_weight * share * lookup
         if self.probe is None:
             return lm + extra, lm
         labels = {k: v.to(lm.device) for k, v in cell_labels(samples, self.task).items()}

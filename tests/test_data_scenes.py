@@ -102,3 +102,28 @@ def test_cli_writes_a_loadable_dataset_and_refuses_a_foreign_folder(tmp_path: Pa
     (foreign / "notes.txt").write_text("keep")
     result = runner.invoke(app, ["data", "scenes", "-o", str(foreign), "--n", "6", "--force"])
     assert result.exit_code == 2 and (foreign / "notes.txt").read_text() == "keep"
+
+
+def test_referents_are_the_objects_each_question_names():
+    """``referents``: existence names the asked-about objects (none when the answer is no), binding exactly the one
+    object whose colour or shape is the answer, counting as many objects as the answer, a relation its anchor;
+    captions and signs name none; a question of no template is refused."""
+    seen = set()
+    for index in range(240):
+        s = sc.generate_sample(7, index)
+        named = sc.referents(s.qtype, s.question, s.scene)
+        seen.add(s.qtype)
+        if s.qtype == "exist":
+            assert (len(named) > 0) == (s.answer == "yes")
+            assert all(sc.describe(o).endswith(s.question.split(" ", 3)[-1].rstrip("?")) for o in named)
+        elif s.qtype == "binding":
+            assert len(named) == 1 and s.answer in (named[0].color, named[0].kind)
+        elif s.qtype == "count":
+            assert len(named) == int(s.answer)
+        elif s.qtype == "relation":
+            assert len(named) == 1 and f"{named[0].color} {named[0].kind}" in s.question
+        else:
+            assert named is None
+    assert seen == set(sc.QTYPES)
+    with pytest.raises(ValueError, match="no template"):
+        sc.referents("exist", "Is it raining?", ())

@@ -145,6 +145,48 @@ def test_the_question_mix_weights_types_and_keeps_existence_balanced():
             tt.parse_qtype_mix(bad)
 
 
+def test_the_lookup_attention_targets_the_named_objects_and_trains():
+    """``--lookup-loss``: each question that names objects gets the image positions of exactly those objects (BOS
+    when the named object is absent; nothing for captions and signs); a gradient step on the loss alone lowers it;
+    the model's attention implementation is restored after the call."""
+    cfg = tt.TrainConfig(task="scenes", image_size=192, batch_size=12, vision_hidden=32, vision_layers=1,
+                         vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1,
+                         text_intermediate=64, lookup_loss=1.0, lookup_layer=1)  # fmt: skip
+    tokenizer = build_shapes_tokenizer("scenes")
+    model = tt.build_model(cfg, tokenizer)
+    lookup = tt.LookupAttention(model, 1)
+    batcher = tt.Batcher(tt.build_processor(cfg, tokenizer), 36)
+    samples = tt.train_samples(cfg, 0, set())
+    batch = batcher.train_batch(samples)
+    labels = batch.pop("labels")
+    rows, queries, keys = lookup.targets(samples, batch["input_ids"], labels)
+    assert {samples[r].qtype for r in rows} == {"count", "relation", "binding", "exist"}
+    for row, query, key in zip(rows, queries, keys, strict=True):
+        sample = samples[row]
+        assert batch["input_ids"][row, query] == tokenizer.convert_tokens_to_ids("<|assistant|>")
+        named = sc.referents(sample.qtype, sample.question, sample.scene)
+        if sample.qtype == "exist" and sample.answer == "no":
+            assert key == [0]
+        else:
+            assert len(key) == len(named) > 0
+            assert all(batch["input_ids"][row, k] == model.config.image_token_index for k in key)
+            assert sorted(k - 2 for k in key) == sorted(s.row * sc.GRID + s.col for s in named)  # BOS, <|user|>
+    implementation = model.config.text_config._attn_implementation
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        out = lookup.forward(model, batch)
+        loss = lookup.loss(out.attentions, samples, batch["input_ids"], labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+    assert model.config.text_config._attn_implementation == implementation
+    with pytest.raises(SystemExit, match="--lookup-layer"):
+        tt.LookupAttention(model, 2)
+
+
 def test_word_alignment_pulls_cells_towards_their_words():
     """``--align-loss``: the loss reads the projector's output through a hook and the words' input embeddings; a
     gradient step on it alone lowers it, moving both the projector and the colour / kind / size word embeddings."""

@@ -18,6 +18,7 @@ kinds and drawing it reuses; records have the same LLaVA conversation layout, so
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -73,6 +74,38 @@ def caption(scene: Iterable[Shape]) -> str:
     """Every object in reading order (row by row, left to right), e.g. ``a red circle, a blue cross and ...``."""
     parts = [describe(s) for s in sorted(scene, key=lambda s: (s.row, s.col))]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def referents(qtype: str, question: str, scene: Iterable[Shape]) -> list[Shape] | None:
+    """The objects a question names — what a model must look up to answer it: the asked-about object(s) of
+    ``exist`` (none when absent), the one object of ``binding``, every object ``count`` counts, the anchor of
+    ``relation``; None for questions that name no object (``caption``, ``read``). A training aid (an attention
+    target), recomputed from the question's text so it holds for any sample of the task."""
+    plural_kind = {PLURALS[k]: k for k in KINDS}
+    for template, test in (
+        (_EXIST_Q[0], lambda s, f: s.color == f["color"] and s.kind == f["kind"]),
+        (_BINDING_COLOR_Q[0], lambda s, f: s.size == f["size"] and s.kind == f["kind"]),
+        (_BINDING_KIND_Q[0], lambda s, f: s.size == f["size"] and s.color == f["color"]),
+        (_COUNT_ALL_Q[0], lambda s, f: True),
+        (_COUNT_COLOR_Q[0], lambda s, f: s.color == f["color"]),
+        (_COUNT_KIND_Q[0], lambda s, f: s.kind == plural_kind.get(f["plural"])),
+        (_RELATION_Q[0], lambda s, f: s.color == f["color"] and s.kind == f["kind"]),
+    ):
+        fields = _match(template, question)
+        if fields is not None:
+            return [s for s in scene if test(s, fields)]
+    if qtype in ("caption", "read"):
+        return None
+    raise ValueError(f"{qtype} question {question!r} matches no template of the scenes task")
+
+
+def _match(template: str, text: str) -> dict[str, str] | None:
+    """``template``'s ``{field}`` values in ``text``, or None when ``text`` is not that template's."""
+    pattern = re.escape(template)
+    for name in re.findall(r"\{(\w+)\}", template):
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>[a-z ]+?)")
+    found = re.fullmatch(pattern, text)
+    return found.groupdict() if found else None
 
 
 def task_texts() -> list[str]:
