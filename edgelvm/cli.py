@@ -72,6 +72,15 @@ def export(
     int4_accuracy_level: Annotated[
         int, typer.Option(help="INT4 checkpoints: MatMulNBits accuracy_level (0 fp32 compute, 4 int8 activations).")
     ] = 0,
+    image_tokens: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|FRACTION",
+            help="Keep N image tokens per image (an integer, e.g. 144) or a fraction of them (e.g. 0.25), chosen by "
+            "the vision tower's own attention inside the vision graph (VisionZip's dominant tokens): a shorter "
+            "prefill. llava family only; default: all tokens.",
+        ),
+    ] = None,
 ) -> None:
     """Export a VLM checkpoint to a self-describing bundle (vision/decoder ONNX, embedding table, tokenizer).
 
@@ -83,11 +92,13 @@ def export(
 
     from edgelvm.export import ExportConfig
     from edgelvm.export import export as run_export
+    from edgelvm.models.token_reduction import parse_image_tokens
 
     console = _console()
     with console.status(f"exporting {model} …"):
         config = ExportConfig(dtype=dtype, max_length=max_length, force=force, target=target, decoder=decoder,
-                              int4_accuracy_level=int4_accuracy_level)  # fmt: skip
+                              int4_accuracy_level=int4_accuracy_level,
+                              image_tokens=parse_image_tokens(image_tokens))  # fmt: skip
         report = run_export(model, output, config)
     table = Table(title=f"bundle {report.bundle_dir} ({report.seconds:.0f} s)")
     for column in ("part", "file", "size", "error vs PyTorch"):
@@ -95,6 +106,12 @@ def export(
     for row in report.summary_rows():
         table.add_row(*row)
     console.print(table)
+    if report.manifest.image_token_reduction:
+        kept = report.manifest.image_token_reduction
+        console.print(
+            f"image tokens: {kept['tokens_per_image']} of {kept['full_tokens_per_image']} per image, ranked by "
+            f"{kept['score']} in vision layer {kept['vision_layer']} ({kept['method']})"
+        )
     if report.manifest.target:
         plan = report.manifest.target
         console.print(

@@ -130,6 +130,14 @@ class TokenizerSpec:
 #: (``KVCacheSpec.windows``): ``[batch, local past + seq]`` int64, -1 for an empty or padded column.
 WINDOW_POSITIONS = "window_positions"
 
+#: The portable decoder graph's input ``[K]`` int64 (values ignored) asking for the logits of each row's last K
+#: positions of the step: ``logits [batch * K, vocab]``, row-major (speculative decoding verifies K tokens in one
+#: step). It has a default of one element (an ONNX initializer of the same name), so a caller that does not feed it
+#: gets the ``[batch, vocab]`` of before. Listed in the decoder's ``inputs`` since it exists: a decoder without it
+#: returns the last position's logits only. (The fused decoder's ``logits_index`` has always taken any number of flat
+#: indices.)
+LOGITS_KEEP = "logits_keep"
+
 #: The kinds of fixed-size per-sequence state a decoder layer may carry besides keys and values.
 STATE_KINDS = ("conv", "recurrent")
 
@@ -224,6 +232,12 @@ class Manifest:
     attention: str = "causal"
     format_version: str = FORMAT_VERSION
     edgelvm_version: str = ""
+    #: Image-token reduction applied inside the vision graph at export (``--image-tokens``;
+    #: ``models/token_reduction.TokenReduction``): ``{"method", "tokens_per_image", "full_tokens_per_image",
+    #: "score", "vision_layer", "order"}``. A record for people and tools (``edgelvm inspect``): the runtime places
+    #: ``preprocess.tokens_per_image`` tokens, which is already the reduced count, so an older runtime that ignores
+    #: this field runs such a bundle correctly. Written only when set; absent means no reduction.
+    image_token_reduction: dict[str, Any] | None = None
 
     # ---- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +251,8 @@ class Manifest:
                 data["tokenizer"].pop(key, None)
         if data.get("attention") == "causal":
             data.pop("attention")
+        if data.get("image_token_reduction") is None:
+            data.pop("image_token_reduction", None)
         if data["preprocess"].get("vision_text") is None:
             data["preprocess"].pop("vision_text", None)
         if data["preprocess"].get("cross_attention") is None:
@@ -316,6 +332,7 @@ class Manifest:
             attention=_attention_kind(data.get("attention", "causal"), where),
             format_version=data["format_version"],
             edgelvm_version=data.get("edgelvm_version", ""),
+            image_token_reduction=data.get("image_token_reduction"),
         )
 
     @classmethod
@@ -447,6 +464,7 @@ _TOP_HINTS: dict[str, Any] = {
     "target": dict[str, Any] | None,
     "format_version": str,
     "edgelvm_version": str,
+    "image_token_reduction": dict[str, Any] | None,
 }
 
 

@@ -73,7 +73,7 @@ def test_manifest_describes_attention_layers_and_fixed_size_states(bundle):
         (2, "conv", [CONV_DIM, 3], "float32"), (2, "recurrent", [4, 16, 16], "float32"),
     ]  # fmt: skip
     inputs = [t.name for t in manifest.graphs["decoder"].inputs]
-    assert inputs[3:] == kv.io_names()[0] and "past_key_values.0.conv" in inputs
+    assert inputs[3:] == [*kv.io_names()[0], "logits_keep"] and "past_key_values.0.conv" in inputs
     assert "past_key_values.0.key" not in inputs  # linear layers have no keys and values
     assert set(manifest.graphs) == {"vision", "embed", "decoder"}  # the fused decoder is Llama-family only
     assert kv.state_bytes(batch=1) == 2 * (CONV_DIM * 3 + 4 * 16 * 16) * 4

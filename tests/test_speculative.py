@@ -42,6 +42,9 @@ class History:
     def crop(self, length: int) -> None:
         self.rows = [row[:length] for row in self.rows]
 
+    def drop(self, count: int) -> None:
+        self.rows = [row[: len(row) - count] for row in self.rows]
+
     def fill_from(self, prefix: History) -> None:
         self.rows = [list(prefix.rows[0]) for _ in self.rows]
 
@@ -215,3 +218,99 @@ def test_sampled_tokens_follow_the_targets_distribution():
             error = np.sqrt(p * (1 - p) / runs)
             assert abs(seen.get(key, 0) / runs - p) < 4.5 * error + 1e-9, (positions, key, seen.get(key, 0), p)
     assert 0 < accepted < drafted  # the poor draft is sometimes right, often not
+
+
+# ---- real bundles: a tiny LLaVA target and its INT4 + INT8-vision export as the draft -----------------------------
+QUESTIONS = ["What is on the table?", "Describe the image in one sentence."]
+TINY = "llava-llama-clip"
+
+
+@pytest.fixture(scope="module")
+def pair(artifacts):
+    """(target bundle, draft bundle): the fp32 export and the INT4 export of one tiny checkpoint."""
+    return artifacts.bundle(TINY), artifacts.quantized(TINY).export.bundle_dir
+
+
+@pytest.mark.parametrize("decoder", ["portable", "fused"])
+def test_greedy_with_a_draft_equals_the_target_alone_on_bundles(pair, test_images, decoder):
+    """generate, a batch of different images and prompts, and a 2-turn chat: every answer is the target's own,
+    token for token; the draft proposed and some of it was kept."""
+    from edgelvm.runtime import VLM
+
+    target, draft = pair
+    alone = VLM.load(target, decoder=decoder)
+    fast = VLM.load(target, decoder=decoder, draft=draft, draft_tokens=3)
+    for image in test_images[:2]:
+        for question in QUESTIONS:
+            expected = alone.generate(image, question, max_new_tokens=24)
+            ids = alone.last_output_ids
+            assert fast.generate(image, question, max_new_tokens=24) == expected
+            assert fast.last_output_ids == ids
+            assert fast.last_stats.speculative_rounds > 0 and fast.last_stats.draft_tokens > 0
+    requests = [(test_images[0], QUESTIONS[0]), (test_images[1], QUESTIONS[1]), (test_images[0], QUESTIONS[1])]
+    assert fast.generate_batch(requests, max_new_tokens=20) == alone.generate_batch(requests, max_new_tokens=20)
+    plain_chat, fast_chat = alone.chat(test_images[1]), fast.chat(test_images[1])
+    for question in QUESTIONS:
+        assert fast_chat.ask(question, max_new_tokens=16) == plain_chat.ask(question, max_new_tokens=16)
+    assert fast.last_stats.reused_tokens > 0 and fast.last_stats.speculative_rounds > 0
+    assert fast.generate(test_images[0], QUESTIONS[0], max_new_tokens=24, draft_tokens=0) == alone.generate(
+        test_images[0], QUESTIONS[0], max_new_tokens=24
+    )
+    assert fast.last_stats.speculative_rounds == 0  # draft_tokens=0: this call without the draft
+
+
+def test_a_second_question_about_a_frame_runs_no_encoder_and_still_speculates(pair, test_images):
+    from edgelvm.runtime import VLM
+
+    target, draft = pair
+    vlm = VLM.load(target, draft=draft)
+    frame = np.asarray(test_images[0])
+    vlm.generate(frame, QUESTIONS[0], max_new_tokens=12)
+    assert vlm.last_stats.images_encoded == 1 and vlm.last_stats.draft_images_encoded == 1
+    vlm.generate(frame.copy(), QUESTIONS[1], max_new_tokens=12)
+    stats = vlm.last_stats
+    assert stats.images_encoded == 0 and stats.draft_images_encoded == 0
+    assert stats.speculative_rounds > 0 and 0 <= stats.acceptance_rate <= 1
+
+
+def test_sampling_with_a_draft_gives_valid_seeded_text(pair, test_images):
+    from edgelvm.runtime import VLM
+
+    target, draft = pair
+    vlm = VLM.load(target, draft=draft)
+    options = {"max_new_tokens": 16, "temperature": 0.8, "top_k": 20, "seed": 3}
+    first = vlm.generate(test_images[0], QUESTIONS[0], **options)
+    assert vlm.generate(test_images[0], QUESTIONS[0], **options) == first  # the same seed, the same text
+    assert vlm.last_stats.speculative_rounds > 0
+
+
+def test_pairs_speculation_cannot_keep_exact_are_refused(artifacts, pair, tmp_path):
+    """Another tokenizer, a family with per-step inputs (M-RoPE), a hybrid decoder, the target itself, a bad k."""
+    import json
+    import shutil
+
+    from edgelvm.errors import ConfigError
+    from edgelvm.runtime import VLM
+
+    target, draft = pair
+    vlm = VLM.load(target)
+    other = shutil.copytree(draft, tmp_path / "other-tokenizer")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[-2:]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # two ids swapped: the same words, other ids
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ConfigError, match="tokenizer"):
+        vlm.use_draft(VLM.load(other, verify=False))
+    with pytest.raises(ConfigError, match=r"tokenizer|per-step inputs"):
+        vlm.use_draft(VLM.load(artifacts.bundle("qwen2_vl")))
+    with pytest.raises(ConfigError, match="itself"):
+        vlm.use_draft(vlm)
+    with pytest.raises(ConfigError, match="draft_tokens"):
+        vlm.use_draft(VLM.load(draft), tokens=0)
+    qwen = VLM.load(artifacts.bundle("qwen2_vl"))
+    with pytest.raises(ConfigError, match="per-step inputs"):
+        qwen.use_draft(VLM.load(artifacts.bundle("qwen2_vl")))
+    hybrid = VLM.load(artifacts.bundle("qwen3_5"))
+    with pytest.raises(ConfigError, match="recurrent"):
+        hybrid.use_draft(VLM.load(artifacts.bundle("qwen3_5")))

@@ -8,7 +8,9 @@ came from, so a stale engine (re-exported bundle) is detected instead of silentl
 
 Optimization profiles, read from the decoder's dynamic dims in the manifest
 (``inputs_embeds [batch, seq, hidden]``, ``attention_mask [batch, total]``, ``position_ids [batch, seq]``,
-``past_key_values.{i}.{key,value} [batch, kv_heads, past, head_dim]``):
+``past_key_values.{i}.{key,value} [batch, kv_heads, past, head_dim]``, ``logits_keep [keep]`` at one element: the
+engines return each row's last logits only — TensorRT's ONNX parser takes that input, which has a default, as a
+constant, and it is then left out of the profiles):
 
 - profile 0 "prefill": seq 1..max_length (opt: one image's tokens + 64 text tokens), past 0..prefill_past_max
   (default 0: the runtime prefills in one step). With ``prefill_chunk`` C: seq 1..C and past 0..max_length-1 — the
@@ -50,7 +52,7 @@ from edgelvm import __version__
 from edgelvm import tensorrt_compat as compat
 from edgelvm.errors import EdgeLVMError, UnsupportedModelError
 from edgelvm.fsutil import make_staging, swap_into_place
-from edgelvm.manifest import Manifest, sha256_file, verify_bundle_files
+from edgelvm.manifest import LOGITS_KEEP, Manifest, sha256_file, verify_bundle_files
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +177,13 @@ def decoder_profiles(manifest: Manifest, config: BuildConfig) -> list[Optimizati
     past_max = max(0, min(config.prefill_past_max, max_length - 1))
     if chunk < max_length:  # later chunks come after up to max_length - 1 cached tokens
         past_max = max_length - 1
+    one: Range = (1, 1, 1)  # logits_keep: each row's last logits only (TrtBackend.max_last_logits)
     prefill = {
         "batch": batch,
         "seq": (1, opt_seq, chunk),
         "past": (0, 0, past_max),
         "total": (1, opt_seq, max_length),
+        "keep": one,
     }
     half = max(1, max_length // 2)
     decode = {
@@ -187,10 +191,11 @@ def decoder_profiles(manifest: Manifest, config: BuildConfig) -> list[Optimizati
         "seq": (1, 1, 1),
         "past": (0, half - 1, max_length - 1),
         "total": (1, half, max_length),
+        "keep": one,
     }
     inputs = manifest.graphs["decoder"].inputs
     where = f"decoder ({manifest.graphs['decoder'].file})"
-    standard = ("inputs_embeds", "attention_mask", "position_ids")
+    standard = ("inputs_embeds", "attention_mask", "position_ids", LOGITS_KEEP)
     extra = [t.name for t in inputs if t.name not in standard and not t.name.startswith("past")]
     if extra:  # e.g. cross-attention states: the TensorRT backend does not feed those yet
         raise EngineBuildError(
@@ -234,6 +239,14 @@ def _max_length(manifest: Manifest, config: BuildConfig) -> int:
             fix=f"pass at most {bundle_max}, or re-export with a larger --max-length",
         )
     return config.max_length
+
+
+def for_network(profile: OptimizationProfile, network_inputs: dict[str, tuple[int, ...]]) -> OptimizationProfile:
+    """``profile`` without ``logits_keep`` where the parsed network has no such input: the graph gives it a default
+    (an initializer of the same name), which TensorRT's ONNX parser imports as a constant, not an input."""
+    if LOGITS_KEEP in profile.shapes and LOGITS_KEEP not in network_inputs:
+        return OptimizationProfile(profile.name, {k: v for k, v in profile.shapes.items() if k != LOGITS_KEEP})
+    return profile
 
 
 def check_network_inputs(network_inputs: dict[str, tuple[int, ...]], profile: OptimizationProfile, where: str) -> None:
@@ -498,6 +511,7 @@ def _build_graph(
             fix=_parse_errors_fix(errors),
         )
     inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    profiles = [for_network(profile, inputs) for profile in profiles]
     for profile in profiles:
         check_network_inputs(inputs, profile, str(onnx_path))
     precision, flag_names = resolve_precision(

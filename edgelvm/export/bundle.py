@@ -23,8 +23,9 @@ from edgelvm.errors import ConfigError, ExportError, UnsupportedModelError
 from edgelvm.export.external_data import ContentIndex
 from edgelvm.fsutil import make_staging, prepare_output, swap_into_place
 from edgelvm.manifest import MANIFEST_NAME, Manifest, hash_bundle_files, write_text_atomic
-from edgelvm.models import load_model
+from edgelvm.models import adapter_for_model_type, load_model, read_model_type
 from edgelvm.models.registry import read_config_json
+from edgelvm.models.token_reduction import check_family, reduce_image_tokens
 from edgelvm.plan import footprint_from_config, footprint_of_adapter, kv_dtype_for, quantized_precisions
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ class ExportConfig:
     #: graph: ONNX Runtime maps only those layers' bytes), the rest whole; the manifest's ``parity.scope`` says
     #: which. None: ``onnx_graphs.PARITY_WHOLE_BYTES`` (1 GiB).
     parity_whole_bytes: int | None = None
+    #: Image tokens the vision graph keeps per image (``--image-tokens``): an int is a count, a float in (0, 1] a
+    #: fraction of the tower's tokens; chosen by the tower's own attention (VisionZip's dominant tokens,
+    #: ``models/token_reduction.py``), in raster order. None (default): every token, today's graph. Families whose
+    #: image tokens cannot be dropped are refused (``UnsupportedModelError``).
+    image_tokens: int | float | None = None
 
 
 @dataclass
@@ -107,11 +113,14 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
 
     if config.target and isinstance(model, (str, Path)):  # refuse from the config, before loading any weights
         _plan_target_from_config(model, config)
+    if config.image_tokens is not None and isinstance(model, (str, Path)) and Path(model).is_dir():
+        check_family(adapter_for_model_type(read_model_type(model), where=model).family)  # before loading weights
     adapter = (
         load_model(model, dtype="float16" if config.dtype == "fp16" else "float32")
         if isinstance(model, (str, Path))
         else model
     )
+    adapter, reduction = reduce_image_tokens(adapter, config.image_tokens)  # (adapter, None) when off
     max_length = config.max_length or min(adapter.max_positions(), 4096)
     if max_length < 2 or max_length > adapter.max_positions():
         raise ConfigError(
@@ -172,13 +181,20 @@ def export(model: Any, out_dir: str | Path, config: ExportConfig | None = None) 
                 "vision_model_type": getattr(getattr(adapter.config, "vision_config", None), "model_type", None),
                 "recipe": [
                     *([{**quantized, "graphs": {k: r.summary for k, r in rewrites.items()}}] if quantized else []),
-                    {"stage": "export", "dtype": config.dtype, "max_length": max_length, "opset": 20},
+                    {
+                        "stage": "export",
+                        "dtype": config.dtype,
+                        "max_length": max_length,
+                        "opset": 20,
+                        **({"image_tokens": reduction.tokens_per_image} if reduction else {}),
+                    },
                 ],
                 "calibration_sha256": quantized.get("calibration_sha256") if quantized else None,
                 "toolchain": toolchain_versions(),
             },
             edgelvm_version=__version__,
             target=target.to_manifest() if target is not None else None,
+            image_token_reduction=reduction.to_manifest() if reduction is not None else None,
         )
         manifest.files = hash_bundle_files(staging)
         write_text_atomic(staging / MANIFEST_NAME, manifest.to_json())

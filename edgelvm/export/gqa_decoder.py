@@ -17,9 +17,10 @@ instead of repeating it (``export/external_data.py``); INT4 layers keep q/k/v an
 
 Interface (all dims dynamic except the cache capacity ``C`` = the bundle's max length):
     inputs_embeds [B, S, E] · seqlens_k [B] int32 (cached + new length - 1, per row) · total_sequence_length []
-    int32 · logits_index [B] int64 (flat index of each row's last real token in B×S) ·
-    past_key_values.{i}.{key,value} [B, kv_heads, C, head_dim]
-    → logits [B, vocab] · present.{i}.{key,value} (the same buffers, written in place)
+    int32 · logits_index [N] int64 (flat indices in B×S of the positions whose logits are wanted: each row's last
+    real token, or its last K for speculative decoding, N = B × K) · past_key_values.{i}.{key,value} [B, kv_heads,
+    C, head_dim]
+    → logits [N, vocab] · present.{i}.{key,value} (the same buffers, written in place)
 Rows are packed from position 0 and right-padded (GroupQueryAttention's convention).
 """
 
@@ -37,6 +38,10 @@ from edgelvm.models.checkpoint.codes import Int4Weight
 from edgelvm.models.llama_family import DecoderWeights
 
 log = logging.getLogger(__name__)
+
+#: The dim of ``logits_index`` and of the logits: how many positions' logits a step returns (``batch`` in bundles
+#: written before speculative decoding asked for more than one per row; the gather was the same).
+LOGITS_ROWS = "logits_rows"
 
 
 def build_gqa_decoder(
@@ -156,7 +161,7 @@ def build_gqa_decoder(
             epsilon=w.rms_eps,
         )[0::3]
 
-    # Logits of each row's last real token only: flatten [B, S, E] → [B*S, E], gather B rows, project.
+    # Logits of the positions asked for only: flatten [B, S, E] → [B*S, E], gather N rows, project.
     flat = node("Reshape", [normed, flat_shape], ["flat_hidden"])[0]
     last = node("Gather", [flat, "logits_index"], ["last_hidden"], axis=0)[0]
     if w.lm_head_codes is None:
@@ -174,11 +179,11 @@ def build_gqa_decoder(
         helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", hidden_size]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info("logits_index", TensorProto.INT64, [LOGITS_ROWS]),
         *[helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in past_names],
     ]
     outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [LOGITS_ROWS, vocab]),
         *[helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in present_names],
     ]
     graph = helper.make_graph(nodes, "edgelvm_gqa_decoder", inputs, outputs, initializer=inits)
@@ -197,11 +202,11 @@ def build_gqa_decoder(
         TensorSpec("inputs_embeds", "float32", ["batch", "seq", hidden_size]),
         TensorSpec("seqlens_k", "int32", ["batch"]),
         TensorSpec("total_sequence_length", "int32", []),
-        TensorSpec("logits_index", "int64", ["batch"]),
+        TensorSpec("logits_index", "int64", [LOGITS_ROWS]),
         *[TensorSpec(n, "float32", kv_shape) for n in past_names],
     ]
     spec_out = [
-        TensorSpec("logits", "float32", ["batch", vocab]),
+        TensorSpec("logits", "float32", [LOGITS_ROWS, vocab]),
         *[TensorSpec(n, "float32", kv_shape) for n in present_names],
     ]
     log.info("fused decoder: %d nodes", len(nodes))

@@ -23,7 +23,7 @@ from edgelvm.errors import ExportError
 from edgelvm.export.external_data import ContentIndex, save_npy_aligned, share_external_data
 from edgelvm.export.gqa_decoder import build_gqa_decoder
 from edgelvm.export.rewrite import GraphRewrite
-from edgelvm.manifest import WINDOW_POSITIONS, GraphSpec, KVCacheSpec, TensorSpec
+from edgelvm.manifest import LOGITS_KEEP, WINDOW_POSITIONS, GraphSpec, KVCacheSpec, TensorSpec
 from edgelvm.models.base import VLMAdapter
 from edgelvm.models.checkpoint.activations import float_activations
 from edgelvm.runtime.session_settings import SessionSettings
@@ -251,7 +251,8 @@ def _specs(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
             for a in args
         ]
 
-    return convert(session.get_inputs()), convert(session.get_outputs())
+    # inputs with a default (the decoder's logits_keep, its last input) are listed apart by ONNX Runtime
+    return convert([*session.get_inputs(), *session.get_overridable_initializers()]), convert(session.get_outputs())
 
 
 def _check(
@@ -291,6 +292,11 @@ def export_vision(adapter: VLMAdapter, path: Path, precision: str, rewrite: Grap
     with torch.no_grad(), _reference(rewrite, module):
         reference = module(*(fresh[n] for n in names))
     got = session.run(None, {n: fresh[n].numpy() for n in names})
+    if getattr(module, "reduction", None) is not None:
+        # a graph that keeps its top-scoring image tokens (models/token_reduction.py): compared at the tokens it kept
+        # when those are a valid top-N, since float rounding may order a near tie the other way
+        with torch.no_grad(), _reference(rewrite, module):
+            reference = module.align_to_graph(got[0], *(fresh[n] for n in names))
     parity = _compare(got, [reference])
     _check("vision", parity, precision, rewrite)
     inputs, outputs = _specs(session)
@@ -311,10 +317,12 @@ def _reference(rewrite: GraphRewrite | None, module: torch.nn.Module) -> Any:
 
 def _decoder_example(
     adapter: VLMAdapter, kv: KVCacheSpec, batch: int, seq: int, past: int, dtype: torch.dtype, pad_rows: int = 0,
-    window_past: int | None = None,
+    window_past: int | None = None, keep: int = 1,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """The decoder's inputs in graph order. Sliding-window layers (``kv.windows``) get ``window_past`` columns
-    (default ``min(past, window - 1)``): the most recent positions before the step, as the runtime keeps them."""
+    (default ``min(past, window - 1)``): the most recent positions before the step, as the runtime keeps them.
+    ``keep``: the length of :data:`~edgelvm.manifest.LOGITS_KEEP` (the logits of each row's last ``keep``
+    positions)."""
     hidden = adapter.text_config.hidden_size
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     for row in range(min(pad_rows, batch)):
@@ -337,12 +345,26 @@ def _decoder_example(
     tensors = [torch.randn(batch, kv.num_kv_heads, n, kv.head_dim, dtype=dtype) for n in lengths]
     tensors += [0.1 * torch.randn(batch, *s.shape, dtype=_TORCH_DTYPES[s.dtype]) for s in kv.states or []]
     extras = adapter.decoder_example_inputs(batch, seq, dtype).values()  # e.g. cross-attention inputs; usually none
-    return (torch.randn(batch, seq, hidden, dtype=dtype), mask, positions, *extras, *windows, *tensors)
+    keep_input = torch.zeros(keep, dtype=torch.int64)  # only its length counts
+    return (torch.randn(batch, seq, hidden, dtype=dtype), mask, positions, *extras, *windows, *tensors, keep_input)
 
 
 def decoder_io_names(kv: KVCacheSpec) -> tuple[list[str], list[str]]:
     past, present = kv.io_names()
-    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
+    return ["inputs_embeds", "attention_mask", "position_ids", *past, LOGITS_KEEP], ["logits", *present]
+
+
+def _default_logits_keep(path: Path) -> None:
+    """Give the saved graph's :data:`~edgelvm.manifest.LOGITS_KEEP` input a one-element default (an initializer of
+    the same name: ONNX Runtime lets a feed override it), so that a caller that does not feed it — an older edgelvm
+    runtime, a script — gets each row's last logits ``[batch, vocab]`` as before. TensorRT's ONNX parser takes such
+    an input as a constant (engines compute K = 1)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.int64), LOGITS_KEEP))
+    onnx.save_model(model, str(path))
 
 
 def export_decoder(
@@ -365,7 +387,7 @@ def export_decoder(
     extra_names = list(adapter.decoder_example_inputs(1, 1, dtype))  # between position_ids and the past tensors
     window, local = kv.window, [w is not None for w in kv.windows or []]
     window_names = [WINDOW_POSITIONS] if window is not None else []  # after the adapter's inputs
-    names_in = [*names_in[:3], *extra_names, *window_names, *names_in[3:]]
+    names_in = [*names_in[:3], *extra_names, *window_names, *names_in[3:]]  # logits_keep last
 
     batch = torch.export.Dim("batch", min=1, max=256)
     seq = torch.export.Dim("seq", min=1, max=kv.max_length)
@@ -378,6 +400,7 @@ def export_decoder(
         for label in axes.values():
             labels.setdefault(label, torch.export.Dim(label, min=1, max=256))
     extra_shapes = [{axis: labels[label] for axis, label in extra_dims.get(n, {}).items()} for n in extra_names]
+    keep = torch.export.Dim("keep", min=1, max=kv.max_length)  # logits of the last `keep` positions of each row
     past_window = torch.export.Dim("past_window", min=1, max=kv.max_length)  # the local layers' kept columns
     window_shapes = [{0: batch, 1: torch.export.Dim("window_total", min=2, max=2 * kv.max_length)}] * len(window_names)
     kv_shapes = [{0: batch, 2: past_window if window is not None and local[i // 2] else past}
@@ -387,12 +410,15 @@ def export_decoder(
         {0: batch, 1: total},
         positions,
         *extra_shapes,
-        # the module's variadic arguments: window_positions (when windowed) first, then the past tensors
-        tuple([*window_shapes, *kv_shapes, *({0: batch} for _ in kv.states or [])]),
+        # the module's variadic arguments: window_positions (when windowed) first, then the past tensors, then
+        # logits_keep
+        tuple([*window_shapes, *kv_shapes, *({0: batch} for _ in kv.states or []), {0: keep}]),
     )
-    example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype, window_past=6)
+    # keep 4: not 1 (torch.export would specialise it) and unlike the other example sizes
+    example = _decoder_example(adapter, kv, batch=2, seq=5, past=3, dtype=dtype, window_past=6, keep=4)
     weight_bytes = _weight_bytes(module)
     _export(module, example, shapes, names_in, names_out, path, weight_bytes)
+    _default_logits_keep(path)
     log.info("decoder: traced and saved")
     if rewrite is not None:
         rewrite.rewrite_file(path, DECODER_PREFIX)
@@ -436,17 +462,19 @@ def _decoder_parity(
     checked: list[int],
 ) -> ParityResult:
     """The portable decoder's outputs numbered ``checked`` (of logits, presents, states) against the module's, on a
-    padded decode step and a prefill; ``graph`` computes exactly those outputs, in that order."""
+    padded decode step and a prefill (the logits of its last 3 positions: ``logits_keep``); ``graph`` computes
+    exactly those outputs, in that order."""
     window, local = kv.window, [w is not None for w in kv.windows or []]
     session = _ort_session(graph, prepack=rewrite is not None)
     worst = ParityResult(0.0, 0.0)
     # Decode step with padding, and a prefill with an empty cache (the runtime's two uses of the graph).
     examples = [
         _decoder_example(adapter, kv, batch=3, seq=1, past=6, dtype=dtype, pad_rows=2),
-        _decoder_example(adapter, kv, batch=1, seq=7, past=0, dtype=dtype),
+        _decoder_example(adapter, kv, batch=1, seq=7, past=0, dtype=dtype, keep=3),
     ]
     if window is not None:  # past the window: full local windows, and a step whose later queries see fewer of them
-        examples.append(_decoder_example(adapter, kv, batch=2, seq=4, past=window + 2, dtype=dtype, pad_rows=1))
+        examples.append(_decoder_example(adapter, kv, batch=2, seq=4, past=window + 2, dtype=dtype, pad_rows=1,
+                                         keep=2))  # fmt: skip
     for args in examples:
         with torch.no_grad(), _reference(rewrite, module):
             reference = module(*args)
@@ -507,9 +535,10 @@ def export_fused_decoder(
 def _fused_parity(
     adapter: VLMAdapter, module: torch.nn.Module, graph: Path, kv: KVCacheSpec, precision: str, caches: int | None
 ) -> ParityResult:
-    """Run the fused ``graph`` on a right-padded two-row prompt and decode steps; compare each step's logits with
-    the module's, or (``caches``: a part of the graph without logits) the first ``caches`` present buffers after
-    the last step with the module's cache."""
+    """Run the fused ``graph`` on a right-padded two-row prompt and decode steps; compare each step's logits (the
+    prompt's last :data:`_FUSED_KEEP` positions per row, then each decode step's) with the module's, or
+    (``caches``: a part of the graph without logits) the first ``caches`` present buffers after the last step with
+    the module's cache."""
     session = _ort_session(graph, prepack=precision != "fp32")
     hidden = adapter.text_config.hidden_size
     generator = torch.Generator().manual_seed(3)
@@ -529,7 +558,8 @@ def _fused_parity(
         empty = [torch.zeros(1, kv.num_kv_heads, 0, kv.head_dim) for _ in range(2 * kv.num_layers)]
         with torch.no_grad():
             n = prompt.shape[1]
-            out = module(prompt, torch.ones(1, n, dtype=torch.int64), torch.arange(n)[None], *empty)
+            keep = torch.zeros(_FUSED_KEEP, dtype=torch.int64)  # the logits of the last 3 prompt positions
+            out = module(prompt, torch.ones(1, n, dtype=torch.int64), torch.arange(n)[None], *empty, keep)
             row_refs, past = [out[0]], list(out[1:])
             for step in range(steps):
                 total = n + step + 1
@@ -545,17 +575,20 @@ def _fused_parity(
         embeds[row, : lengths[row]] = prompt[0].numpy()
     totals = np.array(lengths)
     for step in range(steps + 1):
-        seq = embeds.shape[1]
+        seq, keep = embeds.shape[1], _FUSED_KEEP if step == 0 else 1
+        # each row's last `keep` real positions, flat in [rows x seq] (right padding: a row ends at its length)
+        ends = np.array(lengths) if step == 0 else np.ones(len(lengths), np.int64)
+        index = (np.arange(len(lengths)) * seq + ends)[:, None] - keep + np.arange(keep)
         feeds = {
             "inputs_embeds": embeds,
             "seqlens_k": (totals - 1).astype(np.int32),
             "total_sequence_length": np.array(totals.max(), np.int32),
-            "logits_index": np.arange(len(lengths)) * seq + (np.array(lengths) - 1 if step == 0 else 0),
+            "logits_index": index.reshape(-1),
         }
         got = _run_in_place(session, feeds, buffers)
         for row in range(len(lengths)):
             if got is not None:
-                worst = _merge(worst, _compare([got[row : row + 1]], [references[row][step]]))
+                worst = _merge(worst, _compare([got[row * keep : (row + 1) * keep]], [references[row][step]]))
         if step < steps:
             embeds = np.concatenate([tokens[step][r][0].numpy()[None] for r in range(len(lengths))])
             totals = totals + 1
@@ -566,6 +599,11 @@ def _fused_parity(
                 got_rows = buffers[past_names[i]][row : row + 1, :, :total]
                 worst = _merge(worst, _compare([got_rows], [final_caches[row][i]]))
     return worst
+
+
+#: How many of each prompt's last positions the fused decoder's check gathers logits for (speculative decoding's
+#: multi-position step); the prompts are longer.
+_FUSED_KEEP = 3
 
 
 def _run_in_place(session: Any, feeds: dict[str, np.ndarray], buffers: dict[str, np.ndarray]) -> np.ndarray:

@@ -73,7 +73,7 @@ def _image_block_decoder(language_model: Any, lm_head: Any, text_config: Any) ->
     """The decoder module with Gemma 3's image-block masking and window-sized local caches (see the module doc)."""
     import torch
 
-    from edgelvm.models.export_wrappers import DecoderForExport
+    from edgelvm.models.export_wrappers import DecoderForExport, split_logits_keep
 
     class ImageBlockDecoder(DecoderForExport):
         """``DecoderForExport``'s interface plus ``image_blocks [batch, seq]`` after ``position_ids`` and, for a
@@ -88,6 +88,7 @@ def _image_block_decoder(language_model: Any, lm_head: Any, text_config: Any) ->
 
         def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                     image_blocks: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+            rest, keep = split_logits_keep(rest)
             windowed = len(rest) % 2 == 1  # window_positions, then the key/value pairs
             past = rest[1:] if windowed else rest
             seq, total = inputs_embeds.shape[1], attention_mask.shape[1]
@@ -111,7 +112,7 @@ def _image_block_decoder(language_model: Any, lm_head: Any, text_config: Any) ->
                 cache=cache,
                 use_cache=True,
             )
-            return self.outputs(self.lm_head(out.last_hidden_state[:, -1, :]), cache)
+            return self.outputs(self.last_logits(out.last_hidden_state, keep), cache)
 
         @staticmethod
         def _additive(allowed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

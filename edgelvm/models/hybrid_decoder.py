@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edgelvm.models.export_wrappers import last_logits, split_logits_keep
+
 
 class _PairCache:
     """The one-layer stand-in for a transformers cache that attention modules call ``update`` on."""
@@ -101,9 +103,10 @@ def _activation(name: str) -> Any:
 
 
 class HybridDecoderForExport(torch.nn.Module):
-    """``(inputs_embeds, attention_mask [B, past + seq], position_ids, *past) -> (last logits, *present)`` for a
-    Qwen3.5-style text model; ``past`` is each attention layer's key and value ``[B, kv_heads, past, head_dim]``,
-    then each linear layer's convolution and recurrent state (``KVCacheSpec.states`` order)."""
+    """``(inputs_embeds, attention_mask [B, past + seq], position_ids, *past, [logits_keep]) -> (logits, *present)``
+    for a Qwen3.5-style text model; ``past`` is each attention layer's key and value ``[B, kv_heads, past,
+    head_dim]``, then each linear layer's convolution and recurrent state (``KVCacheSpec.states`` order). Logits as
+    :class:`~edgelvm.models.export_wrappers.DecoderForExport`'s (the last position's, or the last K's)."""
 
     #: traced by ``torch.export`` before the ONNX exporter (its own trace of ``scan`` fails: export/onnx_graphs)
     export_program_first = True
@@ -118,8 +121,9 @@ class HybridDecoderForExport(torch.nn.Module):
 
     def forward(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-        *past: torch.Tensor,
+        *rest: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        past, keep = split_logits_keep(rest)
         kv_count = 2 * len(self.attention_layers)
         kv, states = past[:kv_count], past[kv_count:]
         mask, step_mask = _causal_mask(inputs_embeds, attention_mask)
@@ -139,7 +143,7 @@ class HybridDecoderForExport(torch.nn.Module):
                 present_kv += [cache.keys, cache.values]
             hidden = residual + x
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        logits = self.lm_head(model.norm(hidden)[:, -1, :])
+        logits = last_logits(self.lm_head, model.norm(hidden), keep)
         return (logits, *present_kv, *present_states)
 
 
@@ -186,9 +190,9 @@ def short_conv_forward(
 
 
 class Lfm2DecoderForExport(torch.nn.Module):
-    """``(inputs_embeds, attention_mask [B, past + seq], position_ids [B, seq], *past) -> (last logits, *present)``
-    for an LFM2 text model: ``past`` is each attention layer's key and value ``[B, kv_heads, past, head_dim]``, then
-    each convolution layer's ``conv`` state (``KVCacheSpec.states`` order)."""
+    """``(inputs_embeds, attention_mask [B, past + seq], position_ids [B, seq], *past, [logits_keep]) -> (logits,
+    *present)`` for an LFM2 text model: ``past`` is each attention layer's key and value ``[B, kv_heads, past,
+    head_dim]``, then each convolution layer's ``conv`` state (``KVCacheSpec.states`` order)."""
 
     def __init__(self, language_model: Any, lm_head: Any, text_config: Any) -> None:
         super().__init__()
@@ -200,8 +204,9 @@ class Lfm2DecoderForExport(torch.nn.Module):
 
     def forward(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-        *past: torch.Tensor,
+        *rest: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        past, keep = split_logits_keep(rest)
         kv_count = 2 * len(self.attention_layers)
         kv, states = past[:kv_count], past[kv_count:]
         mask, step_mask = _causal_mask(inputs_embeds, attention_mask)
@@ -220,7 +225,7 @@ class Lfm2DecoderForExport(torch.nn.Module):
                 present_kv += [cache.keys, cache.values]
             hidden = hidden + x
             hidden = hidden + layer.feed_forward(layer.ffn_norm(hidden))
-        logits = self.lm_head(model.embedding_norm(hidden)[:, -1, :])
+        logits = last_logits(self.lm_head, model.embedding_norm(hidden), keep)
         return (logits, *present_kv, *present_states)
 
 

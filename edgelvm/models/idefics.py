@@ -101,16 +101,17 @@ class _Modules:
     def decoder(language_model: Any, lm_head: Any, config: Any) -> Any:
         import torch
 
-        from edgelvm.models.export_wrappers import DecoderForExport
+        from edgelvm.models.export_wrappers import DecoderForExport, split_logits_keep
 
         class IdeficsDecoder(DecoderForExport):
             """``(inputs_embeds, attention_mask, position_ids, cross_states [B, I, L, D], cross_mask [B, S, I],
-            *past) -> (last logits, *present)``: ``IdeficsModel.forward`` given the images' states (after the
+            *past, [logits_keep]) -> (logits, *present)``: ``IdeficsModel.forward`` given the images' states (after the
             resampler) and the step's rows of ``image_attention_mask``."""
 
             def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                         cross_states: torch.Tensor, cross_mask: torch.Tensor,
-                        *past: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+                        *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+                past, keep = split_logits_keep(rest)
                 cache = self.cache_from(past)
                 if config.use_resampler:
                     images = {"perceiver_embeddings": cross_states.flatten(0, 1)}
@@ -125,7 +126,7 @@ class _Modules:
                     image_attention_mask=cross_mask,
                     **images,
                 )
-                return self.outputs(self.lm_head(out.last_hidden_state[:, -1, :]), cache)
+                return self.outputs(self.last_logits(out.last_hidden_state, keep), cache)
 
         return IdeficsDecoder(language_model, lm_head, config).eval()
 

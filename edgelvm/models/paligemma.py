@@ -58,7 +58,7 @@ def _prefix_lm_decoder(language_model: Any, lm_head: Any, text_config: Any) -> A
     """The decoder module with PaliGemma's masking, position offset and logit soft-capping (see the module doc)."""
     import torch
 
-    from edgelvm.models.export_wrappers import DecoderForExport
+    from edgelvm.models.export_wrappers import DecoderForExport, split_logits_keep
 
     class PrefixLMDecoder(DecoderForExport):
         """``DecoderForExport``'s interface; every token of a step attends to every real token of the cache and of
@@ -71,7 +71,8 @@ def _prefix_lm_decoder(language_model: Any, lm_head: Any, text_config: Any) -> A
             self.softcap = getattr(text_config, "final_logit_softcapping", None)
 
         def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                    *past: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+                    *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+            past, keep = split_logits_keep(rest)
             seq, total = inputs_embeds.shape[1], attention_mask.shape[1]
             real = attention_mask.bool()[:, None, None, :].expand(-1, 1, seq, total)
             zero = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
@@ -84,7 +85,7 @@ def _prefix_lm_decoder(language_model: Any, lm_head: Any, text_config: Any) -> A
                 cache=cache,
                 use_cache=True,
             )
-            logits = self.lm_head(out.last_hidden_state[:, -1, :])
+            logits = self.last_logits(out.last_hidden_state, keep)
             if self.softcap is not None:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             return self.outputs(logits, cache)

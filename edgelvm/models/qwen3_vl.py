@@ -50,7 +50,7 @@ class _DeepstackDecoder:
     def build(language_model: Any, lm_head: Any, text_config: Any) -> Any:
         import torch
 
-        from edgelvm.models.export_wrappers import DecoderForExport
+        from edgelvm.models.export_wrappers import DecoderForExport, split_logits_keep
 
         if not callable(getattr(language_model, "_deepstack_process", None)):
             raise UnsupportedModelError(
@@ -63,13 +63,15 @@ class _DeepstackDecoder:
             return hidden + embeds.to(hidden.dtype)  # zeros at text positions: x + 0 is x
 
         class DeepstackDecoder(DecoderForExport):
-            """``(inputs_embeds, attention_mask, position_ids [3, B, S], deepstack_embeds [B, S, L, E], *past) ->
-            (last logits, *present)``: ``Qwen3VLTextModel.forward`` with ``deepstack_visual_embeds``, its masked
-            addition (``hidden[visual_pos_masks] += embeds``, a data-dependent shape torch.export cannot trace)
-            replaced for the call by a dense one over per-position features that are zero off the image tokens."""
+            """``(inputs_embeds, attention_mask, position_ids [3, B, S], deepstack_embeds [B, S, L, E], *past,
+            [logits_keep]) -> (logits, *present)``: ``Qwen3VLTextModel.forward`` with ``deepstack_visual_embeds``,
+            its masked addition (``hidden[visual_pos_masks] += embeds``, a data-dependent shape torch.export cannot
+            trace) replaced for the call by a dense one over per-position features that are zero off the image
+            tokens."""
 
             def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                        deepstack_embeds: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+                        deepstack_embeds: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+                past, keep = split_logits_keep(rest)
                 cache = self.cache_from(past)
                 model = self.language_model
                 model._deepstack_process = dense  # the instance attribute shadows the method for this call only
@@ -85,7 +87,7 @@ class _DeepstackDecoder:
                     )
                 finally:
                     del model._deepstack_process
-                return self.outputs(self.lm_head(out.last_hidden_state[:, -1, :]), cache)
+                return self.outputs(self.last_logits(out.last_hidden_state, keep), cache)
 
         return DeepstackDecoder(language_model, lm_head, text_config).eval()
 

@@ -336,6 +336,10 @@ class PingPongCache:
         self.pad.crop(length)
         self.advance(length)
 
+    def drop(self, count: int) -> None:
+        """Forget the last ``count`` positions (left padding: every row ends at the same column)."""
+        self.crop(self.length - count)
+
     def fill_from(self, prefix: Any) -> None:
         """Start every row from the same (batch-1) prefix: several questions about one image share its prefill."""
         for index in [*self._global, *range(2 * self.spec.num_layers, 2 * self.spec.num_layers
@@ -395,6 +399,9 @@ class DeviceCache:
     def crop(self, length: int) -> None:
         no_reuse(self)
 
+    def drop(self, count: int) -> None:
+        no_reuse(self)
+
     def fill_from(self, prefix: Any) -> None:
         no_reuse(self)
 
@@ -424,6 +431,10 @@ class InPlaceKVCache:
     def crop(self, length: int) -> None:
         """Forget positions from ``length`` on (they are overwritten by the next step)."""
         np.minimum(self.lengths, length, out=self.lengths)
+
+    def drop(self, count: int) -> None:
+        """Forget each row's last ``count`` positions (rows hold their own lengths: right padding)."""
+        np.maximum(self.lengths - count, 0, out=self.lengths)
 
     def fill_from(self, prefix: Any) -> None:
         """Every row starts from row 0 of a batch-1 ``prefix`` (a shared image + prompt head)."""

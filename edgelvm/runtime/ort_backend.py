@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from edgelvm.errors import BackendError
-from edgelvm.manifest import WINDOW_POSITIONS, Manifest
-from edgelvm.runtime.backend import NO_INPUTS
+from edgelvm.manifest import LOGITS_KEEP, WINDOW_POSITIONS, Manifest
+from edgelvm.runtime.backend import NO_INPUTS, LastLogitsLimit, check_last
 from edgelvm.runtime.kv_cache import DeviceCache, InPlaceKVCache, PingPongCache
 from edgelvm.runtime.session_settings import SessionSettings, graph_file_bytes, is_jetson
 
@@ -163,6 +163,7 @@ def _profile_dims(manifest: Manifest, graph: str, max_batch: int, max_length: in
         "seq": (1, 1, max_length),
         "past": (0, half - 1, max_length - 1),
         "total": (1, half, max_length),
+        "keep": (1, 1, 1),  # logits_keep: one position per row (TensorRT parses its default as a constant)
     }
 
 
@@ -339,6 +340,27 @@ class OrtBackend:
         self._logits_dtype = _NP_DTYPES[graph.outputs[0].dtype]
         self._vocab = int(graph.outputs[0].shape[-1])
         self._cache_type = InPlaceKVCache if self.fused else PingPongCache if self.device == "cpu" else DeviceCache
+        self._last_limit = self._last_logits_limit(manifest, graph.inputs)
+        self._graph_file = graph.file
+        #: the largest ``last`` :meth:`step` takes (:class:`~edgelvm.runtime.backend.Backend`)
+        self.max_last_logits = 1 if self._last_limit else manifest.kv_cache.max_length
+        #: whether its caches crop (host memory; a CUDA device cache does not: :class:`DeviceCache`)
+        self.caches_crop = bool(self._cache_type.supports_reuse)
+
+    def _last_logits_limit(self, manifest: Manifest, inputs: list[Any]) -> LastLogitsLimit | None:
+        """Why this decoder returns each row's last logits only (None: it returns the last K on request)."""
+        if manifest.attention == "prefix_lm":
+            return ("a prefix-LM decoder (attention 'prefix_lm', PaliGemma) attends to every token of a step, so the "
+                    "logits of a step's earlier positions are not those of feeding its tokens one at a time",
+                    "step with last=1 (feed drafted tokens one per step)")  # fmt: skip
+        if "TensorrtExecutionProvider" in self.providers:
+            return (f"on ONNX Runtime's TensorRT provider the decoder's {LOGITS_KEEP} is one position (its profile; "
+                    "TensorRT's ONNX parser takes an input with a default as a constant)",
+                    "use backend='onnxruntime-cuda' or 'onnxruntime-cpu'")  # fmt: skip
+        if not self.fused and LOGITS_KEEP not in {spec.name for spec in inputs}:
+            return (f"the bundle's decoder has no {LOGITS_KEEP} input (exported before it existed): it returns each "
+                    "row's last logits only", "re-export the bundle with this edgelvm")  # fmt: skip
+        return None
 
     def _session(self, ort: Any, path: Path, options: Any, graph: str, precision: str = "fp32") -> Any:
         providers: list[Any] = list(self.providers)
@@ -363,10 +385,19 @@ class OrtBackend:
     def new_cache(self, batch: int) -> Any:
         return self._cache_type(self.kv_spec, batch, self._kv_dtype)
 
-    def step(self, rows: list[np.ndarray], cache: Any, inputs: Mapping[str, np.ndarray] = NO_INPUTS) -> np.ndarray:
+    def step(
+        self, rows: list[np.ndarray], cache: Any, inputs: Mapping[str, np.ndarray] = NO_INPUTS, *, last: int = 1
+    ) -> np.ndarray:
         """See :meth:`edgelvm.runtime.backend.Backend.step`."""
-        if self.fused:
-            return self._fused_step(rows, cache)
+        check_last(last, rows, self.max_last_logits, self._last_limit, self._graph_file)
+        run = self._fused_step if self.fused else self._portable_step
+        logits = run(rows, cache, inputs, last)  # [B * last, vocab], each row's positions in order
+        return logits if last == 1 else logits.reshape(len(rows), last, self._vocab)
+
+    def _portable_step(self, rows: list[np.ndarray], cache: Any, inputs: Mapping[str, np.ndarray],
+                       last: int) -> np.ndarray:  # fmt: skip
+        """The traced decoder: left padding; ``logits_keep`` of length ``last`` when more than the last position's
+        logits are asked for (its default is one), logits ``[B * last, vocab]``."""
         embeds, attention_mask, positions = cache.pad.pack(rows, self.embed_dtype)
         new_length = cache.length + embeds.shape[1]
         binding = self.decoder.io_binding()
@@ -375,7 +406,10 @@ class OrtBackend:
             feeds[WINDOW_POSITIONS] = cache.window_positions(attention_mask)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        logits = self._bind_logits(binding, len(rows))
+        keep = np.zeros(last, dtype=np.int64)  # only its length counts; alive until the run below
+        if last > 1:  # by address: bind_cpu_input does not find an input that has a default (an initializer)
+            binding.bind_input(LOGITS_KEEP, "cpu", 0, keep.dtype, keep.shape, keep.ctypes.data)
+        logits = self._bind_logits(binding, len(rows) * last)
         if self.device == "cpu":
             for index, (past_name, present_name) in enumerate(zip(self._kv_inputs, self._out_names[1:])):
                 past, target = cache.past(index), cache.target(index, new_length)
@@ -389,20 +423,23 @@ class OrtBackend:
             cache.collect(binding, new_length)
         return logits
 
-    def _bind_logits(self, binding: Any, batch: int) -> np.ndarray:
-        logits = np.empty((batch, self._vocab), dtype=self._logits_dtype)
+    def _bind_logits(self, binding: Any, rows: int) -> np.ndarray:
+        logits = np.empty((rows, self._vocab), dtype=self._logits_dtype)
         binding.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
         return logits
 
-    def _fused_step(self, rows: list[np.ndarray], cache: InPlaceKVCache) -> np.ndarray:
+    def _fused_step(self, rows: list[np.ndarray], cache: InPlaceKVCache, inputs: Mapping[str, np.ndarray],
+                    last: int) -> np.ndarray:  # fmt: skip
         """GroupQueryAttention takes a batch in one call for a first prompt (right-padded) or a decode step (one
-        token per row); a multi-token step after cached tokens must run row by row (an ORT restriction)."""
+        token per row); a multi-token step after cached tokens must run row by row (an ORT restriction). Logits
+        ``[B * last, vocab]``, each row's last ``last`` positions. ``inputs`` is empty: bundles whose decoder takes
+        more are refused at construction."""
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         if cache.length > 0 and (lengths == 1).all() and len(rows) == cache.batch:
-            return self._fused_decode(rows, cache)
+            return self._fused_decode(rows, cache)  # one token per row: last is 1
         if cache.length == 0 or (lengths == 1).all():
-            return self._fused_run(rows, cache, slice(None))
-        return np.concatenate([self._fused_run([row], cache, slice(i, i + 1)) for i, row in enumerate(rows)])
+            return self._fused_run(rows, cache, slice(None), last)
+        return np.concatenate([self._fused_run([row], cache, slice(i, i + 1), last) for i, row in enumerate(rows)])
 
     def _fused_decode(self, rows: list[np.ndarray], cache: InPlaceKVCache) -> np.ndarray:
         """A decode step (one token per row) through a binding built once per cache: the step's small inputs are
@@ -422,7 +459,7 @@ class OrtBackend:
         cache.lengths[:] = totals
         return step.logits.copy()  # the buffer is the next step's output
 
-    def _fused_run(self, rows: list[np.ndarray], cache: InPlaceKVCache, which: slice) -> np.ndarray:
+    def _fused_run(self, rows: list[np.ndarray], cache: InPlaceKVCache, which: slice, last: int = 1) -> np.ndarray:
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         batch, seq = len(rows), int(lengths.max())
         embeds = np.zeros((batch, seq, rows[0].shape[-1]), dtype=self.embed_dtype)
@@ -433,8 +470,10 @@ class OrtBackend:
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(totals.max(), dtype=np.int32))
-        binding.bind_cpu_input("logits_index", np.arange(batch, dtype=np.int64) * seq + lengths - 1)
-        logits = self._bind_logits(binding, batch)
+        # each row's last `last` positions, flat in [batch x seq]: right padding, so row r's end at lengths[r]
+        index = (np.arange(batch, dtype=np.int64) * seq + lengths)[:, None] - last + np.arange(last)
+        binding.bind_cpu_input("logits_index", np.ascontiguousarray(index.reshape(-1)))
+        logits = self._bind_logits(binding, batch * last)
         for name, present, buffer in zip(self._kv_inputs, self._out_names[1:], cache.buffers):
             view = buffer[which]  # rows are the outer axis: a row range is contiguous
             binding.bind_input(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)

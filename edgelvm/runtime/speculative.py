@@ -80,11 +80,10 @@ def speculate_n_tokens(
         fed[running] = pending[running]
         k = min(draft.tokens, config.max_new_tokens - emitted)
 
-        draft_started, draft_length = time.perf_counter(), draft.cache.length
+        draft_started = time.perf_counter()
         head = np.concatenate([carry, fed[:, None]], axis=1)
         proposals, draft_probs = _propose(run, draft, sampler, head, k, emitted)
         stats.draft_ms += (time.perf_counter() - draft_started) * 1e3
-        target_length = cache.length
         tokens = np.concatenate([fed[:, None], proposals], axis=1)  # [B, k + 1]
         checked = run.backend.step(_embed_rows(run.embed, tokens), cache, NO_INPUTS, last=k + 1)  # no step inputs
         for index in range(k + 1):
@@ -95,7 +94,7 @@ def speculate_n_tokens(
         stats.draft_tokens += k * len(running)
         stats.accepted_tokens += kept * len(running)
 
-        cache.crop(target_length + 1 + kept)  # the fed token and the kept proposals
+        cache.drop(k - kept)  # keep the fed token and the kept proposals
         for row in range(batch):
             for token in tokens[row, : 1 + kept]:
                 run.on_fed(row, int(token))
@@ -103,7 +102,7 @@ def speculate_n_tokens(
         if kept == k:  # the draft never fed its last proposal: it goes in front of the next round's token
             carry = proposals[:, k - 1 :]
         else:
-            draft.cache.crop(draft_length + draft_fed.shape[1])
+            draft.cache.drop(head.shape[1] + k - 1 - draft_fed.shape[1])
             carry = np.empty((batch, 0), dtype=np.int64)
         for row in range(batch):
             for token in draft_fed[row]:
@@ -143,10 +142,10 @@ def check_draft(target: Any, draft: Any, tokens: int) -> None:
         raise ConfigError(f"the draft's logits have {widths[1]} entries, the target's {widths[0]}",
                           where=draft.bundle_dir, fix="use a draft with the target's vocabulary")  # fmt: skip
     for who, vlm in (("target", target), ("draft", draft)):
-        if vlm.step_rules:
+        if any(w is not None for w in vlm.manifest.kv_cache.windows or []):
             raise ConfigError(
-                f"the {who}'s decoder takes per-step inputs besides its embeddings (family {vlm.manifest.family}: "
-                "M-RoPE positions or cross-attention states), which speculation does not feed yet",
+                f"the {who}'s decoder has sliding-window layers (family {vlm.manifest.family}): they keep only their "
+                "window, so a step cannot be rewound past rejected draft tokens",
                 where=vlm.bundle_dir,
                 fix="generate without a draft for this family",
             )
@@ -157,6 +156,13 @@ def check_draft(target: Any, draft: Any, tokens: int) -> None:
                 where=vlm.bundle_dir,
                 fix="generate without a draft for this family",
             )
+        if vlm.step_rules:
+            raise ConfigError(
+                f"the {who}'s decoder takes per-step inputs besides its embeddings (family {vlm.manifest.family}: "
+                "M-RoPE positions or cross-attention states), which speculation does not feed yet",
+                where=vlm.bundle_dir,
+                fix="generate without a draft for this family",
+            )
         if not getattr(vlm.backend, "caches_crop", False):
             raise ConfigError(
                 f"the {who}'s backend ({vlm.backend.name}) keeps its cache on the device, where it cannot crop the "
@@ -164,13 +170,14 @@ def check_draft(target: Any, draft: Any, tokens: int) -> None:
                 where=vlm.bundle_dir,
                 fix="use the onnxruntime CPU backend (or the fused decoder) for speculative decoding",
             )
-    if getattr(target.backend, "max_step_logits", 1) < tokens + 1:
+    most = getattr(target.backend, "max_last_logits", 1)
+    if most < tokens + 1:
         raise ConfigError(
-            f"the target's decoder returns the logits of {getattr(target.backend, 'max_step_logits', 1)} position(s) "
-            f"per step; verifying {tokens} draft tokens needs {tokens + 1} (bundles exported before multi-position "
-            "logits)",
+            f"the target's decoder returns the logits of {most} position(s) per step; verifying {tokens} draft tokens "
+            "needs the logits of every drafted position (a bundle exported before them, a prefix-LM decoder, or "
+            "TensorRT engines)",
             where=target.bundle_dir,
-            fix="re-export the target with this edgelvm",
+            fix="re-export the target with this edgelvm, or run it on an onnxruntime backend",
         )
 
 

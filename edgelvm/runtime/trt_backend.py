@@ -38,8 +38,8 @@ import numpy as np
 
 from edgelvm import tensorrt_compat as compat
 from edgelvm.errors import BackendError
-from edgelvm.manifest import KVCacheSpec, Manifest
-from edgelvm.runtime.backend import NO_INPUTS
+from edgelvm.manifest import LOGITS_KEEP, KVCacheSpec, Manifest
+from edgelvm.runtime.backend import NO_INPUTS, LastLogitsLimit, check_last
 from edgelvm.runtime.kv_cache import LeftPadState, no_reuse
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,9 @@ class TrtKVCache:
     def crop(self, length: int) -> None:
         no_reuse(self)
 
+    def drop(self, count: int) -> None:
+        no_reuse(self)
+
     def fill_from(self, prefix: Any) -> None:
         no_reuse(self)
 
@@ -209,6 +212,14 @@ class TrtBackend:
     """Runs a bundle's TensorRT engines. Same interface as ``OrtBackend``. Never run on hardware (see module doc)."""
 
     name = "tensorrt"
+    #: Engines return each row's last logits only: TensorRT's ONNX parser takes the decoder's ``logits_keep`` (an
+    #: input with a default) as a constant of one element, and where an engine has it as an input it is fed one.
+    max_last_logits = 1
+    caches_crop = False  # TrtKVCache: device buffers, no strided device copies yet
+    _last_limit: LastLogitsLimit = (
+        "TensorRT engines compute each row's last logits only (the decoder's logits_keep is one position in them)",
+        "step with last=1, or run the bundle with ONNX Runtime (backend='auto') for several positions' logits",
+    )
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, *, engine_dir: Path | None = None) -> None:
         if manifest.kv_cache.states:
@@ -265,8 +276,10 @@ class TrtBackend:
         self.decoder = self._load("decoder")
         self._vision_ctx = self.vision.create_execution_context()
         self._contexts, self._scratch = self._decoder_contexts()
-        self._in_names = [spec.name for spec in manifest.graphs["decoder"].inputs]
+        self._in_names = [spec.name for spec in manifest.graphs["decoder"].inputs if spec.name != LOGITS_KEEP]
         self._out_names = [spec.name for spec in manifest.graphs["decoder"].outputs]
+        engine_io = {self.decoder.get_tensor_name(i) for i in range(self.decoder.num_io_tensors)}
+        self._feeds_keep = LOGITS_KEEP in engine_io  # usually not: the parser made it a constant
         self.embed_dtype = trt.nptype(self.decoder.get_tensor_dtype("inputs_embeds"))
         self._kv_dtype = trt.nptype(self.decoder.get_tensor_dtype(self._in_names[3]))
         self._logits_dtype = trt.nptype(self.decoder.get_tensor_dtype(self._out_names[0]))
@@ -296,6 +309,7 @@ class TrtBackend:
             "attention_mask": batch * length * 8,
             "position_ids": int(manifest.positions.get("rows", 1)) * batch * length * 8,
             "logits": batch * self._vocab * np.dtype(self._logits_dtype).itemsize,
+            LOGITS_KEEP: 8,  # one int64, fed only where the engine has the input
         }
 
     # ---- loading -------------------------------------------------------------------------------------------------
@@ -365,9 +379,12 @@ class TrtBackend:
             )
         return TrtKVCache(self.cuda, self.kv_spec, batch, self._kv_dtype)
 
-    def step(self, rows: list[np.ndarray], cache: Any, inputs: Mapping[str, np.ndarray] = NO_INPUTS) -> np.ndarray:
+    def step(
+        self, rows: list[np.ndarray], cache: Any, inputs: Mapping[str, np.ndarray] = NO_INPUTS, *, last: int = 1
+    ) -> np.ndarray:
         """See :meth:`edgelvm.runtime.backend.Backend.step`; ``inputs``: M-RoPE ``position_ids`` at most
-        (cross-attention bundles are refused at construction)."""
+        (cross-attention bundles are refused at construction); ``last``: 1 only (:attr:`max_last_logits`)."""
+        check_last(last, rows, self.max_last_logits, self._last_limit, self.engine_dir)
         embeds, attention_mask, positions = cache.pad.pack(rows, self.embed_dtype)
         positions = inputs.get("position_ids", positions)
         batch, seq = embeds.shape[:2]
@@ -386,6 +403,8 @@ class TrtBackend:
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
             "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
         }
+        if self._feeds_keep:  # profiled at one element in both profiles (edgelvm build)
+            host[LOGITS_KEEP] = np.zeros(1, dtype=np.int64)
         for name, array in host.items():  # host arrays (or their pinned copies) stay untouched until the sync
             self.cuda.to_device(self._bufs[name], array, self._staging[name])
             ctx.set_input_shape(name, array.shape)
