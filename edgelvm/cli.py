@@ -136,6 +136,10 @@ def generate(
     ),
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: onnxruntime's choice).")] = None,
     stats: Annotated[bool, typer.Option(help="Print timings to stderr afterwards.")] = False,
+    draft: Annotated[
+        Path | None, typer.Option(help="A draft bundle (same tokenizer): speculative decoding, the same greedy text.")
+    ] = None,
+    draft_tokens: Annotated[int, typer.Option(help="Tokens the draft proposes per target step.")] = 4,
 ) -> None:
     """Answer a prompt about images, streaming the text to stdout (torch-free).
 
@@ -143,7 +147,7 @@ def generate(
     """
     from edgelvm.runtime import VLM
 
-    vlm = VLM.load(bundle, backend=backend, threads=threads)
+    vlm = VLM.load(bundle, backend=backend, threads=threads, draft=draft, draft_tokens=draft_tokens)
     pieces = vlm.generate(
         list(image or []),
         prompt,
@@ -164,6 +168,7 @@ def generate(
         _console().print(
             f"vision {s.vision_ms:.1f} ms · prefill {s.prefill_ms:.1f} ms ({s.prompt_tokens} tokens) · "
             f"{s.new_tokens} new tokens · decode {s.decode_tokens_per_s:.1f} tok/s"
+            + (f" · draft kept {s.acceptance_rate:.0%} of {s.draft_tokens}" if s.draft_tokens else "")
         )
 
 

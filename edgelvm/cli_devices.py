@@ -133,6 +133,10 @@ def bench(
     ] = None,
     profiles_dir: Annotated[Path | None, typer.Option(help="Extra directory of device profiles.")] = None,
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (onnxruntime).")] = None,
+    draft: Annotated[
+        Path | None, typer.Option(help="A draft bundle (same tokenizer) for speculative decoding in every run.")
+    ] = None,
+    draft_tokens: Annotated[int, typer.Option(help="Tokens the draft proposes per target step.")] = 4,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.json, report.md, latency.png.")] = None,
 ) -> None:
     """Vision ms, prefill ms, TTFT, decode ms/token (median, p90), tokens/s vs roofline, memory and power.
@@ -153,6 +157,8 @@ def bench(
         threads=threads,
         device=device,
         profiles_dir=profiles_dir,
+        draft=draft,
+        draft_tokens=draft_tokens,
     )
     report = run_bench(list(bundles), config)
     print(report.markdown())

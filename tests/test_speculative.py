@@ -314,3 +314,26 @@ def test_pairs_speculation_cannot_keep_exact_are_refused(artifacts, pair, tmp_pa
     hybrid = VLM.load(artifacts.bundle("qwen3_5"))
     with pytest.raises(ConfigError, match="recurrent"):
         hybrid.use_draft(VLM.load(artifacts.bundle("qwen3_5")))
+
+
+def test_cli_generate_and_bench_take_a_draft(pair, test_images, tmp_path):
+    """``edgelvm generate --draft`` prints the target's own text and the acceptance; ``edgelvm bench --draft``
+    reports the share of drafted tokens kept."""
+    from typer.testing import CliRunner
+
+    from edgelvm.cli import app
+
+    target, draft = pair
+    image = tmp_path / "frame.png"
+    test_images[0].save(image)
+    runner = CliRunner()
+    common = ["generate", str(target), "-i", str(image), "-p", QUESTIONS[0], "--max-new-tokens", "12"]
+    plain = runner.invoke(app, common)
+    fast = runner.invoke(app, [*common, "--draft", str(draft), "--draft-tokens", "3", "--stats"])
+    assert plain.exit_code == 0 and fast.exit_code == 0, fast.output
+    assert fast.stdout.startswith(plain.stdout.rstrip("\n"))
+    assert "draft kept" in fast.output
+    bench = runner.invoke(app, ["bench", str(target), "--draft", str(draft), "--runs", "1", "--warmup", "0",
+                                "--gen-len", "8", "--prompt-len", "8"])  # fmt: skip
+    assert bench.exit_code == 0, bench.output
+    assert "draft tokens kept" in bench.output

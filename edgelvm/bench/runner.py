@@ -53,6 +53,8 @@ class BenchConfig:
     profiles_dir: Path | None = None
     bandwidth_mb: int = 512
     probe_interval_s: float = 0.05
+    draft: Path | None = None  # speculative decoding: a draft bundle (same tokenizer) for every bundle benched
+    draft_tokens: int = 4
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "gen_len", "runs"):
@@ -86,6 +88,7 @@ class BenchResult:
     peak_rss_bytes: int | None
     probe: dict[str, Any] = field(default_factory=dict)
     energy_j_per_token: float | None = None
+    acceptance_rate: float | None = None  # with a draft: the share of drafted tokens the target kept
 
 
 @dataclass
@@ -138,6 +141,12 @@ class BenchReport:
                 f"{_fmt(p.get('mean_power_w'), '.1f')} | "
                 f"{_fmt(None if r.energy_j_per_token is None else r.energy_j_per_token * 1e3, '.1f')} |"
             )
+        drafted = [r for r in self.results if r.acceptance_rate is not None]
+        if drafted:
+            draft = self.config.get("draft")
+            lines.append(f"\nspeculative decoding with draft {draft} ({self.config.get('draft_tokens')} tokens per "
+                         "step; decode per token = decode time / tokens): draft tokens kept "
+                         + ", ".join(f"{bundle_label(r.bundle)} {r.acceptance_rate:.0%}" for r in drafted))  # fmt: skip
         lines += [f"\nskipped: {reason}" for reason in self.skipped]
         return "\n".join(lines) + "\n"
 
@@ -235,7 +244,8 @@ def bench_one(bundle: Path, backend: str, config: BenchConfig, bandwidth: float,
     from edgelvm.runtime import VLM
 
     # vision_cache_mb=0: every run must encode its image (a feature cache would hide the vision time)
-    vlm = VLM.load(bundle, backend=backend, threads=config.threads, vision_cache_mb=0, decoder=decoder)
+    vlm = VLM.load(bundle, backend=backend, threads=config.threads, vision_cache_mb=0, decoder=decoder,
+                   draft=config.draft, draft_tokens=config.draft_tokens)  # fmt: skip
     image = _load_image(config, _image_size(vlm.manifest))
     prompt, prompt_tokens = make_prompt(vlm, image, config.prompt_len)
     if prompt_tokens + config.gen_len > vlm.max_length:
@@ -255,6 +265,7 @@ def bench_one(bundle: Path, backend: str, config: BenchConfig, bandwidth: float,
         reset_peak_rss()
         probe = start_probe(config.probe_interval_s)
         vision, prefill, ttft, first, gaps, tokens = [], [], [], [], [], 0
+        drafted = accepted = 0
         for _ in range(config.runs):
             timer.ends.clear()
             started = time.perf_counter()
@@ -268,7 +279,11 @@ def bench_one(bundle: Path, backend: str, config: BenchConfig, bandwidth: float,
             first.append((timer.ends[0] - started) * 1e3)
             if first_piece is not None:
                 ttft.append((first_piece - started) * 1e3)
-            gaps.extend(np.diff(timer.ends) * 1e3)
+            if config.draft is None:
+                gaps.extend(np.diff(timer.ends) * 1e3)
+            else:  # a step verifies several tokens: the per-token time is the decode time over its tokens
+                gaps.append(stats.decode_ms / max(stats.new_tokens - 1, 1))
+                drafted, accepted = drafted + stats.draft_tokens, accepted + stats.accepted_tokens
             tokens += stats.new_tokens
         summary = probe.stop()
     finally:
@@ -298,6 +313,7 @@ def bench_one(bundle: Path, backend: str, config: BenchConfig, bandwidth: float,
         peak_rss_bytes=peak_rss_bytes(),
         probe=summary.to_dict(),
         energy_j_per_token=summary.energy_j / tokens if summary.energy_j is not None and tokens else None,
+        acceptance_rate=accepted / drafted if drafted else None,
     )
 
 

@@ -30,6 +30,10 @@ def serve(
         bool, typer.Option(help="Let image_url name files on this machine (file:// or a path). Trusted clients only.")
     ] = False,
     max_queue: Annotated[int, typer.Option(help="Requests waiting behind the running one; more get HTTP 429.")] = 8,
+    draft: Annotated[
+        Path | None, typer.Option(help="A draft bundle (same tokenizer): speculative decoding, the same greedy text.")
+    ] = None,
+    draft_tokens: Annotated[int, typer.Option(help="Tokens the draft proposes per target step.")] = 4,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body (MiB); larger gets HTTP 413.")] = 20.0,
     max_image_pixels: Annotated[int, typer.Option(help="Largest image (width × height); larger gets 413.")] = (
         4096 * 4096
@@ -106,7 +110,8 @@ def serve(
         allowed_origins=tuple(allowed_origin or ()),
         api_key=api_key or None,
     )
-    engine = Engine(VLM.load(bundle, backend=backend, threads=threads), max_queue=max_queue)
+    vlm = VLM.load(bundle, backend=backend, threads=threads, draft=draft, draft_tokens=draft_tokens)
+    engine = Engine(vlm, max_queue=max_queue)
     sock = _bind(host, port)
     bound_port = sock.getsockname()[1]
     if allow_local_files:
