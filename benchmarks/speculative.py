@@ -9,7 +9,7 @@ EOS never shortens a random-weight model's answer). Within a round every setting
 the settings' order rotates between rounds, so a noisy neighbour slows all of them alike.
 
     python benchmarks/speculative.py --target bundles/teacher --draft bundles/teacher-int4 \\
-        --data data/scenes/test --limit 60 --tokens 2 4 6 --rounds 3
+        --data data/scenes/test --qtype caption --limit 30 --tokens 2 4 6 --rounds 3
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def questions(args: argparse.Namespace) -> list[tuple[list, str]]:
     if args.data:
         from edgelvm.data.jsonl import load_jsonl_dataset
 
-        records = load_jsonl_dataset(args.data)[: args.limit]
+        records = [r for r in load_jsonl_dataset(args.data) if args.qtype in (None, r.qtype)][: args.limit]
         return [([str(r.image_path)] if r.image_path else [], r.question) for r in records]
     from PIL import Image
 
@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--draft", required=True, type=Path)
     p.add_argument("--data", type=Path, help="a data.jsonl directory (default: a synthetic frame and prompt)")
     p.add_argument("--limit", type=int, default=40, help="questions per setting and round")
+    p.add_argument("--qtype", help="only the records of this question type (e.g. caption: the long answers)")
     p.add_argument("--tokens", type=int, nargs="+", default=[2, 4, 6], help="draft lengths k to compare")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64)

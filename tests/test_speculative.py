@@ -337,3 +337,19 @@ def test_cli_generate_and_bench_take_a_draft(pair, test_images, tmp_path):
                                 "--gen-len", "8", "--prompt-len", "8"])  # fmt: skip
     assert bench.exit_code == 0, bench.output
     assert "draft tokens kept" in bench.output
+
+
+def test_a_draft_with_the_targets_vision_graph_reuses_its_features(pair, test_images):
+    """A draft whose vision graph and image rules are byte for byte the target's (here: the target's own bundle,
+    loaded again) takes the target's image features instead of encoding the image again; every proposal is kept."""
+    from edgelvm.runtime import VLM
+
+    target, _ = pair
+    vlm = VLM.load(target, draft=target, vision_cache_mb=0)
+    alone = VLM.load(target, vision_cache_mb=0)
+    assert vlm.generate(test_images[1], QUESTIONS[1], max_new_tokens=16) == alone.generate(
+        test_images[1], QUESTIONS[1], max_new_tokens=16
+    )
+    stats = vlm.last_stats
+    assert stats.images_encoded == 1 and stats.draft_images_encoded == 0
+    assert stats.acceptance_rate == 1.0

@@ -87,6 +87,7 @@ class VLM:
         self.last_output_ids: list[list[int]] = []
         self.draft: VLM | None = None  # speculative decoding (use_draft)
         self.draft_tokens = DEFAULT_DRAFT_TOKENS
+        self._draft_shares_vision = False  # the draft's vision graph and image rules are the target's own
 
     @classmethod
     def load(
@@ -166,6 +167,7 @@ class VLM:
         if draft is not None:
             check_draft(self, draft, tokens)
         self.draft, self.draft_tokens = draft, tokens
+        self._draft_shares_vision = draft is not None and _same_vision(self.manifest, draft.manifest)
 
     @property
     def max_length(self) -> int:
@@ -372,7 +374,7 @@ class VLM:
                 per_request.append(features[start : start + len(r.images)])
                 start += len(r.images)
             plan = self._plan(prompts, [r.images for r in requests], per_request)
-            draft = self._start_draft(requests, config, stats)
+            draft = self._start_draft(requests, config, stats, features=per_request)
             stats.vision_ms = (time.perf_counter() - started) * 1e3
             interrupted = control.reason()  # the deadline / cancel between stages: after vision, before prefill
             if interrupted is not None:
@@ -388,10 +390,12 @@ class VLM:
 
     def _start_draft(
         self, requests: list[Request], config: GenerationConfig, stats: GenerationStats, cache: Any = None,
-        cached: int = 0,
+        cached: int = 0, features: list[list[np.ndarray]] | None = None,
     ) -> DraftRun | None:  # fmt: skip
         """The draft's side of a generation: its own prompts (its image token counts), image features (its own
-        cache) and prefill — ``cache`` (a chat's) already holding ``cached`` positions; None without speculation."""
+        cache) and prefill — ``cache`` (a chat's) already holding ``cached`` positions; None without speculation.
+        ``features``: the target's, per request, used as they are when the draft's vision graph and image rules
+        are byte for byte the target's (an INT4 draft that kept the vision encoder): its encoder would repeat them."""
         tokens = self._draft_tokens(config)
         if not tokens or self.draft is None:
             return None
@@ -400,13 +404,14 @@ class VLM:
             prompts = [draft.prompt_ids(r) for r in requests]
             draft._check_length(max(len(p) for p in prompts), config.max_new_tokens, who="the draft's")
             own = GenerationStats()
-            images = [image for r in requests for image in r.images]
-            features = draft.encoder.features(draft.backend, images, draft._texts_for(requests), own)
-            per_request, start = [], 0
-            for r in requests:
-                per_request.append(features[start : start + len(r.images)])
-                start += len(r.images)
-            plan = draft._plan(prompts, [r.images for r in requests], per_request)
+            if features is None or not self._draft_shares_vision:
+                images = [image for r in requests for image in r.images]
+                flat = draft.encoder.features(draft.backend, images, draft._texts_for(requests), own)
+                features, start = [], 0
+                for r in requests:
+                    features.append(flat[start : start + len(r.images)])
+                    start += len(r.images)
+            plan = draft._plan(prompts, [r.images for r in requests], features)
             if cache is None:
                 cache, cached = share_prefix(draft.backend, plan, own)
             prefill(draft.backend, cache, plan, cached, own)
@@ -522,6 +527,17 @@ class ChatSession:
         self._draft_cache, fed = draft.cache, list(ids)
         draft.on_fed = lambda _row, token: fed.append(token)
         return draft, fed
+
+
+def _same_vision(target: Manifest, draft: Manifest) -> bool:
+    """Whether the draft's image features are the target's: the same vision graph file (sha256, external data
+    included) and the same image rules (a text-conditioned vision graph never: its features depend on the prompt)."""
+    graphs = target.graphs.get("vision"), draft.graphs.get("vision")
+    if graphs[0] is None or graphs[1] is None or target.preprocess.vision_text or draft.preprocess.vision_text:
+        return False
+    files = [sorted((name, digest) for name, digest in m.files.items() if name.startswith(g.file))
+             for m, g in ((target, graphs[0]), (draft, graphs[1]))]  # fmt: skip
+    return bool(files[0]) and files[0] == files[1] and target.preprocess == draft.preprocess
 
 
 def _common_prefix_ids(a: list[int], b: list[int]) -> int:
