@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -99,6 +100,53 @@ def test_chat_is_refused_clearly(name, artifacts):
     vlm = VLM.load(artifacts.bundle(name))
     with pytest.raises(ConfigError, match=FAMILIES[name].chat):
         vlm.chat(artifacts.images(name)[FAMILIES[name].greedy[0]])
+
+
+#: Families whose decoders speculative decoding cannot keep exact, and the reason the refusal names.
+SPECULATION_REFUSED = {
+    "qwen2_vl": "per-step inputs", "qwen3_vl": "per-step inputs", "qwen3_5": "recurrent", "idefics": "per-step inputs",
+    "gemma3": "image-block masks", "paligemma": "logits of 1 position",
+}  # fmt: skip
+
+
+class _NoisyDraft:
+    """The draft's backend with noise on its logits: a weaker draft of the same bundle, so that some proposals are
+    rejected and the rewinding paths run on every family's own prompts and caches."""
+
+    def __init__(self, backend, scale: float) -> None:
+        self.backend, self.scale, self.rng = backend, scale, np.random.default_rng(0)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def step(self, *args, **kwargs):
+        logits = self.backend.step(*args, **kwargs)
+        return logits + self.rng.normal(0, self.scale, size=logits.shape).astype(logits.dtype)
+
+
+@pytest.mark.parametrize("name", _params(list(FAMILIES.values())))
+def test_speculative_decoding_keeps_the_hf_greedy_tokens_or_is_refused(name, artifacts):
+    """With a draft (the family's bundle again, its logits made noisy: some proposals rejected), every greedy answer
+    is HF ``generate``'s, token for token, one request at a time and in a padded batch; or the pair is refused
+    with the family's reason."""
+    images, hf_greedy, bundle = artifacts.images(name), artifacts.hf_greedy(name), artifacts.bundle(name)
+    vlm = VLM.load(bundle)
+    draft = VLM.load(bundle)
+    if name in SPECULATION_REFUSED:
+        with pytest.raises(ConfigError, match=SPECULATION_REFUSED[name]):
+            vlm.use_draft(draft, tokens=3)
+        return
+    vlm.use_draft(draft, tokens=3)
+    draft.backend = _NoisyDraft(draft.backend, scale=2.0)
+    tokens = FAMILIES[name].new_tokens
+    drafted = accepted = 0
+    for (image, prompt), expected in hf_greedy.items():
+        vlm.generate(images[image], prompt, max_new_tokens=tokens)
+        assert vlm.last_output_ids[0] == expected, (image, prompt)
+        drafted, accepted = drafted + vlm.last_stats.draft_tokens, accepted + vlm.last_stats.accepted_tokens
+    assert 0 < accepted < drafted  # proposals both kept and rejected
+    vlm.generate_batch([(images[image], prompt) for image, prompt in hf_greedy], max_new_tokens=tokens)
+    assert vlm.last_output_ids == list(hf_greedy.values())
 
 
 def test_runtime_runs_every_family_bundle_without_torch(artifacts):

@@ -32,6 +32,10 @@ from edgelvm.runtime.backend import NO_INPUTS, Backend
 from edgelvm.runtime.generate import MAX_DRAFT_TOKENS, Decoding, Plan, RowOutputs, suppress_eos
 from edgelvm.runtime.sampling import Sampler
 
+#: What each kind of per-step decoder input is, for refusals (``runtime/images.step_input_rules``).
+_STEP_INPUTS = {"positions": "M-RoPE positions", "cross_attention": "cross-attention states",
+                "deepstack": "DeepStack features", "image_blocks": "bidirectional image-block masks"}  # fmt: skip
+
 #: Draft tokens proposed per round when the caller does not say: acceptance falls with the distance from the last
 #: verified token, and a rejected token costs a draft step.
 DEFAULT_DRAFT_TOKENS = 4
@@ -157,9 +161,10 @@ def check_draft(target: Any, draft: Any, tokens: int) -> None:
                 fix="generate without a draft for this family",
             )
         if vlm.step_rules:
+            kinds = ", ".join(_STEP_INPUTS.get(kind, kind) for kind in vlm.step_input_kinds)
             raise ConfigError(
                 f"the {who}'s decoder takes per-step inputs besides its embeddings (family {vlm.manifest.family}: "
-                "M-RoPE positions or cross-attention states), which speculation does not feed yet",
+                f"{kinds}), which speculation does not feed for several positions yet",
                 where=vlm.bundle_dir,
                 fix="generate without a draft for this family",
             )

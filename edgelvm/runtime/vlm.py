@@ -76,6 +76,7 @@ class VLM:
         # Decided once per bundle: the family's per-step input rules and where image features go.
         rules = step_input_rules(manifest, self.preprocessor)
         self.step_rules = list(rules.values())
+        self.step_input_kinds = tuple(rules)  # "positions", "cross_attention", "deepstack", "image_blocks"
         self.positions, self.cross = rules.get("positions"), rules.get("cross_attention")
         self._splice_features = manifest.preprocess.image_placement != "cross_attention"
         _check_context_fits(manifest, bundle_dir)
