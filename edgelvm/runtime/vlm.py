@@ -123,6 +123,10 @@ class VLM:
         ``draft``: a bundle (or a loaded :class:`VLM`) with the same tokenizer that proposes ``draft_tokens`` tokens
         per target step (speculative decoding, :meth:`use_draft`); a path is loaded with the same backend settings.
         """
+        if draft is not None and spinning is None:
+            # two sessions take turns on the same cores: a spinning pool would busy-wait through the other's steps
+            # (measured on 2 cores: speculation ran at 0.5-0.7x the target alone with spinning, see docs/benchmarks)
+            spinning = False
         bundle_dir = Path(bundle)
         manifest = Manifest.load(bundle_dir, expected_sha256=expected_sha256)
         verify_bundle_files(bundle_dir, manifest, check_hashes=verify or expected_sha256 is not None)
