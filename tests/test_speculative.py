@@ -308,6 +308,8 @@ def test_pairs_speculation_cannot_keep_exact_are_refused(artifacts, pair, tmp_pa
         vlm.use_draft(vlm)
     with pytest.raises(ConfigError, match="draft_tokens"):
         vlm.use_draft(VLM.load(draft), tokens=0)
+    with pytest.raises(ConfigError, match="no draft bundle is loaded"):
+        vlm.generate(None, "Hello?", draft_tokens=3)
     qwen = VLM.load(artifacts.bundle("qwen2_vl"))
     with pytest.raises(ConfigError, match="per-step inputs"):
         qwen.use_draft(VLM.load(artifacts.bundle("qwen2_vl")))

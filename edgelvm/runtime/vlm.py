@@ -222,6 +222,12 @@ class VLM:
         # Open image files once, here: a bad file fails before any compute, and tiled bundles need the sizes to
         # count image tokens (load_image returns PIL images as they are).
         requests = [replace(r, images=[load_image(i) for i in r.images]) for r in requests]
+        if config.draft_tokens and self.draft is None:
+            raise ConfigError(
+                f"draft_tokens={config.draft_tokens} but no draft bundle is loaded",
+                where="draft_tokens",
+                fix="load one (VLM.load(target, draft=...) or vlm.use_draft(...)), or leave draft_tokens unset",
+            )
         prompts = [self.prompt_ids(r) for r in requests]
         self._check_length(max(len(p) for p in prompts), config.max_new_tokens)
         return self._generate(requests, prompts, config, control or Control())
@@ -511,7 +517,6 @@ class ChatSession:
                 yield piece
             self._cached_ids, self._draft_ids = fed_ids, draft_ids
             self.messages = [*messages, {"role": "assistant", "content": answer}]
-
 
     def _draft_turn(self, messages: list[Message], config: GenerationConfig, stats: GenerationStats) -> tuple:
         """The draft's side of a turn, reusing its own cached conversation; ``(DraftRun or None, the ids its cache
