@@ -102,11 +102,12 @@ def speculate_n_tokens(
         for row in range(batch):
             for token in tokens[row, : 1 + kept]:
                 run.on_fed(row, int(token))
+        # the draft fed `head` and its first k - 1 proposals; it keeps `head` and the kept ones
         draft_fed = np.concatenate([head, proposals[:, : k - 1]], axis=1)[:, : head.shape[1] + kept]
         if kept == k:  # the draft never fed its last proposal: it goes in front of the next round's token
             carry = proposals[:, k - 1 :]
         else:
-            draft.cache.drop(head.shape[1] + k - 1 - draft_fed.shape[1])
+            draft.cache.drop(k - 1 - kept)
             carry = np.empty((batch, 0), dtype=np.int64)
         for row in range(batch):
             for token in draft_fed[row]:
